@@ -1,0 +1,199 @@
+"""Reading the user's data into (image, caption) records: the one place every trainer reads images from.
+
+Sources, in the conventions users already have:
+- an imagefolder with `metadata.jsonl` (or `metadata.csv`) holding `file_name` + a caption column, read with
+  `datasets`' imagefolder builder;
+- a folder of images with caption sidecars (`image.png` + `image.txt`; kohya's convention, which `datasets`
+  does not read, so it is walked here);
+- a `datasets` name or local dataset path (`--dataset_name`) with `--image_column` / `--caption_column`.
+
+Images are kept encoded (path or bytes) until `decode_all`, which opens each one, applies its EXIF
+orientation, converts any PIL mode to RGB and skips corrupt files with one warning that counts them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipelines.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class Record:
+    """One training example before decoding: where its image is, its caption, and any other columns."""
+
+    source: str | bytes  # a file path, or the encoded bytes of the image
+    caption: str
+    name: str  # shown in messages: a file name or "dataset[i]"
+    extra: dict = field(default_factory=dict)
+
+    def image_bytes(self) -> bytes:
+        return self.source if isinstance(self.source, bytes) else Path(self.source).read_bytes()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: EXIF rotation applied, transparency composited on white, 16-bit rescaled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_rgb(record: Record) -> Image.Image:
+    """Decodes one record; raises OSError/ValueError (UnidentifiedImageError included) for corrupt data."""
+    raw = record.source if isinstance(record.source, bytes) else Path(record.source).read_bytes()
+    with Image.open(io.BytesIO(raw)) as image:
+        image.load()  # truncated files fail here, not later inside a batch
+        return to_rgb(image)
+
+
+def decode_all(records: list[Record]) -> tuple[list[Image.Image], list[Record]]:
+    """Decodes every record; corrupt images are skipped and counted in one warning. Never returns nothing."""
+    images, kept, bad = [], [], []
+    for record in records:
+        try:
+            images.append(open_rgb(record))
+            kept.append(record)
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+            bad.append(record.name)
+    if bad:
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        message = f"skipped {len(bad)} of {len(records)} images that could not be decoded: {shown}"
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+    if not images:
+        raise UserError(f"none of the {len(records)} images could be decoded (first: {bad[0]}); check the files")
+    return images, kept
+
+
+def read_records(
+    train_data_dir: str | None = None,
+    dataset_name: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    caption_extension: str = ".txt",
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+    require_captions: bool = True,
+) -> list[Record]:
+    """Records of a folder or a `datasets` dataset, in a stable order. Raises UserError naming the flag/file."""
+    if (train_data_dir is None) == (dataset_name is None):
+        raise UserError("give exactly one of --train_data_dir (a folder) or --dataset_name (a datasets name or path)")
+    if train_data_dir is not None:
+        records = _read_folder(Path(train_data_dir), caption_column, caption_extension, require_captions)
+    else:
+        records = _read_dataset(dataset_name, dataset_config_name, split, image_column, caption_column, cache_dir)
+    if not records:
+        where = f"--train_data_dir {train_data_dir}" if train_data_dir else f"--dataset_name {dataset_name}"
+        raise UserError(f"{where} holds no images; expected {', '.join(IMAGE_EXTENSIONS)} files")
+    return records
+
+
+def _read_folder(root: Path, caption_column: str, caption_extension: str, require_captions: bool) -> list[Record]:
+    if not root.is_dir():
+        raise UserError(f"--train_data_dir {root} is not a folder")
+    for meta_name in ("metadata.jsonl", "metadata.csv"):
+        if (root / meta_name).exists():
+            return _read_imagefolder(root, root / meta_name, caption_column)
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    records, missing = [], []
+    for path in images:
+        sidecar = path.with_suffix(caption_extension)
+        if sidecar.exists():
+            records.append(Record(str(path), sidecar.read_text(encoding="utf-8").strip(), str(path)))
+        elif require_captions:
+            missing.append(path)
+        else:
+            records.append(Record(str(path), "", str(path)))
+    if missing and not records:
+        raise UserError(
+            f"--train_data_dir {root} has {len(missing)} images but no captions: add metadata.jsonl "
+            f'(lines of {{"file_name": ..., "{caption_column}": ...}}) or {caption_extension} files beside the images'
+        )
+    if missing:
+        raise UserError(
+            f"{len(missing)} images in {root} have no {caption_extension} caption (first: {missing[0].name}); "
+            "caption them or move them out"
+        )
+    return records
+
+
+def _read_imagefolder(root: Path, meta: Path, caption_column: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    except Exception as err:  # datasets raises many types for a malformed metadata file
+        raise UserError(f"{meta} could not be read as an imagefolder: {str(err).splitlines()[0]}") from err
+    if caption_column not in ds.column_names:
+        raise UserError(
+            f"{meta} has no caption column {caption_column!r} (columns: {', '.join(ds.column_names)}); "
+            "set --caption_column"
+        )
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    return _records_of(ds, "image", caption_column, str(root))
+
+
+def _read_dataset(name, config_name, split, image_column, caption_column, cache_dir) -> list[Record]:
+    import datasets
+
+    path = Path(name)
+    try:
+        if path.is_dir() and (path / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
+    except Exception as err:
+        raise UserError(f"--dataset_name {name} could not be loaded: {str(err).splitlines()[0]}") from err
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in ds.column_names:
+            raise UserError(
+                f"{flag} {column!r} is not a column of {name} (columns: {', '.join(ds.column_names)})"
+            )
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return _records_of(ds, image_column, caption_column, name)
+
+
+def _records_of(ds, image_column: str, caption_column: str, origin: str) -> list[Record]:
+    records = []
+    for i, row in enumerate(ds):
+        image = row[image_column]
+        if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+            source = image["bytes"] if image.get("bytes") is not None else image["path"]
+            name = image.get("path") or f"{origin}[{i}]"
+        elif isinstance(image, Image.Image):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            source, name = buffer.getvalue(), f"{origin}[{i}]"
+        else:
+            source, name = str(image), str(image)
+        caption = row[caption_column]
+        if isinstance(caption, list):  # datasets with several captions per image: take the first
+            caption = caption[0] if caption else ""
+        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
+        records.append(Record(source, "" if caption is None else str(caption), str(name), extra))
+    return records
