@@ -39,7 +39,7 @@ def read_model_index(model: str) -> dict:
     except Exception as err:  # noqa: BLE001 - hub errors come in many classes; all mean "cannot get this model"
         raise UserError(
             f"model {model!r} not found locally and could not be fetched from the Hub ({type(err).__name__})"
-        )
+        ) from err
 
 
 def _sub_config(model: str, sub: str, name: str) -> dict:
