@@ -39,8 +39,8 @@ def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
 
     FD = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)). The trace of the matrix square root is computed
     in float64 through the symmetric form Tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), which has the same eigenvalues as
-    S_a S_b but is symmetric positive semi-definite, so it has no spurious imaginary parts; both square roots are
-    scipy's (`scipy.linalg.sqrtm` of a symmetric PSD matrix, tiny negative eigenvalues from round-off clipped).
+    S_a S_b but is symmetric positive semi-definite, so it has no spurious imaginary parts (the failure mode of
+    `sqrtm(S_a @ S_b)` that pytorch-fid patches with an offset); both roots come from `scipy.linalg.eigh`.
     The estimate is biased upwards for finite samples: compare numbers computed with the same sample sizes.
     """
     a, b = _as_float64(feats_a, "feats_a"), _as_float64(feats_b, "feats_b")
@@ -58,11 +58,13 @@ def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric PSD matrix with scipy; round-off eigenvalues below zero are clipped first."""
+    """Square root of a symmetric PSD matrix from its eigendecomposition (`scipy.linalg.eigh`).
+
+    Eigenvalues that round-off pushed below zero are clipped; unlike `scipy.linalg.sqrtm`, this never warns about
+    or mishandles the singular covariances that few samples in many dimensions give.
+    """
     w, v = scipy.linalg.eigh(m)
-    clipped = (v * np.clip(w, 0.0, None)) @ v.T
-    root = scipy.linalg.sqrtm(clipped)
-    return np.real(root)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
 def _distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:

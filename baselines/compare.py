@@ -1,0 +1,478 @@
+"""The family comparison: every baseline family trained on the same data under one budget, measured the same way.
+
+    python -m baselines.compare --config configs/compare_quick.yaml --output_dir OUT
+    python -m baselines.compare --config configs/compare_quick.yaml --output_dir OUT \\
+        --train_data_dir my_images --label_column label
+
+Each family (vae, gan, pixelcnn, glow, ddpm) trains for every seed with the budget of the config (training images
+seen, or seconds per run). Then each run draws samples, and they are scored in one feature space: the penultimate
+features of a small classifier trained here on the real training images (the "Fréchet classifier distance"), or
+Inception's with `--feature_extractor inception` and local weights. Two reference rows bound the figures: real
+training images scored as if they were a model's samples ("real data"), and uniform noise.
+
+OUT receives `table.md` (the trade-off table and the common wisdom set against it), `table.json` (every number
+per seed), `samples_<family>.png`, `loss_curves.png`, `quality_vs_images.png` and `speed.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from baselines import FAMILIES, build_model
+from baselines.classifier import EvalClassifier, random_feature_extractor, train_classifier
+from baselines.compare_report import loss_roughness, write_outputs
+from baselines.data import load_tensor
+from baselines.train import Budget, fit, make_state
+from pipelines import metrics
+from pipelines.errors import UserError, run_main
+
+DEFAULT_LR = {"vae": 1e-3, "gan": 2e-4, "pixelcnn": 1e-3, "glow": 5e-4, "ddpm": 1e-3}
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name, as torchmetrics loads it
+
+
+@dataclass
+class CompareConfig:
+    """Every setting of a comparison; a YAML file fills it, and an unknown key or a wrong type is an error."""
+
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    resolution: int = 16
+    channels: int | None = None  # None: from the data (3 for the shapes world)
+    n_bits: int = 8
+    n_per_class: int = 60  # shapes world only: images per colour and shape (12 classes)
+    budget_images: int | None = None  # exactly one of these two: training images seen per run ...
+    budget_seconds: float | None = None  # ... or wall-clock seconds of training per run
+    batch_size: int = 32
+    learning_rate: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
+    model_overrides: dict[str, dict] = field(default_factory=dict)  # family -> fields of its Config
+    sample_options: dict[str, dict] = field(
+        default_factory=dict
+    )  # family -> sample() options (ddpm: scheduler, steps)
+    holdout_fraction: float = 0.25  # real images kept out of training: the reference for every metric
+    data_seed: int = 0  # the split and the shapes world
+    n_samples: int = 256  # generated images per run for the metrics
+    k_precision: int = 3  # Kynkäänniemi et al. 2019
+    k_density: int = 5  # Naeem et al. 2020
+    quality_points: int = 3  # quality evaluations along training (the last one is the final model)
+    n_samples_curve: int = 128  # samples per intermediate quality point
+    bpd_images: int = 128  # held-out images for bits/dim
+    speed_batch: int = 64
+    classifier_steps: int = 600
+    classifier_min_accuracy: float = 0.8  # below this, mode figures are flagged as untrustworthy
+    diverged_fd_ratio: float = 0.9  # a run diverged when its FD >= this x the FD of uniform noise (or loss NaN)
+    unstable_cv: float = 0.25  # "unstable" verdict: FD std/mean across seeds above this, or any seed diverged
+    log_every: int = 5
+
+
+def _check_type(value, tp, name: str):
+    """`value` checked against the annotation `tp` (int, float, str, bool, X | None, list[X], dict[str, X])."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], name)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key {name!r} must be a list, got {value!r}")
+        return [_check_type(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {name!r} must be a mapping, got {value!r}")
+        return {str(k): _check_type(v, args[1], f"{name}.{k}") if args else v for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"config key {name!r} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def load_config(path: str | Path) -> CompareConfig:
+    """Reads a YAML mapping into `CompareConfig`; unknown keys, wrong types and bad values raise UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--config {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
+    hints = typing.get_type_hints(CompareConfig)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r} in {path}; known keys: {', '.join(sorted(hints))}")
+    config = CompareConfig(**{k: _check_type(v, hints[k], k) for k, v in raw.items()})
+    validate(config)
+    return config
+
+
+def validate(config: CompareConfig) -> None:
+    if (config.budget_images is None) == (config.budget_seconds is None):
+        raise UserError("set exactly one of budget_images and budget_seconds in the config")
+    for family in config.families:
+        if family not in FAMILIES:
+            raise UserError(f"unknown family {family!r} in families; choose from {', '.join(FAMILIES)}")
+    for key in list(config.learning_rate) + list(config.model_overrides) + list(config.sample_options):
+        if key not in FAMILIES:
+            raise UserError(f"unknown family {key!r} in learning_rate/model_overrides/sample_options")
+    if len(config.seeds) < 1 or len(set(config.seeds)) != len(config.seeds):
+        raise UserError(f"seeds must be distinct and at least one, got {config.seeds}")
+    if not 0 < config.holdout_fraction < 1:
+        raise UserError(f"holdout_fraction must lie in (0, 1), got {config.holdout_fraction}")
+    if config.quality_points < 1:
+        raise UserError(f"quality_points must be at least 1, got {config.quality_points}")
+    for key in ("n_samples", "n_samples_curve"):
+        if getattr(config, key) <= max(config.k_precision, config.k_density):
+            raise UserError(
+                f"{key}={getattr(config, key)} is too few for k-NN metrics with k_precision={config.k_precision}, "
+                f"k_density={config.k_density}: need more than {max(config.k_precision, config.k_density)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------- data and features
+
+
+@dataclass
+class Data:
+    train: torch.Tensor  # (N_train, C, H, W) in [0, 1]
+    heldout: torch.Tensor  # (N_heldout, C, H, W)
+    y_train: torch.Tensor | None  # class indices, or None without labels
+    y_heldout: torch.Tensor | None
+    classes: list[str]  # the modes (empty without labels)
+    source: str
+
+
+def load_data(config: CompareConfig, args: argparse.Namespace) -> Data:
+    shapes = args.train_data_dir is None and args.dataset_name is None
+    label_column = args.label_column if not shapes else None
+    x, labels = load_tensor(
+        shapes, args.train_data_dir, args.dataset_name, config.resolution, config.channels, config.n_bits,
+        label_column, args.image_column, args.caption_column, n_per_class=config.n_per_class, seed=config.data_seed,
+    )  # fmt: skip
+    source = "shapes world" if shapes else (args.train_data_dir or args.dataset_name)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.data_seed))
+    n_heldout = int(round(len(x) * config.holdout_fraction))
+    need = max(config.k_precision, config.k_density) + 1
+    if n_heldout < need or len(x) - n_heldout < need:
+        raise UserError(
+            f"{len(x)} images with holdout_fraction={config.holdout_fraction} leave {len(x) - n_heldout} for training "
+            f"and {n_heldout} held out; k-NN metrics with k={need - 1} need at least {need} in each"
+        )
+    train_idx, held_idx = order[n_heldout:], order[:n_heldout]
+    if labels is None:
+        return Data(x[train_idx], x[held_idx], None, None, [], source)
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(label) for label in labels])
+    return Data(x[train_idx], x[held_idx], y[train_idx], y[held_idx], classes, source)
+
+
+class Features:
+    """The one feature space every sample set is scored in, plus the classifier that assigns modes (if any)."""
+
+    def __init__(self, embed, classifier: EvalClassifier | None, description: str, classifier_report: dict | None):
+        self.embed = embed  # (N, C, H, W) -> (N, D) on the CPU
+        self.classifier = classifier  # predicts modes; None without labels
+        self.description = description
+        self.classifier_report = classifier_report
+
+
+def build_features(config: CompareConfig, data: Data, kind: str, device: torch.device, weights: str | None):
+    report, classifier = None, None
+    if data.y_train is not None:
+        classifier, rep = train_classifier(
+            data.train, data.y_train, data.heldout, data.y_heldout, len(data.classes),
+            steps=config.classifier_steps, seed=config.data_seed, device=device,
+        )  # fmt: skip
+        report = dataclasses.asdict(rep)
+        report["trustworthy"] = rep.accuracy >= config.classifier_min_accuracy
+    if kind == "inception":
+        embed = _inception_embed(device, weights)
+        description = "Inception-v3 pool features (2048-d, torchmetrics' FID network): FID"
+    elif classifier is not None:
+        embed = classifier.embed
+        description = (
+            f"Fréchet classifier distance: penultimate features (64-d) of a CNN trained here on the "
+            f"{len(data.train)} real training images ({len(data.classes)} classes, held-out accuracy "
+            f"{report['accuracy']:.3f}); comparable within this table only, not with Inception FID"
+        )
+    else:
+        embed = random_feature_extractor(data.train.shape[1], config.data_seed, device).embed
+        description = (
+            "features of a randomly initialised, untrained CNN (64-d): the data has no labels to train the "
+            "classifier on; comparable within this table only"
+        )
+    return Features(embed, classifier, description, report)
+
+
+def _inception_embed(device: torch.device, weights: str | None):
+    """Inception features through torchmetrics, from local weights only: this tool never downloads anything."""
+    try:
+        import torch_fidelity  # noqa: F401  (torchmetrics' Inception backend)
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError as err:
+        raise UserError(
+            "--feature_extractor inception needs torch-fidelity (torchmetrics' Inception backend), which is not "
+            "installed; use --feature_extractor classifier"
+        ) from err
+    path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not path.exists():
+        raise UserError(
+            f"Inception weights not found at {path}; difftune never downloads them. Put {INCEPTION_FILE} there "
+            "(or pass --inception_weights PATH), or use --feature_extractor classifier"
+        )
+    net = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(path)).to(device)
+
+    @torch.no_grad()
+    def embed(x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(x), batch_size):
+            xb = (x[i : i + batch_size] * 255).round().to(torch.uint8)  # (B, C, H, W) uint8, as FID expects
+            xb = xb.expand(-1, 3, -1, -1) if xb.shape[1] == 1 else xb
+            out.append(net(xb.to(device)).reshape(len(xb), -1).cpu())
+        return torch.cat(out)
+
+    return embed
+
+
+def score(config: CompareConfig, features: Features, data: Data, real_feats, samples: torch.Tensor) -> dict:
+    """Every sample-quality and mode figure of one sample set against the held-out real images."""
+    fake = features.embed(samples)
+    out = {"fd": metrics.frechet_distance(real_feats, fake)}
+    out |= metrics.precision_recall(real_feats, fake, k=config.k_precision)
+    out |= metrics.density_coverage(real_feats, fake, k=config.k_density)
+    out["pairwise_ratio"] = metrics.pairwise_distance_ratio(real_feats, fake)
+    if features.classifier is not None:
+        pred = features.classifier.predict(samples).numpy()
+        out |= metrics.mode_stats(pred, data.y_heldout.numpy(), len(data.classes))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- one run
+
+
+@torch.no_grad()
+def draw(model, n: int, batch: int, seed: int, device: torch.device, options: dict) -> tuple[torch.Tensor, float]:
+    """n samples in batches of `batch`, and the median milliseconds per image of the full batches."""
+    generator = torch.Generator(device).manual_seed(seed)
+    out, per_image = [], []
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        _sync(device)
+        t0 = time.perf_counter()
+        x = model.sample(size, generator=generator, **options)
+        _sync(device)
+        if size == batch or not per_image:
+            per_image.append((time.perf_counter() - t0) * 1000 / size)
+        out.append(x.detach().float().clamp(0, 1).cpu())
+    return torch.cat(out), float(np.median(per_image))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def held_out_bpd(model, x: torch.Tensor, batch: int, device: torch.device) -> float | None:
+    if model.likelihood == "none":
+        return None
+    values = [model.bits_per_dim(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
+    return float(torch.cat(values).mean())
+
+
+def run_one(
+    family, seed, config, data, features, real_feats, accelerator, progress, noise_fd
+) -> tuple[dict, torch.Tensor]:
+    """Trains one family with one seed in `quality_points` chunks (scored between them), then measures it."""
+    torch.manual_seed(seed)
+    model = build_model(
+        family, config.resolution, data.train.shape[1], config.n_bits, **config.model_overrides.get(family, {})
+    )
+    device = accelerator.device
+    lr = config.learning_rate.get(family, DEFAULT_LR[family])
+    options = config.sample_options.get(family, {})
+    state = make_state(model, lr)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total = config.budget_images if config.budget_images is not None else config.budget_seconds
+    curve, fit_result = [], None
+    for point in range(1, config.quality_points + 1):
+        limit = total * point / config.quality_points
+        budget = Budget(images=int(limit)) if config.budget_images is not None else Budget(seconds=limit)
+        raw: list[torch.Tensor] = []
+
+        def on_step(s, budget=budget, raw=raw):
+            progress.advance(s.images_seen if config.budget_images is not None else s.seconds, s.step)
+            if budget.spent(s.images_seen, s.seconds, s.step) and state.ema is not None:
+                raw[:] = [p.detach().clone() for p in trainable]  # fit copies the EMA in at its end; keep the raw
+
+        fit_result = fit(
+            model, data.train, batch_size=config.batch_size, lr=lr, budget=budget, seed=seed,
+            accelerator=accelerator, log_every=config.log_every, state=state, on_step=on_step,
+        )  # fmt: skip
+        if fit_result.diverged:
+            break
+        if point < config.quality_points:
+            samples, _ = draw(model, config.n_samples_curve, config.speed_batch, seed, device, options)
+            fd = metrics.frechet_distance(real_feats, features.embed(samples))
+            curve.append({"images_seen": fit_result.images_seen, "seconds": fit_result.seconds, "fd": fd})
+            if raw:  # continue training from the raw weights, not the EMA copy
+                for p, r in zip(trainable, raw, strict=True):
+                    p.data.copy_(r)
+            model.train()
+    record = {
+        "family": family, "seed": seed, "steps": fit_result.steps, "images_seen": fit_result.images_seen,
+        "train_seconds": fit_result.seconds, "loss_diverged": fit_result.diverged,
+        "losses": [[s, v] for s, v in fit_result.losses], "loss_roughness": loss_roughness(fit_result.losses),
+        "likelihood": model.likelihood,
+        "evals_per_sample": float(model.evals_per_sample(config.speed_batch, **options)),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }  # fmt: skip
+    samples = torch.zeros((0, *data.train.shape[1:]))
+    if not fit_result.diverged:
+        samples, ms = draw(model, config.n_samples, config.speed_batch, seed, device, options)
+        record["ms_per_image"] = ms
+        record |= score(config, features, data, real_feats, samples)
+        curve.append({"images_seen": fit_result.images_seen, "seconds": fit_result.seconds, "fd": record["fd"]})
+        record["bits_per_dim"] = held_out_bpd(model, data.heldout[: config.bpd_images], config.speed_batch, device)
+    record["quality_curve"] = curve
+    record["diverged"] = fit_result.diverged or record["fd"] >= config.diverged_fd_ratio * noise_fd
+    return record, samples
+
+
+class Progress:
+    """One bar over every run's budget (images or seconds): family, seed and step shown, time left estimated."""
+
+    def __init__(self, total: float, unit: str):
+        self.bar = tqdm(total=total, unit=unit, desc="training", dynamic_ncols=True)
+        self.done, self.run_budget, self.label = 0.0, 0.0, ""
+
+    def start(self, family: str, seed: int, run_budget: float) -> None:
+        self.done, self.run_budget, self.label = 0.0, run_budget, f"{family} seed {seed}"
+
+    def advance(self, done: float, step: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+        self.bar.set_postfix_str(f"{self.label} step {step}", refresh=False)
+
+    def finish(self) -> None:  # a run may stop short of (diverged) or past (last batch) its budget
+        self.bar.update(self.run_budget - self.done)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m baselines.compare", description="Train and measure every baseline family.")
+    p.add_argument("--config", required=True, help="a YAML file (configs/compare_quick.yaml, compare_full.yaml)")
+    p.add_argument("--output_dir", required=True)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--train_data_dir", default=None, help="default: the embedded shapes world")
+    source.add_argument("--dataset_name", default=None)
+    p.add_argument("--label_column", default=None, help="the column whose values are the modes (a caption works)")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--feature_extractor", choices=("classifier", "inception"), default="classifier")
+    p.add_argument("--inception_weights", default=None, help=f"a local {INCEPTION_FILE}")
+    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from accelerate import Accelerator
+
+    args = parse_args(argv)
+    config = load_config(args.config)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    device = accelerator.device
+    data = load_data(config, args)
+    notes = []
+    if data.y_train is None:
+        notes.append(
+            "no labels (pass --label_column): mode coverage and KL are not computed; the other columns are, "
+            "and the pairwise-distance ratio still measures diversity"
+        )
+    features = build_features(config, data, args.feature_extractor, device, args.inception_weights)
+    rep = features.classifier_report
+    if rep is not None and not rep["trustworthy"]:
+        notes.append(
+            f"the evaluation classifier's held-out accuracy {rep['accuracy']:.3f} is below "
+            f"{config.classifier_min_accuracy}: too low to judge modes; treat the mode columns as unreliable"
+        )
+    real_feats = features.embed(data.heldout)
+    references = _references(config, features, data, real_feats)
+    noise_fd = references["uniform noise"]["fd"]
+    runs, grids = [], {}
+    unit = "images" if config.budget_images is not None else "s"
+    per_run = config.budget_images if config.budget_images is not None else config.budget_seconds
+    with Progress(per_run * len(config.families) * len(config.seeds), unit) as progress:
+        for family in config.families:
+            for seed in config.seeds:
+                progress.start(family, seed, per_run)
+                record, samples = run_one(
+                    family, seed, config, data, features, real_feats, accelerator, progress, noise_fd
+                )
+                progress.finish()
+                runs.append(record)
+                grids.setdefault(family, samples[:64])
+                progress.bar.write(
+                    f"{family} seed {seed}: FD {record.get('fd', float('nan')):.3f}, diverged {record['diverged']}"
+                )
+    result = {
+        "config": dataclasses.asdict(config),
+        "data": {"source": data.source, "n_train": len(data.train), "n_heldout": len(data.heldout),
+                 "classes": data.classes, "shape": list(data.train.shape[1:])},
+        "device": _device_name(device),
+        "feature_space": features.description,
+        "classifier": rep,
+        "notes": notes,
+        "references": references,
+        "runs": runs,
+    }  # fmt: skip
+    write_outputs(out, result, grids)
+    print((out / "table.md").read_text())
+    return result
+
+
+def _references(config, features, data, real_feats) -> dict:
+    """Real training images and uniform noise scored exactly as a model's samples are."""
+    n = min(config.n_samples, len(data.train))
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.data_seed + 1))[:n]
+    levels = 2**config.n_bits - 1
+    g = torch.Generator().manual_seed(config.data_seed + 2)
+    noise = torch.randint(0, levels + 1, (config.n_samples, *data.train.shape[1:]), generator=g) / levels
+    real = score(config, features, data, real_feats, data.train[pick])
+    real["n_samples"] = n
+    return {"real data": real, "uniform noise": score(config, features, data, real_feats, noise)}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    run_main(main)
