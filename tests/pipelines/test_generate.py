@@ -174,3 +174,20 @@ def test_other_bad_input_raises_user_error(models, tmp_path, args, words):
     with pytest.raises(UserError) as err:
         generate.main(["--model", str(models["sd1"]), "--prompt", "x", "--output_dir", str(tmp_path), *args])
     assert all(w in str(err.value) for w in words)
+
+
+def test_sampling_benchmark_counts_unet_calls_and_writes_its_outputs(models, tmp_path):
+    from scripts import benchmark_sampling
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red circle\na blue square\n")
+    args = ["--model", str(models["sd1"]), "--samplers", "ddim,heun", "--steps", "3", "--seeds_per_prompt", "2"]
+    args += ["--prompt_file", str(prompt_file), "--reference_steps", "4", "--output_dir", str(tmp_path / "bench")]
+    result = benchmark_sampling.main(args)
+    evals = {(r["sampler"], r["steps"]): r["unet_evals_per_image"] for r in result["rows"]}
+    # Heun's 2nd-order steps call the UNet twice except on the last step; PNDM (PLMS) spends one extra call to start.
+    assert evals == {("ddim", 3): 3, ("heun", 3): 5, ("pndm", 50): 51}
+    assert [r["reference_row"] for r in result["rows"]] == [False, False, True]
+    assert all(r["frechet_distance"] >= 0 for r in result["rows"])
+    for name in ("results.json", "results.md", "quality_vs_steps.png"):
+        assert (tmp_path / "bench" / name).is_file()
