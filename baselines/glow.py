@@ -16,6 +16,7 @@ This is the convention of the published 8-bit figures (Glow CIFAR-10: 3.35), so 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -181,8 +182,8 @@ class Glow(nn.Module):
         log_prior = log_prior + _gaussian_log_prob(h, self.top_mean, self.top_log_std)
         return [*zs, h], logdet, log_prior
 
-    def _decode(self, top: Tensor, next_z) -> Tensor:
-        """Inverts the flow from the top latent; next_z(level, h, mean, log_std) gives the split-off half."""
+    def _decode(self, top: Tensor, next_z: Callable[[int, Tensor, Tensor], Tensor]) -> Tensor:
+        """Inverts the flow from the top latent; next_z(level, mean, log_std) gives each split-off half."""
         h = top
         for level in reversed(range(len(self.steps))):
             if level < len(self.split_priors):
@@ -208,7 +209,7 @@ class Glow(nn.Module):
 
     def dequantise(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         k = 2**self.config.n_bits
-        u = torch.rand(x.shape, generator=generator, device=generator.device if generator else x.device)
+        u = torch.rand(x.shape, generator=generator, device=generator.device if generator is not None else x.device)
         return (x * (k - 1) + u.to(x)) / k
 
     def bits_per_dim(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -221,4 +221,6 @@ def build(resolution: int, channels: int, n_bits: int, **overrides) -> PixelCNN:
     for name in ("resolution", "channels", "n_bits", "layers", "n_mix"):
         if getattr(config, name) < 1:
             raise UserError(f"pixelcnn: {name} must be >= 1, got {getattr(config, name)}")
+    if config.num_classes < 0:
+        raise UserError(f"pixelcnn: num_classes must be >= 0 (0: unconditional), got {config.num_classes}")
     return PixelCNN(config)
