@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
@@ -34,6 +34,9 @@ from torch import nn
 from baselines import FAMILIES, build_model
 from baselines.data import load_tensor
 from pipelines.errors import UserError, run_main
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 
 @dataclass
@@ -83,6 +86,8 @@ def make_state(model: nn.Module, lr: float, ema: bool | None = None) -> TrainSta
     else:
         optimizers = [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)]
     use_ema = getattr(model, "use_ema", False) if ema is None else ema
+    if use_ema:
+        from diffusers.training_utils import EMAModel  # imported here: it pulls in bitsandbytes, slow and chatty
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Warm-up EMA (decay 1 - (1 + step)^(-2/3)): useful after tens of steps, ~0.999 after tens of thousands.
     ema_model = EMAModel(trainable, use_ema_warmup=True, power=2 / 3, decay=0.9999) if use_ema else None
