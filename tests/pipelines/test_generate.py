@@ -191,3 +191,18 @@ def test_sampling_benchmark_counts_unet_calls_and_writes_its_outputs(models, tmp
     assert all(r["frechet_distance"] >= 0 for r in result["rows"])
     for name in ("results.json", "results.md", "quality_vs_steps.png"):
         assert (tmp_path / "bench" / name).is_file()
+
+
+def test_unbatched_guidance_baseline_of_the_speed_benchmark_computes_the_same_images(models, tmp_path):
+    from scripts.benchmark_generation import split_guidance
+
+    cfg = generate.GenerateConfig(model=str(models["sd1"]), prompts=["-"], output_dir=str(tmp_path), steps=2)
+    specs = generate.plan_images(["a red circle", "a blue square"], 1, 0)
+    pipe, _, _ = generate.prepare_pipeline(cfg)
+    batched = np.stack([np.asarray(im) for im in generate.generate_batch(pipe, specs, cfg, 32, 32)])
+    calls = []  # conv_in runs once per UNet forward; the wrapped forward bypasses hooks on the UNet itself
+    pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    split_guidance(pipe)
+    split = np.stack([np.asarray(im) for im in generate.generate_batch(pipe, specs, cfg, 32, 32)])
+    assert calls == [2, 2, 2, 2]  # 2 steps x (unconditional, conditional), each on the 2 images
+    assert np.abs(split.astype(int) - batched.astype(int)).max() <= 1

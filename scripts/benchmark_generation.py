@@ -1,0 +1,193 @@
+"""Images per second with each generation speed option on and off, on the device at hand.
+
+    python scripts/benchmark_generation.py --output_dir benchmarks/generation [--lora DIR] [--compile]
+
+Every row changes one thing from the default row (diffusers' defaults: SDPA attention, classifier-free guidance
+as one batched UNet call, contiguous memory format, no compile, no LoRA):
+- `classic attention`: diffusers' `AttnProcessor` (explicit softmax(QK^T)V) instead of SDPA (`AttnProcessor2_0`);
+- `channels_last`: UNet and VAE in channels-last memory format;
+- `CFG as two UNet calls`: the unconditional and conditional halves in two UNet calls per step, what the
+  pipeline would cost without its batched guidance (the UNet's forward is wrapped to split its batch);
+- `LoRA unfused` / `LoRA fused`: a LoRA (yours with `--lora`, else a random rank-4 one on the attention
+  projections) evaluated beside the base weights, or folded into them (`--fuse_lora`);
+- `torch.compile` (with `--compile`): the UNet compiled with the default inductor backend; the compile time is
+  excluded (warm-up batches), and a failure is reported as a row rather than stopping the run.
+Images per second come from the median batch time over `--repeats` timed batches after `--warmup` untimed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python scripts/benchmark_generation.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from pipelines import shapes  # noqa: E402
+from pipelines.errors import UserError, run_main  # noqa: E402
+from pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images, prepare_pipeline  # noqa: E402
+from pipelines.loading import load_pipeline  # noqa: E402
+
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--lora", default=None, help="LoRA for the fuse rows (default: a random rank-4 LoRA)")
+    p.add_argument("--sampler", default="dpmpp-2m")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--batch_size", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3, help="timed batches per row")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches per row (2 or more with --compile)")
+    p.add_argument("--compile", action="store_true", help="add the torch.compile row")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output_dir", default="benchmarks/generation")
+    return p
+
+
+def random_lora(model: str, out_dir: Path, rank: int = 4) -> Path:
+    """A random LoRA on the UNet's attention projections, saved in diffusers format (as finetune would)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe, _ = load_pipeline(model)
+    targets = ["to_k", "to_q", "to_v", "to_out.0"]
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+    for name, param in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    return out_dir
+
+
+def split_guidance(pipe) -> None:
+    """Makes each UNet call two calls on the halves of its batch: guidance without batching, for comparison."""
+    forward = pipe.unet.forward
+
+    def halves(value, part: slice):
+        if torch.is_tensor(value) and value.ndim > 0:
+            return value[part]
+        if isinstance(value, dict):  # SDXL's added_cond_kwargs: text_embeds, time_ids
+            return {k: halves(v, part) for k, v in value.items()}
+        return value
+
+    def two_calls(sample, timestep, encoder_hidden_states, **kwargs):
+        n = sample.shape[0] // 2  # (2B, C, h, w): unconditional rows first, then conditional
+        outs = []
+        for part in (slice(0, n), slice(n, None)):
+            part_kwargs = {k: halves(v, part) for k, v in kwargs.items()}
+            part_kwargs["return_dict"] = False
+            outs.append(forward(sample[part], halves(timestep, part), encoder_hidden_states[part], **part_kwargs)[0])
+        return (torch.cat(outs),)
+
+    pipe.unet.forward = two_calls
+
+
+def time_row(cfg: GenerateConfig, args, after_load: Callable | None = None) -> dict:
+    pipe, _, _ = prepare_pipeline(cfg)
+    if after_load is not None:
+        after_load(pipe)
+    size = image_size(pipe, None, None)
+    prompts = shapes.prompts()
+    specs = plan_images(prompts, max(1, -(-args.batch_size // len(prompts))), 0)[: args.batch_size]
+    for _ in range(args.warmup):
+        generate_batch(pipe, specs, cfg, *size)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        generate_batch(pipe, specs, cfg, *size)
+        times.append(time.perf_counter() - start)
+    return {"images_per_s": len(specs) / statistics.median(times), "batch_seconds": times}
+
+
+def measure(args) -> list[dict]:
+    base = GenerateConfig(model=args.model, prompts=["-"], output_dir="", sampler=args.sampler, steps=args.steps)
+    base = replace(base, guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device)
+    lora = args.lora or str(random_lora(args.model, Path(tempfile.mkdtemp(prefix="difftune-lora-"))))
+    rows: list[tuple[str, GenerateConfig, Callable | None]] = [
+        ("default (SDPA, batched CFG)", base, None),
+        ("classic attention (no SDPA)", replace(base, attention="classic"), None),
+        ("channels_last", replace(base, channels_last=True), None),
+        ("CFG as two UNet calls", base, split_guidance),
+        ("LoRA unfused", replace(base, loras=[lora]), None),
+        ("LoRA fused (--fuse_lora)", replace(base, loras=[lora], fuse_lora=True), None),
+    ]
+    if args.compile:
+        rows.append(("torch.compile (UNet)", replace(base, compile=True), None))
+    results = []
+    for name, cfg, after_load in rows:
+        try:
+            row = {"option": name, **time_row(cfg, args, after_load)}
+        except Exception as err:  # noqa: BLE001 - torch.compile fails in many ways; report it as the row's result
+            if not cfg.compile:
+                raise
+            row = {"option": name, "images_per_s": None, "error": str(err).strip().splitlines()[0][:200]}
+        results.append(row)
+        speed = f"{row['images_per_s']:.2f} img/s" if row["images_per_s"] else f"failed: {row['error']}"
+        print(f"{name:>32}: {speed}", file=sys.stderr)
+    return results
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    rows = result["rows"]
+    default = rows[0]["images_per_s"]
+    lines = [
+        f"# Generation speed options: {result['model']}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- device: {result['device']} ({result['machine']})",
+        f"- {result['sampler']} {result['steps']} steps, guidance {result['guidance_scale']}, "
+        f"batch {result['batch_size']}, median of {result['repeats']} timed batches",
+        "",
+        "| option | images/s | vs default |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        if r["images_per_s"] is None:
+            lines.append(f"| {r['option']} | failed: {r['error']} | - |")
+        else:
+            lines.append(f"| {r['option']} | {r['images_per_s']:.2f} | {r['images_per_s'] / default:.2f}x |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.repeats < 1 or args.batch_size < 1 or args.steps < 1:
+        raise UserError("--repeats, --batch_size and --steps must be at least 1")
+    result = {
+        "model": args.model if args.model != DEFAULT_MODEL else "pipelines/tiny_shapes",
+        "device": args.device,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "command": "python scripts/benchmark_generation.py " + shlex.join(sys.argv[1:]),
+        "rows": measure(args),
+    }
+    write_outputs(result, Path(args.output_dir))
+    print((Path(args.output_dir) / "results.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
