@@ -119,6 +119,7 @@ def test_classifier_free_guidance_is_one_batched_unet_call_per_step(models, tmp_
     cfg = generate.GenerateConfig(model=str(models["sd1"]), prompts=["a red circle"], output_dir=str(tmp_path))
     cfg.steps, cfg.sampler = 3, "ddim"
     pipe, _, _ = generate.prepare_pipeline(cfg)
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}  # SDPA
     batch_sizes = []
     pipe.unet.register_forward_pre_hook(
         lambda _m, args, kwargs: batch_sizes.append(args[0].shape[0]), with_kwargs=True
