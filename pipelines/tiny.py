@@ -82,7 +82,7 @@ SIZES: dict[str, TinySize] = {
     # Tens of thousands of parameters: unit tests on CPU.
     "test": TinySize((8, 16), 1, 4, 4, 16, 2, 2, (8, 8), 4),
     # The embedded base: 64x64 images, 16x16x4 latents.
-    "base": TinySize((64, 128, 128), 1, 32, 32, 64, 2, 4, (32, 64, 64), 32),
+    "base": TinySize((32, 64, 64), 1, 8, 16, 64, 2, 4, (16, 32, 32), 8),
 }
 
 

@@ -1,0 +1,57 @@
+"""Full fine-tuning of Stable Diffusion's UNet (optionally the text encoder), saving a diffusers pipeline folder.
+
+`accelerate launch finetune/finetune_full.py --pretrained_model_name_or_path ... --train_data_dir ...`. Shares
+the training loop with `finetune_lora.py`; only what trains and how it is saved differ. With `--use_ema` the
+saved UNet is the exponential moving average of the trained weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from diffusers import StableDiffusionPipeline
+
+from finetune.config import TrainConfig, parse_config, validate
+from finetune.export import write_model_card
+from finetune.loop import Task, train
+from pipelines.errors import run_main
+
+
+def setup(comps, cfg: TrainConfig) -> dict:
+    comps.unet.requires_grad_(True)
+    models = {"unet": comps.unet}
+    if cfg.train_text_encoder:
+        comps.text_encoder.requires_grad_(True)
+        models["text_encoder"] = comps.text_encoder
+    return models
+
+
+def save(comps, cfg: TrainConfig, output_dir: Path, ema) -> None:
+    unet = comps.unet
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    pipe = StableDiffusionPipeline.from_pretrained(
+        cfg.pretrained_model_name_or_path, unet=unet, text_encoder=comps.text_encoder, vae=comps.vae,
+        tokenizer=comps.tokenizer, safety_checker=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    write_model_card(output_dir, cfg.pretrained_model_name_or_path, "full", cfg)
+
+
+FULL = Task(name="full", setup=setup, save=save, uses_ema=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(argv, TrainConfig, __doc__)
+    validate(cfg)
+    result = train(cfg, FULL)
+    print(f"trained {result.global_step} steps in {result.seconds:.1f}s; pipeline saved in {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,55 @@
+"""LoRA fine-tuning of Stable Diffusion: `accelerate launch finetune/finetune_lora.py --train_data_dir ...`.
+
+With no arguments it runs the embedded demo: the tiny `pipelines/tiny_shapes` base, which has never seen the
+colour purple, learns `a purple {circle,square,triangle}` from a generated imagefolder, and the colour accuracy
+of purple prompts is measured before and after (with the base colours checked for damage).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from finetune.config import REPO_ROOT, TrainConfig, parse_config, validate
+from finetune.export import save_lora, save_lora_kohya, write_model_card
+from finetune.loop import Task, train
+from finetune.model import add_unet_lora, lora_config
+from pipelines.errors import run_main
+
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo_lora.yaml"
+
+
+def setup(comps, cfg: TrainConfig) -> dict:
+    add_unet_lora(comps.unet, lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules))
+    return {"unet": comps.unet}
+
+
+def save(comps, cfg: TrainConfig, output_dir: Path, ema) -> None:
+    save_lora(comps.unet, output_dir)
+    if cfg.output_kohya_format:
+        save_lora_kohya(comps.unet, output_dir)
+    write_model_card(output_dir, cfg.pretrained_model_name_or_path, "lora", cfg)
+
+
+LORA = Task(name="lora", setup=setup, save=save)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv == ["--demo"]:
+        from finetune.demo import run_demo
+
+        run_demo(DEMO_CONFIG)
+        return
+    cfg = parse_config(argv, TrainConfig, __doc__)
+    validate(cfg)
+    result = train(cfg, LORA)
+    print(f"trained {result.global_step} steps in {result.seconds:.1f}s; LoRA saved in {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)
