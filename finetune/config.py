@@ -63,6 +63,9 @@ class TrainConfig:
     adam_weight_decay: float = _help("AdamW weight decay.", default=1e-2)
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    optimizer: str = _help("adamw | adamw8bit | prodigy | adafactor", default="adamw")
+    use_8bit_adam: bool = _help("Shorthand for --optimizer adamw8bit (bitsandbytes, CUDA).", default=False)
+    quantize_base: str | None = _help("nf4 | int8: load the frozen UNet quantised (bitsandbytes, CUDA).", default=None)
     mixed_precision: str | None = _help("no | fp16 | bf16; default: accelerate's config.", default=None)
     allow_tf32: bool = _help("Allow TF32 matmuls on Ampere+ GPUs.", default=False)
     dataloader_num_workers: int = _help("Data loading worker processes.", default=0)
@@ -92,6 +95,10 @@ class TrainConfig:
     logging_dir: str = _help("Logs folder inside output_dir.", default="logs")
     # Export
     output_kohya_format: bool = _help("Also write the LoRA with kohya/A1111 key names.", default=False)
+    push_to_hub: bool = _help("Upload the final result to the Hugging Face Hub.", default=False)
+    hub_model_id: str | None = _help("Hub repository id; default: the output folder's name.", default=None)
+    hub_token: str | None = _help("Hub token; default: the cached login. Never logged or saved.", default=None)
+    hub_private: bool = _help("Create the Hub repository as private.", default=False)
 
 
 def _field_types(cls) -> dict[str, object]:

@@ -26,6 +26,7 @@ from finetune.data import decode_all, read_records
 from finetune.dataset import Example, TrainDataset, collate, crop_range, encode_captions, encode_images
 from finetune.model import Components, freeze, load_components
 from finetune.objective import diffusion_loss
+from finetune.optim import build_optimizer
 from finetune.validation import log_validation
 from pipelines.errors import UserError
 
@@ -145,9 +146,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
-    )
+    optimizer = build_optimizer(cfg, params, lr)
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(
@@ -175,7 +174,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
             state = ckpt.load_checkpoint(folder, unwrapped, optimizer, lr_scheduler, ema)
             logger.info("resumed from %s at step %d", folder, state.global_step)
     if accelerator.is_main_process:
-        accelerator.init_trackers("difftune", config={k: str(v) for k, v in asdict(cfg).items()})
+        tracked = {k: str(v) for k, v in asdict(cfg).items() if k != "hub_token"}  # the token is never logged
+        accelerator.init_trackers("difftune", config=tracked)
 
     def compute_loss(batch: dict) -> torch.Tensor:
         seeds = batch["noise_seed"].cpu()
