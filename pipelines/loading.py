@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from pipelines.errors import UserError
 
@@ -82,10 +83,18 @@ def load_pipeline(
     family = detect_family(model, index)
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     kwargs = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # loading a local pipeline takes a second: no bars to clutter stderr
+    transformers_logging.disable_progress_bar()
     try:
         pipe = cls.from_pretrained(model, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the pipeline at {model}: {str(err).splitlines()[0]}") from err
+    finally:
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # generate.py shows one bar over images instead
     return pipe, family

@@ -12,7 +12,8 @@ as one batched UNet call, contiguous memory format, no compile, no LoRA):
   projections) evaluated beside the base weights, or folded into them (`--fuse_lora`);
 - `torch.compile` (with `--compile`): the UNet compiled with the default inductor backend; the compile time is
   excluded (warm-up batches), and a failure is reported as a row rather than stopping the run.
-Images per second come from the median batch time over `--repeats` timed batches after `--warmup` untimed ones.
+Images per second come from the median batch time over `--repeats` timed batches after `--warmup` untimed ones;
+the rows take turns batch by batch, so that a busy machine slows every row alike.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def split_guidance(pipe) -> None:
     pipe.unet.forward = two_calls
 
 
-def time_row(cfg: GenerateConfig, args, after_load: Callable | None = None) -> dict:
+def prepare_row(cfg: GenerateConfig, args, after_load: Callable | None = None) -> tuple:
+    """The row's pipeline, warmed up (this is where torch.compile compiles), and its batch of image specs."""
     pipe, _, _ = prepare_pipeline(cfg)
     if after_load is not None:
         after_load(pipe)
@@ -108,19 +110,14 @@ def time_row(cfg: GenerateConfig, args, after_load: Callable | None = None) -> d
     specs = plan_images(prompts, max(1, -(-args.batch_size // len(prompts))), 0)[: args.batch_size]
     for _ in range(args.warmup):
         generate_batch(pipe, specs, cfg, *size)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        generate_batch(pipe, specs, cfg, *size)
-        times.append(time.perf_counter() - start)
-    return {"images_per_s": len(specs) / statistics.median(times), "batch_seconds": times}
+    return pipe, cfg, specs, size
 
 
 def measure(args) -> list[dict]:
     base = GenerateConfig(model=args.model, prompts=["-"], output_dir="", sampler=args.sampler, steps=args.steps)
     base = replace(base, guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device)
     lora = args.lora or str(random_lora(args.model, Path(tempfile.mkdtemp(prefix="difftune-lora-"))))
-    rows: list[tuple[str, GenerateConfig, Callable | None]] = [
+    options: list[tuple[str, GenerateConfig, Callable | None]] = [
         ("default (SDPA, batched CFG)", base, None),
         ("classic attention (no SDPA)", replace(base, attention="classic"), None),
         ("channels_last", replace(base, channels_last=True), None),
@@ -129,19 +126,27 @@ def measure(args) -> list[dict]:
         ("LoRA fused (--fuse_lora)", replace(base, loras=[lora], fuse_lora=True), None),
     ]
     if args.compile:
-        rows.append(("torch.compile (UNet)", replace(base, compile=True), None))
-    results = []
-    for name, cfg, after_load in rows:
+        options.append(("torch.compile (UNet)", replace(base, compile=True), None))
+    prepared, results = {}, {}
+    for name, cfg, after_load in options:
         try:
-            row = {"option": name, **time_row(cfg, args, after_load)}
+            prepared[name] = prepare_row(cfg, args, after_load)
         except Exception as err:  # noqa: BLE001 - torch.compile fails in many ways; report it as the row's result
             if not cfg.compile:
                 raise
-            row = {"option": name, "images_per_s": None, "error": str(err).strip().splitlines()[0][:200]}
-        results.append(row)
-        speed = f"{row['images_per_s']:.2f} img/s" if row["images_per_s"] else f"failed: {row['error']}"
-        print(f"{name:>32}: {speed}", file=sys.stderr)
-    return results
+            results[name] = {"option": name, "images_per_s": None, "error": str(err).strip().splitlines()[0][:200]}
+    # Rows take turns, one timed batch each per round, so that load from other processes hits all rows alike.
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    for _ in range(args.repeats):
+        for name, (pipe, cfg, specs, size) in prepared.items():
+            start = time.perf_counter()
+            generate_batch(pipe, specs, cfg, *size)
+            times[name].append(time.perf_counter() - start)
+    for name, (_, _, specs, _) in prepared.items():
+        ips = len(specs) / statistics.median(times[name])
+        results[name] = {"option": name, "images_per_s": ips, "batch_seconds": times[name]}
+        print(f"{name:>32}: {ips:.2f} img/s", file=sys.stderr)
+    return [results[name] for name, _, _ in options]
 
 
 def write_outputs(result: dict, out: Path) -> None:
