@@ -88,10 +88,19 @@ def make_state(model: nn.Module, lr: float, ema: bool | None = None) -> TrainSta
     use_ema = getattr(model, "use_ema", False) if ema is None else ema
     if use_ema:
         from diffusers.training_utils import EMAModel  # imported here: it pulls in bitsandbytes, slow and chatty
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = _trainable(model)
     # Warm-up EMA (decay 1 - (1 + step)^(-2/3)): useful after tens of steps, ~0.999 after tens of thousands.
     ema_model = EMAModel(trainable, use_ema_warmup=True, power=2 / 3, decay=0.9999) if use_ema else None
     return TrainState(optimizers, ema_model)
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _ema_swapped(state: TrainState) -> bool:
+    """True after `fit` returned: the model holds the EMA weights and the EMA keeps the live ones aside."""
+    return state.ema is not None and state.ema.temp_stored_params is not None
 
 
 def _seeded(seed: int, step: int) -> int:
@@ -119,8 +128,10 @@ def fit(
     state: TrainState | None = None,
     on_step: Callable[[TrainState], None] | None = None,
 ) -> FitResult:
-    """Trains `model` on `data` (N, C, H, W) until `budget` is spent; the EMA weights (if any) are copied in at the end.
+    """Trains `model` on `data` (N, C, H, W) until `budget` is spent.
 
+    With an EMA, its weights are copied into the model at the end and the live weights are kept aside in
+    `state.ema`: passing the same `state` again (or saving it with `save_checkpoint`) continues from the live ones.
     `state` (from `make_state`, possibly restored from a checkpoint) resumes a run; `on_step(state)` runs after every
     step (the command line checkpoints and draws samples there).
     """
@@ -138,7 +149,9 @@ def fit(
     adversarial = hasattr(model, "training_step")
     # The GAN steps its own optimizers; the others get accelerate's (loss scaling under fp16).
     optimizers = state.optimizers if adversarial else [accelerator.prepare(o) for o in state.optimizers]
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = _trainable(model)
+    if _ema_swapped(state):
+        state.ema.restore(trainable)
     diverged, start = False, time.perf_counter() - state.seconds
 
     while not budget.spent(state.images_seen, state.seconds, state.step):
@@ -170,6 +183,7 @@ def fit(
             on_step(state)
 
     if state.ema is not None:
+        state.ema.store(trainable)
         state.ema.copy_to(trainable)
     model.eval()
     return FitResult(list(state.losses), state.images_seen, state.seconds, state.step, diverged)
@@ -182,7 +196,13 @@ def save_checkpoint(directory: Path, model: nn.Module, state: TrainState) -> Non
     """Weights as safetensors; optimizer/EMA state with torch.save, read back only with weights_only=True."""
     tmp = directory.with_name(directory.name + ".tmp")  # written aside, then renamed: an interrupt leaves no half
     tmp.mkdir(parents=True, exist_ok=True)
+    swapped = _ema_swapped(state)
+    if swapped:  # save the live weights; the EMA ones are in the EMA state
+        state.ema.restore(_trainable(model))
     save_weights(model, str(tmp / "model.safetensors"))
+    if swapped:
+        state.ema.store(_trainable(model))
+        state.ema.copy_to(_trainable(model))
     extra = {"optimizers": [o.state_dict() for o in state.optimizers]}
     if state.ema is not None:
         extra["ema"] = state.ema.state_dict()
@@ -349,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 @torch.no_grad()
 def write_samples(model: nn.Module, state: TrainState, path: Path, seed: int, n: int = 16) -> None:
     """A grid of `n` samples, drawn with the EMA weights where there are some, then training resumes."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = _trainable(model)
     if state.ema is not None:
         state.ema.store(trainable)
         state.ema.copy_to(trainable)
