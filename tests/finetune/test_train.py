@@ -1,0 +1,150 @@
+"""The training spine as users run it: scripts under accelerate, resume, cache, saved results, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from finetune.config import TrainConfig
+from finetune.finetune_full import FULL
+from finetune.finetune_lora import LORA
+from finetune.loop import train
+from finetune.objective import diffusion_loss
+from pipelines.tiny import build_pipeline, sd_scheduler
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def config(model, data, out, **kw) -> TrainConfig:
+    base = dict(
+        pretrained_model_name_or_path=str(model), train_data_dir=str(data), output_dir=str(out), resolution=64,
+        center_crop=True, train_batch_size=4, max_train_steps=6, checkpointing_steps=2, learning_rate=1e-3,
+        report_to="none", seed=3, rank=4,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    unet = build_pipeline("test").unet
+    scheduler = sd_scheduler()
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(scheduler.config)
+    latents, hidden = torch.randn(4, 4, 16, 16), torch.randn(4, 16, 16)
+    seeds = torch.arange(4)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = diffusion_loss(unet, scheduler, latents, hidden, seeds)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lora_script_under_accelerate_launch_saves_a_loadable_adapter(tiny_sd1, shapes_dir, tmp_path):
+    out = tmp_path / "lora"
+    proc = run([
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+        "--num_machines", "1", "--dynamo_backend", "no", "finetune/finetune_lora.py",
+        "--pretrained_model_name_or_path", str(tiny_sd1), "--train_data_dir", str(shapes_dir),
+        "--output_dir", str(out), "--resolution", "64", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--train_batch_size", "4", "--learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "8",
+        "--validation_prompt", "a red circle", "--validation_steps", "4", "--num_validation_images", "1",
+        "--validation_inference_steps", "2",
+    ])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "README.md").read_text().startswith("---\nbase_model:")
+    assert (out / "validation" / "step-4" / "grid.png").exists()
+    assert any((out / "logs").rglob("events.out.tfevents*"))
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
+    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="np")
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out, adapter_name="purple")
+    adapted = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(adapted - base).max() > 1e-3
+    pipe.set_adapters(["purple"], adapter_weights=[0.0])
+    off = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(off - base).max() < 1e-5
+
+
+def test_full_script_under_accelerate_launch_saves_a_pipeline(tiny_sd1, shapes_dir, tmp_path):
+    out = tmp_path / "full"
+    proc = run([
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+        "--num_machines", "1", "--dynamo_backend", "no", "finetune/finetune_full.py",
+        "--pretrained_model_name_or_path", str(tiny_sd1), "--train_data_dir", str(shapes_dir),
+        "--output_dir", str(out), "--resolution", "64", "--max_train_steps", "3", "--train_batch_size", "4",
+        "--use_ema", "--report_to", "none",
+    ])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    original = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
+    diff = [(a - b).abs().max().item() for a, b in zip(trained.unet.parameters(), original.unet.parameters())]
+    assert max(diff) > 0
+
+
+def test_resume_continues_exactly(tiny_sd1, shapes_dir, tmp_path):
+    straight = train(config(tiny_sd1, shapes_dir, tmp_path / "a"), LORA)
+    train(config(tiny_sd1, shapes_dir, tmp_path / "b", max_train_steps=3, checkpointing_steps=3), LORA)
+    resumed = train(config(tiny_sd1, shapes_dir, tmp_path / "b", resume_from_checkpoint="latest"), LORA)
+    assert straight.global_step == resumed.global_step == 6
+    assert resumed.losses == straight.losses[3:]
+    a = load_file(tmp_path / "a" / "checkpoint-6" / "trainable.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint-6" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_sd1, shapes_dir, tmp_path):
+    train(config(tiny_sd1, shapes_dir, tmp_path, checkpoints_total_limit=2), FULL)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cache_gives_the_same_losses_and_is_reused(tiny_sd1, shapes_dir, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    cached = train(config(tiny_sd1, shapes_dir, tmp_path / "a", max_train_steps=3, cache_dir=str(cache)), LORA)
+    uncached = train(config(tiny_sd1, shapes_dir, tmp_path / "b", max_train_steps=3, cache_latents=False), LORA)
+    assert cached.cached and not uncached.cached
+    assert cached.losses == pytest.approx(uncached.losses, rel=1e-4)
+    files = sorted((cache / "latents").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    caplog.set_level("INFO")
+    train(config(tiny_sd1, shapes_dir, tmp_path / "c", max_train_steps=1, cache_dir=str(cache)), LORA)
+    assert "12 reused, 0 encoded" in caplog.text
+    assert [f.stat().st_mtime_ns for f in sorted((cache / "latents").iterdir())] == stamps
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train_data_dir", "{empty}"], "holds no images"),
+        (["--train_data_dir", "{data}", "--pretrained_model_name_or_path", "{missing}"], "no such folder"),
+        (["--train_data_dir", "{data}", "--caption_column", "prompt"], "no caption column 'prompt'"),
+        (["--train_data_dir", "{data}", "--config", "{missing}"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_sd1, shapes_dir, tmp_path, flags, message):
+    (tmp_path / "empty").mkdir()
+    subs = {"{empty}": str(tmp_path / "empty"), "{data}": str(shapes_dir), "{missing}": str(tmp_path / "nope")}
+    flags = [subs.get(f, f) for f in flags]
+    args = ["--pretrained_model_name_or_path", str(tiny_sd1), "--output_dir", str(tmp_path / "out"), *flags]
+    proc = run([sys.executable, "finetune/finetune_lora.py", "--resolution", "64", *args])
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
