@@ -25,7 +25,10 @@ from torch.special import log_ndtr
 
 from pipelines.errors import UserError
 
+FAMILY = "ddpm"
+
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}  # "ddpm" walks every training timestep
 
 
@@ -39,15 +42,32 @@ class Config:
     ema: bool = True
 
 
-def build(resolution: int = 32, channels: int = 3, n_bits: int = 8, **overrides) -> DDPM:
-    unknown = sorted(set(overrides) - {f.name for f in fields(Config)})
+def make_config(overrides: dict) -> Config:
+    """The Config with `overrides`; an unknown name or a value of the wrong type is a UserError naming it."""
+    names = [f.name for f in fields(Config)]
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise UserError(f"unknown ddpm option {unknown[0]!r}; options: {', '.join(f.name for f in fields(Config))}")
-    config = Config(**overrides)
-    config.block_out_channels = tuple(config.block_out_channels)  # a JSON list when read back from config.json
+        raise UserError(f"unknown {FAMILY} option {unknown[0]!r}; options: {', '.join(names)}")
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    for name in names:
+        value, default = getattr(config, name), getattr(Config, name)
+        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        if ok and isinstance(default, tuple):  # e.g. block_out_channels: every element of the default's type
+            ok = all(type(item) is type(default[0]) for item in value)
+        if type(default) is float and type(value) is int:
+            setattr(config, name, float(value))
+        elif not ok:
+            raise UserError(f"{FAMILY} option {name} must be {type(default).__name__}, got {value!r}")
+    return config
+
+
+def build(resolution: int = 32, channels: int = 3, n_bits: int = 8, **overrides) -> DDPM:
+    config = make_config(overrides)
     factor = 2 ** (len(config.block_out_channels) - 1)
     if resolution % factor:
         raise UserError(f"ddpm: --resolution {resolution} must be divisible by {factor} (one halving per block)")
+    if config.beta_schedule not in BETA_SCHEDULES:
+        raise UserError(f"ddpm: beta_schedule {config.beta_schedule!r} must be one of {', '.join(BETA_SCHEDULES)}")
     if any(c % config.norm_num_groups for c in config.block_out_channels):
         raise UserError(f"ddpm: block_out_channels must be multiples of norm_num_groups={config.norm_num_groups}")
     return DDPM(config, resolution, channels, n_bits)

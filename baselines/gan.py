@@ -22,6 +22,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from pipelines.errors import UserError
 
+FAMILY = "gan"
+
 
 @dataclass
 class Config:
@@ -37,11 +39,27 @@ class Config:
     ema_decay: float = 0.999  # generator EMA, with a warm-up over the first steps
 
 
-def build(resolution: int = 32, channels: int = 3, n_bits: int = 8, **overrides) -> StyleGAN:
-    unknown = sorted(set(overrides) - {f.name for f in fields(Config)})
+def make_config(overrides: dict) -> Config:
+    """The Config with `overrides`; an unknown name or a value of the wrong type is a UserError naming it."""
+    names = [f.name for f in fields(Config)]
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise UserError(f"unknown gan option {unknown[0]!r}; options: {', '.join(f.name for f in fields(Config))}")
-    config = Config(**overrides)
+        raise UserError(f"unknown {FAMILY} option {unknown[0]!r}; options: {', '.join(names)}")
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    for name in names:
+        value, default = getattr(config, name), getattr(Config, name)
+        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        if ok and isinstance(default, tuple):  # e.g. block_out_channels: every element of the default's type
+            ok = all(type(item) is type(default[0]) for item in value)
+        if type(default) is float and type(value) is int:
+            setattr(config, name, float(value))
+        elif not ok:
+            raise UserError(f"{FAMILY} option {name} must be {type(default).__name__}, got {value!r}")
+    return config
+
+
+def build(resolution: int = 32, channels: int = 3, n_bits: int = 8, **overrides) -> StyleGAN:
+    config = make_config(overrides)
     if resolution < 4 or resolution & (resolution - 1):
         raise UserError(f"gan: --resolution {resolution} must be a power of two, at least 4")
     if config.loss not in ("logistic", "wgan-gp"):

@@ -242,7 +242,9 @@ def load_model(directory: str | Path) -> nn.Module:
     if not (directory / "config.json").exists():
         raise UserError(f"{directory} holds no config.json; is it the output_dir of baselines.train?")
     meta = json.loads((directory / "config.json").read_text())
-    model = build_model(meta["family"], meta["resolution"], meta["channels"], meta["n_bits"], **meta["config"])
+    sizes = {k: meta[k] for k in ("resolution", "channels", "n_bits")}
+    options = {k: v for k, v in meta["config"].items() if k not in sizes}  # some Configs repeat the sizes
+    model = build_model(meta["family"], **sizes, **options)
     load_weights(model, str(directory / "model.safetensors"))
     return model.eval()
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from pipelines.errors import UserError
 
+FAMILY = "vae"
+
 
 @dataclass
 class Config:
@@ -28,11 +30,27 @@ class Config:
     beta: float = 1.0  # weight of the KL term in the training loss (1 = the ELBO); bits_per_dim always uses 1
 
 
-def build(resolution: int = 32, channels: int = 3, n_bits: int = 8, **overrides) -> VAE:
-    unknown = sorted(set(overrides) - {f.name for f in fields(Config)})
+def make_config(overrides: dict) -> Config:
+    """The Config with `overrides`; an unknown name or a value of the wrong type is a UserError naming it."""
+    names = [f.name for f in fields(Config)]
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise UserError(f"unknown vae option {unknown[0]!r}; options: {', '.join(f.name for f in fields(Config))}")
-    config = Config(**overrides)
+        raise UserError(f"unknown {FAMILY} option {unknown[0]!r}; options: {', '.join(names)}")
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    for name in names:
+        value, default = getattr(config, name), getattr(Config, name)
+        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        if ok and isinstance(default, tuple):  # e.g. block_out_channels: every element of the default's type
+            ok = all(type(item) is type(default[0]) for item in value)
+        if type(default) is float and type(value) is int:
+            setattr(config, name, float(value))
+        elif not ok:
+            raise UserError(f"{FAMILY} option {name} must be {type(default).__name__}, got {value!r}")
+    return config
+
+
+def build(resolution: int = 32, channels: int = 3, n_bits: int = 8, **overrides) -> VAE:
+    config = make_config(overrides)
     if resolution % 2**config.downsample:
         raise UserError(f"vae: --resolution {resolution} must be divisible by 2**downsample = {2**config.downsample}")
     return VAE(config, resolution, channels, n_bits)

@@ -85,7 +85,10 @@ def test_interpolation_and_anomaly_score():
     assert model.anomaly_score(x).mean() < model.anomaly_score(1 - x).mean()  # inverted images are unusual
 
 
-@pytest.mark.parametrize(("overrides", "resolution", "message"), [({"hiden": 8}, 8, "hiden"), ({}, 6, "resolution 6")])
+@pytest.mark.parametrize(
+    ("overrides", "resolution", "message"),
+    [({"hiden": 8}, 8, "hiden"), ({"beta": "big"}, 8, "beta must be float"), ({}, 6, "resolution 6")],
+)
 def test_bad_options_are_user_errors(overrides, resolution, message):
     with pytest.raises(UserError, match=message):
         build_model("vae", resolution=resolution, channels=3, n_bits=8, **overrides)
