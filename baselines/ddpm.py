@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.special import log_ndtr
 
@@ -131,7 +132,7 @@ class DDPM(nn.Module):
         device = next(self.parameters()).device
         sampler.set_timesteps(steps, device=device)
         shape = (n, self.channels, self.resolution, self.resolution)
-        x = torch.randn(shape, generator=generator, device=device) * sampler.init_noise_sigma
+        x = randn_tensor(shape, generator=generator, device=device) * sampler.init_noise_sigma
         for t in sampler.timesteps:
             eps = self.unet(sampler.scale_model_input(x, t), t).sample
             x = sampler.step(eps, t, x, generator=generator).prev_sample

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -112,7 +113,7 @@ class StyledLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         x = self.conv(x, w)
-        noise = torch.randn(x.shape[0], 1, *x.shape[2:], generator=generator, device=x.device)
+        noise = randn_tensor((x.shape[0], 1, *x.shape[2:]), generator=generator, device=x.device, dtype=x.dtype)
         return F.leaky_relu(x + self.noise_strength * noise + self.bias, 0.2) * math.sqrt(2)
 
 
@@ -189,7 +190,7 @@ class StyleGAN(nn.Module):
     def styles(self, n: int, device, generator: torch.Generator | None = None, mix: bool = False) -> torch.Tensor:
         """(n, n_styles, style_dim): one w for every layer, or two w's crossing over at a random layer."""
         G, k = self.generator, self.generator.n_styles
-        z = torch.randn(2 if mix else 1, n, G.style_dim, generator=generator, device=device)
+        z = randn_tensor((2 if mix else 1, n, G.style_dim), generator=generator, device=device)
         w = torch.stack([G.map(zi) for zi in z])  # (1 or 2, n, style_dim)
         ws = w[0, :, None].expand(n, k, -1)
         if mix:
@@ -268,7 +269,7 @@ class StyleGAN(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images (n, C, H, W) in [0, 1] on the n_bits grid from the EMA generator, styles and noise from `generator`."""
         device = self.generator_ema.const.device
-        z = torch.randn(n, self.generator.style_dim, generator=generator, device=device)
+        z = randn_tensor((n, self.generator.style_dim), generator=generator, device=device)  # any generator device
         ws = self.generator_ema.map(z)[:, None].expand(n, self.generator.n_styles, -1)
         x = ((self.generator_ema(ws, generator) + 1) / 2).clamp(0, 1)
         levels = 2**self.n_bits - 1

@@ -376,8 +376,7 @@ def write_samples(model: nn.Module, state: TrainState, path: Path, seed: int, n:
         state.ema.store(trainable)
         state.ema.copy_to(trainable)
     model.eval()
-    device = next(model.parameters()).device
-    x = model.sample(n, generator=torch.Generator(device).manual_seed(seed))
+    x = model.sample(n, generator=torch.Generator().manual_seed(seed))  # CPU generator: same grid on any device
     model.train()
     if state.ema is not None:
         state.ema.restore(trainable)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from torch import nn
 
@@ -141,7 +142,7 @@ class VAE(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         device = next(self.parameters()).device
         shape = (n, self.config.latent_channels, self.latent_size, self.latent_size)
-        return self.decode(torch.randn(shape, generator=generator, device=device))
+        return self.decode(randn_tensor(shape, generator=generator, device=device))  # CPU generators work on GPU
 
     @torch.no_grad()
     def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8) -> torch.Tensor:
