@@ -1,88 +1,202 @@
 """Writing results in the formats users' tools read: diffusers LoRA files, kohya LoRA files, model cards.
 
-The LoRA file is diffusers' (`pytorch_lora_weights.safetensors`, keys `unet.`/`text_encoder.`) with peft's
-adapter config in the safetensors metadata, so `pipe.load_lora_weights(dir)` restores `lora_alpha` even when it
-differs from the rank. Conversion uses diffusers' utilities; nothing here renames keys by hand.
+The LoRA file is diffusers' (`pytorch_lora_weights.safetensors`, keys `unet.`/`text_encoder.`/`text_encoder_2.`)
+with peft's adapter config in the safetensors metadata, so `pipe.load_lora_weights(dir)` restores `lora_alpha`
+even when it differs from the rank. The kohya file (`pytorch_lora_weights_kohya.safetensors`) is what A1111,
+ComfyUI and kohya's scripts load: `lora_unet_*`, `lora_te_*` (SD 1.x/2.x) or `lora_te1_*`/`lora_te2_*` (SDXL),
+each module with `.lora_down.weight`, `.lora_up.weight` and `.alpha` (scale = alpha / rank). Key conversion is
+diffusers' `convert_state_dict_to_kohya`; only what it gets wrong is fixed here (see `_kohya_layers`).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+import yaml
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-from peft.utils import get_peft_model_state_dict
+from peft.utils import PeftType, get_peft_model_state_dict
 from safetensors.torch import save_file
+
+from pipelines.errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+CARD_FILE = "README.md"
+SAMPLES_FILE = "samples.png"
+ADAPTER = "default"  # peft's adapter name; diffusers' add_adapter uses it when none is given
+
+
+def _adapted(model: torch.nn.Module | None) -> bool:
+    return model is not None and ADAPTER in (getattr(model, "peft_config", None) or {})
 
 
 def _adapter_metadata(model: torch.nn.Module) -> dict:
-    config = model.peft_config["default"].to_dict()
+    config = model.peft_config[ADAPTER].to_dict()
     return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def save_lora(unet: torch.nn.Module, output_dir: Path, text_encoder: torch.nn.Module | None = None) -> Path:
-    """Writes the adapter(s) in diffusers format; returns the file."""
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    te_layers, te_meta = None, None
-    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
-        te_meta = _adapter_metadata(text_encoder)
-    StableDiffusionPipeline.save_lora_weights(
-        output_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers,
-        unet_lora_adapter_metadata=_adapter_metadata(unet), text_encoder_lora_adapter_metadata=te_meta,
-        safe_serialization=True,
-    )  # fmt: skip
-    return output_dir / LORA_FILE
+def _adapted_models(unet, text_encoder, text_encoder_2) -> dict[str, torch.nn.Module]:
+    """The models carrying an adapter, by the prefix their keys take in diffusers' LoRA files."""
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    return {name: model for name, model in models.items() if _adapted(model)}
 
 
-def save_lora_kohya(unet: torch.nn.Module, output_dir: Path) -> Path:
-    """The same adapter with kohya/A1111 key names (`lora_unet_*`, `.lora_down/.lora_up/.alpha`)."""
-    peft_sd = get_peft_model_state_dict(unet)
-    alpha = float(unet.peft_config["default"].lora_alpha)
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()}, alpha_dict=None)
-    for key in [k for k in kohya if k.endswith(".lora_down.weight")]:
-        kohya[key.replace(".lora_down.weight", ".alpha")] = torch.tensor(alpha)
-    path = output_dir / KOHYA_FILE
-    save_file({k: v.contiguous() for k, v in kohya.items()}, path)
+def _lora_state_dict(model: torch.nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], str]:
+    """peft's state dict of the adapter, and the module path to put before its keys in files.
+
+    transformers >= 5 flattened `CLIPTextModel` (no `text_model.` level). LoRA files everywhere else (A1111,
+    ComfyUI, kohya, older diffusers) name text-encoder modules `text_model.encoder...`, and diffusers' loader
+    strips the level again for flattened encoders, so files keep it."""
+    state_dict = get_peft_model_state_dict(model)
+    path = "text_model." if prefix != "unet" and not hasattr(model, "text_model") else ""
+    return state_dict, path
+
+
+def save_lora(
+    unet: torch.nn.Module,
+    output_dir: Path,
+    text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
+) -> Path:
+    """Writes the adapter(s) in diffusers format, peft's config of each in the metadata; returns the file."""
+    kwargs = {}
+    for name, model in _adapted_models(unet, text_encoder, text_encoder_2).items():
+        state_dict, path = _lora_state_dict(model, name)
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers({path + k: v for k, v in state_dict.items()})
+        kwargs[f"{name}_lora_adapter_metadata"] = _adapter_metadata(model)
+    # Only SDXL's loader class knows a second text encoder; the file format is the same.
+    pipeline_cls = StableDiffusionXLPipeline if "text_encoder_2_lora_layers" in kwargs else StableDiffusionPipeline
+    pipeline_cls.save_lora_weights(output_dir, safe_serialization=True, **kwargs)
+    return Path(output_dir) / LORA_FILE
+
+
+def _kohya_layers(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """One model's adapter in kohya keys. `prefix` is its name in diffusers' files (`unet`, `text_encoder`, ...).
+
+    `convert_state_dict_to_kohya` renames lora_A/lora_B to lora_down/lora_up and module paths to `lora_unet_*`,
+    `lora_te1_*`, `lora_te2_*`, but sets every `.alpha` to the rank (scale 1). peft scales by lora_alpha / r
+    (lora_alpha / sqrt(r) with rslora, per module with alpha_pattern), so the alpha is replaced by the module's
+    own scale x rank. It also mislabels DoRA magnitudes and cannot express LoHa/LoKr: those are refused.
+    """
+    config = model.peft_config[ADAPTER]
+    if config.peft_type != PeftType.LORA or getattr(config, "use_dora", False):
+        kind = "DoRA" if getattr(config, "use_dora", False) else str(config.peft_type.value)
+        raise UserError(f"--output_kohya_format writes plain LoRA only; this adapter is {kind}")
+    peft_sd, path = _lora_state_dict(model, prefix)
+    kohya: dict[str, torch.Tensor] = {}
+    modules = [key.removesuffix(".lora_A.weight") for key in peft_sd if key.endswith(".lora_A.weight")]
+    for name in modules:
+        down, up = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        pair = {f"{prefix}.{path}{down}": peft_sd[down], f"{prefix}.{path}{up}": peft_sd[up]}
+        layer = convert_state_dict_to_kohya(pair)
+        lora = model.get_submodule(name)
+        (alpha_key,) = [k for k in layer if k.endswith(".alpha")]
+        layer[alpha_key] = torch.tensor(float(lora.scaling[ADAPTER] * lora.r[ADAPTER]))
+        kohya.update(layer)
+    if len(peft_sd) != 2 * len(modules):  # e.g. LoRA biases: kohya has no key for them
+        extra = sorted(set(peft_sd) - {f"{n}.lora_{ab}.weight" for n in modules for ab in "AB"})
+        raise UserError(f"--output_kohya_format: kohya files cannot hold {extra[:3]} ({len(extra)} tensors)")
+    return kohya
+
+
+def save_lora_kohya(
+    unet: torch.nn.Module,
+    output_dir: Path,
+    text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
+    family: str = "sd1",
+) -> Path:
+    """The same adapter(s) with kohya/A1111 key names; returns the file."""
+    kohya: dict[str, torch.Tensor] = {}
+    for prefix, model in _adapted_models(unet, text_encoder, text_encoder_2).items():
+        kohya.update(_kohya_layers(model, prefix))
+    if family != "sdxl":
+        # diffusers names the first text encoder `lora_te1_` (SDXL's convention); SD 1.x/2.x files say `lora_te_`.
+        kohya = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in kohya.items()}
+    path = Path(output_dir) / KOHYA_FILE
+    save_file({k: v.detach().cpu().contiguous() for k, v in kohya.items()}, path)
     return path
 
 
-def write_model_card(output_dir: Path, base_model: str, kind: str, cfg, extra: str = "") -> Path:
-    """README.md with YAML front matter (base_model, tags) and the settings that made the result."""
-    tags = ["stable-diffusion", "text-to-image", "diffusers", "difftune", kind]
-    settings = {
-        k: getattr(cfg, k)
-        for k in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
-                  "lr_scheduler", "rank", "lora_alpha", "mixed_precision", "snr_gamma", "noise_offset", "seed")
-    }  # fmt: skip
-    lines = [
-        "---",
-        f"base_model: {base_model}",
-        "library_name: diffusers",
-        "tags:",
-        *[f"- {t}" for t in tags],
-        "---",
-        "",
-        f"# {kind} fine-tune of {base_model}",
-        "",
-        "Trained with [difftune](https://github.com/difftune/difftune).",
-        "",
-    ]
-    if cfg.validation_prompt:
-        lines += ["Validation prompts: " + "; ".join(f"`{p}`" for p in cfg.validation_prompt), ""]
-    lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+def copy_samples(output_dir: Path) -> Path | None:
+    """Copies the last validation grid (`validation/step-N/grid.png`, largest N) to `samples.png`, if any."""
+    grids = []
+    for grid in Path(output_dir).glob("validation/step-*/grid.png"):
+        step = grid.parent.name.removeprefix("step-")
+        if step.isdigit():
+            grids.append((int(step), grid))
+    if not grids:
+        return None
+    target = Path(output_dir) / SAMPLES_FILE
+    shutil.copyfile(max(grids)[1], target)
+    return target
+
+
+def card_model_ref(output_dir: Path, cfg) -> str:
+    """How the card's usage snippet names this result before it has a Hub id: --hub_model_id or the folder name.
+
+    `finetune.hub.push_to_hub` replaces it with the repository id the Hub gave."""
+    return cfg.hub_model_id or Path(output_dir).resolve().name
+
+
+def _settings(cfg, kind: str) -> dict[str, object]:
+    """The settings table: an allow-list of fields (so no secret can slip in), unset ones left out."""
+    common = ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+              "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "prediction_type",
+              "snr_gamma", "noise_offset", "input_perturbation", "train_text_encoder", "seed")  # fmt: skip
+    specific = ("adapter", "rank", "lora_alpha", "lora_dropout", "target_modules") if kind == "lora" else ("use_ema",)
+    settings = {k: getattr(cfg, k, None) for k in (*specific, *common)}
     if kind == "lora":
-        lines += ["", "## Use", "", "```python", "from diffusers import DiffusionPipeline",
-                  f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
-                  'pipe.load_lora_weights("<this folder or repo>")', "```"]  # fmt: skip
-    if extra:
-        lines += ["", extra]
-    path = output_dir / "README.md"
+        settings["adapter"] = settings["adapter"] or "lora"
+        settings["lora_alpha"] = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _usage(kind: str, base_model: str, ref: str) -> list[str]:
+    if kind == "lora":
+        return ["```python", "import torch", "from diffusers import DiffusionPipeline", "",
+                f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
+                f'pipe.load_lora_weights("{ref}")', 'image = pipe("<your prompt>").images[0]', "```", "",
+                f"`{KOHYA_FILE}` (when present) is the same adapter for AUTOMATIC1111, ComfyUI and kohya's scripts."]  # fmt: skip
+    return ["```python", "from diffusers import DiffusionPipeline", "",
+            f'pipe = DiffusionPipeline.from_pretrained("{ref}")', 'image = pipe("<your prompt>").images[0]', "```"]  # fmt: skip
+
+
+def write_model_card(output_dir: Path, cfg, kind: str, family: str = "sd1") -> Path:
+    """README.md: YAML front matter (base_model, tags, instance prompt, widget), prompts, settings, samples, usage.
+
+    `kind` is `lora` or `full`. Built from an allow-list of config fields: the Hub token is never written."""
+    output_dir = Path(output_dir)
+    base_model = cfg.pretrained_model_name_or_path
+    instance_prompt = getattr(cfg, "instance_prompt", None)  # DreamBooth; older configs lack the field
+    prompts = list(cfg.validation_prompt or [])
+    samples = copy_samples(output_dir)
+    tags = ["stable-diffusion", *(["stable-diffusion-xl"] if family == "sdxl" else []), "text-to-image", "diffusers",
+            kind, "difftune"]  # fmt: skip
+    meta: dict[str, object] = {"base_model": base_model, "library_name": "diffusers", "tags": tags}
+    if instance_prompt:
+        meta["instance_prompt"] = instance_prompt
+    if samples is not None and prompts:
+        meta["widget"] = [{"text": prompts[0], "output": {"url": SAMPLES_FILE}}]
+    title = "LoRA" if kind == "lora" else "Full"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+             f"# {title} fine-tune of {base_model}", "",
+             "Trained with [difftune](https://github.com/difftune/difftune).", ""]  # fmt: skip
+    if instance_prompt:
+        lines += [f"Instance prompt (the trigger for the learned concept): `{instance_prompt}`", ""]
+    if prompts:
+        lines += ["Validation prompts:", "", *[f"- `{p}`" for p in prompts], ""]
+    if samples is not None:
+        lines += ["## Samples", "", f"![samples]({SAMPLES_FILE})", "",
+                  "One row per validation prompt, generated at the end of training.", ""]  # fmt: skip
+    lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _settings(cfg, kind).items()]
+    lines += ["", "## Use", "", *_usage(kind, base_model, card_model_ref(output_dir, cfg))]
+    path = output_dir / CARD_FILE
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -18,6 +18,7 @@ from diffusers import StableDiffusionPipeline
 
 from finetune.config import TrainConfig, parse_config, validate
 from finetune.export import write_model_card
+from finetune.hub import push_to_hub
 from finetune.loop import Task, train
 from pipelines.errors import run_main
 
@@ -40,7 +41,9 @@ def save(comps, cfg: TrainConfig, output_dir: Path, ema) -> None:
         tokenizer=comps.tokenizer, safety_checker=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(output_dir, safe_serialization=True)
-    write_model_card(output_dir, cfg.pretrained_model_name_or_path, "full", cfg)
+    write_model_card(output_dir, cfg, "full", comps.family)
+    if cfg.push_to_hub:
+        push_to_hub(output_dir, cfg)
 
 
 FULL = Task(name="full", setup=setup, save=save, uses_ema=True)

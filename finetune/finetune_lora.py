@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a file: import the project, not this fol
 
 from finetune.config import REPO_ROOT, TrainConfig, parse_config, validate
 from finetune.export import save_lora, save_lora_kohya, write_model_card
+from finetune.hub import push_to_hub
 from finetune.loop import Task, train
 from finetune.model import add_unet_lora, lora_config
 from pipelines.errors import run_main
@@ -29,10 +30,13 @@ def setup(comps, cfg: TrainConfig) -> dict:
 
 
 def save(comps, cfg: TrainConfig, output_dir: Path, ema) -> None:
-    save_lora(comps.unet, output_dir)
+    encoders = (comps.text_encoder, getattr(comps, "text_encoder_2", None))
+    save_lora(comps.unet, output_dir, *encoders)
     if cfg.output_kohya_format:
-        save_lora_kohya(comps.unet, output_dir)
-    write_model_card(output_dir, cfg.pretrained_model_name_or_path, "lora", cfg)
+        save_lora_kohya(comps.unet, output_dir, *encoders, family=comps.family)
+    write_model_card(output_dir, cfg, "lora", comps.family)
+    if cfg.push_to_hub:
+        push_to_hub(output_dir, cfg)
 
 
 LORA = Task(name="lora", setup=setup, save=save)

@@ -1,0 +1,85 @@
+"""Uploading a finished result to the Hugging Face Hub: the adapter or pipeline, its model card and sample grid.
+
+Uses `huggingface_hub.HfApi` (`create_repo`, `upload_folder`). Only the result goes up: an allow-list of its
+files, with checkpoints, caches, logs and temporary folders also excluded by pattern (diffusers' example
+scripts miss `checkpoint-*`). The token comes from `--hub_token` or the cached login (`hf auth login`,
+`HF_TOKEN`); it is handed to `HfApi` only, never printed, logged or written to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HTTPError
+
+from finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE, card_model_ref
+from pipelines.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_PATTERNS = ["checkpoint-*", "**/checkpoint-*", ".cache", ".cache/", "**/.cache/", "logs", "logs/", "*.tmp",
+                   "*.tmp/", "validation/"]  # fmt: skip
+
+
+def resolve_token(cfg) -> str:
+    """--hub_token, else the cached login; a UserError saying how to log in when there is neither."""
+    token = cfg.hub_token or get_token()
+    if not token:
+        raise UserError(
+            "--push_to_hub needs a Hugging Face token: run `hf auth login`, set HF_TOKEN or pass --hub_token"
+        )
+    return token
+
+
+def repo_name(output_dir: Path, cfg) -> str:
+    """--hub_model_id, else the output folder's name (the Hub puts it under the token's user)."""
+    return cfg.hub_model_id or Path(output_dir).resolve().name
+
+
+def result_patterns(output_dir: Path) -> list[str]:
+    """The files that make up the result: a pipeline folder's components, or the LoRA files; card and samples."""
+    output_dir = Path(output_dir)
+    index = output_dir / "model_index.json"
+    if index.exists():
+        components = [k for k, v in json.loads(index.read_text()).items()
+                      if not k.startswith("_") and isinstance(v, list) and v[0] is not None]  # fmt: skip
+        weights = ["model_index.json", *(f"{name}/" for name in components)]
+    elif (output_dir / LORA_FILE).exists():
+        weights = [LORA_FILE, KOHYA_FILE]
+    else:
+        raise UserError(f"--push_to_hub: {output_dir} holds no result ({LORA_FILE} or model_index.json)")
+    return [*weights, CARD_FILE, SAMPLES_FILE]
+
+
+def _one_line(err: Exception, token: str) -> str:
+    text = (str(err).strip().splitlines() or [""])[0].replace(token, "***")
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def push_to_hub(output_dir: Path, cfg, api: HfApi | None = None) -> str:
+    """Creates the repository if needed and uploads the result; returns the repository id."""
+    output_dir = Path(output_dir)
+    token = resolve_token(cfg)
+    allow = result_patterns(output_dir)
+    api = api or HfApi()
+    name = repo_name(output_dir, cfg)
+    try:
+        repo_id = api.create_repo(name, token=token, private=cfg.hub_private, exist_ok=True).repo_id
+        card = output_dir / CARD_FILE
+        local_ref = card_model_ref(output_dir, cfg)
+        if card.exists() and local_ref != repo_id:  # point the usage snippet at the repository
+            card.write_text(card.read_text().replace(f'"{local_ref}"', f'"{repo_id}"'))
+        api.upload_folder(
+            repo_id=repo_id, folder_path=output_dir, allow_patterns=allow, ignore_patterns=IGNORE_PATTERNS,
+            token=token, commit_message="Upload difftune result",
+        )  # fmt: skip
+    except (OSError, ValueError, HTTPError) as err:  # network, offline mode, HTTP status, invalid repo id
+        raise UserError(
+            f"--push_to_hub: could not upload to {name!r} ({_one_line(err, token)}); check the network, "
+            "--hub_model_id and that the token may write"
+        ) from None
+    logger.info("uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
+    return repo_id

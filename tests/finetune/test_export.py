@@ -1,0 +1,169 @@
+"""Exported LoRA files load back to the same images (diffusers and kohya keys, alpha != rank); the model card."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig, inject_adapter_in_model
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from finetune.config import TrainConfig
+from finetune.export import (
+    KOHYA_FILE,
+    LORA_FILE,
+    SAMPLES_FILE,
+    save_lora,
+    save_lora_kohya,
+    write_model_card,
+)
+from pipelines.errors import UserError
+from pipelines.tiny import build_pipeline
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
+
+
+def attach_random_lora(model, targets, seed, r=4, alpha=8, **kw):
+    """A LoRA with r != alpha (scale 2) and random weights, so that it changes the output and alpha matters."""
+    config = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets, **kw)
+    if isinstance(model, UNet2DConditionModel):
+        model.add_adapter(config)
+    else:  # transformers' add_adapter wants peft >= 0.22; this is what it does
+        inject_adapter_in_model(config, model, "default")
+        model.peft_config = {"default": config}
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=gen) * 0.3
+
+
+def images(pipe, **kw) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kw).images  # fmt: skip
+
+
+def load_sd1(path):
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+
+
+@pytest.fixture(scope="module")
+def sd1_lora(tiny_sd1, tmp_path_factory):
+    """The tiny SD1 pipeline with a random LoRA (r=4, alpha=8) on UNet and text encoder, saved both ways."""
+    out = tmp_path_factory.mktemp("lora")
+    pipe = load_sd1(tiny_sd1)
+    attach_random_lora(pipe.unet, UNET_TARGETS, seed=1)
+    attach_random_lora(pipe.text_encoder, TE_TARGETS, seed=2)
+    save_lora(pipe.unet, out, pipe.text_encoder)
+    save_lora_kohya(pipe.unet, out, pipe.text_encoder, family="sd1")
+    return {"dir": out, "live": images(pipe)}
+
+
+def test_kohya_keys_and_alpha(sd1_lora):
+    kohya = load_file(sd1_lora["dir"] / KOHYA_FILE)
+    modules = {k.split(".")[0] for k in kohya}
+    assert {m.split("_")[1] for m in modules} == {"unet", "te"}  # SD1: lora_te_, not lora_te1_
+    assert all(m.startswith(("lora_unet_", "lora_te_text_model_")) for m in modules)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0" in modules
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    for m in modules:
+        assert set(k for k in kohya if k.startswith(m + ".")) == {f"{m}.lora_down.weight", f"{m}.lora_up.weight",
+                                                                  f"{m}.alpha"}  # fmt: skip
+        assert kohya[f"{m}.lora_down.weight"].shape[0] == 4
+        assert kohya[f"{m}.alpha"].item() == 8.0  # scale alpha / rank = 2, as peft's lora_alpha / r
+
+
+def test_diffusers_file_keeps_peft_config_so_alpha_loads(sd1_lora):
+    with safe_open(sd1_lora["dir"] / LORA_FILE, "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.lora_alpha"] == 8 and meta["unet.r"] == 4
+    assert meta["text_encoder.lora_alpha"] == 8
+
+
+def test_kohya_and_diffusers_files_give_the_same_images(tiny_sd1, sd1_lora):
+    base = images(load_sd1(tiny_sd1))
+    from_diffusers = load_sd1(tiny_sd1)
+    from_diffusers.load_lora_weights(sd1_lora["dir"], weight_name=LORA_FILE)
+    from_kohya = load_sd1(tiny_sd1)
+    from_kohya.load_lora_weights(sd1_lora["dir"], weight_name=KOHYA_FILE)
+    a, b = images(from_diffusers), images(from_kohya)
+    assert np.abs(a - base).max() > 0.05  # the adapter matters
+    np.testing.assert_allclose(a, sd1_lora["live"], atol=1e-5)  # saved == trained, alpha included
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_kohya_export_without_alpha_fix_would_differ(tiny_sd1, sd1_lora, tmp_path):
+    """Guards the alpha fix-up: a kohya file with alpha = rank (diffusers' default) loads a different LoRA."""
+    kohya = load_file(sd1_lora["dir"] / KOHYA_FILE)
+    save_file(
+        {k: torch.tensor(4.0) if k.endswith(".alpha") else v for k, v in kohya.items()}, tmp_path / "x.safetensors"
+    )
+    pipe = load_sd1(tiny_sd1)
+    pipe.load_lora_weights(tmp_path, weight_name="x.safetensors")
+    assert np.abs(images(pipe) - sd1_lora["live"]).max() > 1e-3
+
+
+def test_sdxl_kohya_prefixes_and_round_trip(tmp_path):
+    pipe = build_pipeline("test", "sdxl", tokenizer_dir=tmp_path / "tok")
+    attach_random_lora(pipe.unet, UNET_TARGETS, seed=1, r=2, alpha=3)
+    attach_random_lora(pipe.text_encoder, TE_TARGETS, seed=2, r=2, alpha=3)
+    attach_random_lora(pipe.text_encoder_2, TE_TARGETS, seed=3, r=2, alpha=3)
+    save_lora(pipe.unet, tmp_path, pipe.text_encoder, pipe.text_encoder_2)
+    save_lora_kohya(pipe.unet, tmp_path, pipe.text_encoder, pipe.text_encoder_2, family="sdxl")
+    kohya = load_file(tmp_path / KOHYA_FILE)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {3.0}
+    live = images(pipe)
+    base = build_pipeline("test", "sdxl", tokenizer_dir=tmp_path / "tok")
+    base_images = images(base)
+    base.load_lora_weights(tmp_path, weight_name=KOHYA_FILE)
+    assert np.abs(live - base_images).max() > 0.05
+    np.testing.assert_allclose(images(base), live, atol=1e-5)
+
+
+def test_kohya_refuses_dora(tmp_path):
+    pipe = build_pipeline("test", "sd1", tokenizer_dir=tmp_path / "tok")
+    attach_random_lora(pipe.unet, UNET_TARGETS, seed=1, use_dora=True)
+    with pytest.raises(UserError, match="plain LoRA only; this adapter is DoRA"):
+        save_lora_kohya(pipe.unet, tmp_path)
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_model_card(tmp_path):
+    for step, colour in ((2, "red"), (10, "blue")):  # step 10 is the last, though "step-2" sorts after it
+        (tmp_path / "validation" / f"step-{step}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "validation" / f"step-{step}" / "grid.png")
+    cfg = TrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", rank=4, lora_alpha=8,
+                      validation_prompt=["a red circle", "a sks dog: on grass"], hub_token=FAKE_TOKEN)  # fmt: skip
+    cfg.instance_prompt = "a photo of sks dog"  # DreamBooth's field, whether or not the config has it yet
+    text = write_model_card(tmp_path, cfg, "lora", "sd1").read_text()
+    meta = front_matter(text)
+    assert meta["base_model"] == "runwayml/stable-diffusion-v1-5" and meta["library_name"] == "diffusers"
+    assert set(meta["tags"]) == {"stable-diffusion", "text-to-image", "diffusers", "lora", "difftune"}
+    assert meta["instance_prompt"] == "a photo of sks dog"
+    assert meta["widget"][0]["output"]["url"] == SAMPLES_FILE
+    assert "- `a sks dog: on grass`" in text and "| lora_alpha | 8 |" in text and "| rank | 4 |" in text
+    assert f"![samples]({SAMPLES_FILE})" in text
+    assert Image.open(tmp_path / SAMPLES_FILE).getpixel((0, 0)) == (0, 0, 255)
+    assert f'load_lora_weights("{tmp_path.name}")' in text
+    assert FAKE_TOKEN not in text and "hub_token" not in text
+
+
+def test_model_card_sdxl_full_without_samples(tmp_path):
+    cfg = TrainConfig(pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0", use_ema=True)
+    text = write_model_card(tmp_path, cfg, "full", "sdxl").read_text()
+    meta = front_matter(text)
+    assert "stable-diffusion-xl" in meta["tags"] and "full" in meta["tags"] and "lora" not in meta["tags"]
+    assert "instance_prompt" not in meta and "widget" not in meta
+    assert "samples" not in text and not (tmp_path / SAMPLES_FILE).exists()
+    assert "| use_ema | True |" in text and "rank" not in text
