@@ -29,12 +29,13 @@ if __package__ in (None, ""):  # run as `python pipelines/generate.py`: make the
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
+from diffusers import DiffusionPipeline  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipelines.errors import UserError, run_main  # noqa: E402
-from pipelines.loading import DTYPES, load_loras, load_pipeline  # noqa: E402
+from pipelines.loading import DTYPES, Adapter, load_loras, load_pipeline  # noqa: E402
 from pipelines.samplers import sampler_names, set_sampler  # noqa: E402
 
 RECORD_NAME = "record.json"
@@ -144,7 +145,7 @@ def _absolute_if_local(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-def prepare_pipeline(cfg: GenerateConfig):
+def prepare_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, str, list[Adapter]]:
     """Loads the model, its LoRAs and the sampler, applies the speed options; returns (pipe, family, adapters)."""
     if cfg.dtype == "fp16" and not cfg.device.startswith("cuda"):
         raise UserError("--dtype fp16 needs --device cuda; use fp32 or bf16 on CPU")
@@ -162,7 +163,7 @@ def prepare_pipeline(cfg: GenerateConfig):
     return pipe, family, adapters
 
 
-def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+def image_size(pipe: DiffusionPipeline, height: int | None, width: int | None) -> tuple[int, int]:
     """The requested size, or the model's default; a size the pipeline cannot make is a `UserError`."""
     unet_config = pipe.unet.config if hasattr(pipe.unet, "config") else pipe.unet._orig_mod.config
     default = unet_config.sample_size * pipe.vae_scale_factor
@@ -179,7 +180,9 @@ def plan_images(prompts: Sequence[str], num_images: int, seed: int) -> list[Imag
     return [ImageSpec(i, s.prompt, seed + i) for i, s in enumerate(specs)]
 
 
-def generate_batch(pipe, specs: Sequence[ImageSpec], cfg: GenerateConfig, height: int, width: int) -> list:
+def generate_batch(
+    pipe: DiffusionPipeline, specs: Sequence[ImageSpec], cfg: GenerateConfig, height: int, width: int
+) -> list[Image.Image]:
     """One pipeline call for `specs`; each image's starting noise (and any per-step noise) from its own seed."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
     negative = [cfg.negative_prompt] * len(specs) if cfg.negative_prompt is not None else None

@@ -127,6 +127,8 @@ def measure(args, model_label: str) -> dict:
         raise UserError(f"unknown sampler {unknown[0]!r}; choose from: {', '.join(sampler_names())}")
     steps = parse_list(args.steps, "steps", int)
     if args.prompt_file:
+        if not Path(args.prompt_file).is_file():
+            raise UserError(f"--prompt_file {args.prompt_file} not found")
         prompts = [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
     else:
         prompts = shapes.prompts()
