@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, validate
 from finetune.data import decode_all, read_records
 from finetune.dataset import Example, TrainDataset, collate, crop_range, encode_captions, encode_images
 from finetune.model import Components, freeze, load_components
@@ -99,7 +99,17 @@ def build_dataset(cfg: TrainConfig, comps: Components, device, dtype) -> tuple[T
     return dataset, cache_images
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that needs no model, run before anything is loaded: a bad setting costs seconds, not a run."""
+    validate(cfg)
+    if cfg.push_to_hub:
+        from finetune.hub import resolve_token
+
+        resolve_token(cfg)
+
+
 def train(cfg: TrainConfig, task: Task) -> TrainResult:
+    preflight(cfg)
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
