@@ -35,6 +35,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipelines.errors import UserError, run_main  # noqa: E402
+from pipelines.images import make_grid  # noqa: E402
 from pipelines.loading import DTYPES, Adapter, load_loras, load_pipeline  # noqa: E402
 from pipelines.samplers import sampler_names, set_sampler  # noqa: E402
 
@@ -199,16 +200,6 @@ def generate_batch(
     return out.images
 
 
-def make_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
-    columns = max(1, min(columns, len(images)))
-    rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def image_name(spec: ImageSpec) -> str:
     return f"{spec.index:05d}_seed{spec.seed}.png"
 
@@ -236,9 +227,8 @@ def run(cfg: GenerateConfig, only: Sequence[int] | None = None) -> dict:
                 rows.append({**asdict(spec), "file": image_name(spec), "batch": b})
         bar.update(len(batch))
     bar.close()
-    make_grid(written, cfg.num_images if len(cfg.prompts) > 1 else math.ceil(len(written) ** 0.5)).save(
-        out / GRID_NAME
-    )
+    # One row per prompt when there are several prompts; a square-ish grid of one prompt's images.
+    make_grid(written, min(cfg.num_images, len(written)) if len(cfg.prompts) > 1 else None).save(out / GRID_NAME)
     record = {
         "config": asdict(cfg),
         "family": family,

@@ -73,7 +73,7 @@ def test_same_seed_same_pixels_and_files(models, tmp_path):
     assert np.array_equal(pixels(a), pixels(b))
     assert not np.array_equal(pixels(a), pixels(a, "00001_seed1.png"))  # each image has its own seed
     assert (a / "grid.png").is_file()
-    assert Image.open(a / "grid.png").size == (64, 32)  # two 32x32 images side by side
+    assert Image.open(a / "grid.png").size == (2 + 32 + 2 + 32 + 2, 2 + 32 + 2)  # two 32x32 images, padded
 
 
 def test_record_regenerates_an_image_exactly(models, tmp_path):
