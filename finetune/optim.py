@@ -1,17 +1,85 @@
-"""Optimizers by name. AdamW is torch's; the others come from their libraries when installed."""
+"""Optimizers by name: `--optimizer adamw | adamw8bit | prodigy | adafactor`.
+
+AdamW is torch's. AdamW8bit is bitsandbytes' (Dettmers et al. 2022, 8-bit optimizer states: a quarter of
+AdamW's state memory, which matters for full fine-tuning; a LoRA's states are small either way). Prodigy (Mishchenko
+& Defazio 2023) estimates its own step size, so its learning rate is a multiplier, usually 1.0; it comes from the
+optional `prodigyopt` package. Adafactor is transformers' with a fixed (not relative) step, so `--learning_rate` and
+the LR schedule mean what they mean for the others.
+
+`validate_optim` runs at start-up, before any model is loaded: a choice that cannot run on this machine (8-bit
+optimizer or quantised base without CUDA, Prodigy not installed) stops there with one line.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
+
 import torch
 
+from finetune.quantize import check_quantize, cuda_available
 from pipelines.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+
+
+def optimizer_name(cfg) -> str:
+    """The optimizer `cfg` asks for; `--use_8bit_adam` is the diffusers-scripts spelling of adamw8bit."""
+    if not cfg.use_8bit_adam:
+        return cfg.optimizer
+    if cfg.optimizer not in ("adamw", "adamw8bit"):
+        raise UserError(f"--use_8bit_adam means --optimizer adamw8bit; it contradicts --optimizer {cfg.optimizer}")
+    return "adamw8bit"
+
+
+def _import(module: str, why: str, install: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise UserError(f"{why} needs the {module} package, which is not installed: pip install {install}") from err
+
+
+def validate_optim(cfg) -> None:
+    """Stops with one line when the optimizer or the base quantisation cannot run here. No model is loaded."""
+    name = optimizer_name(cfg)
+    if name not in OPTIMIZERS:
+        raise UserError(f"--optimizer {name!r}: unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw8bit":
+        if not cuda_available():
+            raise UserError(
+                "--optimizer adamw8bit (--use_8bit_adam) needs a CUDA GPU (bitsandbytes); use --optimizer adamw here"
+            )
+        _import("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes")
+    if name == "prodigy":
+        _import("prodigyopt", "--optimizer prodigy", "prodigyopt")
+    if cfg.quantize_base is not None:
+        check_quantize(cfg.quantize_base)
 
 
 def build_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    name = "adamw8bit" if cfg.use_8bit_adam else cfg.optimizer
+    """The optimizer over `params` at peak learning rate `lr`, with the AdamW settings of `cfg` where they apply."""
+    validate_optim(cfg)
+    name = optimizer_name(cfg)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
     if name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon,
-        )  # fmt: skip
-    raise UserError(f"--optimizer {name}: not supported yet; use adamw")
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if name == "adamw8bit":
+        bnb = _import("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes")
+        return bnb.optim.AdamW8bit(
+            params, lr=lr, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+        )
+    if name == "prodigy":
+        prodigyopt = _import("prodigyopt", "--optimizer prodigy", "prodigyopt")
+        if lr < 0.1:
+            logger.warning("--optimizer prodigy sets its own step size; its --learning_rate %g is a multiplier, "
+                           "usually 1.0", lr)  # fmt: skip
+        return prodigyopt.Prodigy(params, lr=lr, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    # adafactor: a fixed step (relative_step=False) so that --learning_rate and --lr_scheduler apply unchanged.
+    from transformers.optimization import Adafactor
+
+    return Adafactor(
+        params, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False,
+        weight_decay=cfg.adam_weight_decay,
+    )  # fmt: skip

@@ -1,0 +1,116 @@
+"""Hardware presets in configs/hardware/: strict TrainConfig keys, the promised settings per card, composition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from finetune.config import REPO_ROOT, load_yaml, parse_config, validate
+from finetune.optim import validate_optim
+from pipelines.errors import UserError
+
+HARDWARE = REPO_ROOT / "configs" / "hardware"
+CARDS = ["gpu-8gb", "gpu-12gb", "gpu-24gb", "a100-40gb", "a100-80gb"]  # smallest first
+NAMES = ["cpu", *CARDS, *(f"{card}-sdxl" for card in CARDS)]
+CORE = {"train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision", "optimizer",
+        "quantize_base", "cache_latents"}  # fmt: skip
+
+
+def preset(name: str) -> dict:
+    return load_yaml(HARDWARE / f"{name}.yaml")
+
+
+def test_exactly_the_documented_presets_exist():
+    assert sorted(p.stem for p in HARDWARE.glob("*.yaml")) == sorted(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_loads_strictly_and_sets_the_core_options(name):
+    values = preset(name)  # load_yaml rejects any key TrainConfig lacks and any wrong type
+    assert CORE <= set(values), CORE - set(values)
+    assert values["cache_latents"] is True
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_precision_optimizer_and_quantisation_by_card(name):
+    values = preset(name)
+    card = name.removesuffix("-sdxl")
+    expected_precision = {"cpu": "no"}.get(card, "bf16" if card.startswith("a100") else "fp16")
+    assert values["mixed_precision"] == expected_precision
+    small = card in ("gpu-8gb", "gpu-12gb")
+    assert (values["optimizer"] == "adamw8bit") == (small or name == "gpu-24gb-sdxl")
+    assert values["quantize_base"] == ("nf4" if name == "gpu-8gb-sdxl" else None)
+    if name.endswith("-sdxl") or small:
+        assert values["gradient_checkpointing"] is True
+
+
+@pytest.mark.parametrize("family", ["", "-sdxl"])
+def test_bigger_cards_never_get_smaller_batches(family):
+    per_step = [preset(card + family)["train_batch_size"] for card in CARDS]
+    effective = [preset(card + family)["train_batch_size"] * preset(card + family)["gradient_accumulation_steps"]
+                 for card in CARDS]  # fmt: skip
+    assert per_step == sorted(per_step) and effective == sorted(effective)
+    assert per_step[-1] > per_step[0]  # the largest card batches more than the smallest
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_comments_say_which_file_is_for_sd15_and_which_for_sdxl(card):
+    sd15 = (HARDWARE / f"{card}.yaml").read_text()
+    sdxl = (HARDWARE / f"{card}-sdxl.yaml").read_text()
+    assert sd15.startswith("#") and sdxl.startswith("#")
+    assert f"{card}-sdxl.yaml" in sd15 and "SD 1" in sd15
+    assert f"{card}.yaml" in sdxl and "SDXL" in sdxl
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_only_settings_stop_at_startup_on_a_cpu_machine(name, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = parse_config(["--config", str(HARDWARE / f"{name}.yaml"), "--train_data_dir", "data"])
+    validate(cfg)
+    needs_cuda = cfg.optimizer == "adamw8bit" or cfg.quantize_base is not None
+    if needs_cuda:
+        with pytest.raises(UserError, match="needs a CUDA GPU"):
+            validate_optim(cfg)
+    else:
+        validate_optim(cfg)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_passes_startup_checks_with_cuda(name, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    cfg = parse_config(["--config", str(HARDWARE / f"{name}.yaml"), "--train_data_dir", "data"])
+    validate(cfg)
+    validate_optim(cfg)
+
+
+def test_preset_composes_with_a_user_config_and_flags(tmp_path):
+    user = tmp_path / "my_run.yaml"
+    user.write_text("train_batch_size: 3\nlearning_rate: 5.0e-4\nrank: 8\n")
+    gpu = str(HARDWARE / "gpu-12gb.yaml")
+    cfg = parse_config(["--config", gpu, "--config", str(user), "--train_data_dir", "d", "--rank", "16"])
+    # later file wins over the preset; the preset fills what the user file leaves out; flags win over both
+    assert (cfg.train_batch_size, cfg.learning_rate, cfg.rank) == (3, 5e-4, 16)
+    assert (cfg.gradient_accumulation_steps, cfg.optimizer, cfg.mixed_precision) == (2, "adamw8bit", "fp16")
+    assert cfg.gradient_checkpointing is True
+    # in the other order the preset wins
+    cfg = parse_config(["--config", str(user), "--config", gpu, "--train_data_dir", "d"])
+    assert (cfg.train_batch_size, cfg.learning_rate) == (2, 5e-4)
+
+
+def test_cpu_preset_trains_the_tiny_model(tiny_sd1, shapes_dir, tmp_path):
+    from finetune.finetune_lora import LORA
+    from finetune.loop import train
+
+    user = tmp_path / "run.yaml"
+    user.write_text(f"pretrained_model_name_or_path: {tiny_sd1}\ntrain_data_dir: {shapes_dir}\nresolution: 32\n"
+                    f"max_train_steps: 2\nreport_to: none\noutput_dir: {tmp_path / 'out'}\n")  # fmt: skip
+    cfg = parse_config(["--config", str(HARDWARE / "cpu.yaml"), "--config", str(user)])
+    validate(cfg)
+    validate_optim(cfg)
+    result = train(cfg, LORA)
+    assert result.global_step == 2 and all(math.isfinite(x) for x in result.losses)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
