@@ -267,7 +267,7 @@ class StyleGAN(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images (n, C, H, W) in [0, 1] on the n_bits grid from the EMA generator, styles and noise from `generator`."""
+        """n images (n, C, H, W) in [0, 1] on the n_bits grid from the EMA generator; `generator` seeds all noise."""
         device = self.generator_ema.const.device
         z = randn_tensor((n, self.generator.style_dim), generator=generator, device=device)  # any generator device
         ws = self.generator_ema.map(z)[:, None].expand(n, self.generator.n_styles, -1)

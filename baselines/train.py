@@ -158,18 +158,16 @@ def fit(
         x = _batch(data, batch_size, seed, state.step)
         torch.manual_seed(_seeded(seed + 1, state.step))  # the loss's noise, reproducible on resume
         with accelerator.autocast():
-            if adversarial:
-                terms = model.training_step(x, optimizers, state.step)
-            else:
-                terms = model.loss(x)
-                accelerator.backward(terms["loss"])
-                accelerator.clip_grad_norm_(trainable, 1.0)
-                optimizers[0].step()
-                optimizers[0].zero_grad(set_to_none=True)
+            terms = model.training_step(x, optimizers, state.step) if adversarial else model.loss(x)
         loss = float(terms["loss"].detach())
-        if not math.isfinite(loss):
+        if not math.isfinite(loss):  # stop before a non-finite gradient reaches the weights
             diverged = True
             break
+        if not adversarial:
+            accelerator.backward(terms["loss"])
+            accelerator.clip_grad_norm_(trainable, 1.0)  # norm clipping at 1: a stray batch cannot blow a run up
+            optimizers[0].step()
+            optimizers[0].zero_grad(set_to_none=True)
         if state.ema is not None:
             state.ema.step(trainable)
         state.step += 1

@@ -55,8 +55,10 @@ def test_budgets_stop_training():
 
 
 def test_non_finite_loss_stops_and_is_reported():
-    result = fit(Exploding(), data(), batch_size=4, lr=1e-3, budget=Budget(steps=10), seed=0, log_every=1)
+    model = Exploding()
+    result = fit(model, data(), batch_size=4, lr=1e-3, budget=Budget(steps=10), seed=0, log_every=1)
     assert result.diverged and result.steps == 2 and len(result.losses) == 2
+    assert torch.isfinite(model.w)  # the non-finite loss never reached the weights
 
 
 def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
@@ -108,7 +110,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_trains_checkpoints_resumes_and_saves(tmp_path):
     common = ["--family", "vae", "--shapes", "--n_per_class", "2", "--resolution", "8", "--max_train_steps", "4",
-              "--checkpointing_steps", "2", "--sample_every", "2", "--batch_size", "8", "--set", "hidden=8"]  # fmt: skip
+              "--checkpointing_steps", "2", "--sample_every", "2", "--batch_size", "8",
+              "--set", "hidden=8"]  # fmt: skip
     run = run_cli(*common, "--output_dir", str(tmp_path / "a"))
     assert run.returncode == 0, run.stderr
     out = tmp_path / "a"
