@@ -10,6 +10,7 @@ import torch
 
 from baselines import build_model
 from baselines.data import load_tensor
+from baselines.ddpm import log_discretised_gaussian
 from baselines.train import Budget, fit, load_model, save_model
 from pipelines.errors import UserError
 
@@ -73,6 +74,15 @@ def test_bound_is_honest_on_every_binary_4x4_image():
     assert torch.isfinite(bpd).all() and (bpd > 0).all()
     assert torch.exp2(-16 * bpd).sum().item() <= 1.0
     assert bpd[:8].mean() < bpd.mean()  # any structure at all: the bound ranks images
+
+
+@pytest.mark.parametrize("levels", [2, 32, 256])
+def test_discretised_decoder_sums_to_one_over_the_levels(levels):
+    grid = torch.linspace(-1, 1, levels, dtype=torch.float64)[:, None]  # (levels, 1): every value, each mean
+    means = torch.tensor([-1.7, -0.3, 0.0, 0.9999, 2.5], dtype=torch.float64)[None]  # (1, 5)
+    for std in (1e-3, 0.05, 1.0):
+        total = log_discretised_gaussian(grid, means, std, levels).exp().sum(0)
+        assert torch.allclose(total, torch.ones_like(total), atol=1e-9)
 
 
 def test_bad_input_is_a_user_error():
