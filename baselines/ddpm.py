@@ -38,8 +38,10 @@ class Config:
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
     norm_num_groups: int = 8
-    num_train_timesteps: int = 1000  # a handful is enough for tests (use beta_schedule="squaredcos_cap_v2" then)
-    beta_schedule: str = "linear"  # the paper's: 1e-4 .. 0.02 over 1000 steps
+    num_train_timesteps: int = 1000  # a handful is enough for tests
+    beta_schedule: str = "linear"  # the paper's: beta_start .. beta_end over 1000 steps
+    beta_start: float = 1e-4
+    beta_end: float = 0.02  # with few timesteps, raise both (e.g. 0.1 .. 0.6 for 4) so x_T is close to noise
     ema: bool = True
 
 
@@ -104,7 +106,10 @@ class DDPM(nn.Module):
             norm_num_groups=config.norm_num_groups,
         )
         self.scheduler = DDPMScheduler(
-            num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule
+            num_train_timesteps=config.num_train_timesteps,
+            beta_schedule=config.beta_schedule,
+            beta_start=config.beta_start,
+            beta_end=config.beta_end,
         )
 
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -59,19 +59,19 @@ def test_save_then_load_samples_the_same_images(tmp_path):
 def test_bound_is_honest_on_every_binary_4x4_image():
     """Sum over all 2**16 images of 2**(-D bits/dim) <= 1, the bound's sum over t taken exactly (4 timesteps).
 
-    At 4 timesteps the bound is loose (the L_t terms are coarse), so the sum is far below 1; the check still
-    catches an unnormalised decoder or a wrong sign, which push it far above.
+    At 4 timesteps the bound is loose (about 4 bits/dim here, where a uniform model has 1), so the sum is far
+    below 1; the check still catches a decoder or KL term off by a sign or a normaliser, which push it far above.
     """
     torch.manual_seed(0)
     everything = torch.tensor(list(itertools.product([0.0, 1.0], repeat=16))).view(-1, 1, 4, 4)
     patterns = everything[torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))[:8]]
     model = build_model(
         "ddpm", resolution=4, channels=1, n_bits=1, block_out_channels=(8,), num_train_timesteps=4,
-        beta_schedule="squaredcos_cap_v2", ema=False,
+        beta_start=0.1, beta_end=0.6, ema=False,
     )  # fmt: skip
     fit(model, patterns.repeat(4, 1, 1, 1), batch_size=32, lr=3e-3, budget=Budget(steps=30), seed=0)
     bpd = torch.cat([model.bits_per_dim(chunk) for chunk in everything.split(16384)]).double()
-    assert torch.isfinite(bpd).all() and (bpd > 0).all()
+    assert torch.isfinite(bpd).all() and (bpd > 0).all() and bpd.mean() < 8
     assert torch.exp2(-16 * bpd).sum().item() <= 1.0
     assert bpd[:8].mean() < bpd.mean()  # any structure at all: the bound ranks images
 
