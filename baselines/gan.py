@@ -5,8 +5,12 @@ Kept from the papers: the mapping network (z -> w, learning rate x0.01), a learn
 demodulated convolutions, per-layer noise inputs with learned strengths, style mixing, skip ("toRGB") outputs,
 equalised learning rate in the generator, minibatch standard deviation in the discriminator, the non-saturating
 logistic loss with lazy R1 on reals, and an EMA of the generator that `sample` uses. Left out for size: path-length
-regularisation, the residual discriminator's blur filters, ADA. Options: `spectral_norm` on the discriminator and
+regularisation, the residual discriminator's blur filters, equalised learning rate in the discriminator (plain
+layers, so `spectral_norm` applies to them directly), ADA. Options: `spectral_norm` on the discriminator and
 `loss="wgan-gp"` (Gulrajani et al. 2017). There is no likelihood; `bits_per_dim` does not exist.
+
+Training is two optimizers stepped by `training_step` itself (the loop's `fit` calls it); it does no fp16 loss
+scaling, so train in fp32 or bf16.
 """
 
 from __future__ import annotations
