@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 import types
 import typing
@@ -293,42 +294,15 @@ def held_out_bpd(model, x: torch.Tensor, batch: int, device: torch.device) -> fl
 def run_one(
     family, seed, config, data, features, real_feats, accelerator, progress, noise_fd
 ) -> tuple[dict, torch.Tensor]:
-    """Trains one family with one seed in `quality_points` chunks (scored between them), then measures it."""
+    """Trains one family with one seed, then measures it: quality, modes, speed, likelihood, and its training curve."""
     torch.manual_seed(seed)
-    model = build_model(
-        family, config.resolution, data.train.shape[1], config.n_bits, **config.model_overrides.get(family, {})
-    )
+    overrides = config.model_overrides.get(family, {})
+    model = build_model(family, config.resolution, data.train.shape[1], config.n_bits, **overrides)
     device = accelerator.device
-    lr = config.learning_rate.get(family, DEFAULT_LR[family])
     options = config.sample_options.get(family, {})
-    state = make_state(model, lr)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    total = config.budget_images if config.budget_images is not None else config.budget_seconds
-    curve, fit_result = [], None
-    for point in range(1, config.quality_points + 1):
-        limit = total * point / config.quality_points
-        budget = Budget(images=int(limit)) if config.budget_images is not None else Budget(seconds=limit)
-        raw: list[torch.Tensor] = []
-
-        def on_step(s, budget=budget, raw=raw):
-            progress.advance(s.images_seen if config.budget_images is not None else s.seconds, s.step)
-            if budget.spent(s.images_seen, s.seconds, s.step) and state.ema is not None:
-                raw[:] = [p.detach().clone() for p in trainable]  # fit copies the EMA in at its end; keep the raw
-
-        fit_result = fit(
-            model, data.train, batch_size=config.batch_size, lr=lr, budget=budget, seed=seed,
-            accelerator=accelerator, log_every=config.log_every, state=state, on_step=on_step,
-        )  # fmt: skip
-        if fit_result.diverged:
-            break
-        if point < config.quality_points:
-            samples, _ = draw(model, config.n_samples_curve, config.speed_batch, seed, device, options)
-            fd = metrics.frechet_distance(real_feats, features.embed(samples))
-            curve.append({"images_seen": fit_result.images_seen, "seconds": fit_result.seconds, "fd": fd})
-            if raw:  # continue training from the raw weights, not the EMA copy
-                for p, r in zip(trainable, raw, strict=True):
-                    p.data.copy_(r)
-            model.train()
+    fit_result, curve = train_with_curve(
+        model, family, seed, config, data, features, real_feats, accelerator, progress
+    )
     record = {
         "family": family, "seed": seed, "steps": fit_result.steps, "images_seen": fit_result.images_seen,
         "train_seconds": fit_result.seconds, "loss_diverged": fit_result.diverged,
@@ -337,23 +311,64 @@ def run_one(
         "evals_per_sample": float(model.evals_per_sample(config.speed_batch, **options)),
         "parameters": sum(p.numel() for p in model.parameters()),
     }  # fmt: skip
-    samples = torch.zeros((0, *data.train.shape[1:]))
-    if not fit_result.diverged:
-        samples, ms = draw(model, config.n_samples, config.speed_batch, seed, device, options)
-        record["ms_per_image"] = ms
+    # A run whose loss went non-finite keeps its last finite weights (fit stops before stepping): measure those.
+    samples, ms = draw(model, config.n_samples, config.speed_batch, seed, device, options)
+    record["ms_per_image"] = ms
+    if torch.isfinite(samples).all():
         record |= score(config, features, data, real_feats, samples)
         curve.append({"images_seen": fit_result.images_seen, "seconds": fit_result.seconds, "fd": record["fd"]})
         record["bits_per_dim"] = held_out_bpd(model, data.heldout[: config.bpd_images], config.speed_batch, device)
+    else:
+        samples = torch.zeros((0, *data.train.shape[1:]))
     record["quality_curve"] = curve
-    record["diverged"] = fit_result.diverged or record["fd"] >= config.diverged_fd_ratio * noise_fd
+    record["diverged"] = fit_result.diverged or record.get("fd", math.inf) >= config.diverged_fd_ratio * noise_fd
     return record, samples
+
+
+def train_with_curve(model, family, seed, config, data, features, real_feats, accelerator, progress):
+    """`fit` in `quality_points` chunks of the budget, resumed from its state, with FD measured between chunks.
+
+    Resuming is exact (fit seeds batches by step), and the time spent measuring is not training time. `fit` copies
+    the EMA weights in when it returns, so the raw weights are kept at the chunk's last step and put back after
+    measuring: training goes on from where it was, not from the EMA.
+    """
+    lr = config.learning_rate.get(family, DEFAULT_LR[family])
+    state = make_state(model, lr)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    by_images = config.budget_images is not None
+    total = config.budget_images if by_images else config.budget_seconds
+    curve = []
+    for point in range(1, config.quality_points + 1):
+        limit = total * point / config.quality_points
+        budget = Budget(images=int(limit)) if by_images else Budget(seconds=limit)
+        raw: list[torch.Tensor] = []
+
+        def on_step(s, budget=budget, raw=raw):
+            progress.advance(s.images_seen if by_images else s.seconds, s.step)
+            if budget.spent(s.images_seen, s.seconds, s.step) and state.ema is not None:
+                raw[:] = [p.detach().clone() for p in trainable]
+
+        result = fit(
+            model, data.train, batch_size=config.batch_size, lr=lr, budget=budget, seed=seed,
+            accelerator=accelerator, log_every=config.log_every, state=state, on_step=on_step,
+        )  # fmt: skip
+        if result.diverged or point == config.quality_points:
+            return result, curve
+        options = config.sample_options.get(family, {})
+        samples, _ = draw(model, config.n_samples_curve, config.speed_batch, seed, accelerator.device, options)
+        fd = metrics.frechet_distance(real_feats, features.embed(samples))
+        curve.append({"images_seen": result.images_seen, "seconds": result.seconds, "fd": fd})
+        for p, r in zip(trainable, raw, strict=False):  # raw is empty without an EMA
+            p.data.copy_(r)
+    return result, curve
 
 
 class Progress:
     """One bar over every run's budget (images or seconds): family, seed and step shown, time left estimated."""
 
     def __init__(self, total: float, unit: str):
-        self.bar = tqdm(total=total, unit=unit, desc="training", dynamic_ncols=True)
+        fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}<{remaining}{postfix}]"
+        self.bar = tqdm(total=total, desc="training", bar_format=fmt, dynamic_ncols=True)
         self.done, self.run_budget, self.label = 0.0, 0.0, ""
 
     def start(self, family: str, seed: int, run_budget: float) -> None:

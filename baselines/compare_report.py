@@ -96,7 +96,7 @@ def verdicts(summary: dict, result: dict) -> dict[str, dict[str, tuple[str, bool
             hi = sum(tier(g) >= tier(f) for g in families)
             v["quality"] = (f"{c['quality']:g}/10", lo <= rank <= hi, f"FD rank {rank}/{len(families)}")
         else:
-            v["quality"] = (f"{c['quality']:g}/10", None, "every seed diverged")
+            v["quality"] = (f"{c['quality']:g}/10", None, "no finite samples")
         unstable = s["diverged"] > 0 or (s["fd_cv"] is not None and s["fd_cv"] > cv_max)
         cv = f"{s['fd_cv']:.2f}" if s["fd_cv"] is not None else "n/a"
         v["stability"] = (
@@ -172,7 +172,10 @@ def table_markdown(result: dict, summary: dict, verdict: dict) -> str:
     lines += [
         "Mean ± std over seeds. Quality: FD (lower is better); P/R = precision/recall (k=3), D/C = density/coverage "
         "(k=5). Mode collapse: share of modes covered, KL(generated || real label histogram, +0.5 pseudo-counts), "
-        "mean pairwise feature distance relative to real images.",
+        "mean pairwise feature distance relative to real images. Stability: seeds diverged (non-finite loss, or FD "
+        f">= {cfg['diverged_fd_ratio']:g} x the uniform-noise FD: no better than noise), FD std over seeds, and loss "
+        "roughness (std of the step-to-step loss change / std of the loss; 0 smooth, 1.41 pure noise). Speed: "
+        f"median ms per image at batch {cfg['speed_batch']}, network evaluations per image.",
         "",
         "| family | quality | stability | speed | mode collapse | likelihood |",
         "|---|---|---|---|---|---|",
@@ -180,7 +183,7 @@ def table_markdown(result: dict, summary: dict, verdict: dict) -> str:
     for name, ref in result["references"].items():
         lines.append(f"| *{name}* | {_quality_cell(ref)} | - | - | {_mode_cell(ref)} | - |")
     for f, s in summary.items():
-        quality = "every seed diverged" if s["fd"] is None else _quality_cell(_means(s), s)
+        quality = "no finite samples" if s["fd"] is None else _quality_cell(_means(s), s)
         stability = f"{s['diverged']}/{s['n_seeds']} diverged; FD std {_one(s['fd'] and s['fd'][1])}; roughness {_pm(s['loss_roughness'], '.2f')}"
         speed = f"{_pm(s['ms_per_image'])} ms/img; {_one(s['evals_per_sample'] and s['evals_per_sample'][0], '.4g')} NFE/img"
         mode = _mode_cell(_means(s))
