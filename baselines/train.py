@@ -325,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.family not in FAMILIES:
         raise UserError(f"unknown family {args.family!r}; choose from {', '.join(FAMILIES)}")
+    if args.family == "gan" and args.mixed_precision == "fp16":
+        raise UserError("--mixed_precision fp16 is not supported for the gan (no loss scaling); use bf16 or no")
     output_dir = Path(args.output_dir)
     data, _ = load_tensor(
         args.shapes, args.train_data_dir, args.dataset_name, args.resolution, args.channels, args.n_bits,
@@ -333,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     channels = data.shape[1]
     model = build_model(args.family, args.resolution, channels, args.n_bits, **_overrides(args.set))
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with="tensorboard", project_dir=output_dir)
+    if accelerator.num_processes > 1:
+        raise UserError("baselines.train runs on one process; launch it without a multi-process accelerate config")
     accelerator.init_trackers("baselines", config={k: v for k, v in vars(args).items() if k != "set"})
     state = make_state(model, args.learning_rate)
     if args.resume_from_checkpoint:
