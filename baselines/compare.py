@@ -4,6 +4,11 @@
     python -m baselines.compare --config configs/compare_quick.yaml --output_dir OUT \\
         --train_data_dir my_images --label_column label
 
+Modes are the distinct values of `--label_column` (the shapes world's are its 12 colour-shape labels). A caption
+column may stand in for labels by this rule: each distinct caption string is one mode, so `a handwritten digit seven`
+and `a handwritten digit 7` would be two. Without labels the mode columns are skipped with a note, and the features
+come from an untrained network of the classifier's shape; every other column is still computed.
+
 Each family (vae, gan, pixelcnn, glow, ddpm) trains for every seed with the budget of the config (training images
 seen, or seconds per run). Then each run draws samples, and they are scored in one feature space: the penultimate
 features of a small classifier trained here on the real training images (the "Fréchet classifier distance"), or
@@ -155,6 +160,11 @@ class Data:
 
 def load_data(config: CompareConfig, args: argparse.Namespace) -> Data:
     shapes = args.train_data_dir is None and args.dataset_name is None
+    if shapes and args.label_column is not None:
+        raise UserError(
+            "--label_column applies to --train_data_dir or --dataset_name; the shapes world's modes are its "
+            "colour-shape labels"
+        )
     label_column = args.label_column if not shapes else None
     x, labels = load_tensor(
         shapes, args.train_data_dir, args.dataset_name, config.resolution, config.channels, config.n_bits,

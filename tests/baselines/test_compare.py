@@ -82,6 +82,11 @@ def test_too_few_images_names_the_numbers(tmp_path):
         main(["--config", str(config), "--output_dir", str(tmp_path / "out")])
 
 
+def test_label_column_without_a_dataset_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="--label_column applies to --train_data_dir"):
+        main(["--config", str(write_config(tmp_path)), "--output_dir", str(tmp_path / "o"), "--label_column", "x"])
+
+
 def test_classifier_learns_colours_and_reports_held_out_accuracy():
     x, labels = load_tensor(shapes=True, resolution=8, n_per_class=12, seed=0)
     colours = sorted({label.split()[0] for label in labels})
@@ -136,6 +141,15 @@ def test_dataset_without_labels_still_gets_the_other_columns(tmp_path):
     run = result["runs"][0]
     assert "modes_covered" not in run and run["fd"] >= 0 and 0 <= run["recall"] <= 1
     assert "randomly initialised" in (out / "table.md").read_text()
+
+
+def test_user_folder_with_label_column_gets_mode_figures(tmp_path):
+    write_dataset(tmp_path / "data", per_class=2, size=8)  # metadata.jsonl carries a "label" column
+    config = write_config(tmp_path, families=["glow"], seeds=[0], n_samples=16, n_samples_curve=8, quality_points=1)
+    argv = ["--config", str(config), "--output_dir", str(tmp_path / "out"), "--train_data_dir", str(tmp_path / "data")]
+    result = main([*argv, "--label_column", "label"])
+    assert len(result["data"]["classes"]) == 12 and not any("no labels" in n for n in result["notes"])
+    assert 0 < result["runs"][0]["modes_covered"] <= 1
 
 
 def test_command_line_prints_one_line_errors(tmp_path, capsys):
