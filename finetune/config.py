@@ -33,6 +33,7 @@ class TrainConfig:
     # Model
     pretrained_model_name_or_path: str = _help("Base pipeline: a diffusers folder or Hub id.", default=EMBEDDED_BASE)
     prediction_type: str | None = _help("epsilon | v_prediction; default: the scheduler config's.", default=None)
+    rescale_betas_zero_snr: bool = _help("Zero terminal SNR noise schedule (use with v_prediction).", default=False)
     # Data
     train_data_dir: str | None = _help("Imagefolder with metadata.jsonl, or images with .txt captions.", default=None)
     dataset_name: str | None = _help("A datasets name or local dataset path.", default=None)
@@ -44,6 +45,21 @@ class TrainConfig:
     center_crop: bool = _help("Crop the centre rather than a random window.", default=False)
     random_flip: bool = _help("Flip images horizontally at random.", default=False)
     proportion_empty_prompts: float = _help("Fraction of captions replaced by '' (for CFG).", default=0.0)
+    shuffle_caption: bool = _help("Shuffle comma-separated caption tags each time.", default=False)
+    keep_tokens: int = _help("With --shuffle_caption: keep the first N tags in place.", default=0)
+    repeats: int = _help("Times each image appears per epoch.", default=1)
+    enable_bucket: bool = _help("Aspect-ratio bucketing: batches of one bucket each.", default=False)
+    min_bucket_reso: int = _help("Smallest bucket side in pixels.", default=256)
+    max_bucket_reso: int = _help("Largest bucket side in pixels.", default=1024)
+    bucket_reso_steps: int = _help("Bucket sides are multiples of this.", default=64)
+    bucket_no_upscale: bool = _help("Never enlarge an image to fit a bucket.", default=False)
+    # DreamBooth
+    instance_prompt: str | None = _help("Caption every training image with this prompt (DreamBooth).", default=None)
+    class_prompt: str | None = _help("Prompt of the class images (prior preservation).", default=None)
+    class_data_dir: str | None = _help("Folder of class images; missing ones are generated.", default=None)
+    with_prior_preservation: bool = _help("Add the class-prior loss (DreamBooth).", default=False)
+    prior_loss_weight: float = _help("Weight of the class-prior loss.", default=1.0)
+    num_class_images: int = _help("Class images wanted in --class_data_dir.", default=100)
     cache_latents: bool = _help("Encode latents and text embeddings once, not every step.", default=True)
     cache_dir: str | None = _help("Where the latent cache lives; default <output_dir>/.cache.", default=None)
     # Optimisation
@@ -73,13 +89,19 @@ class TrainConfig:
     snr_gamma: float | None = _help("Min-SNR weighting gamma (5.0 is usual); off when unset.", default=None)
     noise_offset: float = _help("Noise offset (0.05-0.1 helps very dark/bright images).", default=0.0)
     input_perturbation: float = _help("Input perturbation of the noise (0.1 is usual).", default=0.0)
+    timestep_bias_strategy: str = _help("none | earlier | later | range: sample some timesteps more.", default="none")
+    timestep_bias_multiplier: float = _help("Weight of the favoured timesteps.", default=1.0)
+    timestep_bias_begin: int = _help("With 'range': first favoured timestep.", default=0)
+    timestep_bias_end: int = _help("With 'range': last favoured timestep.", default=1000)
+    timestep_bias_portion: float = _help("With earlier/later: fraction of timesteps favoured.", default=0.25)
     # Adapter (LoRA script)
+    adapter: str = _help("lora | dora | loha | lokr (peft).", default="lora")
     rank: int = _help("LoRA rank.", default=4)
     lora_alpha: float | None = _help("LoRA alpha; default: equal to rank (scale 1).", default=None)
     lora_dropout: float = _help("LoRA dropout.", default=0.0)
     target_modules: list[str] | None = _help("UNet modules to adapt.", default=None)
     # Full fine-tuning
-    train_text_encoder: bool = _help("Also train the text encoder.", default=False)
+    train_text_encoder: bool = _help("Also train the text encoder(s) (LoRA script: LoRA on them).", default=False)
     use_ema: bool = _help("Keep an EMA of the trained weights and save it.", default=False)
     ema_decay: float = _help("EMA decay.", default=0.9999)
     # Checkpoints
@@ -211,6 +233,30 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.report_to in ("tensorboard", "none"), "--report_to must be tensorboard or none"),
         (0.0 < cfg.ema_decay < 1.0, "--ema_decay must be within (0, 1)"),
     ]
+    checks += [
+        (cfg.adapter in ("lora", "dora", "loha", "lokr"), f"--adapter {cfg.adapter}: choose lora, dora, loha or lokr"),
+        (cfg.repeats >= 1, "--repeats must be at least 1"),
+        (cfg.keep_tokens >= 0, "--keep_tokens must not be negative"),
+        (not cfg.keep_tokens or cfg.shuffle_caption, "--keep_tokens only applies with --shuffle_caption"),
+        (cfg.timestep_bias_strategy in ("none", "earlier", "later", "range"),
+         f"--timestep_bias_strategy {cfg.timestep_bias_strategy}: choose none, earlier, later or range"),
+        (0 < cfg.timestep_bias_portion < 1, "--timestep_bias_portion must be within (0, 1)"),
+        (cfg.timestep_bias_begin < cfg.timestep_bias_end, "--timestep_bias_begin must be below --timestep_bias_end"),
+        (not cfg.with_prior_preservation or cfg.class_prompt, "--with_prior_preservation needs --class_prompt"),
+        (not cfg.with_prior_preservation or cfg.class_data_dir, "--with_prior_preservation needs --class_data_dir"),
+        (not cfg.with_prior_preservation or cfg.instance_prompt,
+         "--with_prior_preservation needs --instance_prompt (the caption of your images)"),
+        (cfg.num_class_images >= 1, "--num_class_images must be at least 1"),
+        (not cfg.output_kohya_format or cfg.adapter == "lora",
+         f"--output_kohya_format writes plain LoRA only; --adapter {cfg.adapter} has no kohya key format"),
+    ]  # fmt: skip
+    if cfg.enable_bucket:
+        checks += [
+            (cfg.bucket_reso_steps % 8 == 0, f"--bucket_reso_steps {cfg.bucket_reso_steps} must be a multiple of 8"),
+            (cfg.min_bucket_reso <= cfg.resolution <= cfg.max_bucket_reso,
+             f"--resolution {cfg.resolution} must lie within --min_bucket_reso {cfg.min_bucket_reso} and "
+             f"--max_bucket_reso {cfg.max_bucket_reso}"),
+        ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise UserError(message)

@@ -170,9 +170,7 @@ def _read_dataset(name, config_name, split, image_column, caption_column, cache_
         raise UserError(f"--dataset_name {name} could not be loaded: {str(err).splitlines()[0]}") from err
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in ds.column_names:
-            raise UserError(
-                f"{flag} {column!r} is not a column of {name} (columns: {', '.join(ds.column_names)})"
-            )
+            raise UserError(f"{flag} {column!r} is not a column of {name} (columns: {', '.join(ds.column_names)})")
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return _records_of(ds, image_column, caption_column, name)

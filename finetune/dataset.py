@@ -7,7 +7,8 @@ input is re-encoded and an unchanged one never is. The cache stores the VAE's po
 and a latent is sampled from it each step, exactly as without the cache. Random flips are cached as a second
 posterior; a random crop of a non-square image cannot be cached, so the cache is then off for images.
 
-Every random choice of a sample (flip, caption dropout, and the noise and timestep drawn in the loop) comes
+Every random choice of a sample (flip, crop, caption dropout and shuffle, and the noise and timestep drawn in the
+loop) comes
 from a seed of (run seed, epoch, sample index): results do not depend on batch composition, process count or
 where a run was resumed.
 """
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from finetune.buckets import resize_to_bucket
 from finetune.data import Record
 
 logger = logging.getLogger(__name__)
@@ -31,26 +33,6 @@ logger = logging.getLogger(__name__)
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
-
-
-def resize_and_crop(image: Image.Image, resolution: int, crop_origin: tuple[int, int] | None) -> Image.Image:
-    """Shorter side to `resolution`, then a square window at `crop_origin` (None: the centre)."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    if crop_origin is None:
-        crop_origin = ((new_w - resolution) // 2, (new_h - resolution) // 2)
-    left, top = crop_origin
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
-def crop_range(image: Image.Image, resolution: int) -> tuple[int, int]:
-    """How far a crop window can move (x, y) after resizing; (0, 0) when the crop is fixed."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    return max(resolution, round(w * scale)) - resolution, max(resolution, round(h * scale)) - resolution
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -68,34 +50,43 @@ def fingerprint_module(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def shuffle_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
+    """kohya's --shuffle_caption: comma-separated tags shuffled, the first `keep_tokens` kept in place."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    return ", ".join(head + [tail[i] for i in rng.permutation(len(tail))])
+
+
 @dataclass
 class Example:
-    latents: torch.Tensor | None  # (2C, h, w) posterior mean and log-variance, or None when pixels are kept
-    latents_flipped: torch.Tensor | None
-    image: Image.Image | None  # kept when latents are not cached
     caption: str
+    size: tuple[int, int]  # original (w, h)
+    bucket: tuple[int, int]  # trained (w, h)
+    image: Image.Image | None = None  # kept when latents are not cached
+    latents: torch.Tensor | None = None  # (2C, h, w) posterior mean and log-variance of the centre crop
+    latents_flipped: torch.Tensor | None = None
+    is_prior: bool = False  # a DreamBooth class image
+
+
+@dataclass
+class Augment:
+    seed: int
+    center_crop: bool
+    random_flip: bool
+    proportion_empty_prompts: float
+    shuffle_caption: bool
+    keep_tokens: int
+    prior_loss_weight: float
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Yields dicts of `latents` (posterior params) or `pixels`, the caption or its embedding, and a seed."""
+    """Yields dicts of `latents` (posterior params) or `pixels`, text embeddings or token ids, SDXL `time_ids`,
+    the sample's loss weight and its noise seed. Length is examples x repeats."""
 
-    def __init__(
-        self,
-        examples: list[Example],
-        resolution: int,
-        seed: int,
-        center_crop: bool,
-        random_flip: bool,
-        proportion_empty_prompts: float,
-        text_embeddings: dict[str, torch.Tensor] | None,
-        tokenize,
-    ):
+    def __init__(self, examples: list[Example], repeats: int, aug: Augment, text_embeddings: dict | None, tokenize):
         self.examples = examples
-        self.resolution = resolution
-        self.seed = seed
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.proportion_empty_prompts = proportion_empty_prompts
+        self.repeats = repeats
+        self.aug = aug
         self.text_embeddings = text_embeddings
         self.tokenize = tokenize
         self.epoch = 0
@@ -104,28 +95,40 @@ class TrainDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.examples) * self.repeats
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [ex.bucket for ex in self.examples] * self.repeats
 
     def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
-        rng = sample_rng(self.seed, self.epoch, index)
-        flip = self.random_flip and rng.random() < 0.5
-        caption = "" if rng.random() < self.proportion_empty_prompts else example.caption
-        item = {"noise_seed": int(rng.integers(0, 2**62)), "index": index}
-        if example.latents is not None:
-            item["latents"] = example.latents_flipped if flip else example.latents
+        ex = self.examples[index % len(self.examples)]
+        aug = self.aug
+        rng = sample_rng(aug.seed, self.epoch, index)
+        flip = aug.random_flip and rng.random() < 0.5
+        caption = "" if rng.random() < aug.proportion_empty_prompts else ex.caption
+        if caption and aug.shuffle_caption:
+            caption = shuffle_tags(caption, aug.keep_tokens, rng)
+        item = {
+            "noise_seed": int(rng.integers(0, 2**62)),
+            "index": index,
+            "weight": aug.prior_loss_weight if ex.is_prior else 1.0,
+        }
+        bw, bh = ex.bucket
+        if ex.latents is not None:
+            item["latents"] = ex.latents_flipped if flip else ex.latents
+            _, crop_top_left = resize_to_bucket(Image.new("1", ex.size), ex.bucket, None)
         else:
-            image = example.image
-            crop = None
-            if not self.center_crop:
-                dx, dy = crop_range(image, self.resolution)
-                crop = (int(rng.integers(0, dx + 1)), int(rng.integers(0, dy + 1)))
-            pixels = to_tensor(resize_and_crop(image, self.resolution, crop))
+            crop = None if aug.center_crop else (float(rng.random()), float(rng.random()))
+            image, crop_top_left = resize_to_bucket(ex.image, ex.bucket, crop)
+            pixels = to_tensor(image)
             item["pixels"] = pixels.flip(-1) if flip else pixels
+        # SDXL micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
+        w, h = ex.size
+        item["time_ids"] = torch.tensor([h, w, *crop_top_left, bh, bw], dtype=torch.float32)
         if self.text_embeddings is not None:
-            item["encoder_hidden_states"] = self.text_embeddings[caption]
+            item.update(self.text_embeddings[caption])
         else:
-            item["input_ids"] = self.tokenize([caption])[0]
+            item.update({k: v[0] for k, v in self.tokenize([caption]).items()})
         return item
 
 
@@ -170,16 +173,16 @@ def _key(*parts: bytes | str) -> str:
 def encode_images(
     records: list[Record],
     images: list[Image.Image],
+    buckets: list[tuple[int, int]],
     vae,
-    resolution: int,
     random_flip: bool,
     cache_dir: Path,
     batch_size: int = 16,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Posterior params (and flipped ones) of each centre-cropped image, from the cache or the VAE."""
+    """Posterior params (and flipped ones) of each image's centre crop in its bucket, from the cache or the VAE."""
     cache = EncodeCache(cache_dir / "latents")
     vae_fp = fingerprint_module(vae)
-    keys = [_key(vae_fp, str(resolution), "center", r.image_bytes()) for r in records]
+    keys = [_key(vae_fp, f"{b[0]}x{b[1]}", "center", r.image_bytes()) for r, b in zip(records, buckets)]
     out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(records)
     todo = []
     for i, key in enumerate(keys):
@@ -190,10 +193,13 @@ def encode_images(
             todo.append(i)
     dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        pixels = torch.stack([to_tensor(resize_and_crop(images[i], resolution, None)) for i in chunk])
-        pixels = pixels.to(device, dtype)  # (B, 3, H, W)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i in todo:
+        by_bucket.setdefault(buckets[i], []).append(i)
+    chunks = [ids[k : k + batch_size] for ids in by_bucket.values() for k in range(0, len(ids), batch_size)]
+    for chunk in chunks:
+        pixels = torch.stack([to_tensor(resize_to_bucket(images[i], buckets[i], None)[0]) for i in chunk])
+        pixels = pixels.to(device, dtype)  # (B, 3, H, W), one bucket
         params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 2C, h, w)
         flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu() if random_flip else None
         for j, i in enumerate(chunk):
@@ -207,19 +213,17 @@ def encode_images(
 
 
 @torch.no_grad()
-def encode_captions(captions: list[str], text_encoder, tokenize, cache_dir: Path) -> dict[str, torch.Tensor]:
-    """The frozen text encoder's hidden states (L, D) for each distinct caption, from the cache or the encoder."""
+def encode_captions(captions: list[str], encode, fingerprint: str, tokenize, cache_dir: Path) -> dict[str, dict]:
+    """Frozen text encoders' outputs for each distinct caption, from the cache or `encode(ids) -> dict`.
+
+    The dict holds `encoder_hidden_states` (L, D) and, for SDXL, `text_embeds` (pooled, D2)."""
     cache = EncodeCache(cache_dir / "text")
-    te_fp = fingerprint_module(text_encoder)
-    device = next(text_encoder.parameters()).device
     out = {}
     for caption in sorted(set(captions)):
-        key = _key(te_fp, caption)
+        key = _key(fingerprint, caption)
         hit = cache.get(key)
         if hit is None:
-            ids = tokenize([caption]).to(device)
-            hidden = text_encoder(ids)[0][0].float().cpu()  # (L, D)
-            cache.put(key, {"hidden": hidden})
-            hit = {"hidden": hidden}
-        out[caption] = hit["hidden"]
+            hit = {k: v[0].float().cpu() for k, v in encode(tokenize([caption])).items()}
+            cache.put(key, hit)
+        out[caption] = hit
     return out

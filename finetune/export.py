@@ -200,3 +200,21 @@ def write_model_card(output_dir: Path, cfg, kind: str, family: str = "sd1") -> P
     path = output_dir / CARD_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def save_peft_adapters(output_dir: Path, models: dict[str, torch.nn.Module | None]) -> list[Path]:
+    """Adapters diffusers has no LoRA format for (LoHa, LoKr): peft's own layout, one folder per model
+    (`<name>/adapter_model.safetensors` + `adapter_config.json`), loadable with peft's `set_peft_model_state_dict`."""
+    from peft.utils import get_peft_model_state_dict
+
+    written = []
+    for name, model in models.items():
+        if not _adapted(model):
+            continue
+        folder = Path(output_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / "adapter_model.safetensors")
+        model.peft_config[ADAPTER].save_pretrained(folder)
+        written.append(folder)
+    return written

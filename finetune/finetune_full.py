@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from finetune.config import TrainConfig, parse_config, validate
 from finetune.export import write_model_card
@@ -27,8 +27,11 @@ def setup(comps, cfg: TrainConfig) -> dict:
     comps.unet.requires_grad_(True)
     models = {"unet": comps.unet}
     if cfg.train_text_encoder:
-        comps.text_encoder.requires_grad_(True)
-        models["text_encoder"] = comps.text_encoder
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(comps, name)
+            if encoder is not None:
+                encoder.requires_grad_(True)
+                models[name] = encoder
     return models
 
 
@@ -36,10 +39,12 @@ def save(comps, cfg: TrainConfig, output_dir: Path, ema) -> None:
     unet = comps.unet
     if ema is not None:
         ema.copy_to(unet.parameters())
-    pipe = StableDiffusionPipeline.from_pretrained(
-        cfg.pretrained_model_name_or_path, unet=unet, text_encoder=comps.text_encoder, vae=comps.vae,
-        tokenizer=comps.tokenizer, safety_checker=None, requires_safety_checker=False,
-    )  # fmt: skip
+    parts = dict(unet=unet, text_encoder=comps.text_encoder, vae=comps.vae, tokenizer=comps.tokenizer)
+    if comps.family == "sdxl":
+        parts.update(text_encoder_2=comps.text_encoder_2, tokenizer_2=comps.tokenizer_2)
+    else:
+        parts.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, **parts)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     write_model_card(output_dir, cfg, "full", comps.family)
     if cfg.push_to_hub:
@@ -53,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(argv, TrainConfig, __doc__)
     validate(cfg)
     result = train(cfg, FULL)
-    print(f"trained {result.global_step} steps in {result.seconds:.1f}s; pipeline saved in {cfg.output_dir}")
+    if result.is_main_process:
+        print(f"trained {result.global_step} steps in {result.seconds:.1f}s; pipeline saved in {cfg.output_dir}")
 
 
 if __name__ == "__main__":

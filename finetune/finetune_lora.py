@@ -15,23 +15,39 @@ if __package__ in (None, ""):  # run as a file: import the project, not this fol
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from finetune.config import REPO_ROOT, TrainConfig, parse_config, validate
-from finetune.export import save_lora, save_lora_kohya, write_model_card
+from finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
 from finetune.hub import push_to_hub
 from finetune.loop import Task, train
-from finetune.model import add_unet_lora, lora_config
+from finetune.model import TEXT_ATTENTION, adapter_config, add_adapter
 from pipelines.errors import run_main
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_lora.yaml"
 
 
 def setup(comps, cfg: TrainConfig) -> dict:
-    add_unet_lora(comps.unet, lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules))
-    return {"unet": comps.unet}
+    add_adapter(
+        comps.unet, adapter_config(cfg.adapter, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    )
+    models = {"unet": comps.unet}
+    if cfg.train_text_encoder:
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(comps, name)
+            if encoder is not None:
+                add_adapter(
+                    encoder, adapter_config(cfg.adapter, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, TEXT_ATTENTION)
+                )
+                models[name] = encoder
+    return models
 
 
 def save(comps, cfg: TrainConfig, output_dir: Path, ema) -> None:
     encoders = (comps.text_encoder, getattr(comps, "text_encoder_2", None))
-    save_lora(comps.unet, output_dir, *encoders)
+    if cfg.adapter in ("loha", "lokr"):  # no diffusers LoRA format exists for these: peft's own format
+        save_peft_adapters(
+            output_dir, {"unet": comps.unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]}
+        )
+    else:
+        save_lora(comps.unet, output_dir, *encoders)
     if cfg.output_kohya_format:
         save_lora_kohya(comps.unet, output_dir, *encoders, family=comps.family)
     write_model_card(output_dir, cfg, "lora", comps.family)
@@ -52,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(argv, TrainConfig, __doc__)
     validate(cfg)
     result = train(cfg, LORA)
-    print(f"trained {result.global_step} steps in {result.seconds:.1f}s; LoRA saved in {cfg.output_dir}")
+    if result.is_main_process:
+        print(f"trained {result.global_step} steps in {result.seconds:.1f}s; LoRA saved in {cfg.output_dir}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The denoising objective: noise and timesteps per sample, epsilon or v targets, and their weighting.
 
 Options follow the literature users know: min-SNR-gamma weighting (Hang et al. 2023, via diffusers'
-`compute_snr`), noise offset (Guttenberg 2023) and input perturbation (Ning et al. 2023).
+`compute_snr`), noise offset (Guttenberg 2023), input perturbation (Ning et al. 2023), timestep bias (diffusers'
+SDXL script) and zero terminal SNR (Lin et al. 2024, through the scheduler's `rescale_betas_zero_snr`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,32 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 
+def timestep_bias_weights(cfg, num_timesteps: int) -> torch.Tensor | None:
+    """Sampling weights over timesteps for `--timestep_bias_strategy` (diffusers' SDXL script's options).
+
+    earlier/later: the first/last `portion` of timesteps get `multiplier` times the weight; range: those in
+    [begin, end). None means uniform."""
+    if cfg.timestep_bias_strategy == "none" or cfg.timestep_bias_multiplier == 1.0:
+        return None
+    weights = torch.ones(num_timesteps)
+    n = int(num_timesteps * cfg.timestep_bias_portion)
+    if cfg.timestep_bias_strategy == "earlier":
+        favoured = slice(0, n)
+    elif cfg.timestep_bias_strategy == "later":
+        favoured = slice(num_timesteps - n, num_timesteps)
+    else:
+        favoured = slice(max(0, cfg.timestep_bias_begin), min(num_timesteps, cfg.timestep_bias_end))
+    weights[favoured] *= cfg.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
 def draw_noise(
-    seeds: torch.Tensor, shape: tuple[int, ...], num_timesteps: int, noise_offset: float, input_perturbation: float
+    seeds: torch.Tensor,
+    shape: tuple[int, ...],
+    num_timesteps: int,
+    noise_offset: float,
+    input_perturbation: float,
+    timestep_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample noise (B, C, h, w), the noise added to latents (perturbed), and timesteps (B,).
 
@@ -28,7 +53,10 @@ def draw_noise(
         perturbed = noise + input_perturbation * torch.randn(shape, generator=g) if input_perturbation else noise
         noises.append(noise)
         noisy_noises.append(perturbed)
-        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        if timestep_weights is None:
+            timesteps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        else:
+            timesteps.append(torch.multinomial(timestep_weights, 1, generator=g))
     return torch.stack(noises), torch.stack(noisy_noises), torch.cat(timesteps)
 
 
@@ -43,11 +71,13 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     unet_kwargs: dict | None = None,
     reduce: bool = True,
+    timestep_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch of latents (B, C, h, w); per-sample losses (B,) when not `reduce`."""
     noise, noise_in, timesteps = draw_noise(
-        seeds, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, noise_offset, input_perturbation
-    )
+        seeds, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, noise_offset, input_perturbation,
+        timestep_weights,
+    )  # fmt: skip
     noise, noise_in, timesteps = noise.to(latents), noise_in.to(latents), timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise_in, timesteps)
     if scheduler.config.prediction_type == "epsilon":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from pipelines.images import make_grid
@@ -21,11 +21,17 @@ def log_validation(comps, accelerator, cfg, step: int, weight_dtype) -> list[Ima
     unet = accelerator.unwrap_model(comps.unet)
     was_training = unet.training
     unet.eval()
-    pipe = StableDiffusionPipeline(
+    parts = dict(
         vae=comps.vae, text_encoder=accelerator.unwrap_model(comps.text_encoder), tokenizer=comps.tokenizer,
         unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(comps.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
+    if comps.family == "sdxl":
+        text_encoder_2 = accelerator.unwrap_model(comps.text_encoder_2)
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=text_encoder_2, tokenizer_2=comps.tokenizer_2)
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     folder = Path(cfg.output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)

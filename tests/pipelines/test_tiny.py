@@ -11,7 +11,9 @@ def test_tokenizer_has_whole_word_tokens_and_falls_back_to_bytes(tmp_path):
     assert len(ids) == 5  # <start> a purple triangle <end>: each word is one token
     assert tok.decode(ids[1:-1]) == "a purple triangle"
     assert len(tok("zqxv").input_ids) > 3  # unknown words still tokenize, by bytes
-    assert (write_tokenizer(tmp_path / "again") / "vocab.json").read_text() == (tmp_path / "tok" / "vocab.json").read_text()
+    assert (write_tokenizer(tmp_path / "again") / "vocab.json").read_text() == (
+        tmp_path / "tok" / "vocab.json"
+    ).read_text()
 
 
 def test_tiny_pipeline_is_small_and_reloads_identically(tiny_sd1):
