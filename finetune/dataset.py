@@ -182,7 +182,7 @@ def encode_images(
     """Posterior params (and flipped ones) of each image's centre crop in its bucket, from the cache or the VAE."""
     cache = EncodeCache(cache_dir / "latents")
     vae_fp = fingerprint_module(vae)
-    keys = [_key(vae_fp, f"{b[0]}x{b[1]}", "center", r.image_bytes()) for r, b in zip(records, buckets)]
+    keys = [_key(vae_fp, f"{b[0]}x{b[1]}", "center", r.image_bytes()) for r, b in zip(records, buckets, strict=True)]
     out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(records)
     todo = []
     for i, key in enumerate(keys):

@@ -117,22 +117,24 @@ def read_images(cfg: TrainConfig, class_records: list | None = None) -> Images:
 
 def build_dataset(cfg: TrainConfig, data: Images, comps: Components, device, dtype) -> tuple[TrainDataset, bool]:
     cache_root = Path(cfg.cache_dir or Path(cfg.output_dir) / ".cache")
-    random_crop = not cfg.center_crop and any(can_move(im.size, b) for im, b in zip(data.images, data.buckets))
+    random_crop = not cfg.center_crop and any(
+        can_move(im.size, b) for im, b in zip(data.images, data.buckets, strict=True)
+    )
     cache_images = cfg.cache_latents and not random_crop
     if cfg.cache_latents and random_crop:
         logger.warning("latent cache off: random crops differ every epoch (use --center_crop to cache)")
     examples = [
         Example(caption, im.size, bucket, is_prior=prior)
-        for im, caption, bucket, prior in zip(data.images, data.captions, data.buckets, data.is_prior)
+        for im, caption, bucket, prior in zip(data.images, data.captions, data.buckets, data.is_prior, strict=True)
     ]
     if cache_images:
         vae_dtype = torch.float32 if comps.vae.config.get("force_upcast", False) else dtype  # SDXL VAE NaNs in fp16
         comps.vae.to(device, vae_dtype)
         params = encode_images(data.records, data.images, data.buckets, comps.vae, cfg.random_flip, cache_root)
-        for ex, (p, pf) in zip(examples, params):
+        for ex, (p, pf) in zip(examples, params, strict=True):
             ex.latents, ex.latents_flipped = p, pf
     else:
-        for ex, im in zip(examples, data.images):
+        for ex, im in zip(examples, data.images, strict=True):
             ex.image = im
     text = None
     if cfg.cache_latents and not cfg.train_text_encoder and not cfg.shuffle_caption:
@@ -241,7 +243,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         *models.values(), optimizer, dataloader, lr_scheduler
     )
-    models = dict(zip(names, prepared))
+    models = dict(zip(names, prepared, strict=True))
     ema = None
     if task.uses_ema and cfg.use_ema:
         unet = accelerator.unwrap_model(models["unet"])
