@@ -104,7 +104,9 @@ def read_records(
     if train_data_dir is not None:
         records = _read_folder(Path(train_data_dir), caption_column, caption_extension, require_captions)
     else:
-        records = _read_dataset(dataset_name, dataset_config_name, split, image_column, caption_column, cache_dir)
+        records = _read_dataset(
+            dataset_name, dataset_config_name, split, image_column, caption_column, cache_dir, require_captions
+        )
     if not records:
         where = f"--train_data_dir {train_data_dir}" if train_data_dir else f"--dataset_name {dataset_name}"
         raise UserError(f"{where} holds no images; expected {', '.join(IMAGE_EXTENSIONS)} files")
@@ -156,7 +158,7 @@ def _read_imagefolder(root: Path, meta: Path, caption_column: str) -> list[Recor
     return _records_of(ds, "image", caption_column, str(root))
 
 
-def _read_dataset(name, config_name, split, image_column, caption_column, cache_dir) -> list[Record]:
+def _read_dataset(name, config_name, split, image_column, caption_column, cache_dir, require_captions) -> list[Record]:
     import datasets
 
     path = Path(name)
@@ -168,7 +170,10 @@ def _read_dataset(name, config_name, split, image_column, caption_column, cache_
             ds = datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
     except Exception as err:
         raise UserError(f"--dataset_name {name} could not be loaded: {str(err).splitlines()[0]}") from err
-    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+    required = [("--image_column", image_column)]
+    if require_captions:
+        required.append(("--caption_column", caption_column))
+    for flag, column in required:
         if column not in ds.column_names:
             raise UserError(f"{flag} {column!r} is not a column of {name} (columns: {', '.join(ds.column_names)})")
     if isinstance(ds.features[image_column], datasets.Image):
@@ -189,7 +194,7 @@ def _records_of(ds, image_column: str, caption_column: str, origin: str) -> list
             source, name = buffer.getvalue(), f"{origin}[{i}]"
         else:
             source, name = str(image), str(image)
-        caption = row[caption_column]
+        caption = row.get(caption_column, "")
         if isinstance(caption, list):  # datasets with several captions per image: take the first
             caption = caption[0] if caption else ""
         extra = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
