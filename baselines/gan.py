@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from baselines import strict_config
 from pipelines.errors import UserError
 
 FAMILY = "gan"
@@ -45,22 +46,8 @@ class Config:
 
 
 def make_config(overrides: dict) -> Config:
-    """The Config with `overrides`; an unknown name or a value of the wrong type is a UserError naming it."""
-    names = [f.name for f in fields(Config)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise UserError(f"unknown {FAMILY} option {unknown[0]!r}; options: {', '.join(names)}")
-    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-    for name in names:
-        value, default = getattr(config, name), getattr(Config, name)
-        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-        if ok and isinstance(default, tuple):  # e.g. block_out_channels: every element of the default's type
-            ok = all(type(item) is type(default[0]) for item in value)
-        if type(default) is float and type(value) is int:
-            setattr(config, name, float(value))
-        elif not ok:
-            raise UserError(f"{FAMILY} option {name} must be {type(default).__name__}, got {value!r}")
-    return config
+    """The Config with `overrides`, checked strictly (`baselines.strict_config`)."""
+    return strict_config(FAMILY, Config, overrides)
 
 
 def build(resolution: int = 32, channels: int = 3, n_bits: int = 8, **overrides) -> StyleGAN:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from baselines import strict_config
 from pipelines.errors import UserError
 
 
@@ -255,11 +256,7 @@ class Glow(nn.Module):
 
 
 def build(resolution: int, channels: int, n_bits: int, **overrides) -> Glow:
-    names = {f.name for f in fields(Config)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise UserError(f"glow: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    config = Config(resolution=resolution, channels=channels, n_bits=n_bits, **overrides)
+    config = strict_config("glow", Config, overrides, resolution=resolution, channels=channels, n_bits=n_bits)
     for f in fields(Config):
         value = getattr(config, f.name)
         if type(value) is not int or value < 1:

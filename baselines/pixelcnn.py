@@ -18,13 +18,14 @@ over images and takes H * W * C network passes, one per subpixel.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from baselines import strict_config
 from pipelines.errors import UserError
 
 OUTPUTS = ("softmax", "logistic")
@@ -203,15 +204,7 @@ class PixelCNN(nn.Module):
 
 
 def build(resolution: int, channels: int, n_bits: int, **overrides) -> PixelCNN:
-    names = {f.name for f in fields(Config)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise UserError(f"pixelcnn: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    config = Config(resolution=resolution, channels=channels, n_bits=n_bits, **overrides)
-    for f in fields(Config):
-        value, default = getattr(config, f.name), getattr(Config, f.name)
-        if type(value) is not type(default):
-            raise UserError(f"pixelcnn: option {f.name} must be {type(default).__name__}, got {value!r}")
+    config = strict_config("pixelcnn", Config, overrides, resolution=resolution, channels=channels, n_bits=n_bits)
     if config.output not in OUTPUTS:
         raise UserError(f"pixelcnn: output must be one of {', '.join(OUTPUTS)}, got {config.output!r}")
     if config.kernel < 3 or config.kernel % 2 == 0:
