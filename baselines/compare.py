@@ -27,7 +27,7 @@ import math
 import time
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,18 +183,19 @@ def load_data(config: CompareConfig, args: argparse.Namespace) -> Data:
     if labels is None:
         return Data(x[train_idx], x[held_idx], None, None, [], source)
     classes = sorted(set(labels))
-    y = torch.tensor([classes.index(label) for label in labels])
+    index = {label: i for i, label in enumerate(classes)}
+    y = torch.tensor([index[label] for label in labels])
     return Data(x[train_idx], x[held_idx], y[train_idx], y[held_idx], classes, source)
 
 
+@dataclass
 class Features:
     """The one feature space every sample set is scored in, plus the classifier that assigns modes (if any)."""
 
-    def __init__(self, embed, classifier: EvalClassifier | None, description: str, classifier_report: dict | None):
-        self.embed = embed  # (N, C, H, W) -> (N, D) on the CPU
-        self.classifier = classifier  # predicts modes; None without labels
-        self.description = description
-        self.classifier_report = classifier_report
+    embed: Callable[[torch.Tensor], torch.Tensor]  # (N, C, H, W) -> (N, D) on the CPU
+    classifier: EvalClassifier | None  # predicts modes; None without labels
+    description: str
+    classifier_report: dict | None
 
 
 def build_features(config: CompareConfig, data: Data, kind: str, device: torch.device, weights: str | None):
@@ -324,12 +325,13 @@ def run_one(
     # A run whose loss went non-finite keeps its last finite weights (fit stops before stepping): measure those.
     samples, ms = draw(model, config.n_samples, config.speed_batch, seed, device, options)
     record["ms_per_image"] = ms
-    if torch.isfinite(samples).all():
+    record["non_finite_samples"] = int((~torch.isfinite(samples.flatten(1))).any(dim=1).sum())
+    if record["non_finite_samples"] == 0:
         record |= score(config, features, data, real_feats, samples)
         curve.append({"images_seen": fit_result.images_seen, "seconds": fit_result.seconds, "fd": record["fd"]})
-        record["bits_per_dim"] = held_out_bpd(model, data.heldout[: config.bpd_images], config.speed_batch, device)
     else:
         samples = torch.zeros((0, *data.train.shape[1:]))
+    record["bits_per_dim"] = held_out_bpd(model, data.heldout[: config.bpd_images], config.speed_batch, device)
     record["quality_curve"] = curve
     record["diverged"] = fit_result.diverged or record.get("fd", math.inf) >= config.diverged_fd_ratio * noise_fd
     return record, samples
@@ -366,7 +368,8 @@ def train_with_curve(model, family, seed, config, data, features, real_feats, ac
             return result, curve
         options = config.sample_options.get(family, {})
         samples, _ = draw(model, config.n_samples_curve, config.speed_batch, seed, accelerator.device, options)
-        fd = metrics.frechet_distance(real_feats, features.embed(samples))
+        finite = bool(torch.isfinite(samples).all())  # NaN samples (a flow's inverse can overflow) have no features
+        fd = metrics.frechet_distance(real_feats, features.embed(samples)) if finite else None
         curve.append({"images_seen": result.images_seen, "seconds": result.seconds, "fd": fd})
         for p, r in zip(trainable, raw, strict=False):  # raw is empty without an EMA
             p.data.copy_(r)

@@ -68,6 +68,7 @@ def summarise(result: dict) -> dict[str, dict]:
         runs = [r for r in result["runs"] if r["family"] == family]
         s = {k: _stats([r.get(k) for r in runs]) for k in keys}
         s["n_seeds"], s["diverged"] = len(runs), sum(r["diverged"] for r in runs)
+        s["nan_seeds"] = sum(r.get("non_finite_samples", 0) > 0 for r in runs)  # runs whose samples held NaN
         s["likelihood"] = runs[0]["likelihood"]
         fd = s["fd"]
         s["fd_cv"] = fd[1] / fd[0] if fd and fd[0] > 0 else None
@@ -184,6 +185,8 @@ def table_markdown(result: dict, summary: dict, verdict: dict) -> str:
         lines.append(f"| *{name}* | {_quality_cell(ref)} | - | - | {_mode_cell(ref)} | - |")
     for f, s in summary.items():
         quality = "no finite samples" if s["fd"] is None else _quality_cell(_means(s), s)
+        if s["nan_seeds"]:
+            quality += f"; NaN samples in {s['nan_seeds']}/{s['n_seeds']} seeds (unscored)"
         stability = f"{s['diverged']}/{s['n_seeds']} diverged; FD std {_one(s['fd'] and s['fd'][1])}; roughness {_pm(s['loss_roughness'], '.2f')}"
         speed = f"{_pm(s['ms_per_image'])} ms/img; {_one(s['evals_per_sample'] and s['evals_per_sample'][0], '.4g')} NFE/img"
         mode = _mode_cell(_means(s))
@@ -243,7 +246,7 @@ def write_plots(out: Path, result: dict, summary: dict) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for f in families:
         for i, r in enumerate(r for r in result["runs"] if r["family"] == f):
-            pts = r["quality_curve"]
+            pts = [p for p in r["quality_curve"] if p["fd"] is not None]
             if pts:
                 ax.plot(
                     [p[x_key] for p in pts],
