@@ -16,10 +16,10 @@ if __package__ in (None, ""):  # run as a file: import the project, not this fol
 
 from diffusers import DiffusionPipeline
 
-from finetune.config import TrainConfig, parse_config, validate
+from finetune.config import TrainConfig
 from finetune.export import write_model_card
 from finetune.hub import push_to_hub
-from finetune.loop import Task, train
+from finetune.loop import Task, run_task
 from pipelines.errors import run_main
 
 
@@ -55,11 +55,7 @@ FULL = Task(name="full", setup=setup, save=save, uses_ema=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_config(argv, TrainConfig, __doc__)
-    validate(cfg)
-    result = train(cfg, FULL)
-    if result.is_main_process:
-        print(f"trained {result.global_step} steps in {result.seconds:.1f}s; pipeline saved in {cfg.output_dir}")
+    run_task(argv, FULL, __doc__)
 
 
 if __name__ == "__main__":

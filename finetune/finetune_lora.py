@@ -14,10 +14,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from finetune.config import REPO_ROOT, TrainConfig, parse_config, validate
+from finetune.config import REPO_ROOT, TrainConfig
 from finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
 from finetune.hub import push_to_hub
-from finetune.loop import Task, train
+from finetune.loop import Task, run_task
 from finetune.model import TEXT_ATTENTION, adapter_config, add_adapter
 from pipelines.errors import run_main
 
@@ -65,11 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         run_demo(DEMO_CONFIG)
         return
-    cfg = parse_config(argv, TrainConfig, __doc__)
-    validate(cfg)
-    result = train(cfg, LORA)
-    if result.is_main_process:
-        print(f"trained {result.global_step} steps in {result.seconds:.1f}s; LoRA saved in {cfg.output_dir}")
+    run_task(argv, LORA, __doc__)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune.buckets import BucketBatchSampler, assign_bucket, can_move, make_buckets
-from finetune.config import TrainConfig, validate
+from finetune.config import TrainConfig, parse_config, validate
 from finetune.data import decode_all, read_records
 from finetune.dataset import (
     Augment,
@@ -358,4 +358,14 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
             setattr(comps, name, accelerator.unwrap_model(model))
         task.save(comps, cfg, output_dir, ema)
     accelerator.end_training()
+    return result
+
+
+def run_task(argv, task: Task, description: str) -> TrainResult:
+    """An entry script's whole `main`: flags and --config files, then training; the main process reports."""
+    cfg = parse_config(argv, TrainConfig, description)
+    result = train(cfg, task)
+    if result.is_main_process:
+        what = "LoRA" if task.name == "lora" else "pipeline"
+        print(f"trained {result.global_step} steps in {result.seconds:.1f}s; {what} saved in {cfg.output_dir}")
     return result

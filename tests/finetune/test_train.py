@@ -35,6 +35,13 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` on one CPU process, as a user would run the script."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    return run([*accelerate, script, *args])
+
+
 def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     unet = build_pipeline("test").unet
@@ -57,15 +64,13 @@ def test_loss_falls_on_a_fixed_batch():
 
 def test_lora_script_under_accelerate_launch_saves_a_loadable_adapter(tiny_sd1, shapes_dir, tmp_path):
     out = tmp_path / "lora"
-    proc = run([
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
-        "--num_machines", "1", "--dynamo_backend", "no", "finetune/finetune_lora.py",
-        "--pretrained_model_name_or_path", str(tiny_sd1), "--train_data_dir", str(shapes_dir),
+    proc = launch(
+        "finetune/finetune_lora.py", "--pretrained_model_name_or_path", str(tiny_sd1), "--train_data_dir", str(shapes_dir),
         "--output_dir", str(out), "--resolution", "64", "--max_train_steps", "4", "--checkpointing_steps", "2",
         "--train_batch_size", "4", "--learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "8",
         "--validation_prompt", "a red circle", "--validation_steps", "4", "--num_validation_images", "1",
         "--validation_inference_steps", "2",
-    ])  # fmt: skip
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "README.md").read_text().startswith("---\nbase_model:")
@@ -85,17 +90,17 @@ def test_lora_script_under_accelerate_launch_saves_a_loadable_adapter(tiny_sd1, 
 
 def test_full_script_under_accelerate_launch_saves_a_pipeline(tiny_sd1, shapes_dir, tmp_path):
     out = tmp_path / "full"
-    proc = run([
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
-        "--num_machines", "1", "--dynamo_backend", "no", "finetune/finetune_full.py",
-        "--pretrained_model_name_or_path", str(tiny_sd1), "--train_data_dir", str(shapes_dir),
+    proc = launch(
+        "finetune/finetune_full.py", "--pretrained_model_name_or_path", str(tiny_sd1), "--train_data_dir", str(shapes_dir),
         "--output_dir", str(out), "--resolution", "64", "--max_train_steps", "3", "--train_batch_size", "4",
         "--use_ema", "--report_to", "none",
-    ])  # fmt: skip
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     trained = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     original = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
-    diff = [(a - b).abs().max().item() for a, b in zip(trained.unet.parameters(), original.unet.parameters())]
+    diff = [
+        (a - b).abs().max().item() for a, b in zip(trained.unet.parameters(), original.unet.parameters(), strict=True)
+    ]
     assert max(diff) > 0
 
 
