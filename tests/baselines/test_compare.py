@@ -38,7 +38,13 @@ TINY = {
         "gan": {"hidden": 8, "style_dim": 8, "n_mlp": 1},
         "pixelcnn": {"hidden": 12, "layers": 2, "kernel": 3},
         "glow": {"hidden": 8, "depth": 1, "n_levels": 1},
-        "ddpm": {"block_out_channels": [8, 16], "norm_num_groups": 4, "num_train_timesteps": 4},
+        "ddpm": {
+            "block_out_channels": [8, 16],
+            "norm_num_groups": 4,
+            "num_train_timesteps": 4,
+            "beta_start": 0.1,
+            "beta_end": 0.6,
+        },
     },
     "sample_options": {},
 }
