@@ -142,8 +142,16 @@ def _read_folder(root: Path, caption_column: str, caption_extension: str, requir
     return records
 
 
-def _read_imagefolder(root: Path, meta: Path, caption_column: str) -> list[Record]:
+def _quiet_datasets():
+    """datasets' progress bars say "Downloading data" even for local files; they only confuse here."""
     import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _read_imagefolder(root: Path, meta: Path, caption_column: str) -> list[Record]:
+    datasets = _quiet_datasets()
 
     try:
         ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
@@ -159,7 +167,7 @@ def _read_imagefolder(root: Path, meta: Path, caption_column: str) -> list[Recor
 
 
 def _read_dataset(name, config_name, split, image_column, caption_column, cache_dir, require_captions) -> list[Record]:
-    import datasets
+    datasets = _quiet_datasets()
 
     path = Path(name)
     try:

@@ -144,12 +144,23 @@ def test_cache_gives_the_same_losses_and_is_reused(tiny_sd1, shapes_dir, tmp_pat
         (["--train_data_dir", "{data}", "--config", "{missing}"], "no such file"),
     ],
 )
-def test_bad_input_is_one_clear_line(tiny_sd1, shapes_dir, tmp_path, flags, message):
+def test_bad_input_is_one_clear_line(tiny_sd1, shapes_dir, tmp_path, capsys, flags, message):
+    from finetune.finetune_lora import main
+    from pipelines.errors import run_main
+
     (tmp_path / "empty").mkdir()
     subs = {"{empty}": str(tmp_path / "empty"), "{data}": str(shapes_dir), "{missing}": str(tmp_path / "nope")}
-    flags = [subs.get(f, f) for f in flags]
-    args = ["--pretrained_model_name_or_path", str(tiny_sd1), "--output_dir", str(tmp_path / "out"), *flags]
-    proc = run([sys.executable, "finetune/finetune_lora.py", "--resolution", "64", *args])
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    args = ["--pretrained_model_name_or_path", str(tiny_sd1), "--output_dir", str(tmp_path / "out"),
+            "--resolution", "64", *[subs.get(f, f) for f in flags]]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    """The same guard as users meet it: exit code 2, one line on stderr, no traceback."""
+    proc = run([sys.executable, "finetune/finetune_lora.py", "--train_data_dir", str(tmp_path / "nope")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --train_data_dir {tmp_path / 'nope'} is not a folder"
