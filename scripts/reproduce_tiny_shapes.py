@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--max_train_steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt")
     parser.add_argument("--install", action="store_true", help="copy the result into pipelines/tiny_shapes")
+    parser.add_argument("--size", default="base", help="tiny component size (`test` for a smoke run)")
+    parser.add_argument("--vae_steps", type=int, default=1000, help="VAE training steps")
     args = parser.parse_args()
     work = Path(args.work_dir)
     start = time.time()
@@ -50,11 +52,12 @@ def main() -> None:
         shapes.write_dataset(data, shapes.BASE_COLOURS, shapes.SHAPES, per_class=args.per_class, seed=0)
     vae_dir = Path(args.vae) if args.vae else work / "vae"
     if not (vae_dir / "config.json").exists():
-        subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_tiny_vae.py"), "--output_dir",
-                        str(vae_dir)], check=True)  # fmt: skip
+        vae_cmd = [sys.executable, str(REPO_ROOT / "scripts" / "train_tiny_vae.py"), "--output_dir", str(vae_dir),
+                   "--steps", str(args.vae_steps), "--batch_size", "16", "--size", args.size]  # fmt: skip
+        subprocess.run(vae_cmd, check=True)
 
     init = work / "init"
-    pipe = build_pipeline("base", "sd1", tokenizer_dir=init / "tokenizer", seed=0)
+    pipe = build_pipeline(args.size, "sd1", tokenizer_dir=init / "tokenizer", seed=0)
     pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
     pipe.register_modules(vae=pipe.vae)
     pipe.save_pretrained(init)
