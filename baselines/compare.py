@@ -464,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 )
                 progress.finish()
                 runs.append(record)
-                grids.setdefault(family, samples[:64])
+                if len(grids.get(family, ())) == 0:  # the first seed with finite samples
+                    grids[family] = samples[:64]
                 progress.bar.write(
                     f"{family} seed {seed}: FD {record.get('fd', float('nan')):.3f}, diverged {record['diverged']}"
                 )
