@@ -175,3 +175,32 @@ def test_inception_without_local_weights_is_a_clear_error(tmp_path):
     args = ["--config", str(config), "--output_dir", str(tmp_path / "o"), "--feature_extractor", "inception"]
     with pytest.raises(UserError, match="torch-fidelity|Inception weights not found"):
         main([*args, "--inception_weights", str(tmp_path / "missing.pth")])
+
+
+def _run(family: str, seed: int, fd: float, ms: float, diverged: bool = False) -> dict:
+    return {
+        "family": family, "seed": seed, "fd": fd, "ms_per_image": ms, "diverged": diverged, "likelihood": "none",
+        "modes_covered": 1.0, "kl_generated_real": 0.1, "pairwise_ratio": 1.0, "losses": [],
+    }  # fmt: skip
+
+
+def test_verdicts_follow_their_stated_rules():
+    from baselines.compare_report import summarise, verdicts
+
+    runs = [_run("gan", s, fd, 0.1, diverged=s == 0) for s, fd in enumerate([50.0, 10.0, 12.0])]
+    runs += [_run("ddpm", s, 5.0 + s * 0.1, 100.0) for s in range(3)]
+    runs += [_run("vae", s, 30.0, 0.2) for s in range(3)]
+    runs[-1] |= {"pairwise_ratio": 0.1}  # one collapsed vae seed pulls the mean ratio to 0.7: not collapsed
+    result = {
+        "runs": runs,
+        "config": {"unstable_cv": 0.25},
+        "references": {"real data": {"modes_covered": 1.0, "kl_generated_real": 0.05}},
+    }
+    v = verdicts(summarise(result), result)
+    assert v["gan"]["stability"][1] is True  # claimed unstable, one seed diverged
+    assert v["ddpm"]["stability"][1] is True  # claimed stable, tiny spread
+    assert v["ddpm"]["speed"][1] is True and "1e+03x fastest" in v["ddpm"]["speed"][2]  # slow: 1000x the GAN
+    assert v["vae"]["speed"][1] is True  # fast: 2x the GAN
+    assert v["ddpm"]["quality"][1] is True and v["vae"]["quality"][1] is True  # ranks 1 and 3 as the tiers say
+    assert v["gan"]["quality"][1] is True  # rank 2 (mean FD 24): top tier with ddpm
+    assert v["gan"]["mode collapse"][1] is False and v["vae"]["mode collapse"][1] is True
