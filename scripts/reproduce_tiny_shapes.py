@@ -82,6 +82,8 @@ def main() -> None:
         for part in PIPELINE_PARTS:
             src = work / "base" / part
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, target / part)
+        for name in ("vocab.json", "merges.txt"):  # transformers 4.x's slow CLIPTokenizer reads these
+            shutil.copy2(init / "tokenizer" / name, target / "tokenizer" / name)
         print(f"installed in {target}")
     print(f"total {time.time() - start:.0f}s")
 
