@@ -63,6 +63,13 @@ def test_the_training_schedule_is_kept(name):
     assert scheduler.config.beta_end == pytest.approx(0.012)
 
 
+def test_latent_samplers_do_not_clip_x0_unless_the_config_says_so():
+    # PNDM's config has no clip_sample; DDIM's and DDPM's own default (True) would clip latents to [-1, 1].
+    assert make_scheduler("ddim", dict(sd_scheduler().config)).config.clip_sample is False
+    assert make_scheduler("ddpm", dict(sd_scheduler().config)).config.clip_sample is False
+    assert make_scheduler("ddim", {**sd_scheduler().config, "clip_sample": True}).config.clip_sample is True
+
+
 def test_switching_samplers_does_not_carry_options_over(pipe):
     set_sampler(pipe, "dpmpp-2m-karras")
     set_sampler(pipe, "euler")
