@@ -55,8 +55,12 @@ class TrainConfig:
     bucket_no_upscale: bool = _help("Never enlarge an image to fit a bucket.", default=False)
     # DreamBooth
     instance_prompt: str | None = _help("Caption every training image with this prompt (DreamBooth).", default=None)
-    class_prompt: str | None = _help("Prompt of the class images (prior preservation).", default=None)
-    class_data_dir: str | None = _help("Folder of class images; missing ones are generated.", default=None)
+    class_prompt: str | None = _help("Prompt of generated class images (prior preservation).", default=None)
+    class_data_dir: str | None = _help(
+        "Class/regularisation images: captioned (metadata.jsonl or .txt) are used as they are; otherwise they are "
+        "captioned --class_prompt and missing ones generated.",
+        default=None,
+    )
     with_prior_preservation: bool = _help("Add the class-prior loss (DreamBooth).", default=False)
     prior_loss_weight: float = _help("Weight of the class-prior loss.", default=1.0)
     num_class_images: int = _help("Class images wanted in --class_data_dir.", default=100)
@@ -242,10 +246,7 @@ def validate(cfg: TrainConfig) -> None:
          f"--timestep_bias_strategy {cfg.timestep_bias_strategy}: choose none, earlier, later or range"),
         (0 < cfg.timestep_bias_portion < 1, "--timestep_bias_portion must be within (0, 1)"),
         (cfg.timestep_bias_begin < cfg.timestep_bias_end, "--timestep_bias_begin must be below --timestep_bias_end"),
-        (not cfg.with_prior_preservation or cfg.class_prompt, "--with_prior_preservation needs --class_prompt"),
         (not cfg.with_prior_preservation or cfg.class_data_dir, "--with_prior_preservation needs --class_data_dir"),
-        (not cfg.with_prior_preservation or cfg.instance_prompt,
-         "--with_prior_preservation needs --instance_prompt (the caption of your images)"),
         (cfg.num_class_images >= 1, "--num_class_images must be at least 1"),
         (not cfg.output_kohya_format or cfg.adapter == "lora",
          f"--output_kohya_format writes plain LoRA only; --adapter {cfg.adapter} has no kohya key format"),

@@ -95,7 +95,7 @@ def read_images(cfg: TrainConfig, class_records: list | None = None) -> Images:
     if class_records:
         class_images, class_records = decode_all(class_records)
         records, images = records + class_records, images + class_images
-        captions += [cfg.class_prompt] * len(class_records)
+        captions += [r.caption or cfg.class_prompt for r in class_records]
         is_prior += [True] * len(class_records)
     if cfg.enable_bucket:
         table = make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)

@@ -183,6 +183,25 @@ def test_non_finite_loss_stops_naming_the_step(tiny_sd1, shapes_dir, tmp_path, m
     assert (tmp_path / "checkpoint-2").exists() and not (tmp_path / "checkpoint-3").exists()
 
 
-def test_prior_preservation_without_class_prompt_is_refused(tiny_sd1, shapes_dir, tmp_path):
-    with pytest.raises(UserError, match="needs --class_prompt"):
-        train(config(tiny_sd1, shapes_dir, tmp_path, with_prior_preservation=True, instance_prompt="x"), LORA)
+def test_prior_preservation_needs_class_images_or_a_prompt(tiny_sd1, shapes_dir, tmp_path):
+    with pytest.raises(UserError, match="needs --class_data_dir"):
+        train(config(tiny_sd1, shapes_dir, tmp_path, with_prior_preservation=True), LORA)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(UserError, match="has no captions: give --class_prompt"):
+        train(config(tiny_sd1, shapes_dir, tmp_path, with_prior_preservation=True, class_data_dir=str(bare)), LORA)
+
+
+def test_captioned_class_dir_is_a_regularisation_set(tiny_sd1, shapes_dir, tmp_path):
+    from pipelines import shapes
+
+    reg = tmp_path / "reg"
+    shapes.write_dataset(reg, ("green",), ("square",), per_class=3, seed=1)
+    cfg = config(tiny_sd1, shapes_dir, tmp_path / "out", with_prior_preservation=True, class_data_dir=str(reg),
+                 prior_loss_weight=0.5)  # fmt: skip
+    from finetune.dreambooth import ensure_class_images
+
+    class_records = ensure_class_images(cfg, accelerator=None)
+    data = loop_module.read_images(cfg, class_records)
+    assert data.is_prior.count(True) == 3 and data.captions[-1] == "a green square"
+    assert train(cfg, LORA).global_step == 2
