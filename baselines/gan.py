@@ -162,7 +162,10 @@ class Discriminator(nn.Module):
         while B % group:
             group -= 1
         # Minibatch standard deviation: how varied each group of `group` samples is, as one extra feature map.
-        std = x.reshape(group, -1, C, H, W).std(dim=0, unbiased=False).mean(dim=(1, 2, 3))  # (B / group,)
+        # sqrt(var + 1e-8) as in StyleGAN2, not .std(): the gradient of sqrt at 0 is 0 / 0 = NaN, and a group of
+        # identical features (plain white backgrounds after a few steps) has variance exactly 0.
+        var = x.reshape(group, -1, C, H, W).var(dim=0, unbiased=False)  # (B / group, C, H, W)
+        std = (var + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B / group,)
         std = std.repeat(group).reshape(B, 1, 1, 1).expand(B, 1, H, W)
         return self.final(torch.cat([x, std], dim=1)).squeeze(1)
 

@@ -50,6 +50,19 @@ def test_options_train_and_log_their_terms(loss, spectral_norm):
     assert set(terms) == {"loss", "g_loss", "d_loss"} and not terms["loss"].requires_grad
 
 
+def test_identical_images_give_finite_gradients():
+    # Regression: the minibatch standard deviation used .std(), whose gradient at variance 0 is NaN; a group of
+    # identical images (plain white backgrounds) has variance exactly 0 and turned every weight into NaN.
+    torch.manual_seed(0)
+    model = build_model("gan", resolution=8, channels=3, n_bits=8, **TINY)
+    x = torch.ones(8, 3, 8, 8, requires_grad=True)
+    model.discriminator(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.discriminator.parameters())
+    result = fit(model, torch.ones(16, 3, 8, 8), batch_size=8, lr=1e-3, budget=Budget(steps=20), seed=0, log_every=1)
+    assert not result.diverged and result.steps == 20
+
+
 def test_sampling_repeats_for_a_seed_and_after_reloading(tmp_path):
     torch.manual_seed(0)
     model = build_model("gan", resolution=8, channels=1, n_bits=5, spectral_norm=True, **TINY)

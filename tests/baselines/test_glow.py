@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_model, save_model
 
+from baselines.data import load_tensor
 from baselines.glow import build
 from pipelines.errors import UserError
 
@@ -119,6 +120,27 @@ def test_samples_lie_on_the_grid_and_temperature_zero_is_deterministic():
     assert torch.allclose(cold, model.sample_dequantised(3, torch.Generator().manual_seed(2), temperature=0.0))
     warm = model.sample_dequantised(3, torch.Generator().manual_seed(1), temperature=1.0)
     assert not torch.allclose(warm, cold)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_briefly_trained_model_samples_finite_values_at_temperature_one(seed):
+    # Regression: a coupling's inverse divided by sigmoid(raw + 2) ~ exp(raw) and a split prior's std was exp(log_std),
+    # both raw outputs linear in their input, so latents a little off the typical set blew up level after level: with
+    # unbounded scales these two seeds drew 7 and 144 non-finite images out of 1024.
+    x, _ = load_tensor(shapes=True, resolution=8, n_per_class=2, seed=0)  # (24, 3, 8, 8)
+    torch.manual_seed(seed)
+    model = build(8, 3, 8, hidden=16, depth=4, n_levels=2)
+    _train(model, x, steps=100)
+    samples = model.sample_dequantised(1024, torch.Generator().manual_seed(0), temperature=1.0)
+    assert torch.isfinite(samples).all(), (~torch.isfinite(samples)).flatten(1).any(1).sum().item()
+
+
+def test_latents_far_outside_the_prior_decode_to_finite_images():
+    """The inverse grows at most linearly in its input, so any finite latent decodes to a finite image."""
+    model = _perturbed_double_model().float()
+    zs, _ = model.encode(torch.rand(64, 1, 4, 4))
+    far = model.decode([100 * torch.randn_like(z) for z in zs])
+    assert torch.isfinite(far).all()
 
 
 def test_save_and_load_reproduce_samples_and_likelihoods(tmp_path):
