@@ -1,7 +1,12 @@
 """The embedded demo: the tiny base learns the colour purple through a LoRA, measured before and after.
 
-The purple set is generated into `.cache/difftune/purple` as an imagefolder and read through the same data path
-as user data. Accuracy is measured by `pipelines.evaluate` (DPM-Solver++ 20 steps, guidance 7.5, 4 seeds).
+Two imagefolders are rendered into `.cache/difftune/` and read through the same data path as user data:
+the purple set (`a purple {circle,square,triangle}`, the training data) and a regularisation set of the base's
+own colours (kohya's "reg images", used as DreamBooth's prior-preservation data). The LoRA adapts only the
+cross-attention keys and values, where the prompt meets the image, as Custom Diffusion (Kumari et al. 2023) does
+for new concepts. Without the regularisation set the adapter turns every colour purple; with LoRA on every
+attention projection it learns purple more slowly and damages shapes (measured while choosing
+configs/demo_lora.yaml). Accuracy is measured by `pipelines.evaluate` (DPM-Solver++ 20 steps, guidance 7.5).
 """
 
 from __future__ import annotations
@@ -19,11 +24,23 @@ from pipelines import shapes
 from pipelines.errors import UserError
 from pipelines.evaluate import shapes_accuracy
 
-PURPLE_DIR = REPO_ROOT / ".cache" / "difftune" / "purple"
+# The bar the demo is held to (issue 2): purple learned, base colours kept.
+PURPLE_BEFORE_MAX, PURPLE_AFTER_MIN, BASE_AFTER_MIN = 0.10, 0.80, 0.85
+PURPLE_PER_SHAPE = 80  # 240 training images
+REG_PER_CLASS = 20  # 240 regularisation images: 4 base colours x 3 shapes
 
 
 def purple_prompts() -> list[str]:
     return shapes.prompts((shapes.HELD_OUT_COLOUR,), shapes.SHAPES)
+
+
+def ensure_set(folder: Path, colours, per_class: int, seed: int) -> Path:
+    """Renders the shapes imagefolder unless a complete one is already there (rendering is deterministic)."""
+    expected = len(colours) * len(shapes.SHAPES) * per_class
+    metadata = folder / "metadata.jsonl"
+    if not metadata.exists() or len(metadata.read_text().splitlines()) != expected:
+        shapes.write_dataset(folder, colours, shapes.SHAPES, per_class=per_class, seed=seed)
+    return folder
 
 
 def evaluate(model: str, lora_dir: Path | None, seeds: int) -> dict[str, shapes.Accuracy]:
@@ -35,18 +52,30 @@ def evaluate(model: str, lora_dir: Path | None, seeds: int) -> dict[str, shapes.
     return {"purple": purple, "base": base}
 
 
-def run_demo(config_path: Path, seeds: int = 4, output_dir: str | None = None) -> dict:
+def demo_values(config_path: Path) -> dict:
+    """The demo config's keys with paths made absolute and both imagefolders rendered."""
     values = load_yaml(config_path)
     model = str(REPO_ROOT / values["pretrained_model_name_or_path"])
     if not (Path(model) / "model_index.json").exists():
         raise UserError(f"{model} is missing: the embedded base ships with the repo; restore it with git")
-    if not (PURPLE_DIR / "metadata.jsonl").exists():
-        shapes.write_dataset(PURPLE_DIR, (shapes.HELD_OUT_COLOUR,), shapes.SHAPES, per_class=20, seed=1)
-    values.update(pretrained_model_name_or_path=model, train_data_dir=str(PURPLE_DIR))
-    values["output_dir"] = output_dir or str(REPO_ROOT / values["output_dir"])
+    values.update(
+        pretrained_model_name_or_path=model,
+        train_data_dir=str(ensure_set(REPO_ROOT / values["train_data_dir"], (shapes.HELD_OUT_COLOUR,),
+                                      PURPLE_PER_SHAPE, seed=1)),
+        class_data_dir=str(ensure_set(REPO_ROOT / values["class_data_dir"], shapes.BASE_COLOURS,
+                                      REG_PER_CLASS, seed=2)),
+        output_dir=str(REPO_ROOT / values["output_dir"]),
+    )  # fmt: skip
+    return values
+
+
+def run_demo(config_path: Path, seeds: int = 4, output_dir: str | None = None) -> dict:
+    values = demo_values(config_path)
+    model = values["pretrained_model_name_or_path"]
+    if output_dir:
+        values["output_dir"] = output_dir
     cfg = TrainConfig(**values)
     validate(cfg)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     before = evaluate(model, None, seeds)
     print(f"before: purple prompts {before['purple']}; base prompts {before['base']}")
@@ -55,9 +84,18 @@ def run_demo(config_path: Path, seeds: int = 4, output_dir: str | None = None) -
     train_seconds = time.time() - start
     after = evaluate(model, Path(cfg.output_dir), seeds)
     print(f"after:  purple prompts {after['purple']}; base prompts {after['base']}")
+    met = (
+        before["purple"].colour <= PURPLE_BEFORE_MAX
+        and after["purple"].colour >= PURPLE_AFTER_MIN
+        and after["base"].colour >= BASE_AFTER_MIN
+    )
     print(
         f"\npurple colour accuracy {before['purple'].colour:.2f} -> {after['purple'].colour:.2f}; "
         f"base colours with the adapter {after['base'].colour:.2f} (base alone {before['base'].colour:.2f}); "
-        f"training {train_seconds:.0f}s for {result.global_step} steps; LoRA in {cfg.output_dir}"
+        f"training {train_seconds:.0f}s for {result.global_step} steps on {torch.get_num_threads()} threads; "
+        f"LoRA in {cfg.output_dir}\n"
+        f"bar (purple <= {PURPLE_BEFORE_MAX} before, >= {PURPLE_AFTER_MIN} after; base >= {BASE_AFTER_MIN}): "
+        f"{'met' if met else 'NOT met'}"
     )
-    return {"before": before, "after": after, "train_seconds": train_seconds, "output_dir": cfg.output_dir}
+    return {"before": before, "after": after, "train_seconds": train_seconds, "output_dir": cfg.output_dir,
+            "met": met}  # fmt: skip
