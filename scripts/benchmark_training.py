@@ -62,6 +62,7 @@ def child(settings: dict) -> dict:
     from finetune.demo import demo_values
     from finetune.finetune_lora import DEMO_CONFIG, LORA
     from finetune.loop import train
+    from finetune.optim import optimizer_name
 
     values = demo_values(DEMO_CONFIG)  # the demo's model and both imagefolders
     for preset in settings["presets"]:
@@ -98,7 +99,7 @@ def child(settings: dict) -> dict:
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "mixed_precision": cfg.mixed_precision,
-        "optimizer": cfg.optimizer,
+        "optimizer": optimizer_name(cfg),
         "quantize_base": cfg.quantize_base,
         "resolution": cfg.resolution,
     }
@@ -148,7 +149,7 @@ def shaped_child(settings: dict) -> dict:
 
     from finetune.config import TrainConfig, load_yaml
     from finetune.model import adapter_config, add_adapter
-    from finetune.optim import build_optimizer
+    from finetune.optim import build_optimizer, optimizer_name
 
     kind, device = settings["kind"], torch.device(settings["device"])
     on_cuda = device.type == "cuda"
@@ -232,7 +233,7 @@ def shaped_child(settings: dict) -> dict:
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "mixed_precision": precision,
-        "optimizer": cfg.optimizer if not cfg.use_8bit_adam else "adamw8bit",
+        "optimizer": optimizer_name(cfg),
         "quantize_base": cfg.quantize_base,
         "resolution": settings["resolution"],
     }

@@ -44,7 +44,7 @@ def test_rendered_shape_obeys_the_spec():
 
 def test_write_dataset_is_deterministic_and_imagefolder(tmp_path):
     a = shapes.write_dataset(tmp_path / "a", ("purple",), ("circle",), per_class=3, seed=5)
-    b = shapes.write_dataset(tmp_path / "b", ("purple",), ("circle",), per_class=3, seed=5)
+    shapes.write_dataset(tmp_path / "b", ("purple",), ("circle",), per_class=3, seed=5)
     assert [i.text for i in a] == ["a purple circle"] * 3
     for item in a:
         assert (tmp_path / "a" / item.file_name).read_bytes() == (tmp_path / "b" / item.file_name).read_bytes()
