@@ -6,7 +6,9 @@ own colours (kohya's "reg images", used as DreamBooth's prior-preservation data)
 cross-attention keys and values, where the prompt meets the image, as Custom Diffusion (Kumari et al. 2023) does
 for new concepts. Without the regularisation set the base colours fell to 0.48 (one run); with LoRA on every
 attention projection purple was learned less and shapes were damaged (measured while choosing
-configs/demo_lora.yaml). The recipe is still seed-sensitive: purple sometimes comes out blue or red. Accuracy is measured by `pipelines.evaluate` (DPM-Solver++ 20 steps, guidance 7.5).
+configs/demo_lora.yaml). Shorter runs, or no bias towards noisy timesteps, were seed-sensitive: purple came
+out blue or red on some seeds; the config's comments give the per-seed figures of the chosen recipe. Accuracy is
+measured by `pipelines.evaluate` (DPM-Solver++ 20 steps, guidance 7.5).
 """
 
 from __future__ import annotations
