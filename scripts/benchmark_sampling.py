@@ -94,23 +94,33 @@ class UNetCounter:
         self.calls += 1
 
 
-def sample(pipe, counter: UNetCounter, cfg: GenerateConfig, specs, size: tuple[int, int]) -> dict:
-    """Every spec with cfg's sampler and steps; images, seconds and UNet calls per image."""
-    set_sampler(pipe, cfg.sampler)
-    batches = [specs[i : i + cfg.batch_size] for i in range(0, len(specs), cfg.batch_size)]
-    counter.calls, images = 0, []
-    start = time.perf_counter()
-    for batch in batches:
-        images += generate_batch(pipe, batch, cfg, *size)
-    seconds = time.perf_counter() - start
+def sample_in_turns(pipe, counter: UNetCounter, configs: Sequence[GenerateConfig], specs, size) -> list[dict]:
+    """Every config over every spec; per config: images, seconds and UNet calls per image.
+
+    The configs take turns batch by batch (batch 1 of every config, then batch 2, ...), so a drift in the machine's
+    speed during the run (a shared or thermally throttled machine) falls on every row alike rather than on the rows
+    that came last: timed one after another, identical PNDM-50 rows at the two ends of a run differed by 20%.
+    """
+    batches = [specs[i : i + configs[0].batch_size] for i in range(0, len(specs), configs[0].batch_size)]
+    runs = [{"images": [], "seconds": 0.0, "calls": 0} for _ in configs]
+    for index, batch in enumerate(batches, 1):
+        for cfg, run in zip(configs, runs, strict=True):
+            set_sampler(pipe, cfg.sampler)
+            counter.calls = 0
+            start = time.perf_counter()
+            run["images"] += generate_batch(pipe, batch, cfg, *size)
+            run["seconds"] += time.perf_counter() - start
+            run["calls"] += counter.calls
+        if len(configs) > 1:
+            print(f"batch {index}/{len(batches)} done for all {len(configs)} rows", file=sys.stderr)
     # Every image of a batch goes through every UNet call of that batch's trajectory.
-    return {"images": images, "seconds": seconds, "unet_evals_per_image": counter.calls / len(batches)}
+    return [{**run, "unet_evals_per_image": run["calls"] / len(batches)} for run in runs]
 
 
 def reference_features(args, pipe, counter, base: GenerateConfig, specs, size) -> tuple[np.ndarray, str]:
     if args.reference == "ddpm":
         cfg = GenerateConfig(**{**base.__dict__, "sampler": "ddpm", "steps": args.reference_steps})
-        run = sample(pipe, counter, cfg, specs, size)
+        (run,) = sample_in_turns(pipe, counter, [cfg], specs, size)
         print(f"reference: ddpm {args.reference_steps} steps, {run['seconds']:.0f} s", file=sys.stderr)
         return features(run["images"]), f"DDPM {args.reference_steps} steps, same prompts and seeds"
     folder = Path(args.reference)
@@ -139,15 +149,15 @@ def measure(args, model_label: str) -> dict:
     spec_prompts = [s.prompt for s in specs]
     base = GenerateConfig(model=args.model, prompts=prompts, output_dir="", guidance_scale=args.guidance_scale)
     base.batch_size, base.device = args.batch_size, args.device
-    sample(pipe, counter, GenerateConfig(**{**base.__dict__, "steps": 1}), specs[:1], size)  # warm-up
+    sample_in_turns(pipe, counter, [GenerateConfig(**{**base.__dict__, "steps": 1})], specs[:1], size)  # warm-up
     ref_feats, ref_label = reference_features(args, pipe, counter, base, specs, size)
 
     runs = [(s, n, False) for s in samplers for n in steps]
     if not args.no_reference_row:
         runs.append((*REFERENCE_ROW, True))
+    configs = [GenerateConfig(**{**base.__dict__, "sampler": sampler, "steps": n}) for sampler, n, _ in runs]
     rows = []
-    for sampler, n, is_reference in runs:
-        run = sample(pipe, counter, GenerateConfig(**{**base.__dict__, "sampler": sampler, "steps": n}), specs, size)
+    for (sampler, n, is_reference), run in zip(runs, sample_in_turns(pipe, counter, configs, specs, size), strict=True):
         acc = shapes.accuracy(run["images"], spec_prompts)
         row = {
             "sampler": sampler,

@@ -194,6 +194,22 @@ def test_sampling_benchmark_counts_unet_calls_and_writes_its_outputs(models, tmp
         assert (tmp_path / "bench" / name).is_file()
 
 
+def test_sampling_benchmark_rows_taking_turns_make_the_same_images_as_rows_run_alone(models, tmp_path):
+    from scripts.benchmark_sampling import UNetCounter, sample_in_turns
+
+    base = dict(model=str(models["sd1"]), prompts=["-"], output_dir=str(tmp_path), steps=2, batch_size=1)
+    configs = [generate.GenerateConfig(**base, sampler=name) for name in ("dpmpp-sde", "ddim")]
+    specs = generate.plan_images(["a red circle", "a blue square"], 1, 0)
+    pipe, _, _ = generate.prepare_pipeline(configs[0])
+    counter = UNetCounter(pipe.unet)
+    in_turns = sample_in_turns(pipe, counter, configs, specs, (32, 32))
+    for cfg, run in zip(configs, in_turns, strict=True):
+        (alone,) = sample_in_turns(pipe, counter, [cfg], specs, (32, 32))
+        assert run["unet_evals_per_image"] == alone["unet_evals_per_image"] == 2
+        for a, b in zip(run["images"], alone["images"], strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_unbatched_guidance_baseline_of_the_speed_benchmark_computes_the_same_images(models, tmp_path):
     from scripts.benchmark_generation import split_guidance
 
