@@ -156,8 +156,9 @@ def measure(args, model_label: str) -> dict:
     if not args.no_reference_row:
         runs.append((*REFERENCE_ROW, True))
     configs = [GenerateConfig(**{**base.__dict__, "sampler": sampler, "steps": n}) for sampler, n, _ in runs]
+    measured = sample_in_turns(pipe, counter, configs, specs, size)
     rows = []
-    for (sampler, n, is_reference), run in zip(runs, sample_in_turns(pipe, counter, configs, specs, size), strict=True):
+    for (sampler, n, is_reference), run in zip(runs, measured, strict=True):
         acc = shapes.accuracy(run["images"], spec_prompts)
         row = {
             "sampler": sampler,
