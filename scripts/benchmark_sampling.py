@@ -4,7 +4,8 @@
     python scripts/benchmark_sampling.py --samplers ddim,dpmpp-2m --steps 10,20,50 --seeds_per_prompt 1
 
 For each sampler at each step count, and for diffusers' default call (PNDM, 50 steps) as the reference row:
-- images per second on the device at hand (whole pipeline call: text encoder, UNet loop, VAE decode);
+- images per second on the device at hand (whole pipeline call: text encoder, UNet loop, VAE decode), the rows
+  taking turns batch by batch so that a drift in the machine's speed does not favour the rows timed first;
 - UNet evaluations per image, counted by a forward hook on the UNet (a classifier-free-guidance step is one
   batched call; Heun's second-order steps count twice, as they run);
 - colour and shape accuracy from the shapes world's analytic scorer (`pipelines.shapes.accuracy`), meaningful
