@@ -54,21 +54,45 @@ def cpu_substitutes(values: dict) -> list[str]:
     return swapped
 
 
+def layer_presets(values: dict, presets: list[str], on_cuda: bool) -> list[str]:
+    """Layers the preset files onto `values` in order (later wins); off CUDA, swaps what needs it (listed)."""
+    from finetune.config import load_yaml
+
+    for preset in presets:
+        values.update(load_yaml(preset))
+    return [] if on_cuda else cpu_substitutes(values)
+
+
+def measured_columns(cfg, on_cuda: bool) -> dict:
+    """The columns every row shares: peak memory so far and the options that set a step's cost."""
+    import torch
+
+    from finetune.optim import optimizer_name
+
+    peak = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "peak_memory_mb": peak / 2**20,
+        "memory_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS",
+        "batch_size": cfg.train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "optimizer": optimizer_name(cfg),
+        "quantize_base": cfg.quantize_base,
+    }
+
+
 def child(settings: dict) -> dict:
     """Runs one training in this process and returns its measurements."""
     import torch
 
-    from finetune.config import TrainConfig, load_yaml, validate
+    from finetune.config import TrainConfig, validate
     from finetune.demo import demo_values
     from finetune.finetune_lora import DEMO_CONFIG, LORA
     from finetune.loop import train
-    from finetune.optim import optimizer_name
 
     values = demo_values(DEMO_CONFIG)  # the demo's model and both imagefolders
-    for preset in settings["presets"]:
-        values.update(load_yaml(preset))
     on_cuda = torch.cuda.is_available()
-    swapped = [] if on_cuda else cpu_substitutes(values)
+    swapped = layer_presets(values, settings["presets"], on_cuda)
     values.update(
         output_dir=settings["output_dir"],
         cache_dir=settings["output_dir"] + "/cache",
@@ -84,7 +108,6 @@ def child(settings: dict) -> dict:
     start = time.time()
     result = train(cfg, LORA)
     total = time.time() - start
-    peak = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "name": settings["name"],
         "cache": cfg.cache_latents,
@@ -93,14 +116,8 @@ def child(settings: dict) -> dict:
         "steps": result.global_step,
         "seconds_per_step": result.seconds / result.global_step,
         "setup_seconds": total - result.seconds,
-        "peak_memory_mb": peak / 2**20,
-        "memory_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS",
-        "batch_size": cfg.train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        **measured_columns(cfg, on_cuda),
         "mixed_precision": cfg.mixed_precision,
-        "optimizer": optimizer_name(cfg),
-        "quantize_base": cfg.quantize_base,
         "resolution": cfg.resolution,
     }
 
@@ -147,16 +164,14 @@ def shaped_child(settings: dict) -> dict:
     """Times LoRA training steps of a randomly initialised SD 1.5- or SDXL-shaped UNet under one preset."""
     import torch
 
-    from finetune.config import TrainConfig, load_yaml
+    from finetune.config import TrainConfig
     from finetune.model import adapter_config, add_adapter
-    from finetune.optim import build_optimizer, optimizer_name
+    from finetune.optim import build_optimizer
 
     kind, device = settings["kind"], torch.device(settings["device"])
     on_cuda = device.type == "cuda"
     values = {}
-    for preset in settings["presets"]:
-        values.update(load_yaml(preset))
-    swapped = [] if on_cuda else cpu_substitutes(values)
+    swapped = layer_presets(values, settings["presets"], on_cuda)
     cfg = TrainConfig(**{**values, "rank": settings["rank"], "lora_alpha": settings["rank"]})
     precision = cfg.mixed_precision if cfg.mixed_precision in DTYPES else "no"
     dtype = getattr(torch, DTYPES[precision]) if precision in DTYPES else torch.float32
@@ -213,8 +228,6 @@ def shaped_child(settings: dict) -> dict:
         step()
     sync()
     seconds = (time.time() - start) / settings["steps"]
-    peak = (torch.cuda.max_memory_allocated(device) if on_cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
     return {
         "name": f"{kind} {settings['resolution']}px, {Path(settings['presets'][0]).stem}",
         "kind": kind,
@@ -227,14 +240,8 @@ def shaped_child(settings: dict) -> dict:
         "steps": settings["steps"],
         "seconds_per_step": seconds,
         "setup_seconds": 0.0,
-        "peak_memory_mb": peak / 2**20,
-        "memory_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS",
-        "batch_size": batch,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
+        **measured_columns(cfg, on_cuda),
         "mixed_precision": precision,
-        "optimizer": optimizer_name(cfg),
-        "quantize_base": cfg.quantize_base,
         "resolution": settings["resolution"],
     }
 
