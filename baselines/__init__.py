@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 FAMILIES: tuple[str, ...] = ("vae", "gan", "pixelcnn", "glow", "ddpm")
 

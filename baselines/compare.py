@@ -41,8 +41,8 @@ from baselines.classifier import EvalClassifier, random_feature_extractor, train
 from baselines.compare_report import loss_roughness, write_outputs
 from baselines.data import load_tensor
 from baselines.train import Budget, fit, make_state
-from pipelines import metrics
-from pipelines.errors import UserError, run_main
+from core import metrics
+from core.errors import UserError, run_main
 
 DEFAULT_LR = {"vae": 1e-3, "gan": 2e-4, "pixelcnn": 1e-3, "glow": 5e-4, "ddpm": 1e-3}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name, as torchmetrics loads it

@@ -29,7 +29,7 @@ from torch import nn
 from torch.special import log_ndtr
 
 from baselines import strict_config
-from pipelines.errors import UserError
+from core.errors import UserError
 
 FAMILY = "ddpm"
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from baselines import strict_config
-from pipelines.errors import UserError
+from core.errors import UserError
 
 FAMILY = "gan"
 

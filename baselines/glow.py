@@ -37,7 +37,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from baselines import strict_config
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 @dataclass

@@ -33,7 +33,7 @@ from torch import nn
 
 from baselines import FAMILIES, build_model
 from baselines.data import load_tensor
-from pipelines.errors import UserError, run_main
+from core.errors import UserError, run_main
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel

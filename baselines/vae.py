@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from baselines import strict_config
-from pipelines.errors import UserError
+from core.errors import UserError
 
 FAMILY = "vae"
 

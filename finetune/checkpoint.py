@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 PREFIX = "checkpoint-"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_BASE = str(REPO_ROOT / "pipelines" / "tiny_shapes")

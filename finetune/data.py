@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ for new concepts. Without the regularisation set the base colours fell to 0.48 (
 attention projection purple was learned less and shapes were damaged (measured while choosing
 configs/demo_lora.yaml). Shorter runs, or no bias towards noisy timesteps, were seed-sensitive: purple came
 out blue or red on some seeds; the config's comments give the per-seed figures of the chosen recipe. Accuracy is
-measured by `pipelines.evaluate` (DPM-Solver++ 20 steps, guidance 7.5).
+measured by `toyworld.evaluate` (DPM-Solver++ 20 steps, guidance 7.5).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from core.errors import UserError
 from finetune.config import REPO_ROOT, TrainConfig, load_yaml, validate
 from finetune.finetune_lora import LORA
 from finetune.loop import train
-from pipelines import shapes
-from pipelines.errors import UserError
-from pipelines.evaluate import shapes_accuracy
+from toyworld import shapes
+from toyworld.evaluate import shapes_accuracy
 
 # The bar the demo is held to (issue 2): purple learned, base colours kept.
 PURPLE_BEFORE_MAX, PURPLE_AFTER_MIN, BASE_AFTER_MIN = 0.10, 0.80, 0.85

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from core.errors import UserError
 from finetune.data import IMAGE_EXTENSIONS, Record, read_records
-from pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from peft.utils import PeftType, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"

@@ -16,11 +16,11 @@ if __package__ in (None, ""):  # run as a file: import the project, not this fol
 
 from diffusers import DiffusionPipeline
 
+from core.errors import run_main
 from finetune.config import TrainConfig
 from finetune.export import write_model_card
 from finetune.hub import push_to_hub
 from finetune.loop import Task, run_task
-from pipelines.errors import run_main
 
 
 def setup(comps, cfg: TrainConfig) -> dict:

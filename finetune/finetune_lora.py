@@ -14,12 +14,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from core.errors import run_main
 from finetune.config import REPO_ROOT, TrainConfig
 from finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
 from finetune.hub import push_to_hub
 from finetune.loop import Task, run_task
 from finetune.model import TEXT_ATTENTION, adapter_config, add_adapter
-from pipelines.errors import run_main
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_lora.yaml"
 

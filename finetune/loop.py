@@ -22,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from core.errors import UserError
 from finetune import checkpoint as ckpt
 from finetune.buckets import BucketBatchSampler, assign_bucket, can_move, make_buckets
 from finetune.config import TrainConfig, parse_config, validate
@@ -39,7 +40,6 @@ from finetune.model import Components, freeze, load_components
 from finetune.objective import diffusion_loss, timestep_bias_weights
 from finetune.optim import build_optimizer, validate_optim
 from finetune.validation import log_validation
-from pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]

@@ -17,8 +17,8 @@ import logging
 
 import torch
 
+from core.errors import UserError
 from finetune.quantize import check_quantize, cuda_available
-from pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 MODES = ("nf4", "int8")
 

@@ -13,7 +13,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from pipelines.images import make_grid
+from core.images import make_grid
 
 
 @torch.no_grad()

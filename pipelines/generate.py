@@ -34,8 +34,8 @@ from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipelines.errors import UserError, run_main  # noqa: E402
-from pipelines.images import make_grid  # noqa: E402
+from core.errors import UserError, run_main  # noqa: E402
+from core.images import make_grid  # noqa: E402
 from pipelines.loading import DTYPES, Adapter, load_loras, load_pipeline  # noqa: E402
 from pipelines.samplers import sampler_names, set_sampler  # noqa: E402
 

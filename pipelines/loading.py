@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -23,7 +23,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 # name -> (scheduler class, config overrides on top of the pipeline's scheduler config)
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {

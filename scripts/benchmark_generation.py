@@ -36,10 +36,10 @@ if __package__ in (None, ""):  # run as `python scripts/benchmark_generation.py`
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-from pipelines import shapes  # noqa: E402
-from pipelines.errors import UserError, run_main  # noqa: E402
+from core.errors import UserError, run_main  # noqa: E402
 from pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images, prepare_pipeline  # noqa: E402
 from pipelines.loading import load_pipeline  # noqa: E402
+from toyworld import shapes  # noqa: E402
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
 

@@ -8,9 +8,9 @@ For each sampler at each step count, and for diffusers' default call (PNDM, 50 s
   taking turns batch by batch so that a drift in the machine's speed does not favour the rows timed first;
 - UNet evaluations per image, counted by a forward hook on the UNet (a classifier-free-guidance step is one
   batched call; Heun's second-order steps count twice, as they run);
-- colour and shape accuracy from the shapes world's analytic scorer (`pipelines.shapes.accuracy`), meaningful
+- colour and shape accuracy from the shapes world's analytic scorer (`toyworld.shapes.accuracy`), meaningful
   when the prompts name a shapes colour and shape (the default prompts do);
-- the Fréchet distance (`pipelines.metrics.frechet_distance`) to the images of a reference run, either DDPM at
+- the Fréchet distance (`core.metrics.frechet_distance`) to the images of a reference run, either DDPM at
   `--reference_steps` (1000 by default) with the same prompts and seeds, or a folder of images. Feature space:
   each image box-downsampled to 8x8 RGB in [0, 1], a 192-D vector; no learned network, so it works for any
   model, and it sees colour and coarse layout, not fine texture. With few images the estimate is biased upwards:
@@ -37,12 +37,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipelines import shapes  # noqa: E402
-from pipelines.errors import UserError, run_main  # noqa: E402
+from core.errors import UserError, run_main  # noqa: E402
+from core.metrics import frechet_distance  # noqa: E402
 from pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images  # noqa: E402
 from pipelines.loading import load_pipeline  # noqa: E402
-from pipelines.metrics import frechet_distance  # noqa: E402
 from pipelines.samplers import sampler_names, set_sampler  # noqa: E402
+from toyworld import shapes  # noqa: E402
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
 DEFAULT_STEPS = (5, 10, 15, 20, 30, 50)

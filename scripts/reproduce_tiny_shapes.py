@@ -4,7 +4,7 @@
 2. trains the tiny VAE (`scripts/train_tiny_vae.py`), unless `--vae` names one;
 3. assembles a fresh pipeline: random UNet and text encoder, the project's tokenizer (which knows `purple`);
 4. trains the UNet with `finetune_full.py`'s task and `configs/tiny_shapes_base.yaml` (EMA, caption dropout);
-5. measures colour and shape accuracy (`pipelines.evaluate`) and, with `--install`, copies the pipeline into
+5. measures colour and shape accuracy (`toyworld.evaluate`) and, with `--install`, copies the pipeline into
    `pipelines/tiny_shapes` (weights, configs and tokenizer only).
 
     python scripts/reproduce_tiny_shapes.py --work_dir runs/tiny_shapes [--vae DIR] [--install]
@@ -25,9 +25,9 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from finetune.config import REPO_ROOT, TrainConfig, parse_config, validate
 from finetune.finetune_full import FULL
 from finetune.loop import train
-from pipelines import shapes
-from pipelines.evaluate import shapes_accuracy
-from pipelines.tiny import build_pipeline
+from toyworld import shapes
+from toyworld.evaluate import shapes_accuracy
+from toyworld.tiny import build_pipeline
 
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 

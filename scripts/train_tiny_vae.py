@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines import shapes
-from pipelines.tiny import SIZES, tiny_vae
+from toyworld import shapes
+from toyworld.tiny import SIZES, tiny_vae
 
 
 def shape_batch(rng: np.random.Generator, n: int, colours=tuple(shapes.COLOURS)) -> torch.Tensor:

@@ -15,14 +15,14 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory):
-    from pipelines.tiny import save_tiny_pipeline
+    from toyworld.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd1", size="test", family="sd1")
 
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
-    from pipelines import shapes
+    from toyworld import shapes
 
     out = tmp_path_factory.mktemp("shapes") / "data"
     shapes.write_dataset(out, ("red", "blue"), shapes.SHAPES, per_class=2, seed=0)

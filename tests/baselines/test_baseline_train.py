@@ -16,8 +16,8 @@ from torch import nn
 from baselines import build_model
 from baselines.data import load_tensor
 from baselines.train import Budget, fit, load_checkpoint, load_model, make_state, save_checkpoint
-from pipelines.errors import UserError
-from pipelines.shapes import write_dataset
+from core.errors import UserError
+from toyworld.shapes import write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

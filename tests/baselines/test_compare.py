@@ -14,8 +14,8 @@ from baselines import FAMILIES
 from baselines.classifier import train_classifier
 from baselines.compare import CompareConfig, load_config, main
 from baselines.data import load_tensor
-from pipelines.errors import UserError, run_main
-from pipelines.shapes import write_dataset
+from core.errors import UserError, run_main
+from toyworld.shapes import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from baselines import build_model
 from baselines.data import load_tensor
 from baselines.ddpm import log_discretised_gaussian
 from baselines.train import Budget, fit, load_model, save_model
-from pipelines.errors import UserError
+from core.errors import UserError
 
 TINY = {"block_out_channels": (16, 32), "num_train_timesteps": 10, "beta_schedule": "squaredcos_cap_v2"}
 

@@ -9,7 +9,7 @@ import torch
 from baselines import build_model
 from baselines.data import load_tensor
 from baselines.train import Budget, fit, load_model, save_model
-from pipelines.errors import UserError
+from core.errors import UserError
 
 TINY = {"hidden": 16, "style_dim": 32, "n_mlp": 2}
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_model, save_model
 
 from baselines.data import load_tensor
 from baselines.glow import build
-from pipelines.errors import UserError
+from core.errors import UserError
 
 TINY = {"hidden": 8, "depth": 2, "n_levels": 2}
 

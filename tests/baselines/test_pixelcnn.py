@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from baselines.pixelcnn import build
-from pipelines.errors import UserError
+from core.errors import UserError
 
 TINY = {"hidden": 6, "layers": 2, "kernel": 3, "n_mix": 2}
 

@@ -10,7 +10,7 @@ import torch
 from baselines import build_model
 from baselines.data import load_tensor
 from baselines.train import Budget, fit, load_model, save_model
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 def batch(resolution: int = 8, n: int = 16) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import pytest
 
+from core.errors import UserError
 from finetune.config import TrainConfig, load_yaml, parse_config, validate
-from pipelines.errors import UserError
 
 
 def write(path, text):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.errors import UserError
 from finetune.data import decode_all, read_records, to_rgb
-from pipelines.errors import UserError
 
 
 def test_every_pil_mode_becomes_rgb():

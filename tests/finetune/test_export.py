@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from core.errors import UserError
 from finetune.config import TrainConfig
 from finetune.export import (
     KOHYA_FILE,
@@ -21,8 +22,7 @@ from finetune.export import (
     save_lora_kohya,
     write_model_card,
 )
-from pipelines.errors import UserError
-from pipelines.tiny import build_pipeline
+from toyworld.tiny import build_pipeline
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

@@ -8,6 +8,7 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from core.errors import UserError
 from finetune import loop as loop_module
 from finetune.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_to_bucket
 from finetune.config import TrainConfig
@@ -16,8 +17,7 @@ from finetune.finetune_lora import LORA
 from finetune.loop import train
 from finetune.model import load_components
 from finetune.objective import diffusion_loss, timestep_bias_weights
-from pipelines.errors import UserError
-from pipelines.tiny import save_tiny_pipeline
+from toyworld.tiny import save_tiny_pipeline
 
 
 def config(model, data, out, **kw) -> TrainConfig:
@@ -193,7 +193,7 @@ def test_prior_preservation_needs_class_images_or_a_prompt(tiny_sd1, shapes_dir,
 
 
 def test_captioned_class_dir_is_a_regularisation_set(tiny_sd1, shapes_dir, tmp_path):
-    from pipelines import shapes
+    from toyworld import shapes
 
     reg = tmp_path / "reg"
     shapes.write_dataset(reg, ("green",), ("square",), per_class=3, seed=1)

@@ -10,12 +10,12 @@ from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
+from core.errors import UserError, run_main
 from finetune import hub
 from finetune.config import TrainConfig
 from finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE, write_model_card
 from finetune.finetune_lora import LORA
 from finetune.loop import train
-from pipelines.errors import UserError, run_main
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
 

@@ -8,9 +8,9 @@ import types
 import pytest
 import torch
 
+from core.errors import UserError
 from finetune import optim, quantize
 from finetune.config import TrainConfig
-from pipelines.errors import UserError
 
 
 def cfg(**kwargs) -> TrainConfig:

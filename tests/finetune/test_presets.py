@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from core.errors import UserError
 from finetune.config import REPO_ROOT, load_yaml, parse_config, validate
 from finetune.optim import validate_optim
-from pipelines.errors import UserError
 
 HARDWARE = REPO_ROOT / "configs" / "hardware"
 CARDS = ["gpu-8gb", "gpu-12gb", "gpu-24gb", "a100-40gb", "a100-80gb"]  # smallest first

@@ -15,7 +15,7 @@ from finetune.finetune_full import FULL
 from finetune.finetune_lora import LORA
 from finetune.loop import train
 from finetune.objective import diffusion_loss
-from pipelines.tiny import build_pipeline, sd_scheduler
+from toyworld.tiny import build_pipeline, sd_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -145,8 +145,8 @@ def test_cache_gives_the_same_losses_and_is_reused(tiny_sd1, shapes_dir, tmp_pat
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_sd1, shapes_dir, tmp_path, capsys, flags, message):
+    from core.errors import run_main
     from finetune.finetune_lora import main
-    from pipelines.errors import run_main
 
     (tmp_path / "empty").mkdir()
     subs = {"{empty}": str(tmp_path / "empty"), "{data}": str(shapes_dir), "{missing}": str(tmp_path / "nope")}

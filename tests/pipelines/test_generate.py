@@ -19,9 +19,9 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
+from core.errors import UserError, run_main
 from pipelines import generate
-from pipelines.errors import UserError, run_main
-from pipelines.tiny import save_tiny_pipeline
+from toyworld.tiny import save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "2", "--sampler", "ddim"]

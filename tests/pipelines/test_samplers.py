@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from pipelines.samplers import SAMPLERS, make_scheduler, sampler_names, set_sampler
-from pipelines.tiny import build_pipeline, sd_scheduler
+from toyworld.tiny import build_pipeline, sd_scheduler
 
 EXPECTED_CLASSES = {
     "ddim": "DDIMScheduler",

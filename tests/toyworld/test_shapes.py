@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import shapes
+from toyworld import shapes
 
 
 @pytest.mark.parametrize("size", [64, 32])

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipelines import metrics
+from core import metrics
 
 N_MODES, DIM, SPREAD_DIMS = 12, 8, 3
 

@@ -24,7 +24,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from pipelines.shapes import COLOURS, SHAPES
+from toyworld.shapes import COLOURS, SHAPES
 
 WORDS: tuple[str, ...] = (
     *COLOURS, *SHAPES,

@@ -1,7 +1,7 @@
 """Evaluating a Stable Diffusion pipeline on the shapes world, by the one protocol every figure uses.
 
 diffusers' `StableDiffusionPipeline` with `DPMSolverMultistepScheduler` built from the pipeline's own scheduler
-config, 20 steps, guidance 7.5, 64x64, each prompt with seeds 0..n-1, scored by `pipelines.shapes.accuracy`.
+config, 20 steps, guidance 7.5, 64x64, each prompt with seeds 0..n-1, scored by `toyworld.shapes.accuracy`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from pipelines import shapes
+from toyworld import shapes
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Shared infrastructure below every other package: user errors, the config loader, checkpoints, metrics, images."""
