@@ -1,0 +1,279 @@
+"""Resumable checkpoints for every trainer in the repo: safetensors + JSON, atomic, complete-or-absent.
+
+A checkpoint `checkpoint-N/` holds
+- `model.safetensors`: the weights of the trained models (only the trained parameters, or whole state dicts),
+  keyed `<model name>.<parameter path>`;
+- `optimizer.safetensors` + `optimizer.json`: each optimizer's *full* state, keyed by parameter path;
+- `extra.safetensors` + `extra.json`: the trainer's own state (EMA weights, RNG states);
+- `state.json`: progress (step, epoch, ...), LR schedulers, and the resolved config the run was trained with;
+- `manifest.json`, written last: every file and its size. A folder without a matching manifest is incomplete.
+
+It is written into `checkpoint-N.tmp/` and renamed into place, so a crash mid-save never leaves a half-written
+`checkpoint-N`; `--checkpoints_total_limit` prunes only after the new checkpoint is complete.
+
+Engines. The optimizer state is read through torch's `torch.distributed.checkpoint.state_dict` API
+(`get_optimizer_state_dict` with `full_state_dict=True`), which gathers the shards under FSDP and is the plain
+state dict (keyed by parameter path, not by index) on one process and under DDP; every process takes part and
+the main process writes. On resume every process reads the full state and `set_optimizer_state_dict` shards it
+again. DeepSpeed keeps its partitioned optimizer inside its engine, which only DeepSpeed's own checkpoint format
+can save: there the optimizer goes through accelerate's `save_state`/`load_state` into `engine/` (DeepSpeed's
+files, its own serialisation); everything else stays as above. accelerate's `save_state` is not used otherwise
+because it pickles optimizer, scheduler and RNG states, and difftune writes nothing that needs pickle to read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from core.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------------------------- nested tensors
+
+
+def _split_tensors(tree, prefix: str, tensors: dict) -> object:
+    """Replaces every tensor in a nested structure by a reference into `tensors`."""
+    if isinstance(tree, torch.Tensor):
+        tensors[prefix] = tree.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(tree, dict):
+        return {str(k): _split_tensors(v, f"{prefix}.{k}", tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(tree)]
+    return tree
+
+
+def _join_tensors(tree, tensors: dict):
+    if isinstance(tree, dict) and set(tree) == {"__tensor__"}:
+        return tensors[tree["__tensor__"]]
+    if isinstance(tree, dict):
+        return {k: _join_tensors(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join_tensors(v, tensors) for v in tree]
+    return tree
+
+
+def save_tree(tree, folder: Path, name: str) -> None:
+    """A nested structure of tensors and JSON values as `<name>.safetensors` + `<name>.json`."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_tensors(tree, name, tensors)
+    save_file(tensors, folder / f"{name}.safetensors")
+    (folder / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_tree(folder: Path, name: str):
+    tensors = _load_safetensors(folder / f"{name}.safetensors")
+    return _join_tensors(json.loads((folder / f"{name}.json").read_text()), tensors)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({str(err).splitlines()[0]}); resume from another checkpoint") from err
+
+
+# ----------------------------------------------------------------------------------------------- engines
+
+
+def _is_deepspeed(accelerator) -> bool:
+    return accelerator is not None and accelerator.distributed_type.value == "DEEPSPEED"
+
+
+def _is_fsdp(accelerator) -> bool:
+    return accelerator is not None and accelerator.distributed_type.value == "FSDP"
+
+
+def _root(models: dict[str, nn.Module]) -> nn.ModuleDict:
+    """The models under one root, so that parameter paths read `<name>.<path>` (DDP/compile wrappers skipped)."""
+    return nn.ModuleDict(models)
+
+
+def _model_state(models: dict[str, nn.Module], trainable_only: bool, accelerator) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    root = _root(models)
+    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainable_only:
+        trained = {_clean(name) for name, p in root.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _clean(name: str) -> str:
+    """A parameter path without DDP's `module.` or torch.compile's `_orig_mod.` levels."""
+    return ".".join(part for part in name.split(".") if part not in ("module", "_orig_mod"))
+
+
+def _optimizer_states(models, optimizers, accelerator) -> list[dict]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return [get_optimizer_state_dict(_root(models), _inner(o), options=options) for o in optimizers]
+
+
+def _inner(optimizer):
+    """accelerate's `AcceleratedOptimizer` wraps the torch optimizer; torch's state-dict API wants the latter."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _load_optimizers(models, optimizers, states, accelerator) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=_is_fsdp(accelerator))
+    for optimizer, state in zip(optimizers, states, strict=True):
+        set_optimizer_state_dict(_root(models), _inner(optimizer), state, options=options)
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+
+def save(
+    output_dir: Path,
+    step: int,
+    models: dict[str, nn.Module],
+    optimizers: Sequence = (),
+    schedulers: Sequence = (),
+    progress: dict | None = None,
+    extra: dict | None = None,
+    config: dict | None = None,
+    total_limit: int | None = None,
+    trainable_only: bool = True,
+    accelerator=None,
+) -> Path:
+    """Writes `checkpoint-{step}` under `output_dir`; call it on every process (gathering is collective)."""
+    output_dir = Path(output_dir)
+    final, tmp = output_dir / f"{PREFIX}{step}", output_dir / f"{PREFIX}{step}.tmp"
+    is_main = accelerator is None or accelerator.is_main_process
+    weights = _model_state(models, trainable_only, accelerator)
+    deepspeed = _is_deepspeed(accelerator)
+    optimizer_states = [] if deepspeed else _optimizer_states(models, optimizers, accelerator)
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if deepspeed:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "engine"), safe_serialization=True)
+    if is_main:
+        save_file(weights, tmp / "model.safetensors")
+        save_tree(optimizer_states, tmp, "optimizer")
+        save_tree({**(extra or {}), "torch_rng": torch.get_rng_state()}, tmp, "extra")
+        info = {"step": step, "progress": progress or {}, "schedulers": [s.state_dict() for s in schedulers],
+                "config": config}  # fmt: skip
+        (tmp / "state.json").write_text(json.dumps(info, indent=2, default=str))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- find, load
+
+
+def _step(folder: Path) -> int | None:
+    suffix = folder.name[len(PREFIX) :]
+    return int(suffix) if folder.name.startswith(PREFIX) and suffix.isdigit() else None
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether the manifest is there and every file it lists has its recorded size."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in manifest.items())
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete `checkpoint-N` folders are skipped with a warning."""
+    found = sorted((p for p in Path(output_dir).glob(f"{PREFIX}*") if p.is_dir() and _step(p) is not None), key=_step)
+    complete = []
+    for folder in found:
+        if is_complete(folder):
+            complete.append(folder)
+        else:
+            logger.warning("skipping %s: incomplete or damaged (its manifest does not match its files)", folder)
+    return complete
+
+
+def remove_stale(output_dir: Path) -> None:
+    """Deletes `checkpoint-N.tmp` folders left by an interrupted save (main process, at start)."""
+    for tmp in Path(output_dir).glob(f"{PREFIX}*.tmp"):
+        logger.warning("removing %s, left by an interrupted save", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(resume: str, output_dir: Path) -> Path | None:
+    """The folder `--resume_from_checkpoint` names; None for 'latest' when there is no complete one yet."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no state.json)")
+    if not is_complete(path):
+        raise UserError(f"--resume_from_checkpoint {resume}: incomplete or damaged (its manifest does not match)")
+    return path
+
+
+def load(
+    folder: Path,
+    models: dict[str, nn.Module],
+    optimizers: Sequence = (),
+    schedulers: Sequence = (),
+    trainable_only: bool = True,
+    accelerator=None,
+) -> dict:
+    """Restores what `save` wrote into the given objects; returns {"step", "progress", "extra", "config"}."""
+    folder = Path(folder)
+    saved = _load_safetensors(folder / "model.safetensors")
+    root = _root(models)
+    if trainable_only:
+        targets = {_clean(n): p for n, p in root.named_parameters() if p.requires_grad}
+    else:
+        targets = {_clean(n): t for n, t in root.state_dict(keep_vars=True).items()}
+    missing = sorted(set(targets) - set(saved))
+    if missing:
+        raise UserError(
+            f"{folder}: lacks {len(missing)} trained tensors (first: {missing[0]}); it was made with other "
+            "adapter, model or training settings"
+        )
+    with torch.no_grad():
+        for key, tensor in targets.items():
+            if tensor.shape != saved[key].shape:
+                raise UserError(
+                    f"{folder}: {key} has shape {tuple(saved[key].shape)}, the model {tuple(tensor.shape)}"
+                )
+            tensor.copy_(saved[key].to(tensor))
+    if _is_deepspeed(accelerator):
+        accelerator.load_state(str(folder / "engine"))
+    else:
+        _load_optimizers(models, optimizers, load_tree(folder, "optimizer"), accelerator)
+    extra = load_tree(folder, "extra")
+    torch.set_rng_state(extra.pop("torch_rng"))
+    info = json.loads((folder / "state.json").read_text())
+    for scheduler, state in zip(schedulers, info["schedulers"], strict=True):
+        scheduler.load_state_dict(state)
+    return {"step": info["step"], "progress": info["progress"], "extra": extra, "config": info.get("config")}
