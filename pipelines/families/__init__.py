@@ -1,0 +1,32 @@
+"""Model families, one module each, and the one detection that training and generation share.
+
+`detect(model)` reads the pipeline's `model_index.json` (and, where needed, a component config) and returns the
+`Family` subclass whose `matches` accepts it; the user never names the family. To add a family, add a module with
+a `Family` subclass and list it in `FAMILIES` (more specific first).
+"""
+
+from __future__ import annotations
+
+from pipelines.families.base import Family, read_model_index, sub_config
+from pipelines.families.sd import StableDiffusion1, StableDiffusion2
+from pipelines.families.sdxl import StableDiffusionXL
+
+FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion2, StableDiffusion1)
+
+__all__ = ["FAMILIES", "Family", "by_name", "detect", "read_model_index", "sub_config"]
+
+
+def detect(model: str, index: dict | None = None) -> type[Family]:
+    """The family of the pipeline at `model` (a folder or Hub id); a one-line `UserError` if none fits."""
+    from core.errors import UserError
+
+    index = index if index is not None else read_model_index(model)
+    for family in FAMILIES:
+        if family.matches(index, model):
+            return family
+    names = ", ".join(f.pipeline_class_name for f in FAMILIES[::-1])
+    raise UserError(f"{model} is a {index.get('_class_name', 'pipeline of unknown class')}; supported: {names}")
+
+
+def by_name(name: str) -> type[Family]:
+    return next(f for f in FAMILIES if f.name == name)

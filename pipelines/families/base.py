@@ -1,0 +1,188 @@
+"""What every model family provides, so that training and generation never ask which family they run.
+
+A family is one module (`pipelines/families/<name>.py`) defining a `Family` subclass: how to recognise its
+pipelines from `model_index.json`, which components to load, how to tokenize and encode text, how images become
+the denoiser's inputs (VAE latents, scaled and shifted), how the denoiser is called, and which diffusers pipeline
+class saves and loads its LoRA files. The training objective a family uses (`objective`: "ddpm" for epsilon/v
+UNets, "flow" for rectified-flow transformers) is data, looked up in `finetune.objective`.
+
+Components are read from the pipeline's own `model_index.json` (library and class of each part), as
+`DiffusionPipeline.from_pretrained` does, but only from the `diffusers` and `transformers` libraries: no remote code
+is ever run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+
+TRUSTED_LIBRARIES = ("diffusers", "transformers")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    return model.count("/") == 1 and not model.startswith((".", "/", "~")) and not Path(model).exists()
+
+
+def read_model_index(model: str) -> dict:
+    """`model_index.json` of a local folder or, only when `model` is not a path, of a Hub id."""
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
+        return json.loads(index.read_text())
+    if not _looks_like_hub_id(model):
+        raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
+    return json.loads(Path(_hub_file(model, "model_index.json")).read_text())
+
+
+def _hub_file(model: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(model, filename)
+    except Exception as err:  # noqa: BLE001 - hub errors come in many classes; all mean "cannot get this file"
+        raise UserError(
+            f"model {model!r}: could not fetch {filename} from the Hub ({type(err).__name__}); check the id, your "
+            "login and the network"
+        ) from err
+
+
+def sub_config(model: str, subfolder: str, name: str = "config.json") -> dict:
+    """A component's config (e.g. `scheduler/scheduler_config.json`); {} when the pipeline has none."""
+    path = Path(model) / subfolder / name
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(model).is_dir():
+        return {}
+    try:
+        return json.loads(Path(_hub_file(model, f"{subfolder}/{name}")).read_text())
+    except UserError:
+        return {}
+
+
+def component_class(index: dict, name: str, model: str) -> type:
+    """The class `model_index.json` names for component `name`, from diffusers or transformers only."""
+    entry = index.get(name)
+    if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+        raise UserError(f"{model}: the pipeline has no {name!r} component (model_index.json)")
+    library, cls_name = entry
+    if library not in TRUSTED_LIBRARIES:
+        raise UserError(f"{model}: component {name} comes from {library!r}; only diffusers/transformers are loaded")
+    return getattr(importlib.import_module(library), cls_name)
+
+
+class Family:
+    """One model family's behaviour around its loaded components (an instance holds the components)."""
+
+    name: ClassVar[str]
+    pipeline_class_name: ClassVar[str]  # diffusers' pipeline class: saving/loading LoRA files, validation, export
+    denoiser_name: ClassVar[str] = "unet"
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    objective: ClassVar[str] = "ddpm"
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion",)
+    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
+
+    def __init__(self, model: str, index: dict, parts: dict[str, Any]):
+        self.model = model
+        self.index = index
+        self.parts = parts
+
+    # --- detection and loading -------------------------------------------------------------------------
+
+    @classmethod
+    def matches(cls, index: dict, model: str) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        return getattr(importlib.import_module("diffusers"), cls.pipeline_class_name)
+
+    @classmethod
+    def load(cls, model: str, index: dict, denoiser: nn.Module | None = None, **scheduler_options) -> Family:
+        """Every component training needs; `denoiser` replaces the pipeline's (e.g. a quantised one)."""
+        parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **scheduler_options)}
+        for name in ("vae", cls.denoiser_name, *cls.text_encoder_names, *cls.tokenizer_names):
+            if name == cls.denoiser_name and denoiser is not None:
+                parts[name] = denoiser
+                continue
+            parts[name] = component_class(index, name, model).from_pretrained(model, subfolder=name)
+        return cls(model, index, parts)
+
+    @classmethod
+    def load_noise_scheduler(cls, model: str, **options):
+        raise NotImplementedError
+
+    # --- components --------------------------------------------------------------------------------------
+
+    def __getattr__(self, name: str):  # components by their pipeline names: family.vae, family.unet, ...
+        parts = self.__dict__.get("parts", {})
+        if name in parts:
+            return parts[name]
+        raise AttributeError(name)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.parts[self.denoiser_name]
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {name: self.parts[name] for name in self.text_encoder_names if self.parts.get(name) is not None}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Every module with weights, by component name."""
+        return {"vae": self.vae, self.denoiser_name: self.denoiser, **self.text_encoders()}
+
+    # --- text ------------------------------------------------------------------------------------------
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids (B, L) per tokenizer: `input_ids`, `input_ids_2`, ..."""
+        out = {}
+        for i, name in enumerate(self.tokenizer_names):
+            tok = self.parts.get(name)
+            if tok is not None:
+                key = "input_ids" if i == 0 else f"input_ids_{i + 1}"
+                out[key] = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                               return_tensors="pt").input_ids  # fmt: skip
+        return out
+
+    def encode_text(self, ids: dict[str, torch.Tensor], encoders: dict[str, nn.Module] | None = None) -> dict:
+        """The denoiser's text conditioning as a dict of tensors (B, ...); `encoders` overrides the modules."""
+        raise NotImplementedError
+
+    # --- images and the denoiser -------------------------------------------------------------------------
+
+    def latents(self, posterior: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) drawn from VAE posterior params (B, 2C, h, w), each sample from its own seed,
+        scaled (and shifted, where the VAE has a shift factor) as the denoiser sees them."""
+        mean, logvar = posterior.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        eps = torch.stack(
+            [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s) ^ 0x5EED)) for s in seeds]
+        ).to(mean)
+        shift = self.vae.config.get("shift_factor", None) or 0.0
+        return (mean + std * eps - shift) * self.vae.config.scaling_factor
+
+    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict):
+        """The denoiser's output for noisy latents (B, C, h, w) at `timesteps` (B,)."""
+        raise NotImplementedError
+
+    # --- pipelines ----------------------------------------------------------------------------------------
+
+    def pipeline(self, scheduler, **overrides):
+        """A diffusers pipeline around these components (the live ones, or `overrides`), for sampling or saving."""
+        parts = {name: module for name, module in self.parts.items() if name != "noise_scheduler"}
+        parts.update(overrides)
+        return self.pipeline_class()(**parts, scheduler=scheduler, **self.pipeline_extras())
+
+    def pipeline_extras(self) -> dict:
+        return {}
