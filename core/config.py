@@ -35,15 +35,24 @@ import yaml
 from core.errors import UserError
 
 
-def option(help: str, default: Any = dataclasses.MISSING, *, choices: Sequence[str] | None = None, **kwargs):
+def option(
+    help: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    choices: Sequence[str] | None = None,
+    repeatable: bool = False,
+    **kwargs,
+):
     """A dataclass field with its help text and, optionally, the values it may take.
 
-    A list default is given as `default_factory` (dataclasses' rule); pass `default=[...]` and it is wrapped."""
+    A list default is given as `default_factory` (dataclasses' rule); pass `default=[...]` and it is wrapped.
+    `repeatable=True` (list fields) lets the flag be given more than once, each adding to the list
+    (`--set a=1 --set b=2`); otherwise a list flag takes its values after one flag and a repeated flag replaces."""
     if isinstance(default, (list, dict)):
         value = default
         kwargs["default_factory"] = lambda: type(value)(value)
         default = dataclasses.MISSING
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None}
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "repeatable": repeatable}
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
@@ -98,7 +107,10 @@ def _scalar(value, tp, name: str):
 
 
 def check_value(value, tp, name: str):
-    """`value` checked and converted against the annotation `tp`: scalars, `X | None`, `list[X]`, `dict[str, X]`."""
+    """`value` checked and converted against the annotation `tp`: scalars, `X | None`, `list[X]`, `tuple[X, ...]`,
+    `dict[str, X]`, and `Any` (taken as it is: for values another check owns, such as a model's options)."""
+    if tp is Any:
+        return value
     inner, optional = _unwrap(tp)
     if value is None:
         if optional:
@@ -108,6 +120,11 @@ def check_value(value, tp, name: str):
     if origin is list:
         value = [value] if not isinstance(value, list) else value
         return [check_value(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # only the variable-length form, tuple[X, ...]; YAML and flags give lists
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"unsupported config type {tp!r} for {name}: use tuple[X, ...]")
+        value = list(value) if isinstance(value, tuple) else [value] if not isinstance(value, list) else value
+        return tuple(check_value(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{name} must be a mapping, got {value!r}")
@@ -182,8 +199,9 @@ def build_parser(cls, description: str = "", prog: str | None = None) -> argpars
         inner, _ = _unwrap(tp)
         if inner is bool:
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_)
-        elif typing.get_origin(inner) is list:
-            parser.add_argument(f"--{name}", nargs="+", help=help_)
+        elif typing.get_origin(inner) in (list, tuple):
+            action = "extend" if meta.get("repeatable") else "store"
+            parser.add_argument(f"--{name}", nargs="+", action=action, help=help_)
         elif typing.get_origin(inner) is dict:
             parser.add_argument(f"--{name}", type=yaml.safe_load, help=f"{help_} (a YAML/JSON mapping)")
         else:
@@ -197,11 +215,18 @@ def from_values(cls, values: dict, where: str = "config"):
     unknown = [k for k in values if k not in types_]
     if unknown:
         raise _unknown(unknown[0], list(types_), where)
+    required = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
+    if required:
+        raise UserError(f"--{required[0]} is required (see --help)")
     cfg = cls(**{k: check_value(v, types_[k], f"--{k}") for k, v in values.items()})
     _check_choices(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def parse(cls, argv: Sequence[str] | None, description: str = "", base: dict | None = None, prog: str | None = None):
