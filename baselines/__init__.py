@@ -13,9 +13,9 @@ Every family lives in one module (`baselines/<family>.py`) exposing `Config` (a 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
+from core.config import check_value, field_types
 from core.errors import UserError
 
 FAMILIES: tuple[str, ...] = ("vae", "gan", "pixelcnn", "glow", "ddpm")
@@ -31,19 +31,21 @@ def build_model(family: str, resolution: int = 32, channels: int = 3, n_bits: in
 
 def strict_config(family: str, cls, overrides: dict, **fixed):
     """`cls(**fixed, **overrides)`, strictly: an unknown option or a value of the wrong type is a UserError naming
-    it. Lists become tuples; an int is accepted where the default is a float; a bool is never an int."""
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
+    it. The types are the Config's annotations, checked by `core.config.check_value` (lists become tuples where the
+    field is a tuple, an int is accepted where it is a float, a bool is never an int)."""
+    types = field_types(cls)
+    names = [name for name in types if name not in fixed]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise UserError(f"{family}: unknown option {unknown[0]!r}; options: {', '.join(names)}")
-    config = cls(**fixed, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-    for name in names:
-        value, default = getattr(config, name), getattr(cls, name)
-        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-        if ok and isinstance(default, tuple) and default:  # e.g. block_out_channels: elements of the default's type
-            ok = all(type(item) is type(default[0]) for item in value)
-        if type(default) is float and type(value) is int:
-            setattr(config, name, float(value))
-        elif not ok:
-            raise UserError(f"{family}: option {name} must be {type(default).__name__}, got {value!r}")
-    return config
+    values = {k: check_value(v, types[k], f"{family}: option {k}") for k, v in overrides.items()}
+    return cls(**fixed, **values)
+
+
+def check_options(family: str, overrides: dict) -> None:
+    """Checks a family's Config options (names and types) without building the model: for configs read early."""
+    if family not in FAMILIES:
+        raise UserError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    cls = importlib.import_module(f"baselines.{family}").Config
+    sizes = {name: getattr(cls, name) for name in ("resolution", "channels", "n_bits") if hasattr(cls, name)}
+    strict_config(family, cls, overrides, **sizes)

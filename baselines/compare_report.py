@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from baselines.train import image_grid  # noqa: E402
+from core.images import tensor_grid  # noqa: E402
 
 # The common wisdom this comparison answers (issue 6): quality out of 10, stability, speed, collapse, likelihood.
 CLAIMS: dict[str, dict[str, object]] = {
@@ -284,7 +284,7 @@ def save_grid(x: torch.Tensor, path: Path, min_width: int = 256) -> None:
     """A sample grid, enlarged with nearest-neighbour pixels so that small images stay readable."""
     if len(x) == 0:
         return
-    grid = image_grid(x)
+    grid = tensor_grid(x)
     scale = max(1, math.ceil(min_width / grid.width))
     grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
 

@@ -7,33 +7,33 @@
 provide `configure_optimizers(lr)` and `training_step(x, optimizers, step)` and do their own backward and steps.
 
 Batches and noise are drawn from generators seeded by (seed, step), so a run resumed from a checkpoint continues
-exactly as the uninterrupted run would have. `fit` runs on one process (accelerate chooses its device and
+exactly as the uninterrupted run would have. Settings are a `core.config` dataclass (`TrainConfig`: flags or a
+`--config` YAML file), checkpoints are `core.checkpoint` folders (safetensors + JSON). `fit` runs on one process (accelerate chooses its device and
 precision); the comparison trains small models, where data parallelism is not worth its complexity.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 from torch import nn
 
-from baselines import FAMILIES, build_model
+from baselines import FAMILIES, build_model, check_options
 from baselines.data import load_tensor
+from core import checkpoint
+from core.config import option, parse, to_dict
 from core.errors import UserError, run_main
+from core.images import tensor_grid
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
@@ -66,32 +66,37 @@ class FitResult:
 
 @dataclass
 class TrainState:
-    """What a checkpoint holds besides the weights: optimizers, EMA, progress."""
+    """What a checkpoint holds besides the weights: optimizers, LR schedulers, EMA, progress."""
 
     optimizers: list[torch.optim.Optimizer]
     ema: EMAModel | None = None
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = field(default_factory=list)
     step: int = 0
     images_seen: int = 0
     seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def make_state(model: nn.Module, lr: float, ema: bool | None = None) -> TrainState:
-    """Optimizers (the family's own, or AdamW) and, where the family uses one, an EMA of the trainable weights.
+def make_state(
+    model: nn.Module, lr: float, ema: bool | None = None, lr_lambda: Callable[[int], float] | None = None
+) -> TrainState:
+    """Optimizers (the family's own, or AdamW), an LR schedule and, where the family uses one, an EMA.
 
-    `ema=None` takes the family's default (`model.use_ema`); the GAN keeps its generator EMA itself.
+    `ema=None` takes the family's default (`model.use_ema`); the GAN keeps its generator EMA itself. `lr_lambda(step)`
+    multiplies `lr` at each step (torch's `LambdaLR`); without it the LR is constant.
     """
     if hasattr(model, "configure_optimizers"):
         optimizers = model.configure_optimizers(lr)
     else:
         optimizers = [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for o in optimizers] if lr_lambda else []
     use_ema = getattr(model, "use_ema", False) if ema is None else ema
     if use_ema:
         from diffusers.training_utils import EMAModel  # imported here: it pulls in bitsandbytes, slow and chatty
     trainable = _trainable(model)
     # Warm-up EMA (decay 1 - (1 + step)^(-2/3)): useful after tens of steps, ~0.999 after tens of thousands.
     ema_model = EMAModel(trainable, use_ema_warmup=True, power=2 / 3, decay=0.9999) if use_ema else None
-    return TrainState(optimizers, ema_model)
+    return TrainState(optimizers, ema_model, schedulers)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -107,15 +112,32 @@ def _seeded(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
-def _batch(data: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.Tensor:
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
+Data = Batch | Callable[[int, torch.Generator], Batch]
+
+
+def _batch(data: Data, batch_size: int, seed: int, step: int) -> Batch:
+    """The batch of `step`: drawn without replacement from tensors (a tuple's tensors share the indices), or made
+    by `data(batch_size, generator)`; the generator is seeded by (seed, step) so a resumed run draws the same."""
     generator = torch.Generator().manual_seed(_seeded(seed, step))
-    index = torch.randperm(len(data), generator=generator)[: min(batch_size, len(data))]
-    return data[index]
+    if callable(data):
+        return data(batch_size, generator)
+    tensors = data if isinstance(data, tuple) else (data,)
+    index = torch.randperm(len(tensors[0]), generator=generator)[: min(batch_size, len(tensors[0]))]
+    return tuple(t[index] for t in tensors) if isinstance(data, tuple) else data[index]
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else batch.to(device)
+
+
+def _size(batch: Batch) -> int:
+    return len(batch[0]) if isinstance(batch, tuple) else len(batch)
 
 
 def fit(
     model: nn.Module,
-    data: torch.Tensor,
+    data: Data,
     *,
     batch_size: int,
     lr: float,
@@ -128,12 +150,14 @@ def fit(
     state: TrainState | None = None,
     on_step: Callable[[TrainState], None] | None = None,
 ) -> FitResult:
-    """Trains `model` on `data` (N, C, H, W) until `budget` is spent.
+    """Trains `model` on `data` until `budget` is spent; `model.loss(batch)` receives each batch as drawn.
 
-    With an EMA, its weights are copied into the model at the end and the live weights are kept aside in
-    `state.ema`: passing the same `state` again (or saving it with `save_checkpoint`) continues from the live ones.
-    `state` (from `make_state`, possibly restored from a checkpoint) resumes a run; `on_step(state)` runs after every
-    step (the command line checkpoints and draws samples there).
+    `data` is images (N, C, H, W), a tuple of tensors indexed together (images and labels: the batch is a tuple),
+    or a function `(batch_size, generator) -> batch` for data made fresh every step. With an EMA, its weights are
+    copied into the model at the end and the live weights are kept aside in `state.ema`: passing the same `state`
+    again (or saving it with `save_checkpoint`) continues from the live ones. `state` (from `make_state`, possibly
+    restored from a checkpoint) resumes a run and carries an LR schedule; `on_step(state)` runs after every step
+    (the command line checkpoints and draws samples there).
     """
     if budget.images is None and budget.seconds is None and budget.steps is None:
         raise UserError("the training budget is empty: give images, seconds or steps")
@@ -142,7 +166,7 @@ def fit(
 
         accelerator = Accelerator()
     model.to(accelerator.device).train()
-    data = data.to(accelerator.device)
+    data = data if callable(data) else _to(data, accelerator.device)
     state = make_state(model, lr, ema) if state is None else state
     if state.ema is not None:
         state.ema.to(accelerator.device)
@@ -155,7 +179,7 @@ def fit(
     diverged, start = False, time.perf_counter() - state.seconds
 
     while not budget.spent(state.images_seen, state.seconds, state.step):
-        x = _batch(data, batch_size, seed, state.step)
+        x = _to(_batch(data, batch_size, seed, state.step), accelerator.device)
         torch.manual_seed(_seeded(seed + 1, state.step))  # the loss's noise, reproducible on resume
         with accelerator.autocast():
             terms = model.training_step(x, optimizers, state.step) if adversarial else model.loss(x)
@@ -168,10 +192,12 @@ def fit(
             accelerator.clip_grad_norm_(trainable, 1.0)  # norm clipping at 1: a stray batch cannot blow a run up
             optimizers[0].step()
             optimizers[0].zero_grad(set_to_none=True)
+        for scheduler in state.schedulers:
+            scheduler.step()
         if state.ema is not None:
             state.ema.step(trainable)
         state.step += 1
-        state.images_seen += len(x)
+        state.images_seen += _size(x)
         state.seconds = time.perf_counter() - start
         if state.step % log_every == 0 or state.step == 1:
             state.losses.append((state.step, loss))
@@ -187,41 +213,41 @@ def fit(
     return FitResult(list(state.losses), state.images_seen, state.seconds, state.step, diverged)
 
 
-# ----------------------------------------------------------------------------------------------- saving, loading
+# ----------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(directory: Path, model: nn.Module, state: TrainState) -> None:
-    """Weights as safetensors; optimizer/EMA state with torch.save, read back only with weights_only=True."""
-    tmp = directory.with_name(directory.name + ".tmp")  # written aside, then renamed: an interrupt leaves no half
-    tmp.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(
+    output_dir: Path, model: nn.Module, state: TrainState, config: dict | None = None, total_limit: int | None = None
+) -> Path:
+    """`output_dir/checkpoint-{step}` through `core.checkpoint`: the whole state dict, optimizers, LR schedulers,
+    the EMA and progress; `config` (the run's settings) is kept so that a resume can refuse a different model."""
     swapped = _ema_swapped(state)
     if swapped:  # save the live weights; the EMA ones are in the EMA state
         state.ema.restore(_trainable(model))
-    save_weights(model, str(tmp / "model.safetensors"))
-    if swapped:
-        state.ema.store(_trainable(model))
-        state.ema.copy_to(_trainable(model))
-    extra = {"optimizers": [o.state_dict() for o in state.optimizers]}
-    if state.ema is not None:
-        extra["ema"] = state.ema.state_dict()
-    torch.save(extra, tmp / "training_state.pt")
-    progress = {"step": state.step, "images_seen": state.images_seen, "seconds": state.seconds}
-    (tmp / "progress.json").write_text(json.dumps({**progress, "losses": state.losses}))
-    if directory.exists():  # the same step saved again after a resume
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    try:
+        progress = {"images_seen": state.images_seen, "seconds": state.seconds, "losses": state.losses}
+        return checkpoint.save(
+            output_dir, state.step, {"model": model}, state.optimizers, state.schedulers, progress=progress,
+            extra={"ema": state.ema.state_dict()} if state.ema is not None else {}, config=config,
+            total_limit=total_limit, trainable_only=False,
+        )  # fmt: skip
+    finally:
+        if swapped:
+            state.ema.store(_trainable(model))
+            state.ema.copy_to(_trainable(model))
 
 
-def load_checkpoint(directory: Path, model: nn.Module, state: TrainState) -> None:
-    load_weights(model, str(directory / "model.safetensors"))
-    extra = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
-    for optimizer, saved in zip(state.optimizers, extra["optimizers"], strict=True):
-        optimizer.load_state_dict(saved)
+def load_checkpoint(folder: Path, model: nn.Module, state: TrainState) -> dict | None:
+    """Restores what `save_checkpoint` wrote into `model` and `state`; returns the config the run was saved with."""
+    info = checkpoint.load(folder, {"model": model}, state.optimizers, state.schedulers, trainable_only=False)
     if state.ema is not None:
-        state.ema.load_state_dict(extra["ema"])
-    progress = json.loads((directory / "progress.json").read_text())
-    state.step, state.images_seen, state.seconds = progress["step"], progress["images_seen"], progress["seconds"]
+        if "ema" not in info["extra"]:
+            raise UserError(f"{folder} holds no EMA state, but this model trains with one")
+        state.ema.load_state_dict(info["extra"]["ema"])
+    progress = info["progress"]
+    state.step, state.images_seen, state.seconds = info["step"], progress["images_seen"], progress["seconds"]
     state.losses = [tuple(pair) for pair in progress["losses"]]
+    return info["config"]
 
 
 def save_model(directory: str | Path, model: nn.Module, family: str, resolution: int, channels: int, n_bits: int):
@@ -247,106 +273,110 @@ def load_model(directory: str | Path) -> nn.Module:
     return model.eval()
 
 
-def image_grid(x: torch.Tensor, columns: int = 8) -> Image.Image:
-    """(N, C, H, W) in [0, 1] as one PIL image, `columns` wide, with a 1-pixel white border."""
-    n, c, h, w = x.shape
-    rows = math.ceil(n / columns)
-    grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), dtype=np.float32)
-    pixels = x.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
-    for i in range(n):
-        top, left = 1 + (i // columns) * (h + 1), 1 + (i % columns) * (w + 1)
-        grid[top : top + h, left : left + w] = pixels[i]
-    grid = (grid * 255 + 0.5).astype(np.uint8)
-    return Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-
-
 # ----------------------------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2 through run_main, not argparse's usage block
-        raise UserError(f"{message} (see --help)")
+@dataclass
+class TrainConfig:
+    """The settings of `python -m baselines.train`: flags, or the same keys in a `--config` YAML file."""
+
+    family: str = option("the family to train", choices=FAMILIES)
+    output_dir: str = option("where checkpoints, sample grids, logs and the final model go")
+    max_train_steps: int = option("optimizer steps to train for")
+    shapes: bool = option("train on the embedded shapes world", False)
+    train_data_dir: str | None = option("a folder of images (metadata.jsonl or image + .txt)", None)
+    dataset_name: str | None = option("a datasets name or a local dataset folder", None)
+    image_column: str = option("the dataset's image column", "image")
+    caption_column: str = option("the dataset's caption column", "text")
+    n_per_class: int = option("shapes world only: images per colour and shape", 100)
+    resolution: int = option("image side in pixels", 32)
+    channels: int | None = option("1 or 3; default: from the data", None)
+    n_bits: int = option("bits per subpixel the data is quantised to", 8)
+    seed: int = option("seeds the model, the batches and the noise", 0)
+    batch_size: int = option("images per step", 32)
+    learning_rate: float = option("AdamW's (or the family's optimizers') learning rate", 2e-4)
+    mixed_precision: str = option("accelerate's mixed precision", "no", choices=("no", "fp16", "bf16"))
+    checkpointing_steps: int = option("write checkpoint-N every N steps (and at the end)", 500)
+    checkpoints_total_limit: int | None = option("keep only the newest N checkpoints", None)
+    resume_from_checkpoint: str | None = option('"latest" (in output_dir) or a checkpoint folder', None)
+    sample_every: int = option("write a sample grid every N steps (and at the end)", 500)
+    log_every: int = option("log the loss every N steps", 10)
+    set: list[str] = option("KEY=VALUE: a field of the family's Config; repeatable", [], repeatable=True)
+
+    def validate(self) -> None:
+        sources = [self.shapes, self.train_data_dir is not None, self.dataset_name is not None]
+        if sum(sources) != 1:
+            raise UserError("give exactly one data source: --shapes, --train_data_dir or --dataset_name")
+        if self.channels not in (None, 1, 3):
+            raise UserError(f"--channels {self.channels}: choose 1 or 3 (or leave it out: from the data)")
+        for name in ("max_train_steps", "batch_size", "checkpointing_steps", "sample_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.family == "gan" and self.mixed_precision == "fp16":
+            raise UserError("--mixed_precision fp16 is not supported for the gan (no loss scaling); use bf16 or no")
+        check_options(self.family, self.overrides())
+
+    def overrides(self) -> dict:
+        """`--set` as the family's Config options: values read as JSON where they parse (8, [32, 64], true)."""
+        overrides = {}
+        for pair in self.set:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise UserError(f"--set {pair!r} is not KEY=VALUE")
+            try:
+                overrides[key] = json.loads(value)
+            except json.JSONDecodeError:
+                overrides[key] = value  # a bare string such as loss=wgan-gp
+        return overrides
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m baselines.train", description="Train one baseline family.")
-    p.add_argument("--family", required=True, help=f"one of {', '.join(FAMILIES)}")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shapes", action="store_true", help="train on the embedded shapes world")
-    source.add_argument("--train_data_dir")
-    source.add_argument("--dataset_name")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--caption_column", default="text")
-    p.add_argument("--n_per_class", type=int, default=100, help="shapes images per colour and shape")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: from the data")
-    p.add_argument("--n_bits", type=int, default=8)
-    p.add_argument("--max_train_steps", type=int, required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--learning_rate", type=float, default=2e-4)
-    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
-    p.add_argument("--sample_every", type=int, default=500, help="write a sample grid every N steps")
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a field of the family's Config")
-    return p.parse_args(argv)
+# A checkpoint resumes only into the same model: these settings must match the ones it was saved with.
+MODEL_KEYS = ("family", "resolution", "channels", "n_bits", "set")
 
 
-def _overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise UserError(f"--set {pair!r} is not KEY=VALUE")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value  # a bare string such as loss=wgan-gp
-    return overrides
+def parse_args(argv: Sequence[str] | None) -> TrainConfig:
+    return parse(TrainConfig, argv, "Train one baseline family.", prog="python -m baselines.train")
 
 
-def _find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "progress.json").exists():
-            raise UserError(f"--resume_from_checkpoint {resume} is not a checkpoint folder")
-        return path
-    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+def _resume(cfg: TrainConfig, model: nn.Module, state: TrainState, accelerator) -> None:
+    folder = checkpoint.resolve(cfg.resume_from_checkpoint, Path(cfg.output_dir))
+    if folder is None:
+        accelerator.print(f"no checkpoint in {cfg.output_dir}; starting a new run")
+        return
+    # Checked before loading, so that the error names the setting rather than a tensor of another shape.
+    # state.json is core.checkpoint's documented record of the run's config.
+    saved = json.loads((folder / "state.json").read_text()).get("config") or {}
+    differ = [k for k in MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: it was trained with --{differ[0]} {saved[differ[0]]}, this run "
+            f"asks for {getattr(cfg, differ[0])}; resume with the same model settings"
+        )
+    load_checkpoint(folder, model, state)
+    accelerator.print(f"resumed from {folder} at step {state.step}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    args = parse_args(argv)
-    if args.family not in FAMILIES:
-        raise UserError(f"unknown family {args.family!r}; choose from {', '.join(FAMILIES)}")
-    if args.family == "gan" and args.mixed_precision == "fp16":
-        raise UserError("--mixed_precision fp16 is not supported for the gan (no loss scaling); use bf16 or no")
-    output_dir = Path(args.output_dir)
+    cfg = parse_args(argv)
+    output_dir = Path(cfg.output_dir)
     data, _ = load_tensor(
-        args.shapes, args.train_data_dir, args.dataset_name, args.resolution, args.channels, args.n_bits,
-        None, args.image_column, args.caption_column, n_per_class=args.n_per_class, seed=args.seed,
+        cfg.shapes, cfg.train_data_dir, cfg.dataset_name, cfg.resolution, cfg.channels, cfg.n_bits,
+        None, cfg.image_column, cfg.caption_column, n_per_class=cfg.n_per_class, seed=cfg.seed,
     )  # fmt: skip
     channels = data.shape[1]
-    model = build_model(args.family, args.resolution, channels, args.n_bits, **_overrides(args.set))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with="tensorboard", project_dir=output_dir)
+    model = build_model(cfg.family, cfg.resolution, channels, cfg.n_bits, **cfg.overrides())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=output_dir)
     if accelerator.num_processes > 1:
         raise UserError("baselines.train runs on one process; launch it without a multi-process accelerate config")
-    accelerator.init_trackers("baselines", config={k: v for k, v in vars(args).items() if k != "set"})
-    state = make_state(model, args.learning_rate)
-    if args.resume_from_checkpoint:
-        checkpoint = _find_checkpoint(output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
-        else:
-            load_checkpoint(checkpoint, model, state)
-            accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-    bar = tqdm(total=args.max_train_steps, initial=state.step, disable=not accelerator.is_local_main_process)
+    accelerator.init_trackers("baselines", config={k: v for k, v in to_dict(cfg).items() if k != "set"})
+    checkpoint.remove_stale(output_dir)
+    state = make_state(model, cfg.learning_rate)
+    if cfg.resume_from_checkpoint:
+        _resume(cfg, model, state, accelerator)
+    bar = tqdm(total=cfg.max_train_steps, initial=state.step, disable=not accelerator.is_local_main_process)
 
     def on_log(step: int, terms: dict[str, float]) -> None:
         accelerator.log(terms, step=step)
@@ -354,19 +384,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def on_step(state: TrainState) -> None:
         bar.update(1)
-        if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
-            save_checkpoint(output_dir / f"checkpoint-{state.step}", model, state)
-        if state.step % args.sample_every == 0 or state.step == args.max_train_steps:
-            write_samples(model, state, output_dir / "samples" / f"step-{state.step:06d}.png", args.seed)
+        last = state.step == cfg.max_train_steps
+        if state.step % cfg.checkpointing_steps == 0 or last:
+            save_checkpoint(output_dir, model, state, to_dict(cfg), cfg.checkpoints_total_limit)
+        if state.step % cfg.sample_every == 0 or last:
+            write_samples(model, state, output_dir / "samples" / f"step-{state.step:06d}.png", cfg.seed)
 
     result = fit(
-        model, data, batch_size=args.batch_size, lr=args.learning_rate, budget=Budget(steps=args.max_train_steps),
-        seed=args.seed, accelerator=accelerator, log_every=args.log_every, on_log=on_log, state=state, on_step=on_step,
+        model, data, batch_size=cfg.batch_size, lr=cfg.learning_rate, budget=Budget(steps=cfg.max_train_steps),
+        seed=cfg.seed, accelerator=accelerator, log_every=cfg.log_every, on_log=on_log, state=state, on_step=on_step,
     )  # fmt: skip
     bar.close()
     if result.diverged:
         accelerator.print(f"stopped at step {result.steps}: the loss is no longer finite")
-    save_model(output_dir, model, args.family, args.resolution, channels, args.n_bits)
+    save_model(output_dir, model, cfg.family, cfg.resolution, channels, cfg.n_bits)
     accelerator.end_training()
 
 
@@ -383,7 +414,7 @@ def write_samples(model: nn.Module, state: TrainState, path: Path, seed: int, n:
     if state.ema is not None:
         state.ema.restore(trainable)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(x).save(path)
+    tensor_grid(x).save(path)
 
 
 if __name__ == "__main__":

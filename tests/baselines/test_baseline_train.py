@@ -15,8 +15,8 @@ from torch import nn
 
 from baselines import build_model
 from baselines.data import load_tensor
-from baselines.train import Budget, fit, load_checkpoint, load_model, make_state, save_checkpoint
-from core.errors import UserError
+from baselines.train import Budget, fit, load_checkpoint, load_model, main, make_state, parse_args, save_checkpoint
+from core.errors import UserError, run_main
 from toyworld.shapes import write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,21 +61,46 @@ def test_non_finite_loss_stops_and_is_reported():
     assert torch.isfinite(model.w)  # the non-finite loss never reached the weights
 
 
-def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
-    x = data()
-    straight = tiny_vae()
-    fit(straight, x, batch_size=8, lr=1e-3, budget=Budget(steps=6), seed=3, ema=True)
+def tiny(family: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    options = {"vae": {"hidden": 8}, "gan": {"hidden": 8, "style_dim": 8, "n_mlp": 1}}[family]
+    return build_model(family, resolution=8, channels=3, n_bits=8, **options)
 
-    first = tiny_vae()
-    state = make_state(first, 1e-3, ema=True)
-    fit(first, x, batch_size=8, lr=1e-3, budget=Budget(steps=3), seed=3, state=state)
-    save_checkpoint(tmp_path / "checkpoint-3", first, state)
-    resumed = build_model("vae", resolution=8, channels=3, n_bits=8, hidden=8)  # fresh weights, overwritten
-    state = make_state(resumed, 1e-3, ema=True)
-    load_checkpoint(tmp_path / "checkpoint-3", resumed, state)
-    result = fit(resumed, x, batch_size=8, lr=1e-3, budget=Budget(steps=6), seed=3, state=state)
-    assert result.steps == 6
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+
+@pytest.mark.parametrize("family", ["vae", "gan"])  # one AdamW through accelerate; two optimizers stepped by the GAN
+def test_resume_from_a_checkpoint_continues_exactly(tmp_path, family):
+    """3 steps, checkpoint, a fresh process-like restore, 3 more: bit-identical to 6 steps straight, with the EMA,
+    the optimizers' moments, the LR schedule and the loss history all carried through the checkpoint."""
+    x = data()
+
+    def run(model: nn.Module, steps: int, state) -> object:
+        return fit(model, x, batch_size=8, lr=1e-3, budget=Budget(steps=steps), seed=3, state=state, log_every=1)
+
+    def schedule(step: int) -> float:
+        return 1.0 / (1 + step)
+
+    straight = tiny(family)
+    straight_state = make_state(straight, 1e-3, ema=True, lr_lambda=schedule)
+    expected = run(straight, 6, straight_state)
+
+    first = tiny(family)
+    state = make_state(first, 1e-3, ema=True, lr_lambda=schedule)
+    run(first, 3, state)
+    folder = save_checkpoint(tmp_path, first, state, config={"family": family})
+    assert folder == tmp_path / "checkpoint-3"
+    assert (folder / "manifest.json").is_file() and not list(folder.glob("*.pt"))  # safetensors + JSON only
+
+    resumed = tiny(family, seed=1)  # other weights, overwritten by the checkpoint
+    state = make_state(resumed, 1e-3, ema=True, lr_lambda=schedule)
+    assert load_checkpoint(folder, resumed, state) == {"family": family}
+    assert state.step == 3 and state.schedulers[0].last_epoch == 3
+    result = run(resumed, 6, state)
+    assert result.steps == 6 and result.losses == expected.losses
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # EMA weights (fit ends with them), buffers and the GAN's own EMA alike
+    for model, model_state in ((straight, straight_state), (resumed, state)):  # the live weights match too
+        model_state.ema.restore([p for p in model.parameters() if p.requires_grad])
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -115,7 +140,7 @@ def test_cli_trains_checkpoints_resumes_and_saves(tmp_path):
     run = run_cli(*common, "--output_dir", str(tmp_path / "a"))
     assert run.returncode == 0, run.stderr
     out = tmp_path / "a"
-    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    assert (out / "checkpoint-2" / "manifest.json").is_file() and (out / "checkpoint-4" / "manifest.json").is_file()
     assert Image.open(out / "samples" / "step-000004.png").size == (8 * 9 + 1, 2 * 9 + 1)
     assert list(out.rglob("events.out.tfevents.*"))
     model = load_model(out)
@@ -134,5 +159,52 @@ def test_cli_rejects_an_unknown_family_in_one_line(tmp_path):
     run = run_cli("--family", "flow", "--shapes", "--max_train_steps", "2", "--output_dir", str(tmp_path))
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
-        "error: unknown family 'flow'; choose from vae, gan, pixelcnn, glow, ddpm"
+        "error: --family flow: unknown (did you mean 'glow'?); choose one of vae, gan, pixelcnn, glow, ddpm"
     ]
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max_train", "2"], "unknown flag --max_train; did you mean --max_train_steps?"),  # no abbreviations
+        (
+            ["--max_train_steps", "2", "--learning_rte", "1"],
+            "unknown flag --learning_rte; did you mean --learning_rate?",
+        ),
+        (
+            ["--max_train_steps", "2", "--mixed_precision", "fp61"],
+            "--mixed_precision fp61: unknown (did you mean 'fp16'?)",
+        ),
+        (["--max_train_steps", "two"], "--max_train_steps must be an integer, got 'two'"),
+        (["--max_train_steps", "2", "--train_data_dir", "x"], "exactly one data source"),
+        (["--max_train_steps", "2", "--set", "hiden=8"], "vae: unknown option 'hiden'"),
+        (["--max_train_steps", "2", "--set", "hidden=8", "--set", "beta=big"], "vae: option beta must be a number"),
+        (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+        ([], "--max_train_steps is required"),
+    ],
+)
+def test_cli_errors_are_one_line_before_training(tmp_path, capsys, extra, message):
+    argv = ["--family", "vae", "--shapes", "--output_dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_set_flags_add_up_and_a_yaml_config_fills_the_rest(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("family: gan\nshapes: true\nmax_train_steps: 3\nlearning_rate: 1e-3\n")
+    cfg = parse_args(["--config", str(config), "--output_dir", "o", "--set", "hidden=8", "--set", "loss=wgan-gp"])
+    assert (cfg.family, cfg.max_train_steps, cfg.learning_rate) == ("gan", 3, 1e-3)
+    assert cfg.overrides() == {"hidden": 8, "loss": "wgan-gp"}
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    common = ["--family", "vae", "--shapes", "--n_per_class", "1", "--resolution", "8", "--max_train_steps", "2",
+              "--batch_size", "4", "--set", "hidden=8", "--output_dir", str(tmp_path)]  # fmt: skip
+    main(common)
+    with pytest.raises(UserError, match="trained with --n_bits 8, this run asks for 5"):
+        main([*common, "--n_bits", "5", "--resume_from_checkpoint", "latest"])

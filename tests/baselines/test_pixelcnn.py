@@ -122,6 +122,6 @@ def test_bad_options_raise_user_error():
     with pytest.raises(UserError, match="kernel"):
         build(4, 1, 1, kernel=4)
     with pytest.raises(UserError, match="layers"):
-        build(4, 1, 1, layers="2")
+        build(4, 1, 1, layers="two")
     with pytest.raises(UserError, match=r"\(B, 1, 4, 4\)"):
         build(4, 1, 1, **TINY).loss(torch.zeros(2, 1, 8, 8))

@@ -87,7 +87,7 @@ def test_interpolation_and_anomaly_score():
 
 @pytest.mark.parametrize(
     ("overrides", "resolution", "message"),
-    [({"hiden": 8}, 8, "hiden"), ({"beta": "big"}, 8, "beta must be float"), ({}, 6, "resolution 6")],
+    [({"hiden": 8}, 8, "hiden"), ({"beta": "big"}, 8, "beta must be a number"), ({}, 6, "resolution 6")],
 )
 def test_bad_options_are_user_errors(overrides, resolution, message):
     with pytest.raises(UserError, match=message):
