@@ -1,7 +1,8 @@
 """Pixel-space denoising diffusion: Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models" (2020).
 
 The network is a diffusers `UNet2DModel` predicting the noise; the forward process and every sampler are diffusers
-schedulers (`DDPMScheduler` for training and ancestral sampling, `DDIMScheduler`, `DPMSolverMultistepScheduler`).
+schedulers: `DDPMScheduler` for training, and for sampling any name of the project's one sampler registry
+(`pipelines.samplers`: "ddpm" is the paper's ancestral sampler, "ddim", "dpmpp-2m", "euler-a", ...).
 Training minimises L_simple. `bits_per_dim` is the variational bound of the paper (eq. 5) on the discrete data:
 
     L_T + sum_{t=2..T} L_{t-1} + L_0,
@@ -18,24 +19,27 @@ timesteps that made the bound ~50 times looser (about 200 bits/dim instead of 4 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.special import log_ndtr
 
 from baselines import strict_config
 from core.errors import UserError
+from pipelines.samplers import make_scheduler
 
 FAMILY = "ddpm"
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20}  # "ddpm" walks every training timestep
+# Steps when none are given: "ddpm" walks every training timestep; the multistep solvers need fewer than the rest.
+DEFAULT_STEPS = {"dpmpp-2m": 20, "dpmpp-2m-karras": 20, "dpmpp-sde": 20, "unipc": 20}
+OTHER_STEPS = 50
 
 
 @dataclass
@@ -110,28 +114,32 @@ class DDPM(nn.Module):
         noisy = self.scheduler.add_noise(x0, noise, t)
         return {"loss": F.mse_loss(self.unet(noisy, t).sample.float(), noise)}
 
+    def sampler(self, scheduler: str = "ddpm", steps: int | None = None):
+        """The named sampler (`pipelines.samplers`) on this model's training schedule, its timesteps set."""
+        # "trailing" spacing starts at the last training step and never repeats a timestep when steps are few
+        sampler = make_scheduler(scheduler, {**self.scheduler.config, "timestep_spacing": "trailing"})
+        T = self.config.num_train_timesteps
+        default = T if scheduler == "ddpm" else DEFAULT_STEPS.get(scheduler, OTHER_STEPS)
+        sampler.set_timesteps(min(steps if steps is not None else default, T), device=self.unet.device)
+        return sampler
+
     def evals_per_sample(self, n: int = 1, scheduler: str = "ddpm", steps: int | None = None) -> int:
-        if steps is not None:
-            return steps
-        return self.config.num_train_timesteps if scheduler == "ddpm" else DEFAULT_STEPS[scheduler]
+        """UNet passes per image: one per sampler timestep (Heun's second-order steps count twice)."""
+        return len(self.sampler(scheduler, steps).timesteps)
 
     @torch.no_grad()
     def sample(
         self, n: int, generator: torch.Generator | None = None, scheduler: str = "ddpm", steps: int | None = None
     ) -> torch.Tensor:
-        """n images (n, C, H, W) in [0, 1] on the n_bits grid, drawn with the named diffusers scheduler."""
-        if scheduler not in SAMPLERS:
-            raise UserError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SAMPLERS)}")
-        # "trailing" spacing starts at the last training step and never repeats a timestep when steps are few
-        sampler = SAMPLERS[scheduler].from_config(self.scheduler.config, timestep_spacing="trailing")
-        steps = min(self.evals_per_sample(n, scheduler, steps), self.config.num_train_timesteps)
-        device = next(self.parameters()).device
-        sampler.set_timesteps(steps, device=device)
+        """n images (n, C, H, W) in [0, 1] on the n_bits grid, drawn with the named sampler."""
+        sampler = self.sampler(scheduler, steps)
+        # Only the stochastic samplers take a generator in `step` (as diffusers' pipelines check before passing one).
+        noise = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
         shape = (n, self.channels, self.resolution, self.resolution)
-        x = randn_tensor(shape, generator=generator, device=device) * sampler.init_noise_sigma
+        x = randn_tensor(shape, generator=generator, device=self.unet.device) * sampler.init_noise_sigma
         for t in sampler.timesteps:
             eps = self.unet(sampler.scale_model_input(x, t), t).sample
-            x = sampler.step(eps, t, x, generator=generator).prev_sample
+            x = sampler.step(eps, t, x, **noise).prev_sample
         levels = 2**self.n_bits - 1
         return torch.round(((x + 1) / 2).clamp(0, 1) * levels) / levels
 
