@@ -134,7 +134,9 @@ def _inner(optimizer):
 def _load_optimizers(models, optimizers, states, accelerator) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=_is_fsdp(accelerator))
+    # strict=False: a trained parameter that never received a gradient (e.g. SDXL's last text-encoder layer, whose
+    # output the UNet never sees) has no optimizer state to restore; the weights themselves are checked in `load`.
+    options = StateDictOptions(full_state_dict=_is_fsdp(accelerator), strict=False)
     for optimizer, state in zip(optimizers, states, strict=True):
         set_optimizer_state_dict(_root(models), _inner(optimizer), state, options=options)
 

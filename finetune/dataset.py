@@ -1,53 +1,116 @@
-"""From records to training batches: resize and crop, the latent/text-embedding cache, and per-sample randomness.
+"""The data stage: the user's images read and bucketed, then training examples and batches.
 
-The VAE and a text encoder that is not trained are frozen, so their outputs are constants: they are encoded
-once and kept on disk (safetensors, `<cache_dir>/latents|text/<sha256>.safetensors`). The key of an entry is a
-fingerprint of the encoder's weights, the resolution and crop, and the image bytes (or caption), so a changed
-input is re-encoded and an unchanged one never is. The cache stores the VAE's posterior (mean and log-variance)
-and a latent is sampled from it each step, exactly as without the cache. Random flips are cached as a second
-posterior; a random crop of a non-square image cannot be cached, so the cache is then off for images.
+`read_images` runs before any model is loaded (a bad folder fails in seconds); `build_dataset` runs after, and
+fills each example from the cache (`finetune.cache`) where the encoders are frozen. A batch holds `latents`
+(posterior params) or `pixels`, `cond` (cached text conditioning) or `ids` (token ids), SDXL's `time_ids`, the
+sample's loss weight and its noise seed.
 
-Every random choice of a sample (flip, crop, caption dropout and shuffle, and the noise and timestep drawn in the
-loop) comes
-from a seed of (run seed, epoch, sample index): results do not depend on batch composition, process count or
-where a run was resumed.
+Every random choice of a sample (flip, crop, caption dropout and shuffle, and the noise and timestep drawn by the
+objective) comes from a seed of (run seed, epoch, sample index): results do not depend on batch composition,
+process count or where a run was resumed. A random crop of a non-square image cannot be cached, so the latent
+cache is then off for images (said in a warning).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
-from finetune.buckets import resize_to_bucket
-from finetune.data import Record
+from core.errors import UserError
+from finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
+from finetune.cache import encode_captions, encode_images, fingerprint_module, to_tensor
+from finetune.data import Record, decode_all, read_records
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class Images:
+    """Decoded training images with their captions and buckets, read before any model is loaded."""
+
+    records: list[Record]
+    images: list[Image.Image]
+    captions: list[str]
+    buckets: list[tuple[int, int]]
+    is_prior: list[bool]
+
+
+def read_images(cfg, class_records: list[Record] | None = None) -> Images:
+    """The training images (and DreamBooth class images), decoded, captioned and assigned to buckets."""
+    records = read_records(
+        cfg.train_data_dir, cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.caption_extension,
+        cfg.dataset_config_name, require_captions=cfg.instance_prompt is None,
+    )  # fmt: skip
+    images, records = decode_all(records)
+    captions = [cfg.instance_prompt or r.caption for r in records]
+    is_prior = [False] * len(records)
+    if class_records:
+        class_images, class_records = decode_all(class_records)
+        records, images = records + class_records, images + class_images
+        captions += [r.caption or cfg.class_prompt for r in class_records]
+        is_prior += [True] * len(class_records)
+    return Images(records, images, captions, assign_buckets(cfg, images), is_prior)
+
+
+def assign_buckets(cfg, images: list[Image.Image]) -> list[tuple[int, int]]:
+    if not cfg.enable_bucket:
+        return [(cfg.resolution, cfg.resolution)] * len(images)
+    table = make_buckets(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+    buckets = [
+        assign_bucket(im.size, table, cfg.resolution, cfg.bucket_reso_steps, cfg.bucket_no_upscale) for im in images
+    ]
+    counts = Counter(buckets)
+    if cfg.train_batch_size > max(counts.values()):
+        raise UserError(
+            f"--train_batch_size {cfg.train_batch_size} is larger than every bucket (the largest, "
+            f"{max(counts, key=counts.get)}, holds {max(counts.values())} images); lower the batch size"
+        )
+    logger.info("buckets (w, h): images = %s", dict(sorted(counts.items())))
+    return buckets
+
+
+def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDataset, bool]:
+    """The dataset, with latents and text conditioning cached where their encoders are frozen; returns it and
+    whether the latents are cached. `trained` names the modules being trained (their outputs are never cached)."""
+    cache_root = Path(cfg.cache_dir or Path(cfg.output_dir) / ".cache")
+    movable = [can_move(im.size, b) for im, b in zip(data.images, data.buckets, strict=True)]
+    cache_images = cfg.cache_latents and (cfg.center_crop or not any(movable))
+    if cfg.cache_latents and not cache_images:
+        logger.warning(
+            "latent cache off: %d of %d images are not of their bucket's shape, so their random crops differ every "
+            "epoch (use --center_crop to cache)", sum(movable), len(movable),
+        )  # fmt: skip
+    examples = [
+        Example(caption, im.size, bucket, is_prior=prior)
+        for im, caption, bucket, prior in zip(data.images, data.captions, data.buckets, data.is_prior, strict=True)
+    ]
+    if cache_images:
+        params = encode_images(data.records, data.images, data.buckets, family.vae, cfg.random_flip, cache_root)
+        for ex, (p, pf) in zip(examples, params, strict=True):
+            ex.latents, ex.latents_flipped = p, pf
+    else:
+        for ex, im in zip(examples, data.images, strict=True):
+            ex.image = im
+    text = None
+    encoders_frozen = not any(name in trained for name in family.text_encoders())
+    if cfg.cache_latents and encoders_frozen and not cfg.shuffle_caption:
+        fingerprint = "".join(fingerprint_module(te) for te in family.text_encoders().values())
+        text = encode_captions(data.captions + [""], family.encode_text, fingerprint, family.tokenize, cache_root)
+    aug = Augment(
+        cfg.seed, cfg.center_crop, cfg.random_flip, cfg.proportion_empty_prompts, cfg.shuffle_caption,
+        cfg.keep_tokens, cfg.prior_loss_weight,
+    )  # fmt: skip
+    return TrainDataset(examples, cfg.repeats, aug, text, family.tokenize), cache_images
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
-
-
-def fingerprint_module(module: torch.nn.Module) -> str:
-    """sha256 of a module's config and weights: the cache is invalid when either changes."""
-    digest = hashlib.sha256(str(getattr(module, "config", "")).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def shuffle_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
@@ -126,104 +189,16 @@ class TrainDataset(torch.utils.data.Dataset):
         w, h = ex.size
         item["time_ids"] = torch.tensor([h, w, *crop_top_left, bh, bw], dtype=torch.float32)
         if self.text_embeddings is not None:
-            item.update(self.text_embeddings[caption])
+            item["cond"] = self.text_embeddings[caption]
         else:
-            item.update({k: v[0] for k, v in self.tokenize([caption]).items()})
+            item["ids"] = {k: v[0] for k, v in self.tokenize([caption]).items()}
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    return {key: torch.stack([torch.as_tensor(it[key]) for it in items]) for key in items[0]}
-
-
-class EncodeCache:
-    """Safetensors files under `root`, one per key; writes are atomic (temporary file, then rename)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.hits = self.misses = 0
-
-    def path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
-
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        path = self.path(key)
-        if not path.exists():
-            self.misses += 1
-            return None
-        self.hits += 1
-        return load_file(path)
-
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.path(key).with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-        tmp.replace(self.path(key))
-
-
-def _key(*parts: bytes | str) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-@torch.no_grad()
-def encode_images(
-    records: list[Record],
-    images: list[Image.Image],
-    buckets: list[tuple[int, int]],
-    vae,
-    random_flip: bool,
-    cache_dir: Path,
-    batch_size: int = 16,
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Posterior params (and flipped ones) of each image's centre crop in its bucket, from the cache or the VAE."""
-    cache = EncodeCache(cache_dir / "latents")
-    vae_fp = fingerprint_module(vae)
-    keys = [_key(vae_fp, f"{b[0]}x{b[1]}", "center", r.image_bytes()) for r, b in zip(records, buckets, strict=True)]
-    out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(records)
-    todo = []
-    for i, key in enumerate(keys):
-        hit = cache.get(key)
-        if hit is not None and (not random_flip or "flipped" in hit):
-            out[i] = (hit["params"], hit.get("flipped"))
-        else:
-            todo.append(i)
-    dtype = next(vae.parameters()).dtype
-    device = next(vae.parameters()).device
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for i in todo:
-        by_bucket.setdefault(buckets[i], []).append(i)
-    chunks = [ids[k : k + batch_size] for ids in by_bucket.values() for k in range(0, len(ids), batch_size)]
-    for chunk in chunks:
-        pixels = torch.stack([to_tensor(resize_to_bucket(images[i], buckets[i], None)[0]) for i in chunk])
-        pixels = pixels.to(device, dtype)  # (B, 3, H, W), one bucket
-        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 2C, h, w)
-        flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu() if random_flip else None
-        for j, i in enumerate(chunk):
-            entry = {"params": params[j]}
-            if flipped is not None:
-                entry["flipped"] = flipped[j]
-            cache.put(keys[i], entry)
-            out[i] = (params[j], None if flipped is None else flipped[j])
-    logger.info("latent cache: %d reused, %d encoded (%s)", len(records) - len(todo), len(todo), cache.root)
-    return out  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def encode_captions(captions: list[str], encode, fingerprint: str, tokenize, cache_dir: Path) -> dict[str, dict]:
-    """Frozen text encoders' outputs for each distinct caption, from the cache or `encode(ids) -> dict`.
-
-    The dict holds `encoder_hidden_states` (L, D) and, for SDXL, `text_embeds` (pooled, D2)."""
-    cache = EncodeCache(cache_dir / "text")
-    out = {}
-    for caption in sorted(set(captions)):
-        key = _key(fingerprint, caption)
-        hit = cache.get(key)
-        if hit is None:
-            hit = {k: v[0].float().cpu() for k, v in encode(tokenize([caption])).items()}
-            cache.put(key, hit)
-        out[caption] = hit
-    return out
+    """Stacks each key (and each key of nested dicts such as `cond`) into a batch tensor."""
+    return {
+        key: collate([it[key] for it in items]) if isinstance(items[0][key], dict)
+        else torch.stack([torch.as_tensor(it[key]) for it in items])
+        for key in items[0]
+    }  # fmt: skip

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from core.config import from_values, load_yaml
 from core.errors import UserError
-from finetune.config import REPO_ROOT, TrainConfig, load_yaml, validate
-from finetune.finetune_lora import LORA
+from finetune.config import REPO_ROOT, LoraTrainConfig
 from finetune.loop import train
+from finetune.tasks import LORA
 from toyworld import shapes
 from toyworld.evaluate import shapes_accuracy
 
@@ -54,30 +55,30 @@ def evaluate(model: str, lora_dir: Path | None, seeds: int) -> dict[str, shapes.
     return {"purple": purple, "base": base}
 
 
-def demo_values(config_path: Path) -> dict:
-    """The demo config's keys with paths made absolute and both imagefolders rendered."""
-    values = load_yaml(config_path)
+def demo_values(config_path: Path, work_dir: Path | None = None) -> dict:
+    """The demo config's keys with paths made absolute and both imagefolders rendered: under `work_dir` (data and
+    output) when given, else where the config says, relative to the repository."""
+    values = load_yaml(config_path, LoraTrainConfig)
     model = str(REPO_ROOT / values["pretrained_model_name_or_path"])
     if not (Path(model) / "model_index.json").exists():
         raise UserError(f"{model} is missing: the embedded base ships with the repo; restore it with git")
+    data_root = Path(work_dir) / "data" if work_dir else REPO_ROOT
     values.update(
         pretrained_model_name_or_path=model,
-        train_data_dir=str(ensure_set(REPO_ROOT / values["train_data_dir"], (shapes.HELD_OUT_COLOUR,),
+        train_data_dir=str(ensure_set(data_root / values["train_data_dir"], (shapes.HELD_OUT_COLOUR,),
                                       PURPLE_PER_SHAPE, seed=1)),
-        class_data_dir=str(ensure_set(REPO_ROOT / values["class_data_dir"], shapes.BASE_COLOURS,
+        class_data_dir=str(ensure_set(data_root / values["class_data_dir"], shapes.BASE_COLOURS,
                                       REG_PER_CLASS, seed=2)),
-        output_dir=str(REPO_ROOT / values["output_dir"]),
+        output_dir=str(Path(work_dir) / "out" if work_dir else REPO_ROOT / values["output_dir"]),
     )  # fmt: skip
     return values
 
 
-def run_demo(config_path: Path, seeds: int = 4, output_dir: str | None = None) -> dict:
-    values = demo_values(config_path)
+def run_demo(config_path: Path, seeds: int = 4, work_dir: Path | None = None) -> dict:
+    """Measures purple before, trains the LoRA, measures again; prints the figures and whether the bar is met."""
+    values = demo_values(config_path, work_dir)
     model = values["pretrained_model_name_or_path"]
-    if output_dir:
-        values["output_dir"] = output_dir
-    cfg = TrainConfig(**values)
-    validate(cfg)
+    cfg = from_values(LoraTrainConfig, values, str(config_path))
 
     before = evaluate(model, None, seeds)
     print(f"before: purple prompts {before['purple']}; base prompts {before['base']}")

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft.utils import PeftType, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from core.errors import UserError
+from finetune.adapters import ADAPTER_NAME as ADAPTER
+from pipelines.families import Family
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 CARD_FILE = "README.md"
 SAMPLES_FILE = "samples.png"
-ADAPTER = "default"  # peft's adapter name; diffusers' add_adapter uses it when none is given
 
 
 def _adapted(model: torch.nn.Module | None) -> bool:
@@ -40,9 +40,8 @@ def _adapter_metadata(model: torch.nn.Module) -> dict:
     return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def _adapted_models(unet, text_encoder, text_encoder_2) -> dict[str, torch.nn.Module]:
-    """The models carrying an adapter, by the prefix their keys take in diffusers' LoRA files."""
-    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+def _adapted_models(models: dict[str, torch.nn.Module | None]) -> dict[str, torch.nn.Module]:
+    """The models carrying an adapter, by component name: the prefix their keys take in diffusers' LoRA files."""
     return {name: model for name, model in models.items() if _adapted(model)}
 
 
@@ -53,25 +52,19 @@ def _lora_state_dict(model: torch.nn.Module, prefix: str) -> tuple[dict[str, tor
     ComfyUI, kohya, older diffusers) name text-encoder modules `text_model.encoder...`, and diffusers' loader
     strips the level again for flattened encoders, so files keep it."""
     state_dict = get_peft_model_state_dict(model)
-    path = "text_model." if prefix != "unet" and not hasattr(model, "text_model") else ""
+    path = "text_model." if prefix.startswith("text_encoder") and not hasattr(model, "text_model") else ""
     return state_dict, path
 
 
-def save_lora(
-    unet: torch.nn.Module,
-    output_dir: Path,
-    text_encoder: torch.nn.Module | None = None,
-    text_encoder_2: torch.nn.Module | None = None,
-) -> Path:
-    """Writes the adapter(s) in diffusers format, peft's config of each in the metadata; returns the file."""
+def save_lora(family: type[Family], models: dict[str, torch.nn.Module | None], output_dir: Path) -> Path:
+    """Writes the adapters of `models` (by component name) in the diffusers format of `family`'s pipeline class,
+    peft's config of each in the metadata; returns the file."""
     kwargs = {}
-    for name, model in _adapted_models(unet, text_encoder, text_encoder_2).items():
+    for name, model in _adapted_models(models).items():
         state_dict, path = _lora_state_dict(model, name)
         kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers({path + k: v for k, v in state_dict.items()})
         kwargs[f"{name}_lora_adapter_metadata"] = _adapter_metadata(model)
-    # Only SDXL's loader class knows a second text encoder; the file format is the same.
-    pipeline_cls = StableDiffusionXLPipeline if "text_encoder_2_lora_layers" in kwargs else StableDiffusionPipeline
-    pipeline_cls.save_lora_weights(output_dir, safe_serialization=True, **kwargs)
+    family.pipeline_class().save_lora_weights(output_dir, safe_serialization=True, **kwargs)
     return Path(output_dir) / LORA_FILE
 
 
@@ -104,20 +97,15 @@ def _kohya_layers(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor
     return kohya
 
 
-def save_lora_kohya(
-    unet: torch.nn.Module,
-    output_dir: Path,
-    text_encoder: torch.nn.Module | None = None,
-    text_encoder_2: torch.nn.Module | None = None,
-    family: str = "sd1",
-) -> Path:
+def save_lora_kohya(family: type[Family], models: dict[str, torch.nn.Module | None], output_dir: Path) -> Path:
     """The same adapter(s) with kohya/A1111 key names; returns the file."""
     kohya: dict[str, torch.Tensor] = {}
-    for prefix, model in _adapted_models(unet, text_encoder, text_encoder_2).items():
+    for prefix, model in _adapted_models(models).items():
         kohya.update(_kohya_layers(model, prefix))
-    if family != "sdxl":
-        # diffusers names the first text encoder `lora_te1_` (SDXL's convention); SD 1.x/2.x files say `lora_te_`.
-        kohya = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in kohya.items()}
+    # diffusers names text encoders `lora_te1_`/`lora_te2_` (SDXL's convention); SD 1.x/2.x files say `lora_te_`.
+    diffusers_names = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    for component, name in family.kohya_text_prefixes.items():
+        kohya = {re.sub(f"^{diffusers_names[component]}_", f"{name}_", k): v for k, v in kohya.items()}
     path = Path(output_dir) / KOHYA_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in kohya.items()}, path)
     return path
@@ -167,7 +155,7 @@ def _usage(kind: str, base_model: str, ref: str) -> list[str]:
             f'pipe = DiffusionPipeline.from_pretrained("{ref}")', 'image = pipe("<your prompt>").images[0]', "```"]  # fmt: skip
 
 
-def write_model_card(output_dir: Path, cfg, kind: str, family: str = "sd1") -> Path:
+def write_model_card(output_dir: Path, cfg, kind: str, family: type[Family]) -> Path:
     """README.md: YAML front matter (base_model, tags, instance prompt, widget), prompts, settings, samples, usage.
 
     `kind` is `lora` or `full`. Built from an allow-list of config fields: the Hub token is never written."""
@@ -176,8 +164,7 @@ def write_model_card(output_dir: Path, cfg, kind: str, family: str = "sd1") -> P
     instance_prompt = getattr(cfg, "instance_prompt", None)  # DreamBooth; older configs lack the field
     prompts = list(cfg.validation_prompt or [])
     samples = copy_samples(output_dir)
-    tags = ["stable-diffusion", *(["stable-diffusion-xl"] if family == "sdxl" else []), "text-to-image", "diffusers",
-            kind, "difftune"]  # fmt: skip
+    tags = [*family.card_tags, "text-to-image", "diffusers", kind, "difftune"]
     meta: dict[str, object] = {"base_model": base_model, "library_name": "diffusers", "tags": tags}
     if instance_prompt:
         meta["instance_prompt"] = instance_prompt
@@ -205,8 +192,6 @@ def write_model_card(output_dir: Path, cfg, kind: str, family: str = "sd1") -> P
 def save_peft_adapters(output_dir: Path, models: dict[str, torch.nn.Module | None]) -> list[Path]:
     """Adapters diffusers has no LoRA format for (LoHa, LoKr): peft's own layout, one folder per model
     (`<name>/adapter_model.safetensors` + `adapter_config.json`), loadable with peft's `set_peft_model_state_dict`."""
-    from peft.utils import get_peft_model_state_dict
-
     written = []
     for name, model in models.items():
         if not _adapted(model):

@@ -7,10 +7,15 @@ SDXL script) and zero terminal SNR (Lin et al. 2024, through the scheduler's `re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+
+from core.errors import UserError
 
 
 def timestep_bias_weights(cfg, num_timesteps: int) -> torch.Tensor | None:
@@ -60,23 +65,33 @@ def draw_noise(
     return torch.stack(noises), torch.stack(noisy_noises), torch.cat(timesteps)
 
 
+@dataclass
+class Objective:
+    """The objective's settings, resolved once from the config and the family's noise scheduler."""
+
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    snr_gamma: float | None = None
+    timestep_weights: torch.Tensor | None = None  # sampling weights over timesteps; None: uniform
+
+    @classmethod
+    def from_config(cls, cfg, scheduler) -> Objective:
+        weights = timestep_bias_weights(cfg, scheduler.config.num_train_timesteps)
+        return cls(cfg.noise_offset, cfg.input_perturbation, cfg.snr_gamma, weights)
+
+
 def diffusion_loss(
-    unet,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler: DDPMScheduler,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
     seeds: torch.Tensor,
-    noise_offset: float = 0.0,
-    input_perturbation: float = 0.0,
-    snr_gamma: float | None = None,
-    unet_kwargs: dict | None = None,
-    reduce: bool = True,
-    timestep_weights: torch.Tensor | None = None,
+    objective: Objective,
 ) -> torch.Tensor:
-    """The training loss of one batch of latents (B, C, h, w); per-sample losses (B,) when not `reduce`."""
+    """Per-sample losses (B,) of latents (B, C, h, w) under a DDPM schedule; `predict(noisy, timesteps)` calls the
+    denoiser. The target is epsilon or v, as the scheduler's `prediction_type` says."""
     noise, noise_in, timesteps = draw_noise(
-        seeds, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, noise_offset, input_perturbation,
-        timestep_weights,
+        seeds, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, objective.noise_offset,
+        objective.input_perturbation, objective.timestep_weights,
     )  # fmt: skip
     noise, noise_in, timesteps = noise.to(latents), noise_in.to(latents), timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise_in, timesteps)
@@ -85,13 +100,40 @@ def diffusion_loss(
     elif scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
-        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-    pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False, **(unet_kwargs or {}))[0]
+        raise UserError(f"unsupported prediction_type {scheduler.config.prediction_type!r}: epsilon or v_prediction")
+    pred = predict(noisy, timesteps)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    if snr_gamma is not None:
+    if objective.snr_gamma is not None:
         snr = compute_snr(scheduler, timesteps)
-        weight = torch.clamp(snr, max=snr_gamma) / snr  # epsilon target: min(SNR, gamma) / SNR
         if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)  # v target: min(SNR, gamma) / (SNR + 1)
+            weight = torch.clamp(snr, max=objective.snr_gamma) / (snr + 1)  # v target: min(SNR, gamma) / (SNR + 1)
+        else:
+            weight = torch.clamp(snr, max=objective.snr_gamma) / snr  # epsilon target: min(SNR, gamma) / SNR
         per_sample = per_sample * weight
-    return per_sample.mean() if reduce else per_sample
+    return per_sample
+
+
+# The loss of each family's `objective` ("flow" joins with the rectified-flow families).
+LOSSES = {"ddpm": diffusion_loss}
+
+
+def batch_loss(family, models: dict, batch: dict, objective: Objective, dtype: torch.dtype) -> torch.Tensor:
+    """The weighted mean loss of one batch: latents from cached posteriors (or the VAE), text conditioning from
+    the cache (or the encoders, trained ones taken from `models`), then the family's objective."""
+    seeds = batch["noise_seed"].cpu()
+    if "latents" in batch:
+        posterior = batch["latents"]
+    else:
+        posterior = family.vae.encode(batch["pixels"].to(family.vae.dtype)).latent_dist.parameters
+    latents = family.latents(posterior.float(), seeds).to(dtype)
+    if "cond" in batch:
+        cond = batch["cond"]
+    else:
+        cond = family.encode_text(batch["ids"], {**family.text_encoders(), **models})
+    denoiser = models.get(family.denoiser_name, family.denoiser)
+
+    def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return family.predict(denoiser, noisy, timesteps, cond, batch)
+
+    per_sample = LOSSES[family.objective](predict, family.noise_scheduler, latents, seeds, objective)
+    return (per_sample * batch["weight"].to(per_sample)).mean()

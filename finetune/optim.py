@@ -18,7 +18,7 @@ import logging
 import torch
 
 from core.errors import UserError
-from finetune.quantize import check_quantize, cuda_available
+from finetune.quantize import cuda_available
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _import(module: str, why: str, install: str):
 
 
 def validate_optim(cfg) -> None:
-    """Stops with one line when the optimizer or the base quantisation cannot run here. No model is loaded."""
+    """Stops with one line when the optimizer cannot run here. No model is loaded."""
     name = optimizer_name(cfg)
     if name not in OPTIMIZERS:
         raise UserError(f"--optimizer {name!r}: unknown; choose one of {', '.join(OPTIMIZERS)}")
@@ -54,8 +54,6 @@ def validate_optim(cfg) -> None:
         _import("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes")
     if name == "prodigy":
         _import("prodigyopt", "--optimizer prodigy", "prodigyopt")
-    if cfg.quantize_base is not None:
-        check_quantize(cfg.quantize_base)
 
 
 def build_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:

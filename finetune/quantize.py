@@ -1,4 +1,4 @@
-"""The frozen UNet loaded 4-bit (NF4) or 8-bit for QLoRA-style training on small GPUs (`--quantize_base nf4|int8`).
+"""The frozen denoiser loaded 4-bit (NF4) or 8-bit for QLoRA-style training on small GPUs (`--quantize_base nf4|int8`).
 
 QLoRA (Dettmers et al. 2023): the base weights are stored as 4-bit NormalFloat with double quantisation and
 dequantised on the fly to `compute_dtype` in each matmul; only the LoRA weights, kept in full precision, are
@@ -52,18 +52,21 @@ def quantization_config(mode: str, compute_dtype: torch.dtype):
     raise UserError(f"--quantize_base {mode!r}: unknown; choose one of {', '.join(MODES)}")
 
 
-def load_quantized_unet(name_or_path: str, mode: str, compute_dtype: torch.dtype, subfolder: str = "unet"):
-    """The pipeline's UNet with its linear layers quantised (`mode` nf4 | int8), frozen, on the current CUDA device.
+def load_quantized(model: str, subfolder: str, mode: str, compute_dtype: torch.dtype):
+    """The pipeline's denoiser (`subfolder`: unet or transformer) with its linear layers quantised (`mode` nf4 |
+    int8), frozen, on the current CUDA device.
 
     Its other weights are `compute_dtype`. Attach the adapter afterwards as usual (peft wraps bitsandbytes layers);
     do not `.to(dtype)` the result: that would try to cast the packed 4/8-bit weights.
     """
     check_quantize(mode)
-    from diffusers import UNet2DConditionModel
+    from pipelines.families import read_model_index
+    from pipelines.families.base import component_class
 
-    unet = UNet2DConditionModel.from_pretrained(
-        name_or_path, subfolder=subfolder, quantization_config=quantization_config(mode, compute_dtype),
+    cls = component_class(read_model_index(model), subfolder, model)
+    denoiser = cls.from_pretrained(
+        model, subfolder=subfolder, quantization_config=quantization_config(mode, compute_dtype),
         torch_dtype=compute_dtype,
     )  # fmt: skip
-    unet.requires_grad_(False)
-    return unet
+    denoiser.requires_grad_(False)
+    return denoiser

@@ -10,28 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from core.images import make_grid
 
 
 @torch.no_grad()
-def log_validation(comps, accelerator, cfg, step: int, weight_dtype) -> list[Image.Image]:
-    unet = accelerator.unwrap_model(comps.unet)
-    was_training = unet.training
-    unet.eval()
-    parts = dict(
-        vae=comps.vae, text_encoder=accelerator.unwrap_model(comps.text_encoder), tokenizer=comps.tokenizer,
-        unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(comps.noise_scheduler.config),
-    )  # fmt: skip
-    if comps.family == "sdxl":
-        text_encoder_2 = accelerator.unwrap_model(comps.text_encoder_2)
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=text_encoder_2, tokenizer_2=comps.tokenizer_2)
-    else:
-        pipe = StableDiffusionPipeline(
-            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+def log_validation(family, models: dict, accelerator, cfg, step: int, weight_dtype) -> list[Image.Image]:
+    """Images of each `--validation_prompt` from the live modules (`models`: the trained ones, as prepared), saved
+    under `validation/step-N/` with a grid, and logged to tensorboard. Call it on every process; the main one works."""
+    if not accelerator.is_main_process:
+        return []
+    live = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+    was_training = {name: module.training for name, module in live.items()}
+    for module in live.values():
+        module.eval()
+    pipe = family.pipeline(DPMSolverMultistepScheduler.from_config(family.noise_scheduler.config), **live)
     pipe.set_progress_bar_config(disable=True)
     folder = Path(cfg.output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,6 +47,6 @@ def log_validation(comps, accelerator, cfg, step: int, weight_dtype) -> list[Ima
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
-    if was_training:
-        unet.train()
+    for name, module in live.items():
+        module.train(was_training[name])
     return images

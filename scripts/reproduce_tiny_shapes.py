@@ -12,19 +12,25 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from finetune.config import REPO_ROOT, TrainConfig, parse_config, validate
-from finetune.finetune_full import FULL
+from core.config import option, parse
+from core.errors import run_main
+from finetune.config import REPO_ROOT, FullTrainConfig
 from finetune.loop import train
+from finetune.tasks import FULL
 from toyworld import shapes
 from toyworld.evaluate import shapes_accuracy
 from toyworld.tiny import build_pipeline
@@ -32,18 +38,24 @@ from toyworld.tiny import build_pipeline
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", default="runs/tiny_shapes")
-    parser.add_argument("--vae", default=None, help="a trained tiny VAE folder; trained here when absent")
-    parser.add_argument("--per_class", type=int, default=200, help="images per colour x shape")
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "tiny_shapes_base.yaml"))
-    parser.add_argument("--max_train_steps", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt")
-    parser.add_argument("--install", action="store_true", help="copy the result into pipelines/tiny_shapes")
-    parser.add_argument("--size", default="base", help="tiny component size (`test` for a smoke run)")
-    parser.add_argument("--vae_steps", type=int, default=1000, help="VAE training steps")
-    args = parser.parse_args()
+@dataclass
+class ReproduceConfig:
+    work_dir: str = option("Where data, VAE, the initial and the trained pipeline go.", default="runs/tiny_shapes")
+    vae: str | None = option("A trained tiny VAE folder; trained here when absent.", default=None)
+    per_class: int = option("Images per colour x shape.", default=200)
+    base_config: str = option(
+        "The UNet's training config (finetune_full.py keys).",
+        default=str(REPO_ROOT / "configs" / "tiny_shapes_base.yaml"),
+    )
+    max_train_steps: int | None = option("Override the config's UNet steps (a smoke run).", default=None)
+    seeds: int = option("Evaluation seeds per prompt.", default=4)
+    install: bool = option("Copy the result into pipelines/tiny_shapes.", default=False)
+    size: str = option("Tiny component size (`test` for a smoke run).", default="base", choices=("test", "base"))
+    vae_steps: int = option("VAE training steps.", default=1000)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(ReproduceConfig, argv, __doc__, prog="reproduce_tiny_shapes.py")
     work = Path(args.work_dir)
     start = time.time()
 
@@ -63,12 +75,10 @@ def main() -> None:
     pipe.save_pretrained(init)
 
     overrides = ["--pretrained_model_name_or_path", str(init), "--train_data_dir", str(data),
-                 "--output_dir", str(work / "base"), "--config", args.config]  # fmt: skip
+                 "--output_dir", str(work / "base"), "--config", args.base_config]  # fmt: skip
     if args.max_train_steps:
         overrides += ["--max_train_steps", str(args.max_train_steps)]
-    cfg: TrainConfig = parse_config(overrides)
-    validate(cfg)
-    result = train(cfg, FULL)
+    result = train(parse(FullTrainConfig, overrides, prog="finetune_full.py"), FULL)
     print(f"UNet: {result.global_step} steps in {result.seconds:.0f}s")
 
     base = StableDiffusionPipeline.from_pretrained(work / "base", safety_checker=None)
@@ -89,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

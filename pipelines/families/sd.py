@@ -40,7 +40,7 @@ class StableDiffusion1(Family):
 
     def encode_text(self, ids, encoders=None) -> dict:
         encoder = (encoders or self.text_encoders())["text_encoder"]
-        return {"encoder_hidden_states": encoder(ids["input_ids"].to(encoder.device))[0]}
+        return {"encoder_hidden_states": encoder(ids["input_ids"].to(next(encoder.parameters()).device))[0]}
 
     def predict(self, denoiser, noisy, timesteps, cond, batch):
         return denoiser(noisy, timesteps, cond["encoder_hidden_states"].to(noisy.dtype), return_dict=False)[0]

@@ -30,8 +30,8 @@ class StableDiffusionXL(StableDiffusion1):
     def encode_text(self, ids, encoders=None) -> dict:
         encoders = encoders or self.text_encoders()
         te1, te2 = encoders["text_encoder"], encoders["text_encoder_2"]
-        out1 = te1(ids["input_ids"].to(te1.device), output_hidden_states=True)
-        out2 = te2(ids["input_ids_2"].to(te2.device), output_hidden_states=True)
+        out1 = te1(ids["input_ids"].to(next(te1.parameters()).device), output_hidden_states=True)
+        out2 = te2(ids["input_ids_2"].to(next(te2.parameters()).device), output_hidden_states=True)
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
         return {"encoder_hidden_states": hidden, "text_embeds": out2[0]}  # pooled projection (B, D2)
 

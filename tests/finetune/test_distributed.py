@@ -3,9 +3,10 @@
 The LoRA script runs as users run it, `accelerate launch --config_file configs/accelerate/multi_cpu.yaml
 --num_processes 2 finetune/finetune_lora.py ...`, with one addition: a small probe (below) runs the script as
 `__main__` after recording, in each process, the sample indices of every batch and every file written under
-`--output_dir`. One test covers the three promises, since each launch costs ~20 s of imports:
-each process sees a different shard of each batch, only the main process writes, and the result equals one
-process with `--gradient_accumulation_steps 2` (same total batch; each sample's noise is seeded by its index).
+`--output_dir`. One test covers the four promises, since each launch costs ~20 s of imports:
+each process sees a different shard of each batch, only the main process writes, the result equals one
+process with `--gradient_accumulation_steps 2` (same total batch; each sample's noise is seeded by its index), and
+a resume under DDP continues bit-exactly (weights and the full optimizer state).
 """
 
 from __future__ import annotations
@@ -161,6 +162,21 @@ def test_two_cpu_processes_shard_write_once_and_match_accumulation(tiny_sd1, sha
         torch.testing.assert_close(two_lora[key], one_lora[key], atol=1e-6, rtol=1e-5, msg=key)
     up = [v for k, v in one_lora.items() if "lora_B" in k or "lora.up" in k]
     assert up and max(v.abs().max().item() for v in up) > 0  # initialised to zero
+
+    # (d) Resumed from checkpoint-3 by two processes, the run reaches bit-identical weights and optimizer state.
+    resumed_out = tmp_path / "resumed"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "multi_cpu.yaml"),
+         "--num_processes", "2", *_train_args(tiny_sd1, shapes_dir, resumed_out),
+         "--resume_from_checkpoint", str(two_out / "checkpoint-3")],
+        env=_env(two_dir), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and not (resumed_out / "checkpoint-3").exists()
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        straight, again = (load_file(out / "checkpoint-6" / name) for out in (two_out, resumed_out))
+        assert straight.keys() == again.keys() and len(straight) > 0
+        assert all(torch.equal(straight[k], again[k]) for k in straight), name
 
 
 @pytest.mark.parametrize(

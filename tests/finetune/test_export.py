@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from core.errors import UserError
-from finetune.config import TrainConfig
+from finetune.config import FullTrainConfig, LoraTrainConfig
 from finetune.export import (
     KOHYA_FILE,
     LORA_FILE,
@@ -22,6 +22,7 @@ from finetune.export import (
     save_lora_kohya,
     write_model_card,
 )
+from pipelines.families import StableDiffusion1, StableDiffusionXL
 from toyworld.tiny import build_pipeline
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -60,8 +61,9 @@ def sd1_lora(tiny_sd1, tmp_path_factory):
     pipe = load_sd1(tiny_sd1)
     attach_random_lora(pipe.unet, UNET_TARGETS, seed=1)
     attach_random_lora(pipe.text_encoder, TE_TARGETS, seed=2)
-    save_lora(pipe.unet, out, pipe.text_encoder)
-    save_lora_kohya(pipe.unet, out, pipe.text_encoder, family="sd1")
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    save_lora(StableDiffusion1, models, out)
+    save_lora_kohya(StableDiffusion1, models, out)
     return {"dir": out, "live": images(pipe)}
 
 
@@ -114,8 +116,9 @@ def test_sdxl_kohya_prefixes_and_round_trip(tmp_path):
     attach_random_lora(pipe.unet, UNET_TARGETS, seed=1, r=2, alpha=3)
     attach_random_lora(pipe.text_encoder, TE_TARGETS, seed=2, r=2, alpha=3)
     attach_random_lora(pipe.text_encoder_2, TE_TARGETS, seed=3, r=2, alpha=3)
-    save_lora(pipe.unet, tmp_path, pipe.text_encoder, pipe.text_encoder_2)
-    save_lora_kohya(pipe.unet, tmp_path, pipe.text_encoder, pipe.text_encoder_2, family="sdxl")
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    save_lora(StableDiffusionXL, models, tmp_path)
+    save_lora_kohya(StableDiffusionXL, models, tmp_path)
     kohya = load_file(tmp_path / KOHYA_FILE)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
     assert {v.item() for k, v in kohya.items() if k.endswith(".alpha")} == {3.0}
@@ -131,7 +134,7 @@ def test_kohya_refuses_dora(tmp_path):
     pipe = build_pipeline("test", "sd1", tokenizer_dir=tmp_path / "tok")
     attach_random_lora(pipe.unet, UNET_TARGETS, seed=1, use_dora=True)
     with pytest.raises(UserError, match="plain LoRA only; this adapter is DoRA"):
-        save_lora_kohya(pipe.unet, tmp_path)
+        save_lora_kohya(StableDiffusion1, {"unet": pipe.unet}, tmp_path)
 
 
 def front_matter(text: str) -> dict:
@@ -143,10 +146,10 @@ def test_model_card(tmp_path):
     for step, colour in ((2, "red"), (10, "blue")):  # step 10 is the last, though "step-2" sorts after it
         (tmp_path / "validation" / f"step-{step}").mkdir(parents=True)
         Image.new("RGB", (8, 8), colour).save(tmp_path / "validation" / f"step-{step}" / "grid.png")
-    cfg = TrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", rank=4, lora_alpha=8,
+    cfg = LoraTrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", rank=4, lora_alpha=8,
                       validation_prompt=["a red circle", "a sks dog: on grass"], hub_token=FAKE_TOKEN)  # fmt: skip
     cfg.instance_prompt = "a photo of sks dog"  # DreamBooth's field, whether or not the config has it yet
-    text = write_model_card(tmp_path, cfg, "lora", "sd1").read_text()
+    text = write_model_card(tmp_path, cfg, "lora", StableDiffusion1).read_text()
     meta = front_matter(text)
     assert meta["base_model"] == "runwayml/stable-diffusion-v1-5" and meta["library_name"] == "diffusers"
     assert set(meta["tags"]) == {"stable-diffusion", "text-to-image", "diffusers", "lora", "difftune"}
@@ -160,8 +163,8 @@ def test_model_card(tmp_path):
 
 
 def test_model_card_sdxl_full_without_samples(tmp_path):
-    cfg = TrainConfig(pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0", use_ema=True)
-    text = write_model_card(tmp_path, cfg, "full", "sdxl").read_text()
+    cfg = FullTrainConfig(pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0", use_ema=True)
+    text = write_model_card(tmp_path, cfg, "full", StableDiffusionXL).read_text()
     meta = front_matter(text)
     assert "stable-diffusion-xl" in meta["tags"] and "full" in meta["tags"] and "lora" not in meta["tags"]
     assert "instance_prompt" not in meta and "widget" not in meta

@@ -8,15 +8,16 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from core.config import from_values
 from core.errors import UserError
-from finetune import loop as loop_module
+from finetune import objective as objective_module
 from finetune.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_to_bucket
-from finetune.config import TrainConfig
-from finetune.dataset import shuffle_tags
-from finetune.finetune_lora import LORA
+from finetune.config import LoraTrainConfig, TrainConfig
+from finetune.dataset import read_images, shuffle_tags
 from finetune.loop import train
-from finetune.model import load_components
-from finetune.objective import diffusion_loss, timestep_bias_weights
+from finetune.objective import Objective, diffusion_loss, timestep_bias_weights
+from finetune.tasks import LORA
+from pipelines.families import detect, read_model_index
 from toyworld.tiny import save_tiny_pipeline
 
 
@@ -27,7 +28,7 @@ def config(model, data, out, **kw) -> TrainConfig:
         report_to="none", seed=0,
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return from_values(LoraTrainConfig, base)
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +53,19 @@ def mixed_shapes(tmp_path):
     return folder
 
 
+def load(model, **options):
+    model = str(model)
+    return detect(model).load(model, read_model_index(model), **options)
+
+
 def test_family_detection_and_prediction_type(tiny_sd1, tiny_sd2, tiny_sdxl):
-    assert load_components(str(tiny_sd1)).family == "sd1"
-    sd2 = load_components(str(tiny_sd2))
-    assert sd2.family == "sd2" and sd2.noise_scheduler.config.prediction_type == "v_prediction"
-    assert (
-        load_components(str(tiny_sd2), prediction_type="epsilon").noise_scheduler.config.prediction_type == "epsilon"
-    )
-    xl = load_components(str(tiny_sdxl))
-    assert xl.family == "sdxl" and xl.text_encoder_2 is not None
-    zero = load_components(str(tiny_sd1), rescale_betas_zero_snr=True).noise_scheduler
+    assert load(tiny_sd1).name == "sd1"
+    sd2 = load(tiny_sd2)
+    assert sd2.name == "sd2" and sd2.noise_scheduler.config.prediction_type == "v_prediction"
+    assert load(tiny_sd2, prediction_type="epsilon").noise_scheduler.config.prediction_type == "epsilon"
+    xl = load(tiny_sdxl)
+    assert xl.name == "sdxl" and set(xl.text_encoders()) == {"text_encoder", "text_encoder_2"}
+    zero = load(tiny_sd1, rescale_betas_zero_snr=True).noise_scheduler
     assert zero.alphas_cumprod[-1] < 1e-6
 
 
@@ -80,7 +84,16 @@ def test_sdxl_lora_with_buckets_trains_and_loads(tiny_sdxl, mixed_shapes, tmp_pa
     assert np.abs(pipe("red", generator=torch.Generator().manual_seed(0), **kwargs).images - base).max() > 1e-4
 
 
-def test_v_prediction_trains(tiny_sd2, shapes_dir, tmp_path):
+def test_v_prediction_target_is_the_velocity(tiny_sd2, shapes_dir, tmp_path):
+    """A denoiser that outputs exactly v = sqrt(a) eps - sqrt(1 - a) x0 has zero loss; one that outputs eps does not."""
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    latents, seeds = torch.randn(4, 4, 8, 8), torch.arange(4)
+    noise, _, timesteps = objective_module.draw_noise(seeds, (4, 8, 8), 1000, 0.0, 0.0)
+    a = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    velocity = a.sqrt() * noise - (1 - a).sqrt() * latents  # Salimans & Ho 2022, by hand
+    exact = diffusion_loss(lambda x, t: velocity, scheduler, latents, seeds, Objective())
+    assert exact.max().item() < 1e-10
+    assert diffusion_loss(lambda x, t: noise, scheduler, latents, seeds, Objective()).min().item() > 1e-3
     result = train(config(tiny_sd2, shapes_dir, tmp_path, snr_gamma=5.0, noise_offset=0.05), LORA)
     assert result.global_step == 2 and all(np.isfinite(result.losses))
 
@@ -117,7 +130,7 @@ def test_batch_larger_than_every_bucket_stops_before_loading(mixed_shapes, tmp_p
     cfg = config(tmp_path / "no-model-needed", mixed_shapes, tmp_path, enable_bucket=True, min_bucket_reso=32,
                  max_bucket_reso=128, bucket_reso_steps=32, train_batch_size=4)  # fmt: skip
     with pytest.raises(UserError, match="--train_batch_size 4 is larger than every bucket"):
-        loop_module.read_images(cfg)
+        read_images(cfg)
 
 
 def test_shuffle_caption_keeps_leading_tokens():
@@ -128,14 +141,26 @@ def test_shuffle_caption_keeps_leading_tokens():
 
 
 @pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
-def test_other_adapters_train_and_save(tiny_sd1, shapes_dir, tmp_path, adapter):
+def test_other_adapters_train_save_and_load(tiny_sd1, shapes_dir, tmp_path, adapter):
+    """Each adapter trains, and what it saved loads back onto the base and changes its output."""
+    from diffusers import StableDiffusionPipeline
+
     result = train(config(tiny_sd1, shapes_dir, tmp_path, adapter=adapter, rank=2, repeats=2), LORA)
     assert result.global_step == 2
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
+    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="np")
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
     if adapter == "dora":
-        assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
-    else:
-        assert (tmp_path / "unet" / "adapter_model.safetensors").exists()
-        assert (tmp_path / "unet" / "adapter_config.json").exists()
+        pipe.load_lora_weights(tmp_path)
+    else:  # peft's own format: no diffusers LoRA format exists for LoHa/LoKr
+        from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors.torch import load_file as load
+
+        peft_config = PeftConfig.from_pretrained(tmp_path / "unet")
+        inject_adapter_in_model(peft_config, pipe.unet, "default")
+        set_peft_model_state_dict(pipe.unet, load(tmp_path / "unet" / "adapter_model.safetensors"))
+    adapted = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(adapted - base).max() > 1e-4
 
 
 def test_dreambooth_generates_missing_class_images(tiny_sd1, shapes_dir, tmp_path):
@@ -145,31 +170,27 @@ def test_dreambooth_generates_missing_class_images(tiny_sd1, shapes_dir, tmp_pat
                  prior_loss_weight=0.5)  # fmt: skip
     result = train(cfg, LORA)
     assert result.global_step == 2 and len(list(class_dir.glob("*.png"))) == 2
-    assert set(loop_module.read_images(cfg).captions) == {"a sks shape"}  # the instance prompt captions all
+    assert set(read_images(cfg).captions) == {"a sks shape"}  # the instance prompt captions all
 
 
 def test_timestep_bias_weights():
-    cfg = TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    cfg = LoraTrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
     w = timestep_bias_weights(cfg, 1000)
     assert w.sum().item() == pytest.approx(1.0) and w[-1] == pytest.approx(3 * w[0])
-    assert timestep_bias_weights(TrainConfig(), 1000) is None
+    assert timestep_bias_weights(LoraTrainConfig(), 1000) is None
 
 
 def test_min_snr_weight_for_v_prediction_is_bounded():
     scheduler = DDPMScheduler(prediction_type="v_prediction")
 
-    class Zero(torch.nn.Module):
-        def forward(self, x, t, h, return_dict=False):
-            return (torch.zeros_like(x),)
-
-    latents, hidden, seeds = torch.randn(8, 4, 4, 4), torch.randn(8, 2, 3), torch.arange(8)
-    plain = diffusion_loss(Zero(), scheduler, latents, hidden, seeds, reduce=False)
-    weighted = diffusion_loss(Zero(), scheduler, latents, hidden, seeds, snr_gamma=1.0, reduce=False)
+    latents, seeds = torch.randn(8, 4, 4, 4), torch.arange(8)
+    plain = diffusion_loss(lambda x, t: torch.zeros_like(x), scheduler, latents, seeds, Objective())
+    weighted = diffusion_loss(lambda x, t: torch.zeros_like(x), scheduler, latents, seeds, Objective(snr_gamma=1.0))
     assert (weighted <= plain + 1e-6).all() and (weighted < plain).any()
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_sd1, shapes_dir, tmp_path, monkeypatch):
-    real = loop_module.diffusion_loss
+    real = objective_module.diffusion_loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -177,7 +198,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_sd1, shapes_dir, tmp_path, m
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(loop_module, "diffusion_loss", flaky)
+    monkeypatch.setitem(objective_module.LOSSES, "ddpm", flaky)
     with pytest.raises(UserError, match=r"loss became nan at step 3.*checkpoint-2"):
         train(config(tiny_sd1, shapes_dir, tmp_path, max_train_steps=5, checkpointing_steps=2), LORA)
     assert (tmp_path / "checkpoint-2").exists() and not (tmp_path / "checkpoint-3").exists()
@@ -185,7 +206,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_sd1, shapes_dir, tmp_path, m
 
 def test_prior_preservation_needs_class_images_or_a_prompt(tiny_sd1, shapes_dir, tmp_path):
     with pytest.raises(UserError, match="needs --class_data_dir"):
-        train(config(tiny_sd1, shapes_dir, tmp_path, with_prior_preservation=True), LORA)
+        config(tiny_sd1, shapes_dir, tmp_path, with_prior_preservation=True)
     bare = tmp_path / "bare"
     bare.mkdir()
     with pytest.raises(UserError, match="has no captions: give --class_prompt"):
@@ -202,6 +223,6 @@ def test_captioned_class_dir_is_a_regularisation_set(tiny_sd1, shapes_dir, tmp_p
     from finetune.dreambooth import ensure_class_images
 
     class_records = ensure_class_images(cfg, accelerator=None)
-    data = loop_module.read_images(cfg, class_records)
+    data = read_images(cfg, class_records)
     assert data.is_prior.count(True) == 3 and data.captions[-1] == "a green square"
     assert train(cfg, LORA).global_step == 2

@@ -12,10 +12,11 @@ from PIL import Image
 
 from core.errors import UserError, run_main
 from finetune import hub
-from finetune.config import TrainConfig
+from finetune.config import FullTrainConfig, LoraTrainConfig
 from finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE, write_model_card
-from finetune.finetune_lora import LORA
 from finetune.loop import train
+from finetune.tasks import LORA
+from pipelines.families import StableDiffusion1
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
 
@@ -49,7 +50,7 @@ def test_lora_run_uploads_only_the_result_and_never_writes_or_logs_the_token(
     out = tmp_path / "my-lora"
     out.mkdir()
     (out / "notes.txt").write_text("not part of the result")
-    cfg = TrainConfig(
+    cfg = LoraTrainConfig(
         pretrained_model_name_or_path=str(tiny_sd1), train_data_dir=str(shapes_dir), output_dir=str(out),
         resolution=32, center_crop=True, train_batch_size=4, max_train_steps=2, checkpointing_steps=1, seed=0,
         rank=4, lora_alpha=8, validation_prompt=["a red circle"], validation_steps=2, num_validation_images=1,
@@ -84,8 +85,8 @@ def test_pipeline_folder_upload_list_and_hub_flags(tiny_sd1, tmp_path):
         (out / name).write_text("x")
     (out / "validation" / "step-3").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(out / "validation" / "step-3" / "grid.png")
-    cfg = TrainConfig(output_dir=str(out), hub_model_id="org/sd-shapes", hub_private=True, hub_token=FAKE_TOKEN)
-    write_model_card(out, cfg, "full")
+    cfg = FullTrainConfig(output_dir=str(out), hub_model_id="org/sd-shapes", hub_private=True, hub_token=FAKE_TOKEN)
+    write_model_card(out, cfg, "full", StableDiffusion1)
     api = FakeHfApi()
 
     assert hub.push_to_hub(out, cfg, api=api) == "org/sd-shapes"
@@ -100,7 +101,7 @@ def test_no_token_is_one_clear_line_and_nothing_is_contacted(tmp_path, monkeypat
     (tmp_path / LORA_FILE).write_bytes(b"")
     api = FakeHfApi()
     with pytest.raises(SystemExit) as exit_:
-        run_main(lambda argv: hub.push_to_hub(tmp_path, TrainConfig(output_dir=str(tmp_path)), api=api))
+        run_main(lambda argv: hub.push_to_hub(tmp_path, FullTrainConfig(output_dir=str(tmp_path)), api=api))
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --push_to_hub needs a Hugging Face token") and err.count("\n") == 1
@@ -110,7 +111,7 @@ def test_no_token_is_one_clear_line_and_nothing_is_contacted(tmp_path, monkeypat
 def test_no_network_is_one_clear_line_without_the_token(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the real HfApi, refused before any request
     (tmp_path / LORA_FILE).write_bytes(b"")
-    cfg = TrainConfig(output_dir=str(tmp_path), hub_model_id="someone/x", hub_token=FAKE_TOKEN)
+    cfg = FullTrainConfig(output_dir=str(tmp_path), hub_model_id="someone/x", hub_token=FAKE_TOKEN)
     with pytest.raises(UserError) as err:
         hub.push_to_hub(tmp_path, cfg)
     message = str(err.value)
@@ -119,6 +120,6 @@ def test_no_network_is_one_clear_line_without_the_token(tmp_path, monkeypatch):
 
 
 def test_folder_without_a_result_is_refused(tmp_path):
-    cfg = TrainConfig(output_dir=str(tmp_path), hub_token=FAKE_TOKEN)
+    cfg = FullTrainConfig(output_dir=str(tmp_path), hub_token=FAKE_TOKEN)
     with pytest.raises(UserError, match="holds no result"):
         hub.push_to_hub(tmp_path, cfg, api=FakeHfApi())

@@ -10,11 +10,11 @@ import torch
 
 from core.errors import UserError
 from finetune import optim, quantize
-from finetune.config import TrainConfig
+from finetune.config import LoraTrainConfig
 
 
-def cfg(**kwargs) -> TrainConfig:
-    return TrainConfig(train_data_dir="data", **kwargs)
+def cfg(**kwargs) -> LoraTrainConfig:
+    return LoraTrainConfig(train_data_dir="data", **kwargs)
 
 
 def params() -> list[torch.nn.Parameter]:
@@ -119,16 +119,20 @@ def test_unknown_optimizer_lists_the_names():
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantize_base_without_cuda_stops_at_startup(no_cuda, mode):
     with pytest.raises(UserError, match=rf"--quantize_base {mode} needs a CUDA GPU") as err:
-        optim.validate_optim(cfg(quantize_base=mode))
+        cfg(quantize_base=mode).validate()
     assert "\n" not in str(err.value)
 
 
 def test_unknown_quantize_mode_is_named(with_cuda):
-    with pytest.raises(UserError, match=r"--quantize_base 'fp4': unknown; choose one of nf4, int8"):
-        optim.validate_optim(cfg(quantize_base="fp4"))
+    from core.config import from_values
+
+    with pytest.raises(
+        UserError, match=r"--quantize_base fp4: unknown .did you mean .nf4.\?.; choose one of nf4, int8"
+    ):
+        from_values(LoraTrainConfig, {"train_data_dir": "data", "quantize_base": "fp4"})
 
 
-def test_load_quantized_unet_checks_before_loading_anything(no_cuda, monkeypatch, tmp_path):
+def test_load_quantized_checks_before_loading_anything(no_cuda, monkeypatch, tmp_path):
     def fail(*args, **kwargs):
         raise AssertionError("from_pretrained must not be reached without CUDA")
 
@@ -136,10 +140,10 @@ def test_load_quantized_unet_checks_before_loading_anything(no_cuda, monkeypatch
 
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", fail)
     with pytest.raises(UserError, match="--quantize_base nf4 needs a CUDA GPU"):
-        quantize.load_quantized_unet(str(tmp_path / "no-such-model"), "nf4", torch.float16)
+        quantize.load_quantized(str(tmp_path / "no-such-model"), "unet", "nf4", torch.float16)
 
 
-def test_load_quantized_unet_passes_the_bitsandbytes_config(with_cuda, monkeypatch):
+def test_load_quantized_passes_the_bitsandbytes_config(with_cuda, monkeypatch, tiny_sd1):
     """The CUDA path itself cannot run without a GPU; this checks what it hands to diffusers."""
     pytest.importorskip("bitsandbytes")
     from diffusers import UNet2DConditionModel
@@ -151,10 +155,10 @@ def test_load_quantized_unet_passes_the_bitsandbytes_config(with_cuda, monkeypat
         return torch.nn.Linear(2, 2)
 
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", fake_from_pretrained)
-    unet = quantize.load_quantized_unet("base", "nf4", torch.bfloat16)
+    unet = quantize.load_quantized(str(tiny_sd1), "unet", "nf4", torch.bfloat16)
     ((name, kwargs),) = calls
     q = kwargs["quantization_config"]
-    assert name == "base" and kwargs["subfolder"] == "unet" and kwargs["torch_dtype"] is torch.bfloat16
+    assert name == str(tiny_sd1) and kwargs["subfolder"] == "unet" and kwargs["torch_dtype"] is torch.bfloat16
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype is torch.bfloat16
     assert not any(p.requires_grad for p in unet.parameters())

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from core.config import load_yaml, parse
 from core.errors import UserError
-from finetune.config import REPO_ROOT, load_yaml, parse_config, validate
-from finetune.optim import validate_optim
+from finetune.config import REPO_ROOT, LoraTrainConfig
 
 HARDWARE = REPO_ROOT / "configs" / "hardware"
 CARDS = ["gpu-8gb", "gpu-12gb", "gpu-24gb", "a100-40gb", "a100-80gb"]  # smallest first
@@ -19,7 +19,18 @@ CORE = {"train_batch_size", "gradient_accumulation_steps", "gradient_checkpointi
 
 
 def preset(name: str) -> dict:
-    return load_yaml(HARDWARE / f"{name}.yaml")
+    return load_yaml(HARDWARE / f"{name}.yaml", LoraTrainConfig)
+
+
+def parse_lora(argv: list[str]) -> LoraTrainConfig:
+    return parse(LoraTrainConfig, argv, prog="finetune_lora.py")
+
+
+@pytest.fixture
+def with_cuda(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
 
 
 def test_exactly_the_documented_presets_exist():
@@ -67,50 +78,43 @@ def test_comments_say_which_file_is_for_sd15_and_which_for_sdxl(card):
 @pytest.mark.parametrize("name", NAMES)
 def test_gpu_only_settings_stop_at_startup_on_a_cpu_machine(name, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = parse_config(["--config", str(HARDWARE / f"{name}.yaml"), "--train_data_dir", "data"])
-    validate(cfg)
-    needs_cuda = cfg.optimizer == "adamw8bit" or cfg.quantize_base is not None
-    if needs_cuda:
+    values = preset(name)
+    argv = ["--config", str(HARDWARE / f"{name}.yaml"), "--train_data_dir", "data"]
+    if values["optimizer"] == "adamw8bit" or values["quantize_base"] is not None:
         with pytest.raises(UserError, match="needs a CUDA GPU"):
-            validate_optim(cfg)
+            parse_lora(argv)
     else:
-        validate_optim(cfg)
+        assert parse_lora(argv).train_data_dir == "data"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_preset_passes_startup_checks_with_cuda(name, monkeypatch):
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    cfg = parse_config(["--config", str(HARDWARE / f"{name}.yaml"), "--train_data_dir", "data"])
-    validate(cfg)
-    validate_optim(cfg)
+def test_every_preset_passes_startup_checks_with_cuda(name, with_cuda):
+    cfg = parse_lora(["--config", str(HARDWARE / f"{name}.yaml"), "--train_data_dir", "data"])
+    assert cfg.train_batch_size == preset(name)["train_batch_size"]
 
 
-def test_preset_composes_with_a_user_config_and_flags(tmp_path):
+def test_preset_composes_with_a_user_config_and_flags(tmp_path, with_cuda):
     user = tmp_path / "my_run.yaml"
     user.write_text("train_batch_size: 3\nlearning_rate: 5.0e-4\nrank: 8\n")
     gpu = str(HARDWARE / "gpu-12gb.yaml")
-    cfg = parse_config(["--config", gpu, "--config", str(user), "--train_data_dir", "d", "--rank", "16"])
+    cfg = parse_lora(["--config", gpu, "--config", str(user), "--train_data_dir", "d", "--rank", "16"])
     # later file wins over the preset; the preset fills what the user file leaves out; flags win over both
     assert (cfg.train_batch_size, cfg.learning_rate, cfg.rank) == (3, 5e-4, 16)
     assert (cfg.gradient_accumulation_steps, cfg.optimizer, cfg.mixed_precision) == (2, "adamw8bit", "fp16")
     assert cfg.gradient_checkpointing is True
     # in the other order the preset wins
-    cfg = parse_config(["--config", str(user), "--config", gpu, "--train_data_dir", "d"])
+    cfg = parse_lora(["--config", str(user), "--config", gpu, "--train_data_dir", "d"])
     assert (cfg.train_batch_size, cfg.learning_rate) == (2, 5e-4)
 
 
 def test_cpu_preset_trains_the_tiny_model(tiny_sd1, shapes_dir, tmp_path):
-    from finetune.finetune_lora import LORA
     from finetune.loop import train
+    from finetune.tasks import LORA
 
     user = tmp_path / "run.yaml"
     user.write_text(f"pretrained_model_name_or_path: {tiny_sd1}\ntrain_data_dir: {shapes_dir}\nresolution: 32\n"
                     f"max_train_steps: 2\nreport_to: none\noutput_dir: {tmp_path / 'out'}\n")  # fmt: skip
-    cfg = parse_config(["--config", str(HARDWARE / "cpu.yaml"), "--config", str(user)])
-    validate(cfg)
-    validate_optim(cfg)
+    cfg = parse_lora(["--config", str(HARDWARE / "cpu.yaml"), "--config", str(user)])
     result = train(cfg, LORA)
     assert result.global_step == 2 and all(math.isfinite(x) for x in result.losses)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

@@ -10,25 +10,25 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from finetune.config import TrainConfig
-from finetune.finetune_full import FULL
-from finetune.finetune_lora import LORA
+from core.config import from_values
+from finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
 from finetune.loop import train
-from finetune.objective import diffusion_loss
+from finetune.objective import Objective, diffusion_loss
+from finetune.tasks import FULL, LORA
 from toyworld.tiny import build_pipeline, sd_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def config(model, data, out, **kw) -> TrainConfig:
+def config(model, data, out, cls=LoraTrainConfig, **kw) -> TrainConfig:
     base = dict(
         pretrained_model_name_or_path=str(model), train_data_dir=str(data), output_dir=str(out), resolution=64,
         center_crop=True, train_batch_size=4, max_train_steps=6, checkpointing_steps=2, learning_rate=1e-3,
-        report_to="none", seed=3, rank=4,
+        report_to="none", seed=3,
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return from_values(cls, base)
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
@@ -54,7 +54,7 @@ def test_loss_falls_on_a_fixed_batch():
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     losses = []
     for _ in range(30):
-        loss = diffusion_loss(unet, scheduler, latents, hidden, seeds)
+        loss = diffusion_loss(lambda x, t: unet(x, t, hidden).sample, scheduler, latents, seeds, Objective()).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -110,13 +110,13 @@ def test_resume_continues_exactly(tiny_sd1, shapes_dir, tmp_path):
     resumed = train(config(tiny_sd1, shapes_dir, tmp_path / "b", resume_from_checkpoint="latest"), LORA)
     assert straight.global_step == resumed.global_step == 6
     assert resumed.losses == straight.losses[3:]
-    a = load_file(tmp_path / "a" / "checkpoint-6" / "trainable.safetensors")
-    b = load_file(tmp_path / "b" / "checkpoint-6" / "trainable.safetensors")
+    a = load_file(tmp_path / "a" / "checkpoint-6" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint-6" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoints_total_limit_keeps_the_newest(tiny_sd1, shapes_dir, tmp_path):
-    train(config(tiny_sd1, shapes_dir, tmp_path, checkpoints_total_limit=2), FULL)
+    train(config(tiny_sd1, shapes_dir, tmp_path, cls=FullTrainConfig, checkpoints_total_limit=2), FULL)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -139,7 +139,7 @@ def test_cache_gives_the_same_losses_and_is_reused(tiny_sd1, shapes_dir, tmp_pat
     "flags, message",
     [
         (["--train_data_dir", "{empty}"], "holds no images"),
-        (["--train_data_dir", "{data}", "--pretrained_model_name_or_path", "{missing}"], "no such folder"),
+        (["--train_data_dir", "{data}", "--pretrained_model_name_or_path", "{missing}"], "not found"),
         (["--train_data_dir", "{data}", "--caption_column", "prompt"], "no caption column 'prompt'"),
         (["--train_data_dir", "{data}", "--config", "{missing}"], "no such file"),
     ],

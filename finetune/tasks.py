@@ -1,0 +1,108 @@
+"""What an entry script trains, as data: LoRA (an adapter on the frozen base) or full fine-tuning.
+
+A `Task` says which config class its script reads, which modules train (`setup` returns them with the EMA decay,
+if any), how the result is saved, and whether the frozen denoiser may be loaded quantised. The loop reads these
+fields and never asks which task it runs; a new adapter type is a peft config in `finetune.adapters`, not a task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.adapters import adapter_config, add_adapter
+from finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
+from finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
+from pipelines.families import Family
+
+
+@dataclass
+class Trainable:
+    """The modules the optimizer steps, by component name, and the EMA decay to keep over their parameters."""
+
+    models: dict[str, torch.nn.Module]
+    ema_decay: float | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # "lora" | "full": in messages and the model card
+    config_class: type[TrainConfig]
+    setup: Callable[[Family, TrainConfig], Trainable]
+    save: Callable[[Family, TrainConfig, Path], None]
+    load_denoiser: Callable[[type[Family], TrainConfig, torch.dtype], torch.nn.Module | None]
+    result: str  # what is saved, for the closing line
+
+
+def _no_denoiser(family_cls, cfg, dtype) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_setup(family: Family, cfg: LoraTrainConfig) -> Trainable:
+    targets = cfg.target_modules or list(family.lora_targets)
+    add_adapter(family.denoiser, adapter_config(cfg.adapter, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
+    models = {family.denoiser_name: family.denoiser}
+    if cfg.train_text_encoder:
+        for name, encoder in family.text_encoders().items():
+            config = adapter_config(
+                cfg.adapter, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, list(family.text_lora_targets)
+            )
+            add_adapter(encoder, config)
+            models[name] = encoder
+    return Trainable(models)
+
+
+def lora_save(family: Family, cfg: LoraTrainConfig, output_dir: Path) -> None:
+    models = {family.denoiser_name: family.denoiser, **family.text_encoders()}
+    if cfg.adapter in ("loha", "lokr"):  # no diffusers LoRA format exists for these: peft's own format
+        save_peft_adapters(output_dir, models)
+    else:
+        save_lora(type(family), models, output_dir)
+    if cfg.output_kohya_format:
+        save_lora_kohya(type(family), models, output_dir)
+    write_model_card(output_dir, cfg, "lora", type(family))
+
+
+def lora_denoiser(family_cls: type[Family], cfg: LoraTrainConfig, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The frozen denoiser quantised (`--quantize_base`), or None to load it as it is."""
+    if cfg.quantize_base is None:
+        return None
+    from finetune.quantize import load_quantized
+
+    return load_quantized(cfg.pretrained_model_name_or_path, family_cls.denoiser_name, cfg.quantize_base, dtype)
+
+
+LORA = Task("lora", LoraTrainConfig, lora_setup, lora_save, lora_denoiser, result="LoRA")
+
+
+# ----------------------------------------------------------------------------------------------- full
+
+
+def full_setup(family: Family, cfg: FullTrainConfig) -> Trainable:
+    models = {family.denoiser_name: family.denoiser}
+    if cfg.train_text_encoder:
+        models.update(family.text_encoders())
+    for model in models.values():
+        model.requires_grad_(True)
+    return Trainable(models, ema_decay=cfg.ema_decay if cfg.use_ema else None)
+
+
+def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
+    """A diffusers pipeline folder: the trained modules (EMA weights, when kept, are already in them)."""
+    from diffusers import DiffusionPipeline
+
+    parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
+    pipe = DiffusionPipeline.from_pretrained(
+        cfg.pretrained_model_name_or_path, **parts, **family.from_pretrained_kwargs()
+    )
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    write_model_card(output_dir, cfg, "full", type(family))
+
+
+FULL = Task("full", FullTrainConfig, full_setup, full_save, _no_denoiser, result="pipeline")
