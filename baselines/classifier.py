@@ -9,11 +9,14 @@ classifier reports its own held-out accuracy so that a reader can judge whether 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from baselines.train import Budget, fit, make_state
 
 
 @dataclass
@@ -52,6 +55,11 @@ class EvalClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cross-entropy of a batch (images (B, C, H, W), class indices (B,)), as `baselines.train.fit` calls it."""
+        x, y = batch
+        return {"loss": F.cross_entropy(self(x), y)}
+
     @torch.no_grad()
     def embed(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Features of every image, in eval mode, on the model's device; returned on the CPU."""
@@ -85,22 +93,17 @@ def train_classifier(
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    accelerator=None,
 ) -> tuple[EvalClassifier, ClassifierReport]:
-    """Trains on (x_train, y_train) with Adam and cross-entropy for `steps` minibatches; scores on the test split."""
-    generator = torch.Generator().manual_seed(seed)
+    """Trains on (x_train, y_train) with cross-entropy for `steps` minibatches through the baselines' one loop
+    (`fit`: AdamW without weight decay, i.e. Adam; a cosine-decayed learning rate); scores on the test split."""
     torch.manual_seed(seed)
-    model = EvalClassifier(x_train.shape[1], n_classes).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(x_train), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(x_train[idx].to(device)), y_train[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    model = EvalClassifier(x_train.shape[1], n_classes)
+    state = make_state(model, lr, ema=False, lr_lambda=lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    fit(
+        model, (x_train, y_train), batch_size=batch_size, lr=lr, budget=Budget(steps=steps), seed=seed,
+        accelerator=accelerator, log_every=steps, state=state,
+    )  # fmt: skip
     report = ClassifierReport(accuracy(model, x_test, y_test), len(x_train), len(x_test), n_classes, steps, True)
     return model.eval(), report
 

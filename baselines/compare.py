@@ -21,128 +21,109 @@ per seed), `samples_<family>.png`, `loss_curves.png`, `quality_vs_images.png` an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
-import types
-import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from baselines import FAMILIES, build_model
+from baselines import FAMILIES, build_model, check_options
 from baselines.classifier import EvalClassifier, random_feature_extractor, train_classifier
 from baselines.compare_report import loss_roughness, write_outputs
 from baselines.data import load_tensor
 from baselines.train import Budget, fit, make_state
 from core import metrics
+from core.config import option, parse
 from core.errors import UserError, run_main
+from pipelines.samplers import sampler_names
 
 DEFAULT_LR = {"vae": 1e-3, "gan": 2e-4, "pixelcnn": 1e-3, "glow": 5e-4, "ddpm": 1e-3}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name, as torchmetrics loads it
+FEATURES = ("classifier", "inception")
 
 
 @dataclass
 class CompareConfig:
-    """Every setting of a comparison; a YAML file fills it, and an unknown key or a wrong type is an error."""
+    """Every setting of a comparison: a `--config` YAML file fills it (configs/compare_*.yaml), flags override it,
+    and `core.config` refuses an unknown key or flag, a wrong type or an unknown family, naming it."""
 
-    families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    resolution: int = 16
-    channels: int | None = None  # None: from the data (3 for the shapes world)
-    n_bits: int = 8
-    n_per_class: int = 60  # shapes world only: images per colour and shape (12 classes)
-    budget_images: int | None = None  # exactly one of these two: training images seen per run ...
-    budget_seconds: float | None = None  # ... or wall-clock seconds of training per run
-    batch_size: int = 32
-    learning_rate: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
-    model_overrides: dict[str, dict] = field(default_factory=dict)  # family -> fields of its Config
-    sample_options: dict[str, dict] = field(
-        default_factory=dict
-    )  # family -> sample() options (ddpm: scheduler, steps)
-    holdout_fraction: float = 0.25  # real images kept out of training: the reference for every metric
-    data_seed: int = 0  # the split and the shapes world
-    n_samples: int = 256  # generated images per run for the metrics
-    k_precision: int = 3  # Kynkäänniemi et al. 2019
-    k_density: int = 5  # Naeem et al. 2020
-    quality_points: int = 3  # quality evaluations along training (the last one is the final model)
-    n_samples_curve: int = 128  # samples per intermediate quality point
-    bpd_images: int = 128  # held-out images for bits/dim
-    speed_batch: int = 64
-    classifier_steps: int = 600
-    classifier_min_accuracy: float = 0.8  # below this, mode figures are flagged as untrustworthy
-    diverged_fd_ratio: float = 0.9  # a run diverged when its FD >= this x the FD of uniform noise (or loss NaN)
-    unstable_cv: float = 0.25  # "unstable" verdict: FD std/mean across seeds above this, or any seed diverged
-    log_every: int = 5
+    output_dir: str = option("where table.md, table.json, the sample grids and the plots go")
+    families: list[str] = option("the families to train and measure", list(FAMILIES), choices=FAMILIES)
+    seeds: list[int] = option("one run per family and seed", [0, 1, 2])
+    resolution: int = option("image side in pixels", 16)
+    channels: int | None = option("1 or 3; default: from the data (3 for the shapes world)", None)
+    n_bits: int = option("bits per subpixel the data is quantised to", 8)
+    n_per_class: int = option("shapes world only: images per colour and shape (12 classes)", 60)
+    budget_images: int | None = option("training images seen per run (this or budget_seconds)", None)
+    budget_seconds: float | None = option("wall-clock seconds of training per run (this or budget_images)", None)
+    batch_size: int = option("images per training step", 32)
+    learning_rate: dict[str, float] = option("family -> learning rate", dict(DEFAULT_LR))
+    model_overrides: dict[str, dict[str, Any]] = option("family -> fields of its Config", {})
+    sample_options: dict[str, dict[str, Any]] = option("family -> sample() options (ddpm: scheduler, steps)", {})
+    holdout_fraction: float = option("real images kept out of training: the reference for every metric", 0.25)
+    data_seed: int = option("seeds the split and the shapes world", 0)
+    n_samples: int = option("generated images per run for the metrics", 256)
+    k_precision: int = option("k of precision/recall (Kynkäänniemi et al. 2019)", 3)
+    k_density: int = option("k of density/coverage (Naeem et al. 2020)", 5)
+    quality_points: int = option("quality evaluations along training (the last one is the final model)", 3)
+    n_samples_curve: int = option("samples per intermediate quality point", 128)
+    bpd_images: int = option("held-out images for bits/dim", 128)
+    speed_batch: int = option("batch size of the sampling-speed measurement", 64)
+    classifier_steps: int = option("training steps of the evaluation classifier", 600)
+    classifier_min_accuracy: float = option("below this, mode figures are flagged as untrustworthy", 0.8)
+    diverged_fd_ratio: float = option("a run diverged when its FD >= this x the FD of uniform noise", 0.9)
+    unstable_cv: float = option('"unstable": FD std/mean across seeds above this, or any seed diverged', 0.25)
+    log_every: int = option("record the loss every N steps", 5)
+    train_data_dir: str | None = option("a folder of images; default: the embedded shapes world", None)
+    dataset_name: str | None = option("a datasets name or a local dataset folder", None)
+    label_column: str | None = option("the column whose values are the modes (a caption works)", None)
+    image_column: str = option("the dataset's image column", "image")
+    caption_column: str = option("the dataset's caption column", "text")
+    feature_extractor: str = option("the feature space of every metric", "classifier", choices=FEATURES)
+    inception_weights: str | None = option(f"a local {INCEPTION_FILE} (feature_extractor inception)", None)
+    mixed_precision: str = option("accelerate's mixed precision", "no", choices=("no", "fp16", "bf16"))
 
-
-def _check_type(value, tp, name: str):
-    """`value` checked against the annotation `tp` (int, float, str, bool, X | None, list[X], dict[str, X])."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], name)
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"config key {name!r} must be a list, got {value!r}")
-        return [_check_type(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"config key {name!r} must be a mapping, got {value!r}")
-        return {str(k): _check_type(v, args[1], f"{name}.{k}") if args else v for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise UserError(f"config key {name!r} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def load_config(path: str | Path) -> CompareConfig:
-    """Reads a YAML mapping into `CompareConfig`; unknown keys, wrong types and bad values raise UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--config {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
-    hints = typing.get_type_hints(CompareConfig)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise UserError(f"unknown config key {unknown[0]!r} in {path}; known keys: {', '.join(sorted(hints))}")
-    config = CompareConfig(**{k: _check_type(v, hints[k], k) for k, v in raw.items()})
-    validate(config)
-    return config
-
-
-def validate(config: CompareConfig) -> None:
-    if (config.budget_images is None) == (config.budget_seconds is None):
-        raise UserError("set exactly one of budget_images and budget_seconds in the config")
-    for family in config.families:
-        if family not in FAMILIES:
-            raise UserError(f"unknown family {family!r} in families; choose from {', '.join(FAMILIES)}")
-    for key in list(config.learning_rate) + list(config.model_overrides) + list(config.sample_options):
-        if key not in FAMILIES:
-            raise UserError(f"unknown family {key!r} in learning_rate/model_overrides/sample_options")
-    if len(config.seeds) < 1 or len(set(config.seeds)) != len(config.seeds):
-        raise UserError(f"seeds must be distinct and at least one, got {config.seeds}")
-    if not 0 < config.holdout_fraction < 1:
-        raise UserError(f"holdout_fraction must lie in (0, 1), got {config.holdout_fraction}")
-    if config.quality_points < 1:
-        raise UserError(f"quality_points must be at least 1, got {config.quality_points}")
-    for key in ("n_samples", "n_samples_curve"):
-        if getattr(config, key) <= max(config.k_precision, config.k_density):
+    def validate(self) -> None:
+        if (self.budget_images is None) == (self.budget_seconds is None):
+            raise UserError("set exactly one of budget_images and budget_seconds in the config")
+        if self.train_data_dir is not None and self.dataset_name is not None:
+            raise UserError("give --train_data_dir or --dataset_name, not both")
+        if self.label_column is not None and self.train_data_dir is None and self.dataset_name is None:
             raise UserError(
-                f"{key}={getattr(config, key)} is too few for k-NN metrics with k_precision={config.k_precision}, "
-                f"k_density={config.k_density}: need more than {max(config.k_precision, config.k_density)}"
+                "--label_column applies to --train_data_dir or --dataset_name; the shapes world's modes are its "
+                "colour-shape labels"
             )
+        for key in list(self.learning_rate) + list(self.model_overrides) + list(self.sample_options):
+            if key not in FAMILIES:
+                raise UserError(f"unknown family {key!r} in learning_rate/model_overrides/sample_options")
+        for family, overrides in self.model_overrides.items():
+            check_options(family, overrides)
+        sampler = self.sample_options.get("ddpm", {}).get("scheduler", "ddpm")
+        if sampler not in sampler_names():
+            raise UserError(f"sample_options ddpm scheduler {sampler!r}: choose one of {', '.join(sampler_names())}")
+        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if not 0 < self.holdout_fraction < 1:
+            raise UserError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        if self.quality_points < 1:
+            raise UserError(f"quality_points must be at least 1, got {self.quality_points}")
+        for key in ("n_samples", "n_samples_curve"):
+            if getattr(self, key) <= max(self.k_precision, self.k_density):
+                raise UserError(
+                    f"{key}={getattr(self, key)} is too few for k-NN metrics with k_precision={self.k_precision}, "
+                    f"k_density={self.k_density}: need more than {max(self.k_precision, self.k_density)}"
+                )
+
+
+def parse_args(argv: Sequence[str] | None) -> CompareConfig:
+    description = "Train and measure every baseline family (--config configs/compare_quick.yaml or compare_full.yaml)."
+    return parse(CompareConfig, argv, description, prog="python -m baselines.compare")
 
 
 # ----------------------------------------------------------------------------------------------- data and features
@@ -158,19 +139,14 @@ class Data:
     source: str
 
 
-def load_data(config: CompareConfig, args: argparse.Namespace) -> Data:
-    shapes = args.train_data_dir is None and args.dataset_name is None
-    if shapes and args.label_column is not None:
-        raise UserError(
-            "--label_column applies to --train_data_dir or --dataset_name; the shapes world's modes are its "
-            "colour-shape labels"
-        )
-    label_column = args.label_column if not shapes else None
+def load_data(config: CompareConfig) -> Data:
+    shapes = config.train_data_dir is None and config.dataset_name is None
     x, labels = load_tensor(
-        shapes, args.train_data_dir, args.dataset_name, config.resolution, config.channels, config.n_bits,
-        label_column, args.image_column, args.caption_column, n_per_class=config.n_per_class, seed=config.data_seed,
+        shapes, config.train_data_dir, config.dataset_name, config.resolution, config.channels, config.n_bits,
+        config.label_column, config.image_column, config.caption_column, n_per_class=config.n_per_class,
+        seed=config.data_seed,
     )  # fmt: skip
-    source = "shapes world" if shapes else (args.train_data_dir or args.dataset_name)
+    source = "shapes world" if shapes else (config.train_data_dir or config.dataset_name)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.data_seed))
     n_heldout = int(round(len(x) * config.holdout_fraction))
     need = max(config.k_precision, config.k_density) + 1
@@ -198,17 +174,17 @@ class Features:
     classifier_report: dict | None
 
 
-def build_features(config: CompareConfig, data: Data, kind: str, device: torch.device, weights: str | None):
-    report, classifier = None, None
+def build_features(config: CompareConfig, data: Data, accelerator) -> Features:
+    report, classifier, device = None, None, accelerator.device
     if data.y_train is not None:
         classifier, rep = train_classifier(
             data.train, data.y_train, data.heldout, data.y_heldout, len(data.classes),
-            steps=config.classifier_steps, seed=config.data_seed, device=device,
+            steps=config.classifier_steps, seed=config.data_seed, accelerator=accelerator,
         )  # fmt: skip
         report = dataclasses.asdict(rep)
         report["trustworthy"] = rep.accuracy >= config.classifier_min_accuracy
-    if kind == "inception":
-        embed = _inception_embed(device, weights)
+    if config.feature_extractor == "inception":
+        embed = _inception_embed(device, config.inception_weights)
         description = "Inception-v3 pool features (2048-d, torchmetrics' FID network): FID"
     elif classifier is not None:
         embed = classifier.embed
@@ -405,44 +381,22 @@ class Progress:
 # ----------------------------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"{message} (see --help)")
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m baselines.compare", description="Train and measure every baseline family.")
-    p.add_argument("--config", required=True, help="a YAML file (configs/compare_quick.yaml, compare_full.yaml)")
-    p.add_argument("--output_dir", required=True)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--train_data_dir", default=None, help="default: the embedded shapes world")
-    source.add_argument("--dataset_name", default=None)
-    p.add_argument("--label_column", default=None, help="the column whose values are the modes (a caption works)")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--caption_column", default="text")
-    p.add_argument("--feature_extractor", choices=("classifier", "inception"), default="classifier")
-    p.add_argument("--inception_weights", default=None, help=f"a local {INCEPTION_FILE}")
-    p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     from accelerate import Accelerator
 
-    args = parse_args(argv)
-    config = load_config(args.config)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    config = parse_args(argv)
+    out = Path(config.output_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
     device = accelerator.device
-    data = load_data(config, args)
+    data = load_data(config)
+    out.mkdir(parents=True, exist_ok=True)
     notes = []
     if data.y_train is None:
         notes.append(
             "no labels (pass --label_column): mode coverage and KL are not computed; the other columns are, "
             "and the pairwise-distance ratio still measures diversity"
         )
-    features = build_features(config, data, args.feature_extractor, device, args.inception_weights)
+    features = build_features(config, data, accelerator)
     rep = features.classifier_report
     if rep is not None and not rep["trustworthy"]:
         notes.append(

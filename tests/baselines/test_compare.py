@@ -12,7 +12,7 @@ import yaml
 
 from baselines import FAMILIES
 from baselines.classifier import train_classifier
-from baselines.compare import CompareConfig, load_config, main
+from baselines.compare import CompareConfig, main, parse_args
 from baselines.data import load_tensor
 from core.errors import UserError, run_main
 from toyworld.shapes import write_dataset
@@ -50,6 +50,10 @@ TINY = {
 }
 
 
+def load_config(path: Path) -> CompareConfig:
+    return parse_args(["--config", str(path), "--output_dir", "unused"])
+
+
 def write_config(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({**TINY, **changes}))
@@ -59,14 +63,18 @@ def write_config(tmp_path: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"n_sampels": 10}, "unknown config key 'n_sampels'"),
-        ({"seeds": "0,1"}, "'seeds' must be a list"),
-        ({"batch_size": 1.5}, "'batch_size' must be int"),
-        ({"batch_size": True}, "'batch_size' must be int"),
-        ({"learning_rate": {"vae": "fast"}}, "'learning_rate.vae' must be float"),
+        ({"n_sampels": 10}, "unknown key 'n_sampels'; did you mean 'n_samples'?"),
+        ({"seeds": "0,1"}, r"seeds\[0\] must be an integer, got '0,1'"),
+        ({"batch_size": 1.5}, "batch_size must be an integer, got 1.5"),
+        ({"batch_size": True}, "batch_size must be an integer, got True"),
+        ({"learning_rate": {"vae": "fast"}}, "learning_rate.vae must be a number, got 'fast'"),
         ({"budget_seconds": 10.0}, "exactly one of budget_images and budget_seconds"),
-        ({"families": ["vae", "flow"]}, "unknown family 'flow'"),
+        ({"families": ["vae", "flow"]}, r"--families flow: unknown \(did you mean 'glow'\?\)"),
         ({"n_samples": 5}, "n_samples=5 is too few .* need more than 5"),
+        ({"model_overrides": {"vae": {"hiden": 8}}}, "vae: unknown option 'hiden'"),
+        ({"model_overrides": {"glow": {"depth": "deep"}}}, "glow: option depth must be an integer"),
+        ({"sample_options": {"ddpm": {"scheduler": "dpmpp"}}}, "scheduler 'dpmpp': choose one of ddim, ddpm"),
+        ({"feature_extractor": "inceptoin"}, "did you mean 'inception'"),
     ],
 )
 def test_config_rejects_bad_settings_naming_them(tmp_path, changes, message):
@@ -80,6 +88,16 @@ def test_config_reads_types():
     assert config.families == list(FAMILIES) and len(config.seeds) >= 3
     full = load_config(REPO / "configs" / "compare_full.yaml")
     assert len(full.seeds) >= 3 and full.resolution >= config.resolution
+
+
+def test_yaml_numbers_and_flags_fill_the_same_config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "budget_images: 64\nlearning_rate: {vae: 1e-3}\nmodel_overrides: {ddpm: {block_out_channels: [8, 16]}}\n"
+    )
+    config = parse_args(["--config", str(path), "--output_dir", "o", "--seeds", "4", "5", "--families", "vae", "gan"])
+    assert config.learning_rate == {"vae": 1e-3} and isinstance(config.learning_rate["vae"], float)
+    assert (config.seeds, config.families, config.output_dir) == ([4, 5], ["vae", "gan"], "o")
 
 
 def test_too_few_images_names_the_numbers(tmp_path):
@@ -105,9 +123,7 @@ def test_classifier_learns_colours_and_reports_held_out_accuracy():
 
 
 def test_compare_end_to_end_on_the_shapes_world(tmp_path):
-    for family in FAMILIES:
-        pytest.importorskip(f"baselines.{family}")
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # every family is imported and trained: one that fails to import fails this test
     result = main(["--config", str(write_config(tmp_path)), "--output_dir", str(out)])
 
     table = (out / "table.md").read_text()
@@ -158,16 +174,31 @@ def test_user_folder_with_label_column_gets_mode_figures(tmp_path):
     assert 0 < result["runs"][0]["modes_covered"] <= 1
 
 
-def test_command_line_prints_one_line_errors(tmp_path, capsys):
-    config = write_config(tmp_path, colour="red")
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--colour", "red"], "unknown flag --colour"),
+        (["--output", "o"], "unknown flag --output; did you mean --output_dir?"),  # no abbreviations
+        (["--mixed_precision", "fp61"], "--mixed_precision fp61: unknown (did you mean 'fp16'?)"),
+        (["--families", "vae", "pixlecnn"], "--families pixlecnn: unknown (did you mean 'pixelcnn'?)"),
+        (["--train_data_dir", "a", "--dataset_name", "b"], "give --train_data_dir or --dataset_name, not both"),
+    ],
+)
+def test_command_line_prints_one_line_errors(tmp_path, capsys, flags, message):
+    argv = ["--config", str(write_config(tmp_path)), "--output_dir", str(tmp_path / "o"), *flags]
     with pytest.raises(SystemExit) as exit_info:
-        run_main(main, ["--config", str(config), "--output_dir", str(tmp_path / "o")])
+        run_main(main, argv)
     assert exit_info.value.code == 2
-    assert (
-        capsys.readouterr().err.strip()
-        == f"error: unknown config key 'colour' in {config}; known keys: "
-        + ", ".join(sorted(CompareConfig.__dataclass_fields__))
-    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_an_unknown_config_key_is_one_line_naming_the_file(tmp_path, capsys):
+    config = write_config(tmp_path, colour="red")
+    with pytest.raises(SystemExit):
+        run_main(main, ["--config", str(config), "--output_dir", str(tmp_path / "o")])
+    assert capsys.readouterr().err.strip() == f"error: --config {config}: unknown key 'colour'"
 
 
 def test_inception_without_local_weights_is_a_clear_error(tmp_path):
