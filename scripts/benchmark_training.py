@@ -11,20 +11,19 @@ Each setting runs in its own process (so peak memory is its own), on the embedde
   (`optimizer adamw8bit -> adamw`, `quantize_base nf4 -> none`, `mixed_precision fp16 -> no`): the row then
   measures the rest of the preset (batch, accumulation, checkpointing, caching), not its GPU memory savings.
 
-- `--shaped sd15,sdxl` (the default when CUDA is present): randomly initialised UNets of SD 1.5's and SDXL's
-  exact shapes (860M and 2.6B parameters; speed and memory do not depend on the weights), LoRA rank `--rank` on the
-  attention projections, one row per preset: the SD 1.x presets at 512 px, the `-sdxl` ones at 1024 px, each
-  preset's batch, accumulation, precision, checkpointing, optimizer and quantised base as training would use
-  them. Text embeddings and latents are random tensors of the real shapes (training caches them too, so the VAE
-  and text encoders are not resident). The issue's targets: SD 1.5 at 512 px under 6 GB with `gpu-8gb`, SDXL at
-  1024 px under 12 GB with `gpu-12gb-sdxl`.
+- `--shaped sd15,sdxl` (the default when CUDA is present): randomly initialised pipelines of SD 1.5's and SDXL's
+  exact shapes (UNets of 860M and 2.6B parameters, SD's VAE, CLIP ViT-L and, for SDXL, ViT-bigG text encoders;
+  speed and memory do not depend on the weights), trained by the product's own loop (`finetune.loop.train`, the
+  LoRA task, rank `--rank`, the family's default targets) on random images, one row per preset: the SD 1.x
+  presets at 512 px, the `-sdxl` ones at 1024 px, with each preset's batch, accumulation, precision,
+  checkpointing, optimizer and quantised base. Latents and text embeddings are cached as in any run. The targets:
+  SD 1.5 at 512 px under 6 GB with `gpu-8gb`, SDXL at 1024 px under 12 GB with `gpu-12gb-sdxl`.
 
 On CPU, peak memory is the process's peak resident set size; on CUDA, `torch.cuda.max_memory_allocated`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -32,10 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from core.config import option, parse  # noqa: E402
+from core.errors import UserError, run_main  # noqa: E402
+
 PRESETS = ROOT / "configs" / "hardware"
 
 
@@ -56,10 +61,11 @@ def cpu_substitutes(values: dict) -> list[str]:
 
 def layer_presets(values: dict, presets: list[str], on_cuda: bool) -> list[str]:
     """Layers the preset files onto `values` in order (later wins); off CUDA, swaps what needs it (listed)."""
-    from finetune.config import load_yaml
+    from core.config import load_yaml
+    from finetune.config import LoraTrainConfig
 
     for preset in presets:
-        values.update(load_yaml(preset))
+        values.update(load_yaml(preset, LoraTrainConfig))
     return [] if on_cuda else cpu_substitutes(values)
 
 
@@ -85,10 +91,12 @@ def child(settings: dict) -> dict:
     """Runs one training in this process and returns its measurements."""
     import torch
 
-    from finetune.config import TrainConfig, validate
+    from core.config import from_values
+    from finetune.config import LoraTrainConfig
     from finetune.demo import demo_values
-    from finetune.finetune_lora import DEMO_CONFIG, LORA
+    from finetune.finetune_lora import DEMO_CONFIG
     from finetune.loop import train
+    from finetune.tasks import LORA
 
     values = demo_values(DEMO_CONFIG)  # the demo's model and both imagefolders
     on_cuda = torch.cuda.is_available()
@@ -103,8 +111,7 @@ def child(settings: dict) -> dict:
     )
     if settings["cache"] is not None:
         values["cache_latents"] = settings["cache"]
-    cfg = TrainConfig(**values)
-    validate(cfg)
+    cfg = from_values(LoraTrainConfig, values)
     start = time.time()
     result = train(cfg, LORA)
     total = time.time() - start
@@ -122,7 +129,8 @@ def child(settings: dict) -> dict:
     }
 
 
-# The real architectures (diffusers' UNet2DConditionModel configs of SD 1.5 and SDXL base), randomly initialised.
+# The real architectures of SD 1.5 and SDXL base (diffusers' configs), randomly initialised: speed and memory do not
+# depend on the weights. Text encoders: CLIP ViT-L (both) and OpenCLIP ViT-bigG (SDXL's second); VAE: SD's.
 UNET_SHAPES = {
     "sd15": dict(
         sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -139,114 +147,116 @@ UNET_SHAPES = {
         projection_class_embeddings_input_dim=2816,
     ),
 }  # fmt: skip
+TEXT_SHAPES = {
+    "clip-l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768),
+    "clip-g": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   projection_dim=1280),
+}  # fmt: skip
+VAE_SHAPE = dict(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)  # fmt: skip
 SHAPED_RESOLUTION = {"sd15": 512, "sdxl": 1024}
-DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
-def shaped_unet(kind: str, config_overrides: dict, quantize: str | None, dtype, tmp: str):
-    """A random UNet of `kind`'s shape, frozen, in `dtype` (or with its linear layers quantised)."""
+def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
+    """A randomly initialised pipeline of `kind`'s shapes saved as a diffusers folder; `overrides` (keys `unet`,
+    `vae`, `text`) narrow it for tests."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from toyworld.tiny import sd_scheduler, write_tokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**{**UNET_SHAPES[kind], **config_overrides})
-    if quantize:  # bitsandbytes quantises while loading: save the random weights and load them back
-        from finetune.quantize import load_quantized_unet
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "tokenizer", max_length=77))
+    vocab = len(tokenizer.get_vocab())
 
-        unet.to(dtype).save_pretrained(Path(tmp) / "unet")
-        del unet
-        return load_quantized_unet(tmp, quantize, dtype)
-    unet.requires_grad_(False)
-    return unet.to(dtype)
+    def text_encoder(shape: str, cls):
+        ids = dict(vocab_size=vocab, max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                   pad_token_id=vocab - 1)  # fmt: skip
+        return cls(CLIPTextConfig(**ids, **{**TEXT_SHAPES[shape], **overrides.get("text", {})}))
+
+    parts = dict(
+        unet=UNet2DConditionModel(**{**UNET_SHAPES[kind], **overrides.get("unet", {})}),
+        vae=AutoencoderKL(**{**VAE_SHAPE, **overrides.get("vae", {})}),
+        text_encoder=text_encoder("clip-l", CLIPTextModel), tokenizer=tokenizer, scheduler=sd_scheduler(),
+    )  # fmt: skip
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            **parts, text_encoder_2=text_encoder("clip-g", CLIPTextModelWithProjection), tokenizer_2=tokenizer
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def write_images(folder: Path, count: int, resolution: int) -> Path:
+    """`count` random RGB images with captions: the data of a shaped row (its latents are cached like any data)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo of sks object {i}")
+    return folder
 
 
 def shaped_child(settings: dict) -> dict:
-    """Times LoRA training steps of a randomly initialised SD 1.5- or SDXL-shaped UNet under one preset."""
+    """Times `finetune.loop.train` (the product's loop, LoRA task) on a randomly initialised SD 1.5- or SDXL-shaped
+    pipeline under one preset: steps after the warm-up are timed; peak memory covers the whole run."""
     import torch
+    from safetensors.torch import load_file
 
-    from finetune.config import TrainConfig
-    from finetune.model import adapter_config, add_adapter
-    from finetune.optim import build_optimizer
+    from core.config import from_values
+    from finetune.config import LoraTrainConfig
+    from finetune.loop import train
+    from finetune.tasks import LORA
 
-    kind, device = settings["kind"], torch.device(settings["device"])
-    on_cuda = device.type == "cuda"
-    values = {}
+    kind, on_cuda = settings["kind"], torch.cuda.is_available()
+    work = Path(settings["output_dir"])
+    values: dict = {}
     swapped = layer_presets(values, settings["presets"], on_cuda)
-    cfg = TrainConfig(**{**values, "rank": settings["rank"], "lora_alpha": settings["rank"]})
-    precision = cfg.mixed_precision if cfg.mixed_precision in DTYPES else "no"
-    dtype = getattr(torch, DTYPES[precision]) if precision in DTYPES else torch.float32
-    with tempfile.TemporaryDirectory() as tmp:
-        unet = shaped_unet(kind, settings.get("unet_config", {}), cfg.quantize_base, dtype, tmp)
-    if not cfg.quantize_base:  # a quantised UNet is already on the GPU
-        unet.to(device)
-    params = add_adapter(unet, adapter_config("lora", cfg.rank, cfg.lora_alpha, 0.0, None))  # fp32 LoRA
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    optimizer = build_optimizer(cfg, params, lr=1e-4)
-
-    res = settings["resolution"] // 8
-    batch, cross = cfg.train_batch_size, unet.config.cross_attention_dim
-    gen = torch.Generator(device).manual_seed(0)
-
-    def micro_step():
-        latents = torch.randn(batch, 4, res, res, device=device, generator=gen)
-        text = torch.randn(batch, 77, cross, device=device, generator=gen)
-        t = torch.randint(0, 1000, (batch,), device=device, generator=gen)
-        extra = {}
-        if unet.config.addition_embed_type == "text_time":
-            extra["added_cond_kwargs"] = {
-                "text_embeds": torch.randn(batch, 1280, device=device, generator=gen),
-                "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device=device).repeat(batch, 1),
-            }  # fmt: skip
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(latents, t, text, **extra).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), latents) / cfg.gradient_accumulation_steps
-        loss.backward()
-
-    def step():
-        for _ in range(cfg.gradient_accumulation_steps):
-            micro_step()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def sync():
-        if on_cuda:
-            torch.cuda.synchronize(device)
-
-    before = [p.detach().clone() for p in params]
-    for _ in range(settings["warmup"]):
-        step()
-    sync()
-    # A benchmark of steps that train nothing would mean nothing: the LoRA must have moved.
-    lora_change = sum((p.detach() - b).float().norm() ** 2 for p, b in zip(params, before, strict=True)) ** 0.5
+    model = build_shaped_pipeline(kind, work / "model", settings.get("overrides", {}))
+    per_step = values.get("train_batch_size", 1) * values.get("gradient_accumulation_steps", 1)
+    values.update(
+        pretrained_model_name_or_path=str(model), output_dir=str(work / "out"), resolution=settings["resolution"],
+        train_data_dir=str(write_images(work / "data", per_step, settings["resolution"])), center_crop=True,
+        max_train_steps=settings["warmup"] + settings["steps"], rank=settings["rank"], lora_alpha=settings["rank"],
+        learning_rate=1e-3, report_to="none", checkpointing_steps=10**9, validation_prompt=None,
+    )  # fmt: skip
+    cfg = from_values(LoraTrainConfig, values)
     if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.time()
-    for _ in range(settings["steps"]):
-        step()
-    sync()
-    seconds = (time.time() - start) / settings["steps"]
+        torch.cuda.reset_peak_memory_stats()
+    result = train(cfg, LORA)
+    lora = load_file(work / "out" / "pytorch_lora_weights.safetensors")
+    # A benchmark of steps that train nothing would mean nothing: the LoRA (B initialised to zero) must have moved.
+    moved = sum(v.float().norm().item() ** 2 for k, v in lora.items() if "lora_B" in k or "lora.up" in k) ** 0.5
+    timed = result.step_seconds[settings["warmup"] :]
     return {
         "name": f"{kind} {settings['resolution']}px, {Path(settings['presets'][0]).stem}",
         "kind": kind,
-        "unet_parameters": sum(p.numel() for p in unet.parameters()),
-        "lora_parameters": sum(p.numel() for p in params),
-        "lora_change_after_warmup": float(lora_change),
-        "cache": True,
+        "lora_parameters": sum(v.numel() for v in lora.values()),
+        "lora_change": moved,
+        "cache": cfg.cache_latents,
         "presets": settings["presets"],
         "cpu_substitutes": swapped,
-        "steps": settings["steps"],
-        "seconds_per_step": seconds,
+        "steps": len(timed),
+        "seconds_per_step": sum(timed) / len(timed),
         "setup_seconds": 0.0,
         **measured_columns(cfg, on_cuda),
-        "mixed_precision": precision,
+        "mixed_precision": cfg.mixed_precision or "no",
         "resolution": settings["resolution"],
     }
 
 
-def shaped_settings(kinds: list[str], steps: int, rank: int, device: str) -> list[dict]:
+def shaped_settings(kinds: list[str], steps: int, rank: int) -> list[dict]:
     """One setting per preset that fits each kind: SD 1.x presets for sd15, `-sdxl` presets for sdxl."""
     out = []
     for kind in kinds:
@@ -254,7 +264,7 @@ def shaped_settings(kinds: list[str], steps: int, rank: int, device: str) -> lis
             if preset.stem == "cpu" or preset.stem.endswith("-sdxl") != (kind == "sdxl"):
                 continue
             out.append({"shaped": True, "kind": kind, "presets": [str(preset)], "resolution": SHAPED_RESOLUTION[kind],
-                        "steps": steps, "warmup": 2, "rank": rank, "device": device, "name": f"{kind} {preset.stem}"})  # fmt: skip
+                        "steps": steps, "warmup": 2, "rank": rank, "name": f"{kind} {preset.stem}"})  # fmt: skip
     return out
 
 
@@ -270,18 +280,21 @@ def run_child(settings: dict) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--preset", action="append", default=[], help="hardware preset YAML(s) to layer on")
-    parser.add_argument("--each_preset", action="store_true", help=f"also one row per preset in {PRESETS}")
-    parser.add_argument("--shaped", default=None, help="sd15,sdxl: SD 1.5/SDXL-shaped UNets (default on CUDA)")
-    parser.add_argument("--shaped_steps", type=int, default=10, help="timed steps per shaped row (after 2 warm-up)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the shaped rows")
-    parser.add_argument("--skip_demo", action="store_true", help="only the shaped rows")
-    parser.add_argument("--output", default=None, help="also write the rows as JSON here")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclass
+class BenchmarkConfig:
+    steps: int = option("Timed steps of the demo and preset rows.", default=30)
+    preset: list[str] = option("Hardware preset YAML(s) layered on the demo rows.", default=[])
+    each_preset: bool = option("Also one row per preset in configs/hardware/.", default=False)
+    shaped: str | None = option("sd15,sdxl: SD 1.5/SDXL-shaped pipelines (default on CUDA).", default=None)
+    shaped_steps: int = option("Timed steps per shaped row (after 2 warm-up).", default=10)
+    rank: int = option("LoRA rank of the shaped rows.", default=16)
+    skip_demo: bool = option("Only the shaped rows.", default=False)
+    output: str | None = option("Also write the rows as JSON here.", default=None)
+    child: str | None = option("Internal: run one row in this process (JSON settings).", default=None)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(BenchmarkConfig, argv, __doc__, prog="benchmark_training.py")
     if args.child:
         settings = json.loads(args.child)
         print("RESULT " + json.dumps((shaped_child if settings.get("shaped") else child)(settings)))
@@ -296,12 +309,11 @@ def main() -> None:
     shaped = args.shaped if args.shaped is not None else ("sd15,sdxl" if torch.cuda.is_available() else "")
     kinds = [k for k in shaped.split(",") if k]
     if unknown := sorted(set(kinds) - set(UNET_SHAPES)):
-        sys.exit(f"--shaped {','.join(unknown)}: unknown; choose from {', '.join(UNET_SHAPES)}")
+        raise UserError(f"--shaped {','.join(unknown)}: unknown; choose from {', '.join(UNET_SHAPES)}")
     if args.each_preset:
         settings += [{"name": p.stem, "cache": None, "presets": [str(p)]} for p in sorted(PRESETS.glob("*.yaml"))]
-    device_name = "cuda" if torch.cuda.is_available() else "cpu"
     settings = [{**s, "steps": args.steps} for s in settings]
-    settings += shaped_settings(kinds, args.shaped_steps, args.rank, device_name)
+    settings += shaped_settings(kinds, args.shaped_steps, args.rank)
     rows = []
     for s in settings:
         rows.append(run_child(s))
@@ -324,4 +336,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
