@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, PNDMScheduler
 
 from core.errors import UserError
-from pipelines.samplers import SAMPLERS, make_scheduler, sampler_names, set_sampler
+from pipelines import samplers
+from pipelines.samplers import SAMPLERS, check_steps, make_scheduler, sampler_names, set_sampler
 from toyworld.tiny import build_pipeline, sd_scheduler
+
+EMBEDDED_BASE = Path(__file__).resolve().parents[2] / "pipelines" / "tiny_shapes"
 
 EXPECTED_CLASSES = {
     "ddim": "DDIMScheduler",
@@ -68,6 +75,58 @@ def test_latent_samplers_do_not_clip_x0_unless_the_config_says_so():
     assert make_scheduler("ddim", dict(sd_scheduler().config)).config.clip_sample is False
     assert make_scheduler("ddpm", dict(sd_scheduler().config)).config.clip_sample is False
     assert make_scheduler("ddim", {**sd_scheduler().config, "clip_sample": True}).config.clip_sample is True
+
+
+def test_plain_diffusers_swap_on_the_embedded_base_does_not_clip_latents():
+    # What users write from diffusers' docs: DDIMScheduler.from_config(pipe.scheduler.config), no help from us.
+    shipped = PNDMScheduler.from_pretrained(EMBEDDED_BASE, subfolder="scheduler")
+    ddim = DDIMScheduler.from_config(shipped.config)
+    assert ddim.config.clip_sample is False
+    ddim.set_timesteps(10)
+    t = ddim.timesteps[0]
+    latent = torch.full((1, 4, 2, 2), 3.0)  # latents leave [-1, 1]; with eps = 0, x0 = latent / sqrt(alpha_bar_t)
+    prev = ddim.step(torch.zeros_like(latent), t, latent).prev_sample
+    x0 = latent / ddim.alphas_cumprod[t].sqrt()
+    alpha_prev = ddim.alphas_cumprod[t - ddim.config.num_train_timesteps // 10]
+    assert torch.allclose(prev, alpha_prev.sqrt() * x0)  # x0 kept at ~3.3, not clipped to 1
+    assert prev.min() > alpha_prev.sqrt() * 1.5
+
+
+def test_a_config_without_clip_sample_is_sampled_unclipped_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(samplers, "_warned_clip_sample", False)
+    base = dict(sd_scheduler().config)
+    assert "clip_sample" not in base
+    with caplog.at_level(logging.WARNING, logger="pipelines.samplers"):
+        for name in ("ddim", "ddpm", "ddim"):
+            assert make_scheduler(name, base).config.clip_sample is False
+        make_scheduler("ddim", {**base, "clip_sample": False})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pipelines.samplers"]
+    assert len(warnings) == 1 and "clip_sample" in warnings[0] and "latents" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "name, steps, overrides, words",
+    [
+        ("pndm", 3, {"skip_prk_steps": False}, ["sampler pndm cannot run --steps 3", "broadcast", "use --steps 4"]),
+        ("ddim", 1000, {}, ["sampler ddim cannot run --steps 1000", "use --steps 999"]),
+        ("ddpm", 1001, {}, ["cannot be larger", "use --steps 999"]),
+    ],
+)
+def test_step_counts_the_scheduler_cannot_run_say_what_to_use(name, steps, overrides, words):
+    config = dict(sd_scheduler(**overrides).config)
+    with pytest.raises(UserError) as err:
+        check_steps(name, steps, config)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    check_steps(name, int(str(err.value).rsplit(" ", 1)[1]), config)  # the advice runs
+
+
+def test_step_check_accepts_what_runs_and_leaves_the_global_rng_alone():
+    config = dict(sd_scheduler().config)
+    state = torch.random.get_rng_state()
+    for name in SAMPLERS:  # stochastic ones draw noise during the check
+        check_steps(name, 3, config)
+    check_steps("pndm", 3, dict(sd_scheduler().config))  # skip_prk_steps=True (SD's config): PLMS runs 3 steps
+    assert torch.equal(state, torch.random.get_rng_state())
 
 
 def test_switching_samplers_does_not_carry_options_over(pipe):
