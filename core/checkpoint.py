@@ -39,6 +39,7 @@ from core.errors import UserError
 logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
+WRAPPER_LEVELS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 MANIFEST = "manifest.json"
 
 
@@ -115,8 +116,9 @@ def _model_state(models: dict[str, nn.Module], trainable_only: bool, accelerator
 
 
 def _clean(name: str) -> str:
-    """A parameter path without DDP's `module.` or torch.compile's `_orig_mod.` levels."""
-    return ".".join(part for part in name.split(".") if part not in ("module", "_orig_mod"))
+    """A parameter path without the levels wrappers add: DDP's `module.`, torch.compile's `_orig_mod.`, FSDP1's and
+    activation checkpointing's wrapped-module levels (as torch's state-dict API names parameters)."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_LEVELS)
 
 
 def _optimizer_states(models, optimizers, accelerator) -> list[dict]:
@@ -262,13 +264,18 @@ def load(
             f"{folder}: lacks {len(missing)} trained tensors (first: {missing[0]}); it was made with other "
             "adapter, model or training settings"
         )
-    with torch.no_grad():
-        for key, tensor in targets.items():
-            if tensor.shape != saved[key].shape:
-                raise UserError(
-                    f"{folder}: {key} has shape {tuple(saved[key].shape)}, the model {tuple(tensor.shape)}"
-                )
-            tensor.copy_(saved[key].to(tensor))
+    for key, tensor in targets.items():
+        if tensor.shape != saved[key].shape:
+            raise UserError(f"{folder}: {key} has shape {tuple(saved[key].shape)}, the model {tuple(tensor.shape)}")
+    if _is_fsdp(accelerator):  # sharded parameters: torch scatters the full tensors to each process's shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = {key: saved[key] for key in targets}
+        set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        with torch.no_grad():
+            for key, tensor in targets.items():
+                tensor.copy_(saved[key].to(tensor))
     if _is_deepspeed(accelerator):
         accelerator.load_state(str(folder / "engine"))
     else:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from core.errors import UserError
@@ -166,9 +167,8 @@ class Family:
         scaled (and shifted, where the VAE has a shift factor) as the denoiser sees them."""
         mean, logvar = posterior.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        eps = torch.stack(
-            [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s) ^ 0x5EED)) for s in seeds]
-        ).to(mean)
+        generators = [torch.Generator().manual_seed(int(s) ^ 0x5EED) for s in seeds]
+        eps = randn_tensor(tuple(mean.shape), generator=generators, dtype=torch.float32).to(mean)
         shift = self.vae.config.get("shift_factor", None) or 0.0
         return (mean + std * eps - shift) * self.vae.config.scaling_factor
 
