@@ -12,6 +12,12 @@ unbatched ones. Classifier-free guidance is the diffusers pipeline's own: the un
 halves go through the UNet in one batched call per step (checked in the tests with a forward hook).
 Attention is PyTorch's scaled-dot-product attention (diffusers' default `AttnProcessor2_0`) unless
 `--attention classic` asks for the explicit softmax(QK^T)V processor.
+
+The settings are one typed dataclass, `GenerateConfig`, filled by `core.config` from flags and `--config` YAML
+files (`--prompt a --prompt b` and `--prompt a b` both give two prompts). Everything that needs no weights is
+checked before the model loads, each failure one `error:` line and exit code 2: seeds, finite numbers, the
+output folder, each LoRA file (opened as safetensors), the model's family, and whether the sampler's scheduler
+can run the step count at all (tried on the model's own scheduler config).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python pipelines/generate.py`: make the repository importable
@@ -34,37 +41,120 @@ from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from core.config import from_values, option, parse, to_dict  # noqa: E402
 from core.errors import UserError, run_main  # noqa: E402
 from core.images import make_grid  # noqa: E402
-from pipelines.loading import DTYPES, Adapter, load_loras, load_pipeline  # noqa: E402
-from pipelines.samplers import sampler_names, set_sampler  # noqa: E402
+from pipelines.families import Family, detect, sub_config  # noqa: E402
+from pipelines.loading import (  # noqa: E402
+    DTYPES,
+    Adapter,
+    check_device,
+    check_lora_file,
+    load_loras,
+    load_pipeline,
+    match_scales,
+)
+from pipelines.samplers import check_steps, sampler_names, set_sampler  # noqa: E402
 
+PROG = "python -m pipelines.generate"
 RECORD_NAME = "record.json"
 GRID_NAME = "grid.png"
+MAX_SEED = 2**63 - 1  # torch takes seeds up to 2**64 - 1, numpy and most tools only signed 64-bit ones
+ATTENTION = {"sdpa": None, "classic": AttnProcessor}  # None: diffusers' default, SDPA (`AttnProcessor2_0`)
+REPEATABLE = ("prompt", "lora", "lora_scale", "index")  # list flags that may also be given once per value
+RUN_ONLY = ("from_record", "index")  # how this run was asked for, not what it makes: not in the record
+OLD_RECORD_KEYS = {"prompts": "prompt", "loras": "lora", "lora_scales": "lora_scale"}  # older records
 
 
 @dataclass
 class GenerateConfig:
-    model: str
-    prompts: list[str]
-    output_dir: str
-    loras: list[str] = field(default_factory=list)
-    lora_scales: list[float] = field(default_factory=lambda: [1.0])
-    fuse_lora: bool = False
-    negative_prompt: str | None = None
-    sampler: str = "dpmpp-2m"
-    steps: int = 20
-    guidance_scale: float = 7.5
-    num_images: int = 1  # per prompt
-    seed: int = 0
-    height: int | None = None  # None: the model's default size
-    width: int | None = None
-    batch_size: int = 4
-    device: str = "cpu"
-    dtype: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    attention: str = "sdpa"
+    """What to generate and how; the command line and `--config` YAML files fill it (see `core.config`)."""
+
+    model: str | None = option("diffusers pipeline folder or Hub id (SD 1.x, SD 2.x, SDXL)", None)
+    prompt: list[str] = option("prompt(s): several values, or the flag repeated", [])
+    prompt_file: str | None = option("a text file, one prompt per line (after any --prompt)", None)
+    negative_prompt: str | None = option("what to steer away from, for every image", None)
+    lora: list[str] = option("LoRA file(s) or training output folder(s), diffusers or kohya keys", [])
+    lora_scale: list[float] = option("one scale for every --lora, or one per --lora", [1.0])
+    fuse_lora: bool = option("fold the adapters into the weights before sampling", False)
+    sampler: str = option(
+        "the sampler: a diffusers scheduler by A1111-style name", "dpmpp-2m", choices=sampler_names()
+    )
+    steps: int = option("num_inference_steps", 20)
+    guidance_scale: float = option("classifier-free guidance scale (1 or less: no guidance)", 7.5)
+    num_images: int = option("images per prompt", 1)
+    seed: int = option(f"image i gets seed + i; every seed within 0..{MAX_SEED}", 0)
+    height: int | None = option("image height in pixels (default: the model's)", None)
+    width: int | None = option("image width in pixels (default: the model's)", None)
+    batch_size: int = option("images per pipeline call", 4)
+    output_dir: str | None = option("folder for the images, grid.png and record.json", None)
+    device: str = option("cpu | cuda | cuda:N", "cpu")
+    dtype: str = option("weights and activations", "fp32", choices=tuple(DTYPES))
+    channels_last: bool = option("UNet and VAE in channels-last memory format", False)
+    compile: bool = option("torch.compile the UNet", False)
+    attention: str = option(
+        "sdpa: PyTorch's fused attention; classic: softmax(QK^T)V", "sdpa", choices=tuple(ATTENTION)
+    )
+    from_record: str | None = option(
+        "a record.json: regenerate its images exactly (other settings come from it)", None
+    )
+    index: list[int] | None = option("with --from_record: which images (default: all)", None)
+
+    def prompts(self) -> list[str]:
+        """--prompt values, then the lines of --prompt_file."""
+        prompts = list(self.prompt)
+        if self.prompt_file:
+            path = Path(self.prompt_file)
+            if not path.is_file():
+                raise UserError(f"--prompt_file {self.prompt_file} not found")
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return prompts
+
+    def validate(self) -> None:
+        """Every check that needs no model weights, so that bad input fails in a second, not after loading."""
+        if self.from_record is not None:
+            return self._validate_replay()
+        if self.index is not None:
+            raise UserError("--index only goes with --from_record")
+        if not self.model:
+            raise UserError("--model is required (a diffusers pipeline folder or Hub id)")
+        if not self.output_dir:
+            raise UserError("--output_dir is required")
+        prompts = self.prompts()
+        if not prompts:
+            raise UserError("give at least one --prompt or a --prompt_file")
+        for name in ("steps", "num_images", "batch_size", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed {self.seed} out of range: a seed must lie within 0..{MAX_SEED} (2**63 - 1)")
+        last_seed = self.seed + len(prompts) * self.num_images - 1  # image i gets seed + i
+        if last_seed > MAX_SEED:
+            raise UserError(
+                f"--seed {self.seed}: the {len(prompts) * self.num_images} images would take seeds up to {last_seed}, "
+                f"beyond {MAX_SEED} (2**63 - 1); use a smaller --seed"
+            )
+        match_scales(self.lora, self.lora_scale)
+        for lora in self.lora:
+            check_lora_file(lora)
+        check_output_dir(self.output_dir)
+        check_device(self.device, self.dtype)
+        detect(self.model)  # a missing model or an unsupported pipeline class is one line here
+        scheduler_config = sub_config(self.model, "scheduler", "scheduler_config.json")
+        if scheduler_config:
+            check_steps(self.sampler, self.steps, scheduler_config)
+
+    def _validate_replay(self) -> None:
+        """With --from_record every setting comes from the record: another flag would be silently ignored."""
+        defaults = GenerateConfig()
+        for f in fields(self):
+            if f.name not in (*RUN_ONLY, "output_dir") and getattr(self, f.name) != getattr(defaults, f.name):
+                raise UserError(
+                    f"--from_record regenerates the record's own settings; --{f.name} cannot change them (drop it)"
+                )
+        if not Path(self.from_record).is_file():
+            raise UserError(f"--from_record {self.from_record} not found")
 
 
 @dataclass(frozen=True)
@@ -74,88 +164,60 @@ class ImageSpec:
     seed: int
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", help="diffusers pipeline folder or Hub id (SD 1.x, SD 2.x, SDXL)")
-    p.add_argument("--lora", action="append", default=[], help="LoRA file or folder (diffusers or kohya); repeat")
-    p.add_argument("--lora_scale", type=float, action="append", default=None, help="one, or one per --lora")
-    p.add_argument("--fuse_lora", action="store_true", help="fold the adapters into the weights before sampling")
-    p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
-    p.add_argument("--prompt_file", help="a text file, one prompt per line")
-    p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--sampler", default="dpmpp-2m", help=f"one of: {', '.join(sampler_names())}")
-    p.add_argument("--steps", type=int, default=20, help="num_inference_steps")
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--num_images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="image i gets seed + i")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--output_dir", default=None)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--channels_last", action="store_true", help="UNet and VAE in channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"])
-    p.add_argument("--from_record", default=None, help="a record.json: regenerate its images exactly")
-    p.add_argument("--index", type=int, action="append", default=None, help="with --from_record: which images")
-    return p
+def check_output_dir(output_dir: str) -> None:
+    """A `UserError` unless `output_dir` is a folder we can create or write into (tried, not guessed: root and
+    read-only mounts make permission bits misleading)."""
+    path = Path(output_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise UserError(f"--output_dir {output_dir} {what}; give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"--output_dir {output_dir}: cannot write into {existing} ({err.strerror})") from None
 
 
-def config_from_args(args: argparse.Namespace) -> GenerateConfig:
-    if not args.model:
-        raise UserError("--model is required (a diffusers pipeline folder or Hub id)")
-    if not args.output_dir:
-        raise UserError("--output_dir is required")
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UserError(f"--prompt_file {args.prompt_file} not found")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UserError("give at least one --prompt or a --prompt_file")
-    for name in ("steps", "num_images", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    return GenerateConfig(
-        model=_absolute_if_local(args.model),  # the record must work from any working directory
-        prompts=prompts,
-        output_dir=args.output_dir,
-        loras=[_absolute_if_local(x) for x in args.lora],
-        lora_scales=args.lora_scale if args.lora_scale is not None else [1.0],
-        fuse_lora=args.fuse_lora,
-        negative_prompt=args.negative_prompt,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        num_images=args.num_images,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        attention=args.attention,
-    )
+def merge_repeated(argv: Sequence[str] | None, names: Sequence[str] = REPEATABLE) -> list[str]:
+    """`--prompt a --prompt b` as `--prompt a b`: the list flags of `core.config` take several values after one
+    flag, and a second flag would replace the first's values; users of this script repeat them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for name in names:
+        parser.add_argument(f"--{name}", nargs="+", action="extend")
+    try:
+        given, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return argv  # e.g. `--prompt` without a value: core.config's parser reports it
+    return rest + [arg for name in names if getattr(given, name) for arg in (f"--{name}", *getattr(given, name))]
 
 
 def _absolute_if_local(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-def prepare_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, str, list[Adapter]]:
+def resolved(cfg: GenerateConfig) -> GenerateConfig:
+    """The config as the record keeps it: every prompt listed, local paths absolute (the record must work from
+    any working directory)."""
+    return replace(
+        cfg,
+        model=_absolute_if_local(cfg.model),
+        prompt=cfg.prompts(),
+        prompt_file=None,
+        lora=[_absolute_if_local(x) for x in cfg.lora],
+    )
+
+
+def prepare_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, type[Family], list[Adapter]]:
     """Loads the model, its LoRAs and the sampler, applies the speed options; returns (pipe, family, adapters)."""
-    if cfg.dtype == "fp16" and not cfg.device.startswith("cuda"):
-        raise UserError("--dtype fp16 needs --device cuda; use fp32 or bf16 on CPU")
     pipe, family = load_pipeline(cfg.model, cfg.dtype, cfg.device)
     set_sampler(pipe, cfg.sampler)  # before LoRAs: an unknown sampler name fails fast
-    adapters = load_loras(pipe, cfg.loras, cfg.lora_scales, fuse=cfg.fuse_lora)
-    if cfg.attention == "classic":
-        pipe.unet.set_attn_processor(AttnProcessor())
-        pipe.vae.set_attn_processor(AttnProcessor())
+    adapters = load_loras(pipe, cfg.lora, cfg.lora_scale, fuse=cfg.fuse_lora)
+    processor = ATTENTION[cfg.attention]
+    if processor is not None:
+        pipe.unet.set_attn_processor(processor())
+        pipe.vae.set_attn_processor(processor())
     if cfg.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -206,9 +268,10 @@ def image_name(spec: ImageSpec) -> str:
 
 def run(cfg: GenerateConfig, only: Sequence[int] | None = None) -> dict:
     """Generates every planned image (or the batches holding `only`), writes PNGs, grid and record; returns it."""
+    cfg = resolved(cfg)
     pipe, family, adapters = prepare_pipeline(cfg)
     height, width = image_size(pipe, cfg.height, cfg.width)
-    specs = plan_images(cfg.prompts, cfg.num_images, cfg.seed)
+    specs = plan_images(cfg.prompt, cfg.num_images, cfg.seed)
     batches = [specs[i : i + cfg.batch_size] for i in range(0, len(specs), cfg.batch_size)]
     if only is not None:
         bad = [i for i in only if not 0 <= i < len(specs)]
@@ -228,10 +291,10 @@ def run(cfg: GenerateConfig, only: Sequence[int] | None = None) -> dict:
         bar.update(len(batch))
     bar.close()
     # One row per prompt when there are several prompts; a square-ish grid of one prompt's images.
-    make_grid(written, min(cfg.num_images, len(written)) if len(cfg.prompts) > 1 else None).save(out / GRID_NAME)
+    make_grid(written, min(cfg.num_images, len(written)) if len(cfg.prompt) > 1 else None).save(out / GRID_NAME)
     record = {
-        "config": asdict(cfg),
-        "family": family,
+        "config": to_dict(cfg, RUN_ONLY),
+        "family": family.name,
         "adapters": [asdict(a) for a in adapters],
         "height": height,
         "width": width,
@@ -243,25 +306,22 @@ def run(cfg: GenerateConfig, only: Sequence[int] | None = None) -> dict:
 
 
 def config_from_record(path: str, output_dir: str | None) -> GenerateConfig:
+    """The config a record was made with (checked as if typed anew), writing to `output_dir`."""
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--from_record {path} not found")
     try:
         saved = json.loads(file.read_text())["config"]
-        cfg = GenerateConfig(**saved)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        values = {OLD_RECORD_KEYS.get(k, k): v for k, v in saved.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a generate record ({type(err).__name__}: {err})") from err
-    cfg.output_dir = output_dir or str(file.parent / "regenerated")
-    return cfg
+    values["output_dir"] = output_dir or str(file.parent / "regenerated")
+    return from_values(GenerateConfig, values, where=f"--from_record {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.from_record:
-        return run(config_from_record(args.from_record, args.output_dir), only=args.index)
-    if args.index is not None:
-        raise UserError("--index only goes with --from_record")
-    return run(config_from_args(args))
+    cfg = parse(GenerateConfig, merge_repeated(argv), __doc__.split("\n\n")[0], prog=PROG)
+    if cfg.from_record is not None:
+        return run(config_from_record(cfg.from_record, cfg.output_dir), only=cfg.index)
+    return run(cfg)
 
 
 if __name__ == "__main__":

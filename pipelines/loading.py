@@ -1,93 +1,54 @@
 """Loading a Stable Diffusion pipeline (folder or Hub id) and LoRA adapters onto it, with one-line errors.
 
-The family is read from `model_index.json`: `StableDiffusionXLPipeline` is ``sdxl``; a `StableDiffusionPipeline`
-is ``sd2`` when its scheduler predicts ``v_prediction`` or its UNet cross-attends to 1024-wide text (OpenCLIP
-ViT-H, SD 2.x base), else ``sd1``. LoRA files are loaded by diffusers' `load_lora_weights`, which reads the
-diffusers/peft key format (`unet.`/`text_encoder.` + `lora_A`/`lora_B`) and converts kohya files
-(`lora_unet_*`, `lora_te_*`, `.lora_down`/`.lora_up`/`.alpha`) itself; each adapter gets a name and a scale.
+The family (SD 1.x, 2.x, SDXL) comes from `pipelines.families.detect`, the detection training uses too; the
+family names the diffusers pipeline class and its `from_pretrained` options (no safety checker for SD 1/2).
+LoRA files are loaded by diffusers' `load_lora_weights`, which reads the diffusers/peft key format
+(`unet.`/`text_encoder.` + `lora_A`/`lora_B`) and converts kohya files (`lora_unet_*`, `lora_te_*`,
+`.lora_down`/`.lora_up`/`.alpha`) itself; each adapter gets a name and a scale. Only safetensors files are read
+(never a pickle), and each is opened before any model loads, so a broken file is one line, early.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
+from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as transformers_logging
 
 from core.errors import UserError
+from pipelines.families import Family, detect
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
 
 
-def read_model_index(model: str) -> dict:
-    """`model_index.json` of a local folder or a Hub id (the Hub only when the id is not a local path)."""
-    path = Path(model)
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-        return json.loads(index.read_text())
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
-    try:
-        return dict(DiffusionPipeline.load_config(model))
-    except Exception as err:  # noqa: BLE001 - hub errors come in many classes; all mean "cannot get this model"
-        raise UserError(
-            f"model {model!r} not found locally and could not be fetched from the Hub ({type(err).__name__})"
-        ) from err
-
-
-def _sub_config(model: str, sub: str, name: str) -> dict:
-    path = Path(model) / sub / name
-    if path.is_file():
-        return json.loads(path.read_text())
-    if Path(model).is_dir():
-        return {}
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return json.loads(Path(hf_hub_download(model, f"{sub}/{name}")).read_text())
-    except Exception:  # noqa: BLE001 - family detection falls back to sd1 without the file
-        return {}
-
-
-def detect_family(model: str, index: dict | None = None) -> str:
-    index = index if index is not None else read_model_index(model)
-    cls = index.get("_class_name", "")
-    if "XL" in cls:
-        return "sdxl"
-    if cls not in ("StableDiffusionPipeline", ""):
-        raise UserError(f"{model} is a {cls}; only Stable Diffusion 1.x, 2.x and SDXL pipelines are supported")
-    scheduler = _sub_config(model, "scheduler", "scheduler_config.json")
-    unet = _sub_config(model, "unet", "config.json")
-    if scheduler.get("prediction_type") == "v_prediction" or unet.get("cross_attention_dim") == 1024:
-        return "sd2"
-    return "sd1"
-
-
-def load_pipeline(
-    model: str, dtype: str = "fp32", device: str = "cpu"
-) -> tuple[StableDiffusionPipeline | StableDiffusionXLPipeline, str]:
-    """The pipeline at `model` on `device` in `dtype`, and its family. No safety checker is loaded."""
+def check_device(device: str, dtype: str = "fp32") -> None:
+    """A `UserError` unless `device` exists here and can run `dtype`."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    index = read_model_index(model)
-    family = detect_family(model, index)
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    kwargs = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    if dtype == "fp16" and kind != "cuda":
+        raise UserError("--dtype fp16 needs --device cuda; use fp32 or bf16 on CPU")
+
+
+def load_pipeline(model: str, dtype: str = "fp32", device: str = "cpu") -> tuple[DiffusionPipeline, type[Family]]:
+    """The pipeline at `model` on `device` in `dtype`, and its family."""
+    check_device(device, dtype)
+    family = detect(model)
     bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # loading a local pipeline takes a second: no bars to clutter stderr
     transformers_logging.disable_progress_bar()
     try:
-        pipe = cls.from_pretrained(model, dtype=DTYPES[dtype], **kwargs)
+        pipe = family.pipeline_class().from_pretrained(model, dtype=DTYPES[dtype], **family.from_pretrained_kwargs())
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the pipeline at {model}: {str(err).splitlines()[0]}") from err
     finally:
@@ -116,6 +77,35 @@ def resolve_lora_file(lora: str) -> Path:
     raise UserError(f"LoRA {lora!r} not found")
 
 
+def check_lora_file(lora: str) -> Path:
+    """The LoRA's weights file, opened to check it is a readable safetensors file with tensors in it."""
+    path = resolve_lora_file(lora)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(
+            f"LoRA {lora}: {path.name} is not a readable safetensors file ({_first_line(err)}); "
+            "give the pytorch_lora_weights.safetensors that training wrote"
+        ) from err
+    if not keys:
+        raise UserError(f"LoRA {lora}: {path.name} holds no tensors")
+    return path
+
+
+def match_scales(loras: list[str], scales: list[float]) -> list[float]:
+    """One scale per LoRA: `scales` itself, or its one value repeated."""
+    if not loras:
+        if len(scales) > 1:
+            raise UserError("--lora_scale given more than once but no --lora")
+        return []
+    if len(scales) == 1:
+        return scales * len(loras)
+    if len(scales) != len(loras):
+        raise UserError(f"{len(loras)} --lora but {len(scales)} --lora_scale: give one scale, or one per LoRA")
+    return list(scales)
+
+
 @dataclass(frozen=True)
 class Adapter:
     path: str
@@ -127,17 +117,10 @@ def load_loras(pipe: DiffusionPipeline, loras: list[str], scales: list[float], f
     """Loads each LoRA as a named adapter, activates them all with their scales, and optionally fuses them.
 
     A LoRA that does not fit the model (made for another family or size) is one `UserError` line."""
-    if not loras:
-        if len(scales) > 1:
-            raise UserError("--lora_scale given more than once but no --lora")
-        return []
-    if len(scales) == 1:
-        scales = scales * len(loras)
-    if len(scales) != len(loras):
-        raise UserError(f"{len(loras)} --lora but {len(scales)} --lora_scale: give one scale, or one per LoRA")
+    scales = match_scales(loras, scales)
     adapters = []
     for i, lora in enumerate(loras):
-        path = resolve_lora_file(lora)
+        path = check_lora_file(lora)
         name = f"lora{i}"
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its multi-line log would repeat our error
@@ -151,6 +134,8 @@ def load_loras(pipe: DiffusionPipeline, loras: list[str], scales: list[float], f
         if name not in loaded:
             raise UserError(f"LoRA {lora} does not fit this model: none of its keys name a module of this model")
         adapters.append(Adapter(str(path), float(scales[i]), name))
+    if not adapters:
+        return []
     pipe.set_adapters([a.name for a in adapters], adapter_weights=[a.scale for a in adapters])
     if fuse:
         # The adapter weights set above are part of each layer's scaling, so fusing folds in the scaled deltas.

@@ -18,7 +18,6 @@ the rows take turns batch by batch, so that a busy machine slows every row alike
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
@@ -27,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python scripts/benchmark_generation.py`
@@ -36,28 +35,45 @@ if __package__ in (None, ""):  # run as `python scripts/benchmark_generation.py`
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
+from core.config import option, parse  # noqa: E402
 from core.errors import UserError, run_main  # noqa: E402
 from pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images, prepare_pipeline  # noqa: E402
 from pipelines.loading import load_pipeline  # noqa: E402
+from pipelines.samplers import sampler_names  # noqa: E402
 from toyworld import shapes  # noqa: E402
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--lora", default=None, help="LoRA for the fuse rows (default: a random rank-4 LoRA)")
-    p.add_argument("--sampler", default="dpmpp-2m")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--batch_size", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=3, help="timed batches per row")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches per row (2 or more with --compile)")
-    p.add_argument("--compile", action="store_true", help="add the torch.compile row")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output_dir", default="benchmarks/generation")
-    return p
+@dataclass
+class GenerationBenchmarkConfig:
+    model: str = option("pipeline folder or Hub id (default: the embedded base)", DEFAULT_MODEL)
+    lora: str | None = option("LoRA for the fuse rows (default: a random rank-4 LoRA)", None)
+    sampler: str = option("the sampler every row uses", "dpmpp-2m", choices=sampler_names())
+    steps: int = option("num_inference_steps", 20)
+    guidance_scale: float = option("classifier-free guidance scale", 7.5)
+    batch_size: int = option("images per timed batch", 12)
+    repeats: int = option("timed batches per row", 3)
+    warmup: int = option("untimed batches per row (2 or more with --compile)", 1)
+    compile: bool = option("add the torch.compile row", False)
+    device: str = option("cpu | cuda | cuda:N", "cpu")
+    output_dir: str = option("folder for results.json and results.md", "benchmarks/generation")
+
+    def generate_config(self) -> GenerateConfig:
+        """The default row's settings, as `pipelines.generate` takes them; `validate` checks them the same way."""
+        return GenerateConfig(
+            model=self.model, prompt=["-"], output_dir=self.output_dir, sampler=self.sampler, steps=self.steps,
+            guidance_scale=self.guidance_scale, batch_size=self.batch_size, device=self.device,
+            lora=[self.lora] if self.lora else [],
+        )  # fmt: skip
+
+    def validate(self) -> None:
+        for name in ("repeats", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be 0 or more, got {self.warmup}")
+        self.generate_config().validate()  # model, LoRA file, device, sampler/steps, output folder
 
 
 def random_lora(model: str, out_dir: Path, rank: int = 4) -> Path:
@@ -100,44 +116,43 @@ def split_guidance(pipe) -> None:
     pipe.unet.forward = two_calls
 
 
-def prepare_row(cfg: GenerateConfig, args, after_load: Callable | None = None) -> tuple:
+def prepare_row(cfg: GenerateConfig, bench: GenerationBenchmarkConfig, after_load: Callable | None = None) -> tuple:
     """The row's pipeline, warmed up (this is where torch.compile compiles), and its batch of image specs."""
     pipe, _, _ = prepare_pipeline(cfg)
     if after_load is not None:
         after_load(pipe)
     size = image_size(pipe, None, None)
     prompts = shapes.prompts()
-    specs = plan_images(prompts, max(1, -(-args.batch_size // len(prompts))), 0)[: args.batch_size]
-    for _ in range(args.warmup):
+    specs = plan_images(prompts, max(1, -(-bench.batch_size // len(prompts))), 0)[: bench.batch_size]
+    for _ in range(bench.warmup):
         generate_batch(pipe, specs, cfg, *size)
     return pipe, cfg, specs, size
 
 
-def measure(args) -> list[dict]:
-    base = GenerateConfig(model=args.model, prompts=["-"], output_dir="", sampler=args.sampler, steps=args.steps)
-    base = replace(base, guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device)
-    lora = args.lora or str(random_lora(args.model, Path(tempfile.mkdtemp(prefix="difftune-lora-"))))
+def measure(bench: GenerationBenchmarkConfig) -> list[dict]:
+    base = replace(bench.generate_config(), lora=[])
+    lora = bench.lora or str(random_lora(bench.model, Path(tempfile.mkdtemp(prefix="difftune-lora-"))))
     options: list[tuple[str, GenerateConfig, Callable | None]] = [
         ("default (SDPA, batched CFG)", base, None),
         ("classic attention (no SDPA)", replace(base, attention="classic"), None),
         ("channels_last", replace(base, channels_last=True), None),
         ("CFG as two UNet calls", base, split_guidance),
-        ("LoRA unfused", replace(base, loras=[lora]), None),
-        ("LoRA fused (--fuse_lora)", replace(base, loras=[lora], fuse_lora=True), None),
+        ("LoRA unfused", replace(base, lora=[lora]), None),
+        ("LoRA fused (--fuse_lora)", replace(base, lora=[lora], fuse_lora=True), None),
     ]
-    if args.compile:
+    if bench.compile:
         options.append(("torch.compile (UNet)", replace(base, compile=True), None))
     prepared, results = {}, {}
     for name, cfg, after_load in options:
         try:
-            prepared[name] = prepare_row(cfg, args, after_load)
+            prepared[name] = prepare_row(cfg, bench, after_load)
         except Exception as err:  # noqa: BLE001 - torch.compile fails in many ways; report it as the row's result
             if not cfg.compile:
                 raise
             results[name] = {"option": name, "images_per_s": None, "error": str(err).strip().splitlines()[0][:200]}
     # Rows take turns, one timed batch each per round, so that load from other processes hits all rows alike.
     times: dict[str, list[float]] = {name: [] for name in prepared}
-    for _ in range(args.repeats):
+    for _ in range(bench.repeats):
         for name, (pipe, cfg, specs, size) in prepared.items():
             start = time.perf_counter()
             generate_batch(pipe, specs, cfg, *size)
@@ -174,23 +189,21 @@ def write_outputs(result: dict, out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.repeats < 1 or args.batch_size < 1 or args.steps < 1:
-        raise UserError("--repeats, --batch_size and --steps must be at least 1")
+    bench = parse(GenerationBenchmarkConfig, argv, __doc__.split("\n\n")[0], prog="scripts/benchmark_generation.py")
     result = {
-        "model": args.model if args.model != DEFAULT_MODEL else "pipelines/tiny_shapes",
-        "device": args.device,
+        "model": bench.model if bench.model != DEFAULT_MODEL else "pipelines/tiny_shapes",
+        "device": bench.device,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
+        "sampler": bench.sampler,
+        "steps": bench.steps,
+        "guidance_scale": bench.guidance_scale,
+        "batch_size": bench.batch_size,
+        "repeats": bench.repeats,
         "command": "python scripts/benchmark_generation.py " + shlex.join(sys.argv[1:]),
-        "rows": measure(args),
+        "rows": measure(bench),
     }
-    write_outputs(result, Path(args.output_dir))
-    print((Path(args.output_dir) / "results.md").read_text())
+    write_outputs(result, Path(bench.output_dir))
+    print((Path(bench.output_dir) / "results.md").read_text())
     return result
 
 

@@ -11,7 +11,8 @@ For each sampler at each step count, and for diffusers' default call (PNDM, 50 s
 - colour and shape accuracy from the shapes world's analytic scorer (`toyworld.shapes.accuracy`), meaningful
   when the prompts name a shapes colour and shape (the default prompts do);
 - the Fréchet distance (`core.metrics.frechet_distance`) to the images of a reference run, either DDPM at
-  `--reference_steps` (1000 by default) with the same prompts and seeds, or a folder of images. Feature space:
+  `--reference_steps` (999 by default: with SD's leading timestep spacing and `steps_offset` 1, a 1000-step run
+  would start at timestep 1000 of 0..999) with the same prompts and seeds, or a folder of images. Feature space:
   each image box-downsampled to 8x8 RGB in [0, 1], a 192-D vector; no learned network, so it works for any
   model, and it sees colour and coarse layout, not fine texture. With few images the estimate is biased upwards:
   compare rows of one run only.
@@ -21,13 +22,13 @@ sampler) into `--output_dir`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python scripts/benchmark_sampling.py`
@@ -37,11 +38,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from core.config import option, parse  # noqa: E402
 from core.errors import UserError, run_main  # noqa: E402
 from core.metrics import frechet_distance  # noqa: E402
-from pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images  # noqa: E402
+from pipelines.families import detect, sub_config  # noqa: E402
+from pipelines.generate import GenerateConfig, check_output_dir, generate_batch, image_size, plan_images  # noqa: E402
 from pipelines.loading import load_pipeline  # noqa: E402
-from pipelines.samplers import sampler_names, set_sampler  # noqa: E402
+from pipelines.samplers import check_steps, sampler_names, set_sampler  # noqa: E402
 from toyworld import shapes  # noqa: E402
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
@@ -50,22 +53,49 @@ REFERENCE_ROW = ("pndm", 50)  # what `pipe(prompt)` does with diffusers' SD 1.5 
 FEATURE_SPACE = "8x8 box-downsampled RGB in [0, 1] (192-D), no learned network"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="pipeline folder or Hub id (default: the embedded base)")
-    p.add_argument("--samplers", default=",".join(sampler_names()), help="comma-separated subset")
-    p.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="comma-separated step counts")
-    p.add_argument("--prompt_file", default=None, help="one prompt per line (default: the 12 shapes prompts)")
-    p.add_argument("--seeds_per_prompt", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--batch_size", type=int, default=12)
-    p.add_argument("--reference", default="ddpm", help="'ddpm' (a DDPM run) or a folder of reference images")
-    p.add_argument("--reference_steps", type=int, default=1000, help="steps of the DDPM reference run")
-    p.add_argument("--no_reference_row", action="store_true", help="skip the PNDM-50 default-call row")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output_dir", default="benchmarks/sampling")
-    return p
+@dataclass
+class SamplingBenchmarkConfig:
+    model: str = option("pipeline folder or Hub id (default: the embedded base)", DEFAULT_MODEL)
+    samplers: str = option(f"comma-separated subset of: {', '.join(sampler_names())}", ",".join(sampler_names()))
+    steps: str = option("comma-separated step counts", ",".join(map(str, DEFAULT_STEPS)))
+    prompt_file: str | None = option("one prompt per line (default: the 12 shapes prompts)", None)
+    seeds_per_prompt: int = option("images per prompt, seeds seed, seed + 1, ...", 4)
+    seed: int = option("the first image's seed", 0)
+    guidance_scale: float = option("classifier-free guidance scale", 7.5)
+    batch_size: int = option("images per pipeline call", 12)
+    reference: str = option("'ddpm' (a DDPM run) or a folder of reference images", "ddpm")
+    reference_steps: int = option("steps of the DDPM reference run", 999)
+    no_reference_row: bool = option("skip the PNDM-50 default-call row", False)
+    device: str = option("cpu | cuda | cuda:N", "cpu")
+    output_dir: str = option("folder for results.json, results.md and quality_vs_steps.png", "benchmarks/sampling")
+
+    def sampler_list(self) -> list[str]:
+        return parse_list(self.samplers, "samplers")
+
+    def step_list(self) -> list[int]:
+        return parse_list(self.steps, "steps", int)
+
+    def validate(self) -> None:
+        unknown = [s for s in self.sampler_list() if s not in sampler_names()]
+        if unknown:
+            raise UserError(f"unknown sampler {unknown[0]!r}; choose from: {', '.join(sampler_names())}")
+        for name, value in [("steps", min(self.step_list())), ("seeds_per_prompt", self.seeds_per_prompt),
+                            ("batch_size", self.batch_size), ("reference_steps", self.reference_steps)]:  # fmt: skip
+            if value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
+            raise UserError(f"--prompt_file {self.prompt_file} not found")
+        if self.reference != "ddpm" and not Path(self.reference).is_dir():
+            raise UserError(f"--reference {self.reference}: give 'ddpm' or a folder of images")
+        check_output_dir(self.output_dir)
+        detect(self.model)
+        scheduler_config = sub_config(self.model, "scheduler", "scheduler_config.json")
+        if scheduler_config:  # every row's sampler and step count, before the model loads
+            for sampler in self.sampler_list():
+                for steps in self.step_list():
+                    check_steps(sampler, steps, scheduler_config)
+            if self.reference == "ddpm":
+                check_steps("ddpm", self.reference_steps, scheduler_config, flag="--reference_steps")
 
 
 def parse_list(text: str, name: str, cast=str) -> list:
@@ -118,45 +148,42 @@ def sample_in_turns(pipe, counter: UNetCounter, configs: Sequence[GenerateConfig
     return [{**run, "unet_evals_per_image": run["calls"] / len(batches)} for run in runs]
 
 
-def reference_features(args, pipe, counter, base: GenerateConfig, specs, size) -> tuple[np.ndarray, str]:
-    if args.reference == "ddpm":
-        cfg = GenerateConfig(**{**base.__dict__, "sampler": "ddpm", "steps": args.reference_steps})
+def reference_features(
+    bench: SamplingBenchmarkConfig, pipe, counter, base: GenerateConfig, specs, size
+) -> tuple[np.ndarray, str]:
+    if bench.reference == "ddpm":
+        cfg = replace(base, sampler="ddpm", steps=bench.reference_steps)
         (run,) = sample_in_turns(pipe, counter, [cfg], specs, size)
-        print(f"reference: ddpm {args.reference_steps} steps, {run['seconds']:.0f} s", file=sys.stderr)
-        return features(run["images"]), f"DDPM {args.reference_steps} steps, same prompts and seeds"
-    folder = Path(args.reference)
+        print(f"reference: ddpm {bench.reference_steps} steps, {run['seconds']:.0f} s", file=sys.stderr)
+        return features(run["images"]), f"DDPM {bench.reference_steps} steps, same prompts and seeds"
+    folder = Path(bench.reference)
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if len(files) < 2:
-        raise UserError(f"--reference {args.reference}: need 'ddpm' or a folder with at least 2 images")
+        raise UserError(f"--reference {bench.reference}: need 'ddpm' or a folder with at least 2 images")
     return features([Image.open(f) for f in files]), f"{len(files)} images from {folder}"
 
 
-def measure(args, model_label: str) -> dict:
-    samplers = parse_list(args.samplers, "samplers")
-    unknown = [s for s in samplers if s not in sampler_names()]
-    if unknown:
-        raise UserError(f"unknown sampler {unknown[0]!r}; choose from: {', '.join(sampler_names())}")
-    steps = parse_list(args.steps, "steps", int)
-    if args.prompt_file:
-        if not Path(args.prompt_file).is_file():
-            raise UserError(f"--prompt_file {args.prompt_file} not found")
-        prompts = [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+def measure(bench: SamplingBenchmarkConfig, model_label: str) -> dict:
+    if bench.prompt_file:
+        prompts = [line.strip() for line in Path(bench.prompt_file).read_text().splitlines() if line.strip()]
     else:
         prompts = shapes.prompts()
-    pipe, family = load_pipeline(args.model, "fp32", args.device)
+    pipe, family = load_pipeline(bench.model, "fp32", bench.device)
     size = image_size(pipe, None, None)
     counter = UNetCounter(pipe.unet)
-    specs = plan_images(prompts, args.seeds_per_prompt, args.seed)
+    specs = plan_images(prompts, bench.seeds_per_prompt, bench.seed)
     spec_prompts = [s.prompt for s in specs]
-    base = GenerateConfig(model=args.model, prompts=prompts, output_dir="", guidance_scale=args.guidance_scale)
-    base.batch_size, base.device = args.batch_size, args.device
-    sample_in_turns(pipe, counter, [GenerateConfig(**{**base.__dict__, "steps": 1})], specs[:1], size)  # warm-up
-    ref_feats, ref_label = reference_features(args, pipe, counter, base, specs, size)
+    base = GenerateConfig(
+        model=bench.model, prompt=prompts, output_dir="", guidance_scale=bench.guidance_scale,
+        batch_size=bench.batch_size, device=bench.device,
+    )  # fmt: skip
+    sample_in_turns(pipe, counter, [replace(base, steps=1)], specs[:1], size)  # warm-up
+    ref_feats, ref_label = reference_features(bench, pipe, counter, base, specs, size)
 
-    runs = [(s, n, False) for s in samplers for n in steps]
-    if not args.no_reference_row:
+    runs = [(s, n, False) for s in bench.sampler_list() for n in bench.step_list()]
+    if not bench.no_reference_row:
         runs.append((*REFERENCE_ROW, True))
-    configs = [GenerateConfig(**{**base.__dict__, "sampler": sampler, "steps": n}) for sampler, n, _ in runs]
+    configs = [replace(base, sampler=sampler, steps=n) for sampler, n, _ in runs]
     measured = sample_in_turns(pipe, counter, configs, specs, size)
     rows = []
     for (sampler, n, is_reference), run in zip(runs, measured, strict=True):
@@ -179,14 +206,14 @@ def measure(args, model_label: str) -> dict:
         )
     return {
         "model": model_label,
-        "family": family,
-        "device": args.device,
+        "family": family.name,
+        "device": bench.device,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "images_per_run": len(specs),
         "prompts": prompts,
-        "seeds_per_prompt": args.seeds_per_prompt,
-        "guidance_scale": args.guidance_scale,
-        "batch_size": args.batch_size,
+        "seeds_per_prompt": bench.seeds_per_prompt,
+        "guidance_scale": bench.guidance_scale,
+        "batch_size": bench.batch_size,
         "feature_space": FEATURE_SPACE,
         "reference": ref_label,
         "command": "python scripts/benchmark_sampling.py " + shlex.join(sys.argv[1:]),
@@ -285,12 +312,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.seeds_per_prompt < 1 or args.batch_size < 1 or args.reference_steps < 1:
-        raise UserError("--seeds_per_prompt, --batch_size and --reference_steps must be at least 1")
-    model_label = args.model if args.model != DEFAULT_MODEL else "pipelines/tiny_shapes"
-    result = measure(args, model_label)
-    out = Path(args.output_dir)
+    bench = parse(SamplingBenchmarkConfig, argv, __doc__.split("\n\n")[0], prog="scripts/benchmark_sampling.py")
+    model_label = bench.model if bench.model != DEFAULT_MODEL else "pipelines/tiny_shapes"
+    result = measure(bench, model_label)
+    out = Path(bench.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out / "results.md")
