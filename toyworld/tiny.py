@@ -4,7 +4,8 @@
 every byte, so any text tokenizes, plus whole-word tokens for a small English vocabulary (the shapes world's
 words, `purple` included, and common prompt words). `build_components` makes SD 1.x-style (or SDXL-style)
 UNet, VAE, CLIP text encoder(s), tokenizer(s) and a DDPM scheduler at a named size: ``test`` is tens of
-thousands of parameters for unit tests, ``base`` is the embedded `pipelines/tiny_shapes` model.
+thousands of parameters for unit tests, ``base`` is the embedded `pipelines/tiny_shapes` model. The flow-matching
+families (SD 3/3.5, Flux) are built by `toyworld.tiny_flow`; `build_pipeline` and `save_tiny_pipeline` name them all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DiffusionPipeline,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -113,7 +115,10 @@ def tiny_unet(size: TinySize, cross_attention_dim: int, sdxl: bool = False) -> U
     )
 
 
-def tiny_vae(size: TinySize) -> AutoencoderKL:
+def tiny_vae(
+    size: TinySize, scaling_factor: float = 0.18215, shift_factor: float | None = None, quant_conv: bool = True
+) -> AutoencoderKL:
+    """SD's KL autoencoder. SD 3 and Flux ship theirs with a latent shift and without the 1x1 quant convs."""
     n = len(size.vae_blocks)
     return AutoencoderKL(
         in_channels=3,
@@ -125,6 +130,10 @@ def tiny_vae(size: TinySize) -> AutoencoderKL:
         latent_channels=size.latent_channels,
         norm_num_groups=size.vae_norm_groups,
         sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=quant_conv,
+        use_post_quant_conv=quant_conv,
     )
 
 
@@ -162,23 +171,45 @@ def sd_scheduler(prediction_type: str = "epsilon", **overrides) -> PNDMScheduler
     return PNDMScheduler(**config)
 
 
-def build_pipeline(
-    size: str = "test",
-    family: str = "sd1",
-    tokenizer_dir: str | Path | None = None,
-    seed: int = 0,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """A randomly initialised tiny pipeline of `family` (``sd1``, ``sd2`` = v-prediction, ``sdxl``)."""
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"unknown family {family!r}; choose sd1, sd2 or sdxl")
-    spec = SIZES[size]
-    torch.manual_seed(seed)
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+FLOW_FAMILIES = ("sd3", "sd35", "flux", "flux-schnell")
+
+
+def load_clip_tokenizer(tokenizer_dir: str | Path | None) -> CLIPTokenizer:
+    """The project's CLIP tokenizer from `tokenizer_dir`, written there first if absent (to a temp folder if None)."""
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else None
     if tok_dir is None or not (tok_dir / "vocab.json").exists():
         import tempfile
 
         tok_dir = write_tokenizer(tok_dir or tempfile.mkdtemp(prefix="difftune-tok-"))
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    return CLIPTokenizer.from_pretrained(tok_dir)
+
+
+def build_pipeline(
+    size: str = "test",
+    family: str = "sd1",
+    tokenizer_dir: str | Path | None = None,
+    seed: int = 0,
+    t5: bool = True,
+) -> DiffusionPipeline:
+    """A randomly initialised tiny pipeline of `family`.
+
+    Families: ``sd1``, ``sd2`` (v-prediction), ``sdxl``, and the flow-matching ``sd3``, ``sd35``, ``flux``
+    (guidance-distilled, like Flux.1-dev) and ``flux-schnell`` (see `toyworld.tiny_flow`). `tokenizer_dir` is where
+    the CLIP tokenizer is read from, or written to when absent. `t5=False` leaves out SD 3's T5 encoder.
+    """
+    if family not in UNET_FAMILIES + FLOW_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(UNET_FAMILIES + FLOW_FAMILIES)}")
+    if not t5 and family not in ("sd3", "sd35"):
+        raise ValueError(f"t5=False is only for sd3 and sd35 (their T5 encoder is optional), not {family!r}")
+    if family in FLOW_FAMILIES:
+        # Imported here because tiny_flow builds on this module's helpers.
+        from toyworld.tiny_flow import build_flow_pipeline
+
+        return build_flow_pipeline(size, family, load_clip_tokenizer(tokenizer_dir), seed=seed, t5=t5)
+    spec = SIZES[size]
+    torch.manual_seed(seed)
+    tokenizer = load_clip_tokenizer(tokenizer_dir)
     vocab_size = len(tokenizer.get_vocab())
     scheduler = sd_scheduler("v_prediction" if family == "sd2" else "epsilon")
     vae = tiny_vae(spec)
@@ -209,9 +240,11 @@ def build_pipeline(
     )
 
 
-def save_tiny_pipeline(out_dir: str | Path, size: str = "test", family: str = "sd1", seed: int = 0) -> Path:
+def save_tiny_pipeline(
+    out_dir: str | Path, size: str = "test", family: str = "sd1", seed: int = 0, t5: bool = True
+) -> Path:
     """Builds a tiny pipeline and saves it as a diffusers folder (safetensors); returns the folder."""
     out = Path(out_dir)
-    pipe = build_pipeline(size, family, tokenizer_dir=out / "tokenizer", seed=seed)
+    pipe = build_pipeline(size, family, tokenizer_dir=out / "tokenizer", seed=seed, t5=t5)
     pipe.save_pretrained(out)
     return out
