@@ -23,6 +23,7 @@ EMBEDDED_BASE = str(REPO_ROOT / "pipelines" / "tiny_shapes")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")  # fmt: skip
 ADAPTERS = ("lora", "dora", "loha", "lokr")
+FLOW_WEIGHTING = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")  # diffusers' compute_density/weighting
 
 
 @dataclass
@@ -102,6 +103,32 @@ class TrainConfig:
     timestep_bias_begin: int = option("With 'range': first favoured timestep.", default=0)
     timestep_bias_end: int = option("With 'range': last favoured timestep.", default=1000)
     timestep_bias_portion: float = option("With earlier/later: fraction of timesteps favoured.", default=0.25)
+    # Objective: rectified flow (SD 3/3.5, Flux), flag names of diffusers' SD3/Flux scripts and kohya's
+    weighting_scheme: str = option(
+        "Flow timestep density (logit_normal, mode) or loss weighting (sigma_sqrt, cosmap).", default="none",
+        choices=FLOW_WEIGHTING,
+    )  # fmt: skip
+    logit_mean: float = option("logit_normal: mean.", default=0.0)
+    logit_std: float = option("logit_normal: standard deviation.", default=1.0)
+    mode_scale: float = option("mode: scale of the mode-seeking density.", default=1.29)
+    precondition_outputs: int = option(
+        "1: compare pred x (-sigma) + x_t with x_0 (SD3's option); 0: eps - x_0.", default=0
+    )
+    timestep_sampling: str = option(
+        "kohya's flow timestep sampling; sigma: the scheduler's sigmas at --weighting_scheme's density.",
+        default="sigma", choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift"),
+    )  # fmt: skip
+    sigmoid_scale: float = option(
+        "sigmoid/shift/flux_shift: scale of the normal draw before the sigmoid.", default=1.0
+    )
+    discrete_flow_shift: float | None = option(
+        "shift: the sigma shift; default: the scheduler's `shift`.", default=None
+    )
+    max_sequence_length: int | None = option("T5 tokens per caption (SD3, Flux); default: the family's.", default=None)
+    guidance_scale: float | None = option(
+        "Guidance-distilled Flux: the guidance the transformer is conditioned on while training (default 3.5).",
+        default=None,
+    )
     train_text_encoder: bool = option("Also train the text encoder(s) (LoRA script: LoRA on them).", default=False)
     # Checkpoints
     checkpointing_steps: int = option("Save a resumable checkpoint every N steps.", default=500)
@@ -133,6 +160,11 @@ class TrainConfig:
 
             resolve_token(self)
 
+    def family_options(self) -> dict:
+        """The settings a model family reads while loading (see `pipelines.families.Family.load`)."""
+        return {"prediction_type": self.prediction_type, "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+                "max_sequence_length": self.max_sequence_length, "guidance_scale": self.guidance_scale}  # fmt: skip
+
     def checks(self) -> list[tuple[bool, str]]:
         checks = [
             (self.resolution > 0 and self.resolution % 8 == 0, f"--resolution {self.resolution} must be a multiple of 8"),
@@ -156,6 +188,11 @@ class TrainConfig:
             (0 <= self.seed < 2**32, f"--seed {self.seed} must be within [0, 2**32)"),
             (self.dataloader_num_workers >= 0, "--dataloader_num_workers must not be negative"),
             (self.validation_steps >= 1, "--validation_steps must be at least 1"),
+            (self.logit_std > 0, "--logit_std must be positive"),
+            (self.precondition_outputs in (0, 1), "--precondition_outputs must be 0 or 1"),
+            (self.discrete_flow_shift is None or self.discrete_flow_shift > 0, "--discrete_flow_shift must be positive"),
+            (self.max_sequence_length is None or self.max_sequence_length >= 1, "--max_sequence_length must be >= 1"),
+            (self.guidance_scale is None or self.guidance_scale >= 0, "--guidance_scale must not be negative"),
         ]  # fmt: skip
         if self.enable_bucket:
             checks += [

@@ -62,7 +62,9 @@ def save_lora(family: type[Family], models: dict[str, torch.nn.Module | None], o
     kwargs = {}
     for name, model in _adapted_models(models).items():
         state_dict, path = _lora_state_dict(model, name)
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers({path + k: v for k, v in state_dict.items()})
+        layers = {path + k: v for k, v in state_dict.items()}
+        # UNet families keep the key layout their diffusers scripts write; transformer families' scripts save peft's.
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers) if family.legacy_lora_keys else layers
         kwargs[f"{name}_lora_adapter_metadata"] = _adapter_metadata(model)
     family.pipeline_class().save_lora_weights(output_dir, safe_serialization=True, **kwargs)
     return Path(output_dir) / LORA_FILE

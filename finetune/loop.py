@@ -27,7 +27,7 @@ from core.errors import UserError
 from finetune.buckets import BucketBatchSampler
 from finetune.config import TrainConfig
 from finetune.dataset import build_dataset, collate, read_images
-from finetune.objective import Objective, batch_loss
+from finetune.objective import Objective, batch_loss, check_objective
 from finetune.optim import build_optimizer
 from finetune.tasks import Task, Trainable
 from finetune.validation import log_validation
@@ -176,10 +176,10 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     model = cfg.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
+    family_cls.check_option_names(cfg.family_options())  # a flag the family cannot honour fails before loading
+    check_objective(cfg, family_cls.objective)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
-    family = family_cls.load(
-        model, index, denoiser, prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.rescale_betas_zero_snr
-    )
+    family = family_cls.load(model, index, denoiser, cfg.family_options())
     for module in family.frozen_modules().values():
         module.requires_grad_(False)
         module.eval()

@@ -1,19 +1,28 @@
-"""The denoising objective: noise and timesteps per sample, epsilon or v targets, and their weighting.
+"""The training objectives, one loss function each, looked up by the family's `objective`.
 
-Options follow the literature users know: min-SNR-gamma weighting (Hang et al. 2023, via diffusers'
-`compute_snr`), noise offset (Guttenberg 2023), input perturbation (Ning et al. 2023), timestep bias (diffusers'
-SDXL script) and zero terminal SNR (Lin et al. 2024, through the scheduler's `rescale_betas_zero_snr`).
+- "ddpm" (SD 1.x/2.x, SDXL): noise and timesteps per sample, epsilon or v targets, and their weighting, with the
+  options the literature users know: min-SNR-gamma weighting (Hang et al. 2023, via diffusers' `compute_snr`),
+  noise offset (Guttenberg 2023), input perturbation (Ning et al. 2023), timestep bias (diffusers' SDXL script),
+  zero terminal SNR (Lin et al. 2024, through the scheduler's `rescale_betas_zero_snr`).
+- "flow" (SD 3/3.5, Flux): rectified flow (Liu et al. 2022; Esser et al. 2024) as diffusers' SD3/Flux scripts
+  train it: x_t = (1 - sigma) x_0 + sigma eps, target eps - x_0 (or, with `--precondition_outputs 1`, the output
+  mapped back to x_0), sigma drawn by `compute_density_for_timestep_sampling` and looked up in the scheduler's
+  (shifted) sigmas, loss weights by `compute_loss_weighting_for_sd3`; kohya's `--timestep_sampling
+  uniform|sigmoid|shift|flux_shift` draw sigma directly.
+Every draw of a sample comes from its own seed, so it does not depend on the batch or process it lands in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
 from core.errors import UserError
 
@@ -73,11 +82,41 @@ class Objective:
     input_perturbation: float = 0.0
     snr_gamma: float | None = None
     timestep_weights: torch.Tensor | None = None  # sampling weights over timesteps; None: uniform
+    weighting_scheme: str = "none"  # flow: the density of sigma, or the loss weighting
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    precondition_outputs: bool = False
+    timestep_sampling: str = "sigma"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float | None = None
 
     @classmethod
     def from_config(cls, cfg, scheduler) -> Objective:
         weights = timestep_bias_weights(cfg, scheduler.config.num_train_timesteps)
-        return cls(cfg.noise_offset, cfg.input_perturbation, cfg.snr_gamma, weights)
+        return cls(
+            cfg.noise_offset, cfg.input_perturbation, cfg.snr_gamma, weights, cfg.weighting_scheme, cfg.logit_mean,
+            cfg.logit_std, cfg.mode_scale, bool(cfg.precondition_outputs), cfg.timestep_sampling, cfg.sigmoid_scale,
+            cfg.discrete_flow_shift,
+        )  # fmt: skip
+
+
+# Settings that belong to one objective only: set on a model of the other, they are an error, not ignored.
+OBJECTIVE_SETTINGS = {
+    "ddpm": ("snr_gamma", "noise_offset", "input_perturbation", "timestep_bias_strategy"),
+    "flow": ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs",
+             "timestep_sampling", "sigmoid_scale", "discrete_flow_shift"),
+}  # fmt: skip
+
+
+def check_objective(cfg, objective: str) -> None:
+    """A setting of another objective than the model's, changed from its default, is a one-line error."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    foreign = [k for name, keys in OBJECTIVE_SETTINGS.items() if name != objective for k in keys]
+    changed = [k for k in foreign if getattr(cfg, k) != defaults[k]]
+    if changed:
+        flags = ", ".join(f"--{k}" for k in changed)
+        raise UserError(f"{flags}: not a setting of this model's {objective} objective; drop it")
 
 
 def diffusion_loss(
@@ -113,8 +152,60 @@ def diffusion_loss(
     return per_sample
 
 
-# The loss of each family's `objective` ("flow" joins with the rectified-flow families).
-LOSSES = {"ddpm": diffusion_loss}
+def flow_sigma(objective: Objective, scheduler, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """One sample's sigma (1,) in (0, 1], drawn from generator `g`."""
+    n = scheduler.config.num_train_timesteps
+    if objective.timestep_sampling == "sigma":  # diffusers: a density over the scheduler's (shifted) sigmas
+        u = compute_density_for_timestep_sampling(
+            objective.weighting_scheme, 1, objective.logit_mean, objective.logit_std, objective.mode_scale, generator=g
+        )
+        return scheduler.sigmas[(u * n).long().clamp(0, n - 1)].float()
+    if objective.timestep_sampling == "uniform":
+        return torch.rand(1, generator=g)
+    t = torch.sigmoid(objective.sigmoid_scale * torch.randn(1, generator=g))
+    if objective.timestep_sampling == "shift":  # kohya: sigma' = s sigma / (1 + (s - 1) sigma)
+        shift = objective.discrete_flow_shift or scheduler.config.get("shift", 1.0)
+        return t * shift / (1 + (shift - 1) * t)
+    if objective.timestep_sampling == "flux_shift":  # Flux's resolution-dependent shift (FluxPipeline's mu)
+        seq = shape[-1] * shape[-2] / 4
+        cfg = scheduler.config
+        slope = (cfg.get("max_shift", 1.15) - cfg.get("base_shift", 0.5)) / (
+            cfg.get("max_image_seq_len", 4096) - cfg.get("base_image_seq_len", 256)
+        )
+        mu = cfg.get("base_shift", 0.5) + slope * (seq - cfg.get("base_image_seq_len", 256))
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    return t  # sigmoid
+
+
+def flow_loss(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    latents: torch.Tensor,
+    seeds: torch.Tensor,
+    objective: Objective,
+) -> torch.Tensor:
+    """Per-sample rectified-flow losses (B,) of latents (B, C, h, w); `predict(noisy, timesteps)` calls the
+    denoiser with timesteps sigma x num_train_timesteps."""
+    noises, sigmas = [], []
+    for seed in seeds.tolist():
+        g = torch.Generator().manual_seed(int(seed))
+        noises.append(torch.randn(tuple(latents.shape[1:]), generator=g))
+        sigmas.append(flow_sigma(objective, scheduler, tuple(latents.shape), g))
+    noise = torch.stack(noises).to(latents)
+    sigma = torch.cat(sigmas).to(latents.device)  # (B,)
+    s = sigma.view(-1, 1, 1, 1).to(latents.dtype)
+    noisy = (1.0 - s) * latents + s * noise  # x_t
+    pred = predict(noisy, sigma * scheduler.config.num_train_timesteps)
+    if objective.precondition_outputs:  # the velocity mapped back to x_0: x_t - sigma v
+        pred, target = pred * (-s) + noisy, latents
+    else:
+        target = noise - latents
+    weight = compute_loss_weighting_for_sd3(objective.weighting_scheme, sigma.view(-1, 1, 1, 1)).float()
+    return (weight * (pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+
+
+# The loss of each family's `objective`.
+LOSSES = {"ddpm": diffusion_loss, "flow": flow_loss}
 
 
 def batch_loss(family, models: dict, batch: dict, objective: Objective, dtype: torch.dtype) -> torch.Tensor:

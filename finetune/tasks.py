@@ -49,7 +49,7 @@ def lora_setup(family: Family, cfg: LoraTrainConfig) -> Trainable:
     add_adapter(family.denoiser, adapter_config(cfg.adapter, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
     models = {family.denoiser_name: family.denoiser}
     if cfg.train_text_encoder:
-        for name, encoder in family.text_encoders().items():
+        for name, encoder in family.trainable_text_encoders().items():
             config = adapter_config(
                 cfg.adapter, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, list(family.text_lora_targets)
             )
@@ -87,7 +87,7 @@ LORA = Task("lora", LoraTrainConfig, lora_setup, lora_save, lora_denoiser, resul
 def full_setup(family: Family, cfg: FullTrainConfig) -> Trainable:
     models = {family.denoiser_name: family.denoiser}
     if cfg.train_text_encoder:
-        models.update(family.text_encoders())
+        models.update(family.trainable_text_encoders())
     for model in models.values():
         model.requires_grad_(True)
     return Trainable(models, ema_decay=cfg.ema_decay if cfg.use_ema else None)

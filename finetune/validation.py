@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from core.images import make_grid
@@ -26,7 +25,7 @@ def log_validation(family, models: dict, accelerator, cfg, step: int, weight_dty
     was_training = {name: module.training for name, module in live.items()}
     for module in live.values():
         module.eval()
-    pipe = family.pipeline(DPMSolverMultistepScheduler.from_config(family.noise_scheduler.config), **live)
+    pipe = family.pipeline(family.sampling_scheduler(), **live)
     pipe.set_progress_bar_config(disable=True)
     folder = Path(cfg.output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,12 @@ a `Family` subclass and list it in `FAMILIES` (more specific first).
 from __future__ import annotations
 
 from pipelines.families.base import Family, read_model_index, sub_config
+from pipelines.families.flux import Flux
 from pipelines.families.sd import StableDiffusion1, StableDiffusion2
+from pipelines.families.sd3 import StableDiffusion3
 from pipelines.families.sdxl import StableDiffusionXL
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion2, StableDiffusion1)
+FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux)
 
 __all__ = ["FAMILIES", "Family", "by_name", "detect", "read_model_index", "sub_config"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from core.errors import UserError
 
+logger = logging.getLogger(__name__)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 
 
@@ -80,6 +82,11 @@ def component_class(index: dict, name: str, model: str) -> type:
     return getattr(importlib.import_module(library), cls_name)
 
 
+def given(options: dict) -> dict:
+    """The options actually set (not None, not False)."""
+    return {k: v for k, v in options.items() if v is not None and v is not False}
+
+
 class Family:
     """One model family's behaviour around its loaded components (an instance holds the components)."""
 
@@ -89,15 +96,23 @@ class Family:
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     objective: ClassVar[str] = "ddpm"
+    optional_parts: ClassVar[tuple[str, ...]] = ()  # components a pipeline may lack (SD3's T5)
+    adaptable_text_encoders: ClassVar[tuple[str, ...]] = (
+        "text_encoder",
+        "text_encoder_2",
+    )  # what --train_text_encoder trains
+    options_taken: ClassVar[tuple[str, ...]] = ()  # the family settings (see `load`) this family reads
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion",)
     kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
+    legacy_lora_keys: ClassVar[bool] = True  # convert_state_dict_to_diffusers' layout, as the UNet scripts save
 
-    def __init__(self, model: str, index: dict, parts: dict[str, Any]):
+    def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
         self.index = index
         self.parts = parts
+        self.options = options or {}
 
     # --- detection and loading -------------------------------------------------------------------------
 
@@ -110,15 +125,36 @@ class Family:
         return getattr(importlib.import_module("diffusers"), cls.pipeline_class_name)
 
     @classmethod
-    def load(cls, model: str, index: dict, denoiser: nn.Module | None = None, **scheduler_options) -> Family:
-        """Every component training needs; `denoiser` replaces the pipeline's (e.g. a quantised one)."""
-        parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **scheduler_options)}
+    def load(cls, model: str, index: dict, denoiser: nn.Module | None = None, options: dict | None = None) -> Family:
+        """Every component training needs; `denoiser` replaces the pipeline's (e.g. a quantised one). `options` are
+        the training settings a family reads (`prediction_type`, `max_sequence_length`, `guidance_scale`, ...);
+        one that does not apply to this family is a `UserError`."""
+        options = given(options or {})
+        cls.check_option_names(options)
+        parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **options)}
+        absent = [name for name in cls.optional_parts if (index.get(name) or [None])[0] is None]
+        if absent:
+            logger.warning("%s has no %s: training without them, as its pipeline runs", model, " or ".join(absent))
         for name in ("vae", cls.denoiser_name, *cls.text_encoder_names, *cls.tokenizer_names):
             if name == cls.denoiser_name and denoiser is not None:
                 parts[name] = denoiser
-                continue
-            parts[name] = component_class(index, name, model).from_pretrained(model, subfolder=name)
-        return cls(model, index, parts)
+            elif name in absent:
+                parts[name] = None
+            else:
+                parts[name] = component_class(index, name, model).from_pretrained(model, subfolder=name)
+        family = cls(model, index, parts, options)
+        family.check_options()
+        return family
+
+    @classmethod
+    def check_option_names(cls, options: dict) -> None:
+        unknown = sorted(set(given(options)) - set(cls.options_taken))
+        if unknown:
+            flags = ", ".join(f"--{k}" for k in unknown)
+            raise UserError(f"{flags} does not apply to {cls.name} models ({cls.pipeline_class_name}); drop it")
+
+    def check_options(self) -> None:
+        """Checks of options against the loaded components (e.g. guidance on a model without guidance embeddings)."""
 
     @classmethod
     def load_noise_scheduler(cls, model: str, **options):
@@ -138,6 +174,10 @@ class Family:
 
     def text_encoders(self) -> dict[str, nn.Module]:
         return {name: self.parts[name] for name in self.text_encoder_names if self.parts.get(name) is not None}
+
+    def trainable_text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders `--train_text_encoder` trains (the CLIP ones; T5 is never trained)."""
+        return {name: m for name, m in self.text_encoders().items() if name in self.adaptable_text_encoders}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Every module with weights, by component name."""
@@ -186,3 +226,9 @@ class Family:
 
     def pipeline_extras(self) -> dict:
         return {}
+
+    def sampling_scheduler(self):
+        """The scheduler validation images are drawn with (DPM-Solver++ for DDPM families, the flow's own Euler)."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)

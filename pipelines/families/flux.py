@@ -1,0 +1,77 @@
+"""Flux.1: `FluxPipeline`, a transformer of double- and single-stream blocks (`FluxTransformer2DModel`) trained
+with rectified flow on 2x2-packed latents.
+
+As diffusers' pipeline builds it: CLIP's pooled output conditions the modulation (`pooled_projections`), T5's
+sequence is the text stream (`encoder_hidden_states`, with all-zero position ids `txt_ids`), latents (B, C, h, w)
+are packed into (B, h/2 * w/2, 4C) tokens with (0, row, column) position ids `img_ids`, and the timestep is given
+as t / 1000. Guidance-distilled models (`guidance_embeds`, Flux.1-dev) are also conditioned on a guidance value
+(`--guidance_scale`, 3.5 by default as in diffusers' Flux scripts); others refuse the flag.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from einops import rearrange
+
+from core.errors import UserError
+from pipelines.families.sd3 import ATTENTION, FEED_FORWARD, StableDiffusion3
+
+DEFAULT_GUIDANCE = 3.5
+
+
+class Flux(StableDiffusion3):
+    name: ClassVar[str] = "flux"
+    pipeline_class_name: ClassVar[str] = "FluxPipeline"
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
+    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+    optional_parts: ClassVar[tuple[str, ...]] = ()
+    adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # CLIP, not T5
+    lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *FEED_FORWARD)
+    card_tags: ClassVar[tuple[str, ...]] = ("flux", "flux-diffusers")
+    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1"}
+    default_max_sequence_length: ClassVar[int] = 512  # diffusers' Flux training scripts
+    options_taken: ClassVar[tuple[str, ...]] = ("max_sequence_length", "guidance_scale")
+
+    def check_options(self) -> None:
+        guided = bool(self.denoiser.config.get("guidance_embeds", False))
+        if self.options.get("guidance_scale") is not None and not guided:
+            raise UserError(
+                f"--guidance_scale: {self.model} has no guidance embeddings (not a guidance-distilled Flux model); "
+                "drop the flag"
+            )
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        clip, t5 = self.tokenizer, self.tokenizer_2
+        return {
+            "input_ids": clip(captions, padding="max_length", max_length=clip.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids,
+            "input_ids_2": t5(captions, padding="max_length", max_length=self.max_sequence_length(), truncation=True,
+                              return_tensors="pt").input_ids,
+        }  # fmt: skip
+
+    def encode_text(self, ids, encoders=None) -> dict:
+        encoders = encoders or self.text_encoders()
+        clip, t5 = encoders["text_encoder"], encoders["text_encoder_2"]
+        pooled = clip(ids["input_ids"].to(next(clip.parameters()).device), output_hidden_states=False).pooler_output
+        sequence = t5(ids["input_ids_2"].to(next(t5.parameters()).device), output_hidden_states=False)[0]
+        return {"encoder_hidden_states": sequence, "pooled_projections": pooled}  # (B, L, D_T5), (B, D_CLIP)
+
+    def predict(self, denoiser, noisy, timesteps, cond, batch):
+        b, c, h, w = noisy.shape
+        tokens = rearrange(noisy, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)  # FluxPipeline._pack_latents
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=noisy.device, dtype=noisy.dtype)
+        img_ids[..., 1] += torch.arange(h // 2, device=noisy.device)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=noisy.device)[None, :]
+        text = cond["encoder_hidden_states"].to(noisy.dtype)
+        guidance = None
+        if self.denoiser.config.get("guidance_embeds", False):  # the family's own (unwrapped) module
+            value = self.options.get("guidance_scale") or DEFAULT_GUIDANCE
+            guidance = torch.full((b,), float(value), device=noisy.device, dtype=torch.float32)
+        out = denoiser(
+            hidden_states=tokens, timestep=timesteps.to(noisy.dtype) / 1000, guidance=guidance,
+            pooled_projections=cond["pooled_projections"].to(noisy.dtype), encoder_hidden_states=text,
+            txt_ids=text.new_zeros(text.shape[1], 3), img_ids=img_ids.reshape(-1, 3), return_dict=False,
+        )[0]  # fmt: skip
+        return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h // 2, w=w // 2, ph=2, pw=2)
