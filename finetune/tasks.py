@@ -99,7 +99,7 @@ def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
 
     parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
     pipe = DiffusionPipeline.from_pretrained(
-        cfg.pretrained_model_name_or_path, **parts, **family.from_pretrained_kwargs()
+        cfg.pretrained_model_name_or_path, **parts, **family.from_pretrained_kwargs(family.index)
     )
     pipe.save_pretrained(output_dir, safe_serialization=True)
     write_model_card(output_dir, cfg, "full", type(family))

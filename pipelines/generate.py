@@ -1,4 +1,4 @@
-"""Generate images from a saved Stable Diffusion pipeline (SD 1.x, 2.x, SDXL), with LoRAs and a named sampler.
+"""Generate images from a saved pipeline (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux), with LoRAs and a named sampler.
 
     python -m pipelines.generate --model pipelines/tiny_shapes --prompt "a red circle" --sampler dpmpp-2m \\
         --steps 20 --num_images 4 --seed 0 --output_dir out
@@ -9,7 +9,9 @@ Writes one PNG per image, `grid.png`, and `record.json`: everything needed to ma
 image does not depend on which other images share its batch; the record still keeps the batch layout, and
 regeneration re-runs the image's whole batch, because batched matrix products may round differently from
 unbatched ones. Classifier-free guidance is the diffusers pipeline's own: the unconditional and conditional
-halves go through the UNet in one batched call per step (checked in the tests with a forward hook).
+halves go through the UNet in one batched call per step (checked in the tests with a forward hook). Flow models
+(SD 3/3.5, Flux) sample with the flow samplers (`flow-euler` by default); a sampler that does not fit the model's
+family, or a LoRA trained for another family, is one line naming both.
 Attention is PyTorch's scaled-dot-product attention (diffusers' default `AttnProcessor2_0`) unless
 `--attention classic` asks for the explicit softmax(QK^T)V processor.
 
@@ -50,11 +52,12 @@ from pipelines.loading import (  # noqa: E402
     Adapter,
     check_device,
     check_lora_file,
+    check_lora_fits,
     load_loras,
     load_pipeline,
     match_scales,
 )
-from pipelines.samplers import check_steps, sampler_names, set_sampler  # noqa: E402
+from pipelines.samplers import check_sampler, check_steps, sampler_names, set_sampler  # noqa: E402
 
 PROG = "python -m pipelines.generate"
 RECORD_NAME = "record.json"
@@ -70,16 +73,17 @@ OLD_RECORD_KEYS = {"prompts": "prompt", "loras": "lora", "lora_scales": "lora_sc
 class GenerateConfig:
     """What to generate and how; the command line and `--config` YAML files fill it (see `core.config`)."""
 
-    model: str | None = option("diffusers pipeline folder or Hub id (SD 1.x, SD 2.x, SDXL)", None)
+    model: str | None = option("diffusers pipeline folder or Hub id (SD 1.x/2.x, SDXL, SD 3/3.5, Flux)", None)
     prompt: list[str] = option("prompt(s): several values, or the flag repeated", [])
     prompt_file: str | None = option("a text file, one prompt per line (after any --prompt)", None)
     negative_prompt: str | None = option("what to steer away from, for every image", None)
     lora: list[str] = option("LoRA file(s) or training output folder(s), diffusers or kohya keys", [])
     lora_scale: list[float] = option("one scale for every --lora, or one per --lora", [1.0])
     fuse_lora: bool = option("fold the adapters into the weights before sampling", False)
-    sampler: str = option(
-        "the sampler: a diffusers scheduler by A1111-style name", "dpmpp-2m", choices=sampler_names()
-    )
+    sampler: str | None = option(
+        "the sampler: a diffusers scheduler by A1111-style name (default: dpmpp-2m; flow-euler for SD3/Flux)",
+        None, choices=sampler_names(),
+    )  # fmt: skip
     steps: int = option("num_inference_steps", 20)
     guidance_scale: float = option("classifier-free guidance scale (1 or less: no guidance)", 7.5)
     num_images: int = option("images per prompt", 1)
@@ -90,8 +94,8 @@ class GenerateConfig:
     output_dir: str | None = option("folder for the images, grid.png and record.json", None)
     device: str = option("cpu | cuda | cuda:N", "cpu")
     dtype: str = option("weights and activations", "fp32", choices=tuple(DTYPES))
-    channels_last: bool = option("UNet and VAE in channels-last memory format", False)
-    compile: bool = option("torch.compile the UNet", False)
+    channels_last: bool = option("UNet and VAE in channels-last memory format (UNet models)", False)
+    compile: bool = option("torch.compile the denoiser (UNet or transformer)", False)
     attention: str = option(
         "sdpa: PyTorch's fused attention; classic: softmax(QK^T)V", "sdpa", choices=tuple(ATTENTION)
     )
@@ -140,10 +144,18 @@ class GenerateConfig:
             check_lora_file(lora)
         check_output_dir(self.output_dir)
         check_device(self.device, self.dtype)
-        detect(self.model)  # a missing model or an unsupported pipeline class is one line here
+        family = detect(self.model)  # a missing model or an unsupported pipeline class is one line here
+        if family.denoiser_name != "unet" and (self.attention != "sdpa" or self.channels_last):
+            raise UserError(
+                f"--attention classic and --channels_last are for UNet models; {self.model} is {family.name}"
+            )
+        for lora in self.lora:
+            check_lora_fits(lora, family, self.model)
+        sampler = self.sampler or family.default_sampler
+        check_sampler(sampler, family)
         scheduler_config = sub_config(self.model, "scheduler", "scheduler_config.json")
         if scheduler_config:
-            check_steps(self.sampler, self.steps, scheduler_config)
+            check_steps(sampler, self.steps, scheduler_config)
 
     def _validate_replay(self) -> None:
         """With --from_record every setting comes from the record: another flag would be silently ignored."""
@@ -203,6 +215,7 @@ def resolved(cfg: GenerateConfig) -> GenerateConfig:
     return replace(
         cfg,
         model=_absolute_if_local(cfg.model),
+        sampler=cfg.sampler or detect(cfg.model).default_sampler,
         prompt=cfg.prompts(),
         prompt_file=None,
         lora=[_absolute_if_local(x) for x in cfg.lora],
@@ -215,23 +228,27 @@ def prepare_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, type[Famil
     set_sampler(pipe, cfg.sampler)  # before LoRAs: an unknown sampler name fails fast
     adapters = load_loras(pipe, cfg.lora, cfg.lora_scale, fuse=cfg.fuse_lora)
     processor = ATTENTION[cfg.attention]
-    if processor is not None:
+    if processor is not None:  # UNet models only (checked in `validate`)
         pipe.unet.set_attn_processor(processor())
         pipe.vae.set_attn_processor(processor())
     if cfg.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if cfg.compile:
-        pipe.unet = torch.compile(pipe.unet)
+        setattr(pipe, family.denoiser_name, torch.compile(getattr(pipe, family.denoiser_name)))
     return pipe, family, adapters
 
 
 def image_size(pipe: DiffusionPipeline, height: int | None, width: int | None) -> tuple[int, int]:
     """The requested size, or the model's default; a size the pipeline cannot make is a `UserError`."""
-    unet_config = pipe.unet.config if hasattr(pipe.unet, "config") else pipe.unet._orig_mod.config
-    default = unet_config.sample_size * pipe.vae_scale_factor
+    if hasattr(pipe, "default_sample_size"):  # SD3 and Flux pipelines: in latent pixels
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        multiple = pipe.vae_scale_factor * 2  # 2x2 patches (SD3) or packed latents (Flux)
+    else:
+        unet_config = pipe.unet.config if hasattr(pipe.unet, "config") else pipe.unet._orig_mod.config
+        default = unet_config.sample_size * pipe.vae_scale_factor
+        multiple = math.lcm(8, pipe.vae_scale_factor)  # 8: diffusers' SD pipelines' own check
     height, width = height or default, width or default
-    multiple = math.lcm(8, pipe.vae_scale_factor)  # 8: diffusers' SD pipelines' own check
     if height % multiple or width % multiple:
         raise UserError(f"--height/--width must be multiples of {multiple} for this model, got {height}x{width}")
     return height, width

@@ -1,11 +1,12 @@
-"""Loading a Stable Diffusion pipeline (folder or Hub id) and LoRA adapters onto it, with one-line errors.
+"""Loading a pipeline (folder or Hub id) and LoRA adapters onto it, with one-line errors.
 
-The family (SD 1.x, 2.x, SDXL) comes from `pipelines.families.detect`, the detection training uses too; the
+The family (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux) comes from `pipelines.families.detect`, the detection training uses too; the
 family names the diffusers pipeline class and its `from_pretrained` options (no safety checker for SD 1/2).
 LoRA files are loaded by diffusers' `load_lora_weights`, which reads the diffusers/peft key format
 (`unet.`/`text_encoder.` + `lora_A`/`lora_B`) and converts kohya files (`lora_unet_*`, `lora_te_*`,
 `.lora_down`/`.lora_up`/`.alpha`) itself; each adapter gets a name and a scale. Only safetensors files are read
-(never a pickle), and each is opened before any model loads, so a broken file is one line, early.
+(never a pickle), and each is opened before any model loads, so a broken file, or one trained for another family
+(a Flux LoRA on SD 1.5), is one line, early.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as transformers_logging
 
 from core.errors import UserError
-from pipelines.families import Family, detect
+from pipelines.families import Family, detect, read_model_index
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
@@ -43,12 +44,15 @@ def check_device(device: str, dtype: str = "fp32") -> None:
 def load_pipeline(model: str, dtype: str = "fp32", device: str = "cpu") -> tuple[DiffusionPipeline, type[Family]]:
     """The pipeline at `model` on `device` in `dtype`, and its family."""
     check_device(device, dtype)
-    family = detect(model)
+    index = read_model_index(model)
+    family = detect(model, index)
     bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # loading a local pipeline takes a second: no bars to clutter stderr
     transformers_logging.disable_progress_bar()
     try:
-        pipe = family.pipeline_class().from_pretrained(model, dtype=DTYPES[dtype], **family.from_pretrained_kwargs())
+        pipe = family.pipeline_class().from_pretrained(
+            model, dtype=DTYPES[dtype], **family.from_pretrained_kwargs(index)
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the pipeline at {model}: {str(err).splitlines()[0]}") from err
     finally:
@@ -91,6 +95,36 @@ def check_lora_file(lora: str) -> Path:
     if not keys:
         raise UserError(f"LoRA {lora}: {path.name} holds no tensors")
     return path
+
+
+def lora_target(keys: list[str]) -> str | None:
+    """Which denoiser a LoRA file's keys address: "flux", "transformer" (SD3 or Flux), "unet", or None (text
+    encoders only). diffusers/peft keys (`unet.`, `transformer.`) and kohya/ComfyUI ones (`lora_unet_*`, whose Flux
+    files name `double_blocks`/`single_blocks`) are both read."""
+    if any("single_transformer_blocks" in k or k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks"))
+           for k in keys):  # fmt: skip
+        return "flux"
+    if any(k.startswith(("transformer.", "lora_transformer_")) for k in keys):
+        return "transformer"
+    if any(k.startswith(("unet.", "lora_unet_")) for k in keys):
+        return "unet"
+    return None
+
+
+TARGET_NAMES = {"flux": "a Flux model", "transformer": "an SD 3/3.5 or Flux model", "unet": "an SD 1.x/2.x/SDXL model"}
+
+
+def check_lora_fits(lora: str, family: type[Family], model: str) -> None:
+    """A one-line `UserError` naming both families when the LoRA was trained for another kind of model."""
+    with safe_open(str(resolve_lora_file(lora)), framework="pt") as f:
+        target = lora_target(list(f.keys()))
+    fits = {"unet": family.denoiser_name == "unet", "transformer": family.denoiser_name == "transformer",
+            "flux": family.name == "flux", None: True}[target]  # fmt: skip
+    if not fits:
+        raise UserError(
+            f"LoRA {lora} was trained for {TARGET_NAMES[target]}; {model} is {family.name} "
+            f"({family.pipeline_class_name}): give a LoRA of this model's family"
+        )
 
 
 def match_scales(loras: list[str], scales: list[float]) -> list[float]:

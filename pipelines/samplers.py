@@ -13,6 +13,7 @@ every training timestep): `check_steps` runs the real scheduler on a 1-pixel lat
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -23,6 +24,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -33,6 +36,7 @@ from core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 # name -> (scheduler class, config overrides on top of the pipeline's scheduler config)
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
@@ -48,7 +52,16 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     ),
     "dpmpp-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
+    # Flow-matching models (SD 3/3.5, Flux): the flow's own Euler and Heun, and DPM-Solver++/UniPC on flow sigmas.
+    "flow-euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "flow-heun": (FlowMatchHeunDiscreteScheduler, {}),
+    "flow-dpmpp-2m": (
+        DPMSolverMultistepScheduler,
+        {**FLOW_SIGMAS, "algorithm_type": "dpmsolver++", "solver_order": 2},
+    ),
+    "flow-unipc": (UniPCMultistepScheduler, FLOW_SIGMAS),
 }
+FLOW_SAMPLERS: frozenset[str] = frozenset(name for name in SAMPLERS if name.startswith("flow-"))
 
 # Samplers that draw fresh noise at every step: their output depends on the generator beyond the initial latents.
 STOCHASTIC: frozenset[str] = frozenset({"ddpm", "euler-a", "dpmpp-sde"})
@@ -58,11 +71,37 @@ def sampler_names() -> list[str]:
     return list(SAMPLERS)
 
 
+def check_sampler(name: str, family) -> None:
+    """A `UserError` when sampler `name` does not fit the family: DDPM samplers on a flow model or the reverse, or
+    a scheduler that cannot take the custom sigmas the family's pipeline passes (FluxPipeline does)."""
+    flow = family.objective == "flow"
+    if (name in FLOW_SAMPLERS) != flow:
+        fitting = [n for n in SAMPLERS if (n in FLOW_SAMPLERS) == flow and takes_sigmas(n, family)]
+        kind = "flow-matching" if name in FLOW_SAMPLERS else "DDPM (epsilon/v)"
+        raise UserError(
+            f"sampler {name} is for {kind} models; {family.name} models ({family.pipeline_class_name}) sample with: "
+            f"{', '.join(fitting)}"
+        )
+    if not takes_sigmas(name, family):
+        fitting = [n for n in FLOW_SAMPLERS if takes_sigmas(n, family)]
+        raise UserError(
+            f"sampler {name}: {family.pipeline_class_name} passes its own sigmas, which {SAMPLERS[name][0].__name__} "
+            f"cannot take; use one of: {', '.join(sorted(fitting))}"
+        )
+
+
+def takes_sigmas(name: str, family) -> bool:
+    """Whether the sampler's scheduler accepts what the family's pipeline hands `set_timesteps`."""
+    return not family.passes_sigmas or "sigmas" in inspect.signature(SAMPLERS[name][0].set_timesteps).parameters
+
+
 def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     """The scheduler called `name`, configured from `base_config` (a pipeline's `scheduler.config`)."""
     if name not in SAMPLERS:
         raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     cls, overrides = SAMPLERS[name]
+    if name in FLOW_SAMPLERS and "use_flow_sigmas" in overrides:  # the flow model's own shift, as flow_shift
+        overrides = {**overrides, "flow_shift": base_config.get("shift", 1.0)}
     if "clip_sample" not in base_config and cls in (DDIMScheduler, DDPMScheduler):
         # DDIM/DDPM default to clipping x0 to [-1, 1], a pixel-space default: on latents it wrecks the samples
         # (measured on the embedded base: DDIM-50 colour accuracy 0.29 instead of 1.00). SD's own scheduler
@@ -107,10 +146,14 @@ def _dry_run(name: str, steps: int, base_config: dict[str, Any]) -> str | None:
     scheduler = make_scheduler(name, base_config)
     with torch.random.fork_rng(devices=[]):  # stochastic samplers draw noise: keep the caller's global RNG as it was
         try:
-            scheduler.set_timesteps(steps)
+            if scheduler.config.get("use_dynamic_shifting", False):
+                scheduler.set_timesteps(steps, mu=1.0)  # Flux computes mu from the image size; any value tests steps
+            else:
+                scheduler.set_timesteps(steps)
             latent = torch.zeros(1, 1, 1, 1)  # (B, C, h, w)
             for t in scheduler.timesteps:
-                model_input = scheduler.scale_model_input(latent, t)
+                scale = getattr(scheduler, "scale_model_input", None)  # flow schedulers have none
+                model_input = scale(latent, t) if scale is not None else latent
                 latent = scheduler.step(torch.zeros_like(model_input), t, latent).prev_sample
         except (ValueError, IndexError, RuntimeError, AssertionError, ZeroDivisionError) as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]

@@ -106,6 +106,8 @@ class Family:
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion",)
     kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
+    default_sampler: ClassVar[str] = "dpmpp-2m"  # pipelines.generate's default for this family
+    passes_sigmas: ClassVar[bool] = False  # the pipeline hands the scheduler custom sigmas (FluxPipeline)
     legacy_lora_keys: ClassVar[bool] = True  # convert_state_dict_to_diffusers' layout, as the UNet scripts save
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):

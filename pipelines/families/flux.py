@@ -27,6 +27,7 @@ class Flux(StableDiffusion3):
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     optional_parts: ClassVar[tuple[str, ...]] = ()
+    passes_sigmas: ClassVar[bool] = True
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # CLIP, not T5
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *FEED_FORWARD)
     card_tags: ClassVar[tuple[str, ...]] = ("flux", "flux-diffusers")

@@ -33,7 +33,8 @@ class StableDiffusion1(Family):
         return scheduler
 
     @classmethod
-    def from_pretrained_kwargs(cls) -> dict:
+    def from_pretrained_kwargs(cls, index: dict) -> dict:
+        """What `from_pretrained` needs besides the folder: SD 1/2 without their safety checker."""
         return {"safety_checker": None, "requires_safety_checker": False}
 
     def pipeline_extras(self) -> dict:

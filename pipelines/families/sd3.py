@@ -35,6 +35,7 @@ class StableDiffusion3(Family):
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP, not T5
     objective: ClassVar[str] = "flow"
     legacy_lora_keys: ClassVar[bool] = False
+    default_sampler: ClassVar[str] = "flow-euler"
     # SD 3.5's dual-attention blocks name their second attention `attn2`.
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *(a.replace("attn.", "attn2.") for a in ATTENTION[:4]),
                                                *FEED_FORWARD)  # fmt: skip
@@ -54,8 +55,9 @@ class StableDiffusion3(Family):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
 
     @classmethod
-    def from_pretrained_kwargs(cls) -> dict:
-        return {}
+    def from_pretrained_kwargs(cls, index: dict) -> dict:
+        """Absent optional parts passed as None: diffusers' SD3 pipeline does not count T5 as optional itself."""
+        return {name: None for name in cls.optional_parts if (index.get(name) or [None])[0] is None}
 
     def sampling_scheduler(self):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)

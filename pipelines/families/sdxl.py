@@ -21,7 +21,7 @@ class StableDiffusionXL(StableDiffusion1):
     kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
     @classmethod
-    def from_pretrained_kwargs(cls) -> dict:
+    def from_pretrained_kwargs(cls, index: dict) -> dict:
         return {}
 
     def pipeline_extras(self) -> dict:
