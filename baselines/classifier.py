@@ -95,14 +95,24 @@ def train_classifier(
     seed: int = 0,
     accelerator=None,
 ) -> tuple[EvalClassifier, ClassifierReport]:
-    """Trains on (x_train, y_train) with cross-entropy for `steps` minibatches through the baselines' one loop
-    (`fit`: AdamW without weight decay, i.e. Adam; a cosine-decayed learning rate); scores on the test split."""
+    """Trains on (x_train, y_train) with cross-entropy for `steps` minibatches drawn with replacement, through the
+    baselines' one loop (`fit`: AdamW without weight decay, i.e. Adam; a cosine-decayed learning rate; no gradient
+    clipping); scores on the test split. This reproduces, bit for bit, the loop it had before `fit` existed."""
     torch.manual_seed(seed)
     model = EvalClassifier(x_train.shape[1], n_classes)
     state = make_state(model, lr, ema=False, lr_lambda=lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+    stream = torch.Generator().manual_seed(seed)
+
+    def draw(size: int, _per_step: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # One stream of batches drawn with replacement, as the classifier always drew them (it never resumes, so
+        # it needs no per-step seed); per-step reseeding gave held-out accuracy 0.71-0.76 against 0.81-0.88.
+        index = torch.randint(len(x_train), (size,), generator=stream)
+        return x_train[index], y_train[index]
+
     fit(
-        model, (x_train, y_train), batch_size=batch_size, lr=lr, budget=Budget(steps=steps), seed=seed,
-        accelerator=accelerator, log_every=steps, state=state,
+        model, draw, batch_size=batch_size, lr=lr, budget=Budget(steps=steps), seed=seed, accelerator=accelerator,
+        log_every=steps, state=state, max_grad_norm=None,
     )  # fmt: skip
     report = ClassifierReport(accuracy(model, x_test, y_test), len(x_train), len(x_test), n_classes, steps, True)
     return model.eval(), report

@@ -149,6 +149,7 @@ def fit(
     ema: bool | None = None,
     state: TrainState | None = None,
     on_step: Callable[[TrainState], None] | None = None,
+    max_grad_norm: float | None = 1.0,
 ) -> FitResult:
     """Trains `model` on `data` until `budget` is spent; `model.loss(batch)` receives each batch as drawn.
 
@@ -157,7 +158,8 @@ def fit(
     copied into the model at the end and the live weights are kept aside in `state.ema`: passing the same `state`
     again (or saving it with `save_checkpoint`) continues from the live ones. `state` (from `make_state`, possibly
     restored from a checkpoint) resumes a run and carries an LR schedule; `on_step(state)` runs after every step
-    (the command line checkpoints and draws samples there).
+    (the command line checkpoints and draws samples there). Gradients are clipped to `max_grad_norm` (None: not
+    clipped).
     """
     if budget.images is None and budget.seconds is None and budget.steps is None:
         raise UserError("the training budget is empty: give images, seconds or steps")
@@ -189,7 +191,8 @@ def fit(
             break
         if not adversarial:
             accelerator.backward(terms["loss"])
-            accelerator.clip_grad_norm_(trainable, 1.0)  # norm clipping at 1: a stray batch cannot blow a run up
+            if max_grad_norm is not None:  # the families clip at 1: a stray batch cannot blow a run up
+                accelerator.clip_grad_norm_(trainable, max_grad_norm)
             optimizers[0].step()
             optimizers[0].zero_grad(set_to_none=True)
         for scheduler in state.schedulers:
