@@ -105,8 +105,10 @@ class CompareConfig:
         for family, overrides in self.model_overrides.items():
             check_options(family, overrides)
         sampler = self.sample_options.get("ddpm", {}).get("scheduler", "ddpm")
-        if sampler not in sampler_names():
-            raise UserError(f"sample_options ddpm scheduler {sampler!r}: choose one of {', '.join(sampler_names())}")
+        if sampler not in sampler_names("ddpm"):  # the pixel DDPM is an epsilon model: no flow samplers
+            raise UserError(
+                f"sample_options ddpm scheduler {sampler!r}: choose one of {', '.join(sampler_names('ddpm'))}"
+            )
         if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"seeds must be distinct and at least one, got {self.seeds}")
         if not 0 < self.holdout_fraction < 1:

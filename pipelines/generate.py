@@ -24,7 +24,6 @@ can run the step count at all (tried on the model's own scheduler config).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -64,7 +63,6 @@ RECORD_NAME = "record.json"
 GRID_NAME = "grid.png"
 MAX_SEED = 2**63 - 1  # torch takes seeds up to 2**64 - 1, numpy and most tools only signed 64-bit ones
 ATTENTION = {"sdpa": None, "classic": AttnProcessor}  # None: diffusers' default, SDPA (`AttnProcessor2_0`)
-REPEATABLE = ("prompt", "lora", "lora_scale", "index")  # list flags that may also be given once per value
 RUN_ONLY = ("from_record", "index")  # how this run was asked for, not what it makes: not in the record
 OLD_RECORD_KEYS = {"prompts": "prompt", "loras": "lora", "lora_scales": "lora_scale"}  # older records
 
@@ -74,11 +72,11 @@ class GenerateConfig:
     """What to generate and how; the command line and `--config` YAML files fill it (see `core.config`)."""
 
     model: str | None = option("diffusers pipeline folder or Hub id (SD 1.x/2.x, SDXL, SD 3/3.5, Flux)", None)
-    prompt: list[str] = option("prompt(s): several values, or the flag repeated", [])
+    prompt: list[str] = option("prompt(s): several values, or the flag repeated", [], repeatable=True)
     prompt_file: str | None = option("a text file, one prompt per line (after any --prompt)", None)
     negative_prompt: str | None = option("what to steer away from, for every image", None)
-    lora: list[str] = option("LoRA file(s) or training output folder(s), diffusers or kohya keys", [])
-    lora_scale: list[float] = option("one scale for every --lora, or one per --lora", [1.0])
+    lora: list[str] = option("LoRA file(s) or training output folder(s), diffusers or kohya keys", [], repeatable=True)
+    lora_scale: list[float] = option("one scale for every --lora, or one per --lora", [1.0], repeatable=True)
     fuse_lora: bool = option("fold the adapters into the weights before sampling", False)
     sampler: str | None = option(
         "the sampler: a diffusers scheduler by A1111-style name (default: dpmpp-2m; flow-euler for SD3/Flux)",
@@ -102,7 +100,7 @@ class GenerateConfig:
     from_record: str | None = option(
         "a record.json: regenerate its images exactly (other settings come from it)", None
     )
-    index: list[int] | None = option("with --from_record: which images (default: all)", None)
+    index: list[int] | None = option("with --from_record: which images (default: all)", None, repeatable=True)
 
     def prompts(self) -> list[str]:
         """--prompt values, then the lines of --prompt_file."""
@@ -191,20 +189,6 @@ def check_output_dir(output_dir: str) -> None:
         raise UserError(f"--output_dir {output_dir}: cannot write into {existing} ({err.strerror})") from None
 
 
-def merge_repeated(argv: Sequence[str] | None, names: Sequence[str] = REPEATABLE) -> list[str]:
-    """`--prompt a --prompt b` as `--prompt a b`: the list flags of `core.config` take several values after one
-    flag, and a second flag would replace the first's values; users of this script repeat them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    for name in names:
-        parser.add_argument(f"--{name}", nargs="+", action="extend")
-    try:
-        given, rest = parser.parse_known_args(argv)
-    except argparse.ArgumentError:
-        return argv  # e.g. `--prompt` without a value: core.config's parser reports it
-    return rest + [arg for name in names if getattr(given, name) for arg in (f"--{name}", *getattr(given, name))]
-
-
 def _absolute_if_local(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
@@ -225,7 +209,7 @@ def resolved(cfg: GenerateConfig) -> GenerateConfig:
 def prepare_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, type[Family], list[Adapter]]:
     """Loads the model, its LoRAs and the sampler, applies the speed options; returns (pipe, family, adapters)."""
     pipe, family = load_pipeline(cfg.model, cfg.dtype, cfg.device)
-    set_sampler(pipe, cfg.sampler)  # before LoRAs: an unknown sampler name fails fast
+    set_sampler(pipe, cfg.sampler or family.default_sampler)  # before LoRAs: an unknown sampler name fails fast
     adapters = load_loras(pipe, cfg.lora, cfg.lora_scale, fuse=cfg.fuse_lora)
     processor = ATTENTION[cfg.attention]
     if processor is not None:  # UNet models only (checked in `validate`)
@@ -335,7 +319,7 @@ def config_from_record(path: str, output_dir: str | None) -> GenerateConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = parse(GenerateConfig, merge_repeated(argv), __doc__.split("\n\n")[0], prog=PROG)
+    cfg = parse(GenerateConfig, argv, __doc__.split("\n\n")[0], prog=PROG)
     if cfg.from_record is not None:
         return run(config_from_record(cfg.from_record, cfg.output_dir), only=cfg.index)
     return run(cfg)

@@ -67,16 +67,22 @@ FLOW_SAMPLERS: frozenset[str] = frozenset(name for name in SAMPLERS if name.star
 STOCHASTIC: frozenset[str] = frozenset({"ddpm", "euler-a", "dpmpp-sde"})
 
 
-def sampler_names() -> list[str]:
-    return list(SAMPLERS)
+def sampler_names(kind: str | None = None) -> list[str]:
+    """Every sampler, or those of one kind: "ddpm" (epsilon/v models) or "flow" (flow-matching models)."""
+    return [n for n in SAMPLERS if kind is None or (n in FLOW_SAMPLERS) == (kind == "flow")]
+
+
+def fitting_samplers(family) -> list[str]:
+    """The samplers that fit the family: the flow ones for flow models, the others for UNet models."""
+    flow = family.objective == "flow"
+    return [n for n in SAMPLERS if (n in FLOW_SAMPLERS) == flow and takes_sigmas(n, family)]
 
 
 def check_sampler(name: str, family) -> None:
     """A `UserError` when sampler `name` does not fit the family: DDPM samplers on a flow model or the reverse, or
     a scheduler that cannot take the custom sigmas the family's pipeline passes (FluxPipeline does)."""
-    flow = family.objective == "flow"
-    if (name in FLOW_SAMPLERS) != flow:
-        fitting = [n for n in SAMPLERS if (n in FLOW_SAMPLERS) == flow and takes_sigmas(n, family)]
+    if (name in FLOW_SAMPLERS) != (family.objective == "flow"):
+        fitting = fitting_samplers(family)
         kind = "flow-matching" if name in FLOW_SAMPLERS else "DDPM (epsilon/v)"
         raise UserError(
             f"sampler {name} is for {kind} models; {family.name} models ({family.pipeline_class_name}) sample with: "

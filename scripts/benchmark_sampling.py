@@ -44,7 +44,7 @@ from core.metrics import frechet_distance  # noqa: E402
 from pipelines.families import detect, sub_config  # noqa: E402
 from pipelines.generate import GenerateConfig, check_output_dir, generate_batch, image_size, plan_images  # noqa: E402
 from pipelines.loading import load_pipeline  # noqa: E402
-from pipelines.samplers import check_steps, sampler_names, set_sampler  # noqa: E402
+from pipelines.samplers import check_sampler, check_steps, fitting_samplers, sampler_names, set_sampler  # noqa: E402
 from toyworld import shapes  # noqa: E402
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
@@ -56,7 +56,9 @@ FEATURE_SPACE = "8x8 box-downsampled RGB in [0, 1] (192-D), no learned network"
 @dataclass
 class SamplingBenchmarkConfig:
     model: str = option("pipeline folder or Hub id (default: the embedded base)", DEFAULT_MODEL)
-    samplers: str = option(f"comma-separated subset of: {', '.join(sampler_names())}", ",".join(sampler_names()))
+    samplers: str | None = option(
+        f"comma-separated subset of: {', '.join(sampler_names())} (default: every one that fits the model)", None
+    )
     steps: str = option("comma-separated step counts", ",".join(map(str, DEFAULT_STEPS)))
     prompt_file: str | None = option("one prompt per line (default: the 12 shapes prompts)", None)
     seeds_per_prompt: int = option("images per prompt, seeds seed, seed + 1, ...", 4)
@@ -70,7 +72,7 @@ class SamplingBenchmarkConfig:
     output_dir: str = option("folder for results.json, results.md and quality_vs_steps.png", "benchmarks/sampling")
 
     def sampler_list(self) -> list[str]:
-        return parse_list(self.samplers, "samplers")
+        return parse_list(self.samplers, "samplers") if self.samplers else fitting_samplers(detect(self.model))
 
     def step_list(self) -> list[int]:
         return parse_list(self.steps, "steps", int)
@@ -88,7 +90,9 @@ class SamplingBenchmarkConfig:
         if self.reference != "ddpm" and not Path(self.reference).is_dir():
             raise UserError(f"--reference {self.reference}: give 'ddpm' or a folder of images")
         check_output_dir(self.output_dir)
-        detect(self.model)
+        family = detect(self.model)
+        for sampler in self.sampler_list():
+            check_sampler(sampler, family)
         scheduler_config = sub_config(self.model, "scheduler", "scheduler_config.json")
         if scheduler_config:  # every row's sampler and step count, before the model loads
             for sampler in self.sampler_list():
@@ -170,12 +174,12 @@ def measure(bench: SamplingBenchmarkConfig, model_label: str) -> dict:
         prompts = shapes.prompts()
     pipe, family = load_pipeline(bench.model, "fp32", bench.device)
     size = image_size(pipe, None, None)
-    counter = UNetCounter(pipe.unet)
+    counter = UNetCounter(getattr(pipe, family.denoiser_name))
     specs = plan_images(prompts, bench.seeds_per_prompt, bench.seed)
     spec_prompts = [s.prompt for s in specs]
     base = GenerateConfig(
         model=bench.model, prompt=prompts, output_dir="", guidance_scale=bench.guidance_scale,
-        batch_size=bench.batch_size, device=bench.device,
+        batch_size=bench.batch_size, device=bench.device, sampler=bench.sampler_list()[0],
     )  # fmt: skip
     sample_in_turns(pipe, counter, [replace(base, steps=1)], specs[:1], size)  # warm-up
     ref_feats, ref_label = reference_features(bench, pipe, counter, base, specs, size)

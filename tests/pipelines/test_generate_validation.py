@@ -124,11 +124,17 @@ def test_huge_seed_from_the_command_line_is_one_line_exit_2(tiny_sd1, tmp_path):
 
 def test_repeated_list_flags_add_up_like_several_values(tiny_sd1, tmp_path):
     base = ["--model", str(tiny_sd1), "--output_dir", str(tmp_path)]
-    repeated = parse(generate.GenerateConfig, generate.merge_repeated([*base, "--prompt", "a red", "--prompt", "b"]))
-    several = parse(generate.GenerateConfig, generate.merge_repeated([*base, "--prompt", "a red", "b"]))
+    repeated = parse(generate.GenerateConfig, [*base, "--prompt", "a red", "--prompt", "b"])
+    several = parse(generate.GenerateConfig, [*base, "--prompt", "a red", "b"])
     assert repeated.prompt == several.prompt == ["a red", "b"]
-    mixed = generate.merge_repeated(["--lora_scale", "-0.5", "--seed", "3", "--lora_scale", "1"])
-    assert mixed == ["--seed", "3", "--lora_scale", "-0.5", "1"]
+    lora = tmp_path / "l.safetensors"
+    from safetensors.torch import save_file
+    from torch import zeros
+
+    save_file({"unet.x.lora_A.weight": zeros(1)}, lora)
+    mixed = parse(generate.GenerateConfig, [*base, "--prompt", "p", "--lora", str(lora), "--lora_scale", "-0.5",
+                                            "--seed", "3", "--lora", str(lora), "--lora_scale", "1"])  # fmt: skip
+    assert mixed.lora_scale == [-0.5, 1.0] and mixed.seed == 3 and len(mixed.lora) == 2
 
 
 def test_yaml_config_fills_the_same_fields(tiny_sd1, tmp_path):

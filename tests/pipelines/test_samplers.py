@@ -29,6 +29,12 @@ EXPECTED_CLASSES = {
     "dpmpp-sde": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+FLOW_CLASSES = {
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
+    "flow-heun": "FlowMatchHeunDiscreteScheduler",
+    "flow-dpmpp-2m": "DPMSolverMultistepScheduler",
+    "flow-unipc": "UniPCMultistepScheduler",
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,8 @@ def pipe(tmp_path_factory):
 
 
 def test_the_issue_names_are_all_there():
-    assert sampler_names() == list(EXPECTED_CLASSES)
+    assert sampler_names() == [*EXPECTED_CLASSES, *FLOW_CLASSES]
+    assert sampler_names("ddpm") == list(EXPECTED_CLASSES) and sampler_names("flow") == list(FLOW_CLASSES)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_CLASSES))
@@ -61,7 +68,7 @@ def test_dpm_variants_differ_in_the_options_that_name_them():
     assert make_scheduler("dpmpp-sde", base).config.algorithm_type == "sde-dpmsolver++"
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", sampler_names("ddpm"))  # the flow samplers run in test_generate_flow.py
 def test_the_training_schedule_is_kept(name):
     # SD 2.x's v-prediction and the SD betas must survive the swap, or the model is sampled wrongly.
     scheduler = make_scheduler(name, dict(sd_scheduler("v_prediction").config))
