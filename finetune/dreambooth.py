@@ -39,12 +39,10 @@ def ensure_class_images(cfg, accelerator, batch_size: int = 4) -> list[Record]:
     existing = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     missing = cfg.num_class_images - len(existing)
     if missing > 0 and accelerator.is_main_process:
-        from diffusers import DiffusionPipeline
+        from pipelines.loading import load_pipeline
 
         logger.info("generating %d class images of %r into %s", missing, cfg.class_prompt, folder)
-        pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, safety_checker=None)
-        pipe.to(accelerator.device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe, _ = load_pipeline(cfg.pretrained_model_name_or_path, device=str(accelerator.device))
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
         for start in range(0, missing, batch_size):
             n = min(batch_size, missing - start)

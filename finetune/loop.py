@@ -178,6 +178,7 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     family_cls = detect(model, index)
     family_cls.check_option_names(cfg.family_options())  # a flag the family cannot honour fails before loading
     check_objective(cfg, family_cls.objective)
+    task.check(family_cls, cfg)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
     family = family_cls.load(model, index, denoiser, cfg.family_options())
     for module in family.frozen_modules().values():

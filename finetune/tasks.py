@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from core.errors import UserError
 from finetune.adapters import adapter_config, add_adapter
 from finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
 from finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
@@ -35,9 +36,14 @@ class Task:
     save: Callable[[Family, TrainConfig, Path], None]
     load_denoiser: Callable[[type[Family], TrainConfig, torch.dtype], torch.nn.Module | None]
     result: str  # what is saved, for the closing line
+    check: Callable[[type[Family], TrainConfig], None]  # settings the family cannot honour, before anything loads
 
 
 def _no_denoiser(family_cls, cfg, dtype) -> None:
+    return None
+
+
+def _no_check(family_cls, cfg) -> None:
     return None
 
 
@@ -78,7 +84,15 @@ def lora_denoiser(family_cls: type[Family], cfg: LoraTrainConfig, dtype: torch.d
     return load_quantized(cfg.pretrained_model_name_or_path, family_cls.denoiser_name, cfg.quantize_base, dtype)
 
 
-LORA = Task("lora", LoraTrainConfig, lora_setup, lora_save, lora_denoiser, result="LoRA")
+def lora_check(family_cls: type[Family], cfg: LoraTrainConfig) -> None:
+    if cfg.output_kohya_format and not family_cls.kohya_export:
+        raise UserError(
+            f"--output_kohya_format is not written for {family_cls.name} models yet (SD 1.x/2.x/SDXL only); drop it: "
+            "diffusers' format loads in ComfyUI through diffusers' own converters"
+        )
+
+
+LORA = Task("lora", LoraTrainConfig, lora_setup, lora_save, lora_denoiser, result="LoRA", check=lora_check)
 
 
 # ----------------------------------------------------------------------------------------------- full
@@ -98,11 +112,10 @@ def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
     from diffusers import DiffusionPipeline
 
     parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
-    pipe = DiffusionPipeline.from_pretrained(
-        cfg.pretrained_model_name_or_path, **parts, **family.from_pretrained_kwargs(family.index)
-    )
+    kwargs = {**family.from_pretrained_kwargs(family.index), **parts}  # the trained modules win
+    pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, **kwargs)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     write_model_card(output_dir, cfg, "full", type(family))
 
 
-FULL = Task("full", FullTrainConfig, full_setup, full_save, _no_denoiser, result="pipeline")
+FULL = Task("full", FullTrainConfig, full_setup, full_save, _no_denoiser, result="pipeline", check=_no_check)

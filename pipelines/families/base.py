@@ -108,7 +108,10 @@ class Family:
     kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
     default_sampler: ClassVar[str] = "dpmpp-2m"  # pipelines.generate's default for this family
     passes_sigmas: ClassVar[bool] = False  # the pipeline hands the scheduler custom sigmas (FluxPipeline)
-    legacy_lora_keys: ClassVar[bool] = True  # convert_state_dict_to_diffusers' layout, as the UNet scripts save
+    legacy_lora_keys: ClassVar[bool] = True
+    kohya_export: ClassVar[bool] = (
+        True  # `--output_kohya_format` is written for this family  # convert_state_dict_to_diffusers' layout, as the UNet scripts save
+    )
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model

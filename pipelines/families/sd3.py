@@ -35,6 +35,7 @@ class StableDiffusion3(Family):
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP, not T5
     objective: ClassVar[str] = "flow"
     legacy_lora_keys: ClassVar[bool] = False
+    kohya_export: ClassVar[bool] = False  # the BFL/ComfyUI key layout (fused qkv) is not written yet
     default_sampler: ClassVar[str] = "flow-euler"
     # SD 3.5's dual-attention blocks name their second attention `attn2`.
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *(a.replace("attn.", "attn2.") for a in ATTENTION[:4]),
