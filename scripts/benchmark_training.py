@@ -256,12 +256,21 @@ def shaped_child(settings: dict) -> dict:
     }
 
 
+def preset_kind(stem: str) -> str | None:
+    """Which shaped model a preset is for: `-sdxl` files SDXL, `-sd3`/`-flux` files the flow families (rows not
+    built here yet), the others SD 1.x; the cpu preset none."""
+    for suffix, kind in (("-sdxl", "sdxl"), ("-sd3", "sd35"), ("-flux", "flux")):
+        if stem.endswith(suffix):
+            return kind
+    return None if stem == "cpu" else "sd15"
+
+
 def shaped_settings(kinds: list[str], steps: int, rank: int) -> list[dict]:
     """One setting per preset that fits each kind: SD 1.x presets for sd15, `-sdxl` presets for sdxl."""
     out = []
     for kind in kinds:
         for preset in sorted(PRESETS.glob("*.yaml")):
-            if preset.stem == "cpu" or preset.stem.endswith("-sdxl") != (kind == "sdxl"):
+            if preset_kind(preset.stem) != kind:
                 continue
             out.append({"shaped": True, "kind": kind, "presets": [str(preset)], "resolution": SHAPED_RESOLUTION[kind],
                         "steps": steps, "warmup": 2, "rank": rank, "name": f"{kind} {preset.stem}"})  # fmt: skip

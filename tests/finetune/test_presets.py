@@ -13,7 +13,9 @@ from finetune.config import REPO_ROOT, LoraTrainConfig
 
 HARDWARE = REPO_ROOT / "configs" / "hardware"
 CARDS = ["gpu-8gb", "gpu-12gb", "gpu-24gb", "a100-40gb", "a100-80gb"]  # smallest first
-NAMES = ["cpu", *CARDS, *(f"{card}-sdxl" for card in CARDS)]
+FLOW = ["gpu-16gb-flux", "gpu-24gb-flux", "a100-80gb-flux", "gpu-12gb-sd3", "gpu-24gb-sd3", "a100-80gb-sd3"]
+UNET = ["cpu", *CARDS, *(f"{card}-sdxl" for card in CARDS)]
+NAMES = [*UNET, *FLOW]
 CORE = {"train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision", "optimizer",
         "quantize_base", "cache_latents"}  # fmt: skip
 
@@ -44,7 +46,17 @@ def test_every_preset_loads_strictly_and_sets_the_core_options(name):
     assert values["cache_latents"] is True
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FLOW)
+def test_flow_presets_use_bf16_checkpointing_and_the_promised_base(name):
+    """SD3/Flux overflow in fp16; the 16 GB Flux preset is the issue's recipe: NF4 base + 8-bit Adam."""
+    values = preset(name)
+    assert values["mixed_precision"] == "bf16" and values["gradient_checkpointing"] is True
+    expected = {"gpu-16gb-flux": "nf4", "gpu-24gb-flux": "int8"}.get(name)
+    assert values["quantize_base"] == expected
+    assert (values["optimizer"] == "adamw8bit") == (not name.startswith("a100"))
+
+
+@pytest.mark.parametrize("name", UNET)
 def test_precision_optimizer_and_quantisation_by_card(name):
     values = preset(name)
     card = name.removesuffix("-sdxl")
