@@ -167,7 +167,7 @@ def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from toyworld.tiny import sd_scheduler, write_tokenizer
+    from toyworld.tiny_parts import sd_scheduler, write_tokenizer
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "tokenizer", max_length=77))

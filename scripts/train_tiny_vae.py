@@ -27,7 +27,7 @@ from baselines.train import Budget, fit, make_state
 from core.config import option, parse
 from core.errors import UserError, run_main
 from toyworld import shapes
-from toyworld.tiny import SIZES, tiny_vae
+from toyworld.tiny_parts import SIZES, tiny_vae
 
 KL_WEIGHT = 1e-6  # SD's: enough to keep latents near unit scale, too little to blur
 

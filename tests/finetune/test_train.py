@@ -15,7 +15,8 @@ from finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
 from finetune.loop import train
 from finetune.objective import Objective, diffusion_loss
 from finetune.tasks import FULL, LORA
-from toyworld.tiny import build_pipeline, sd_scheduler
+from toyworld.tiny import build_pipeline
+from toyworld.tiny_parts import sd_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}

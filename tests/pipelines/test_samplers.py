@@ -13,7 +13,8 @@ from diffusers import DDIMScheduler, PNDMScheduler
 from core.errors import UserError
 from pipelines import samplers
 from pipelines.samplers import SAMPLERS, check_steps, make_scheduler, sampler_names, set_sampler
-from toyworld.tiny import build_pipeline, sd_scheduler
+from toyworld.tiny import build_pipeline
+from toyworld.tiny_parts import sd_scheduler
 
 EMBEDDED_BASE = Path(__file__).resolve().parents[2] / "pipelines" / "tiny_shapes"
 

@@ -7,8 +7,9 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from transformers import T5TokenizerFast
 
 from toyworld.shapes import COLOURS, SHAPES
-from toyworld.tiny import MAX_LENGTH, build_pipeline, save_tiny_pipeline
+from toyworld.tiny import build_pipeline, save_tiny_pipeline
 from toyworld.tiny_flow import write_t5_tokenizer
+from toyworld.tiny_parts import MAX_LENGTH
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "sd35": StableDiffusion3Pipeline}
 PIPELINES |= {"flux": FluxPipeline, "flux-schnell": FluxPipeline}
