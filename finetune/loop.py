@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     )  # fmt: skip
     result = TrainResult(progress.step, cached=cached, is_main_process=accelerator.is_main_process)
     bar = tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
-    start = time.perf_counter()
+    start = tick = time.perf_counter()
     while progress.step < run.max_steps:
         dataset.set_epoch(progress.epoch)
         sampler.set_epoch(progress.epoch)  # accelerate's shard wrapper does not forward set_epoch to it
@@ -112,7 +112,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
             if run.ema is not None:
                 run.ema.step(run.params)
             result.losses.append(step_loss)
-            result.step_seconds.append(time.perf_counter() - start - sum(result.step_seconds))
+            tick, last = time.perf_counter(), tick
+            result.step_seconds.append(tick - last)
             lr = run.lr_scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
