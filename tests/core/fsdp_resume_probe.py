@@ -62,5 +62,8 @@ resumed = {k: v.full_tensor() for k, v in m2.state_dict().items()}
 same = all(torch.equal(straight[k], resumed[k]) for k in straight)
 saved = ck.load_tree(ck.resolve("latest", out), "optimizer")[0]["state"]
 if rank == 0:
-    print("RESULT", same, sorted(saved)[:2], tuple(saved["net.0.weight"]["exp_avg"].shape))
+    print("RESULT", same, sorted(saved)[:2], tuple(saved["net.0.weight"]["exp_avg"].shape), flush=True)
+# Both processes finish their work before either tears gloo down: tearing down while the other still reads aborted
+# one process ("terminate called without an active exception") in one CI run.
+dist.barrier()
 dist.destroy_process_group()

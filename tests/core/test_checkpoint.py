@@ -97,9 +97,13 @@ FSDP_PROBE = Path(__file__).with_name("fsdp_resume_probe.py")
 
 
 def test_fsdp_resume_is_bit_exact_and_saves_the_full_optimizer_state(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(FSDP_PROBE), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(FSDP_PROBE)]
+    for attempt in range(2):  # a second try only for a gloo teardown abort (seen once under load); a resume bug
+        out = tmp_path / f"attempt{attempt}"  # is deterministic and fails both
+        proc = subprocess.run([*cmd, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     # resumed == straight, and the saved exp_avg of an (8 -> 16) layer sharded over two processes is whole
