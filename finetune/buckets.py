@@ -67,7 +67,7 @@ def can_move(image_size: tuple[int, int], bucket: tuple[int, int]) -> bool:
 
 
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of indices from one bucket each, shuffled by (seed, epoch); call `set_epoch` every epoch."""
+    """Batches of indices from one bucket each, shuffled by (seed, epoch); call `start_epoch` every epoch."""
 
     def __init__(self, buckets_of: list[tuple[int, int]], batch_size: int, seed: int):
         self.batch_size = batch_size
@@ -78,7 +78,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             groups[bucket].append(index)
         self.groups = dict(sorted(groups.items()))
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def batches(self) -> list[list[int]]:

@@ -100,7 +100,9 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
     text = None
     encoders_frozen = not any(name in trained for name in family.text_encoders())
     if cfg.cache_latents and encoders_frozen and not cfg.shuffle_caption:
-        fingerprint = "".join(fingerprint_module(te) for te in family.text_encoders().values())
+        fingerprint = (
+            "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
+        )
         text = encode_captions(data.captions + [""], family.encode_text, fingerprint, family.tokenize, cache_root)
     aug = Augment(
         cfg.seed, cfg.center_crop, cfg.random_flip, cfg.proportion_empty_prompts, cfg.shuffle_caption,
@@ -154,7 +156,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.tokenize = tokenize
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -28,6 +28,7 @@ from finetune.buckets import BucketBatchSampler
 from finetune.config import TrainConfig
 from finetune.dataset import build_dataset, collate, read_images
 from finetune.objective import Objective, batch_loss, check_objective
+from finetune.offload import offload, offload_plan, resident
 from finetune.optim import build_optimizer
 from finetune.tasks import Task, Trainable
 from finetune.validation import log_validation
@@ -76,6 +77,10 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     family, trainable, weight_dtype = load_models(cfg, task, accelerator)
     with accelerator.main_process_first():
         dataset, cached = build_dataset(cfg, data, family, trainable.models)
+    plan = offload_plan(
+        list(family.text_encoders()), set(trainable.models), cached, dataset.text_embeddings is not None
+    )
+    offloaded = offload(family, plan, accelerator.device)  # cached: VAE and frozen encoders off the accelerator
     sampler = BucketBatchSampler(dataset.buckets(), cfg.train_batch_size, cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers
@@ -92,8 +97,11 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     bar = tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
     start = tick = time.perf_counter()
     while progress.step < run.max_steps:
-        dataset.set_epoch(progress.epoch)
-        sampler.set_epoch(progress.epoch)  # accelerate's shard wrapper does not forward set_epoch to it
+        # Not `set_epoch`: accelerate calls that on a loader's dataset and batch sampler with its own iteration count,
+        # which restarts at 0 for every `skip_first_batches` loader (every epoch would replay epoch 0's order, noise,
+        # timesteps and caption dropout).
+        dataset.start_epoch(progress.epoch)
+        sampler.start_epoch(progress.epoch)
         for batch in accelerator.skip_first_batches(loader, progress.batches_done_in_epoch):
             with accelerator.accumulate(*run.models.values()):
                 loss = batch_loss(family, run.models, batch, objective, weight_dtype)
@@ -121,7 +129,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
             if progress.step % cfg.checkpointing_steps == 0 or progress.step == run.max_steps:
                 save_checkpoint(run, progress)
             if cfg.validation_prompt and progress.step % cfg.validation_steps == 0:
-                log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
+                with resident(family, offloaded, accelerator.device):
+                    log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
             if progress.step >= run.max_steps:
                 break
         else:  # the epoch ran out

@@ -109,9 +109,8 @@ class Family:
     default_sampler: ClassVar[str] = "dpmpp-2m"  # pipelines.generate's default for this family
     passes_sigmas: ClassVar[bool] = False  # the pipeline hands the scheduler custom sigmas (FluxPipeline)
     legacy_lora_keys: ClassVar[bool] = True
-    kohya_export: ClassVar[bool] = (
-        True  # `--output_kohya_format` is written for this family  # convert_state_dict_to_diffusers' layout, as the UNet scripts save
-    )
+    kohya_export: ClassVar[bool] = True  # `--output_kohya_format` is written for this family
+    kohya_layout: ClassVar[str] = "unet"  # the denoiser's kohya keys: "unet" (lora_unet_*), "flux" (BFL's names)
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
@@ -200,6 +199,10 @@ class Family:
                 out[key] = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                                return_tensors="pt").input_ids  # fmt: skip
         return out
+
+    def text_cache_tag(self) -> str:
+        """What besides the encoders' weights decides `encode_text`'s output (e.g. T5's length), for cache keys."""
+        return ""
 
     def encode_text(self, ids: dict[str, torch.Tensor], encoders: dict[str, nn.Module] | None = None) -> dict:
         """The denoiser's text conditioning as a dict of tensors (B, ...); `encoders` overrides the modules."""

@@ -32,6 +32,8 @@ class Flux(StableDiffusion3):
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *FEED_FORWARD)
     card_tags: ClassVar[tuple[str, ...]] = ("flux", "flux-diffusers")
     kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1"}
+    kohya_export: ClassVar[bool] = True  # BFL's fused layout, as ComfyUI loads it (finetune/kohya_flux.py)
+    kohya_layout: ClassVar[str] = "flux"
     default_max_sequence_length: ClassVar[int] = 512  # diffusers' Flux training scripts
     options_taken: ClassVar[tuple[str, ...]] = ("max_sequence_length", "guidance_scale")
 
@@ -42,6 +44,9 @@ class Flux(StableDiffusion3):
                 f"--guidance_scale: {self.model} has no guidance embeddings (not a guidance-distilled Flux model); "
                 "drop the flag"
             )
+
+    def text_cache_tag(self) -> str:
+        return f"t5:{self.max_sequence_length()}"
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         clip, t5 = self.tokenizer, self.tokenizer_2

@@ -4,7 +4,9 @@ dual-attention layers and RMS qk-norm) trained with rectified flow (Esser et al.
 Text conditioning as diffusers' pipeline builds it: the penultimate hidden states of two CLIP encoders
 (with projection) concatenated on features and zero-padded to T5's width, then T5's sequence appended on the
 token axis; the pooled projections of both CLIP encoders concatenated. T5 may be absent (a pipeline saved without
-`text_encoder_3`): its part of the sequence is then zeros, as diffusers does, and that is said once.
+`text_encoder_3`): its part of the sequence is then zeros, as diffusers does, and that is said once. Training
+then feeds one zero token that attention counts as `max_sequence_length` of them (`repeated_tokens`): the same
+model, without paying for 256 identical tokens a step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import UserError
+from pipelines.families import repeated_tokens
 from pipelines.families.base import Family
 
 logger = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ class StableDiffusion3(Family):
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP, not T5
     objective: ClassVar[str] = "flow"
     legacy_lora_keys: ClassVar[bool] = False
-    kohya_export: ClassVar[bool] = False  # the BFL/ComfyUI key layout (fused qkv) is not written yet
+    kohya_export: ClassVar[bool] = False  # ComfyUI loads SD 3 LoRAs in diffusers' layout
     default_sampler: ClassVar[str] = "flow-euler"
     # SD 3.5's dual-attention blocks name their second attention `attn2`.
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *(a.replace("attn.", "attn2.") for a in ATTENTION[:4]),
@@ -97,15 +100,23 @@ class StableDiffusion3(Family):
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, -1)}
 
     def _t5(self, ids, encoders, clip: torch.Tensor) -> torch.Tensor:
-        """T5's sequence (B, L, D_T5), or zeros of the transformer's joint width when the pipeline has no T5."""
+        """T5's sequence (B, L, D_T5); without T5, one zero token of the transformer's joint width, which `predict`
+        has attention count as the `max_sequence_length` zero tokens diffusers' pipeline feeds."""
         encoder = encoders.get("text_encoder_3")
         if encoder is None:
-            width = self.denoiser.config.joint_attention_dim
-            return clip.new_zeros(clip.shape[0], self.max_sequence_length(), width)
+            return clip.new_zeros(clip.shape[0], 1, self.denoiser.config.joint_attention_dim)
         return encoder(ids["input_ids_3"].to(next(encoder.parameters()).device))[0]
 
+    def text_cache_tag(self) -> str:
+        t5 = "zero-token" if self.parts.get("text_encoder_3") is None else "t5"
+        return f"{t5}:{self.max_sequence_length()}"
+
     def predict(self, denoiser, noisy, timesteps, cond, batch):
+        extra = {}
+        if self.parts.get("text_encoder_3") is None:
+            repeated_tokens.install(self.denoiser)
+            extra["joint_attention_kwargs"] = {"last_token_repeats": self.max_sequence_length()}
         return denoiser(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
-            pooled_projections=cond["pooled_projections"].to(noisy.dtype), return_dict=False,
+            pooled_projections=cond["pooled_projections"].to(noisy.dtype), return_dict=False, **extra,
         )[0]  # fmt: skip

@@ -118,13 +118,13 @@ def test_bucket_sampler_batches_one_bucket_and_covers_every_index():
     buckets = [(64, 32)] * 5 + [(32, 64)] * 4
     sampler = BucketBatchSampler(buckets, batch_size=2, seed=1)
     for epoch in (0, 1):
-        sampler.set_epoch(epoch)
+        sampler.start_epoch(epoch)
         batches = list(sampler)
         assert all(len({buckets[i] for i in b}) == 1 for b in batches)
         assert sorted(i for b in batches for i in b) == list(range(9))
-    sampler.set_epoch(0)
+    sampler.start_epoch(0)
     again = list(sampler)
-    sampler.set_epoch(1)
+    sampler.start_epoch(1)
     assert again != list(sampler)
 
 

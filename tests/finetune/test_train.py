@@ -165,3 +165,21 @@ def test_bad_input_from_the_command_line(tmp_path):
     proc = run([sys.executable, "finetune/finetune_lora.py", "--train_data_dir", str(tmp_path / "nope")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: --train_data_dir {tmp_path / 'nope'} is not a folder"
+
+
+def test_every_epoch_draws_new_noise_and_order(tiny_sd1, tmp_path, monkeypatch):
+    """Each epoch reseeds every sample's noise, timestep and augmentation from (seed, epoch, index). accelerate calls
+    `set_epoch(0)` on a fresh loader's dataset and batch sampler; ours must not listen (they once did, and every
+    epoch replayed epoch 0)."""
+    from finetune import loop
+    from toyworld import shapes
+
+    data = tmp_path / "two"
+    shapes.write_dataset(data, ("red",), ("circle", "square"), per_class=1, seed=0)
+    seen = []
+    real = loop.batch_loss
+    monkeypatch.setattr(
+        loop, "batch_loss", lambda f, m, batch, *a: seen.append(batch["noise_seed"].tolist()) or real(f, m, batch, *a)
+    )
+    train(config(tiny_sd1, data, tmp_path / "out", train_batch_size=2, max_train_steps=4), LORA)
+    assert len(seen) == 4 and len({tuple(s) for s in seen}) == 4  # one batch per epoch, four different draws
