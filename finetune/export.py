@@ -4,7 +4,8 @@ The LoRA file is diffusers' (`pytorch_lora_weights.safetensors`, keys `unet.`/`t
 with peft's adapter config in the safetensors metadata, so `pipe.load_lora_weights(dir)` restores `lora_alpha`
 even when it differs from the rank. The kohya file (`pytorch_lora_weights_kohya.safetensors`) is what A1111,
 ComfyUI and kohya's scripts load: `lora_unet_*`, `lora_te_*` (SD 1.x/2.x) or `lora_te1_*`/`lora_te2_*` (SDXL),
-each module with `.lora_down.weight`, `.lora_up.weight` and `.alpha` (scale = alpha / rank). Key conversion is
+each module with `.lora_down.weight`, `.lora_up.weight` and `.alpha` (scale = alpha / rank); a Flux transformer's
+keys are Black Forest Labs' module names, as ComfyUI loads them (`finetune/kohya_flux.py`). Key conversion is
 diffusers' `convert_state_dict_to_kohya`; only what it gets wrong is fixed here (see `_kohya_layers`).
 """
 
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 
 from core.errors import UserError
 from finetune.adapters import ADAPTER_NAME as ADAPTER
+from finetune.kohya_flux import flux_kohya_layers
 from pipelines.families import Family
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -78,10 +80,7 @@ def _kohya_layers(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor
     (lora_alpha / sqrt(r) with rslora, per module with alpha_pattern), so the alpha is replaced by the module's
     own scale x rank. It also mislabels DoRA magnitudes and cannot express LoHa/LoKr: those are refused.
     """
-    config = model.peft_config[ADAPTER]
-    if config.peft_type != PeftType.LORA or getattr(config, "use_dora", False):
-        kind = "DoRA" if getattr(config, "use_dora", False) else str(config.peft_type.value)
-        raise UserError(f"--output_kohya_format writes plain LoRA only; this adapter is {kind}")
+    _check_plain_lora(model)
     peft_sd, path = _lora_state_dict(model, prefix)
     kohya: dict[str, torch.Tensor] = {}
     modules = [key.removesuffix(".lora_A.weight") for key in peft_sd if key.endswith(".lora_A.weight")]
@@ -99,11 +98,22 @@ def _kohya_layers(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor
     return kohya
 
 
+def _check_plain_lora(model: torch.nn.Module) -> None:
+    config = model.peft_config[ADAPTER]
+    if config.peft_type != PeftType.LORA or getattr(config, "use_dora", False):
+        kind = "DoRA" if getattr(config, "use_dora", False) else str(config.peft_type.value)
+        raise UserError(f"--output_kohya_format writes plain LoRA only; this adapter is {kind}")
+
+
 def save_lora_kohya(family: type[Family], models: dict[str, torch.nn.Module | None], output_dir: Path) -> Path:
-    """The same adapter(s) with kohya/A1111 key names; returns the file."""
+    """The same adapter(s) with kohya/A1111 key names (BFL's for a Flux transformer); returns the file."""
     kohya: dict[str, torch.Tensor] = {}
     for prefix, model in _adapted_models(models).items():
-        kohya.update(_kohya_layers(model, prefix))
+        if prefix == family.denoiser_name and family.kohya_layout == "flux":
+            _check_plain_lora(model)
+            kohya.update(flux_kohya_layers(model, ADAPTER))
+        else:
+            kohya.update(_kohya_layers(model, prefix))
     # diffusers names text encoders `lora_te1_`/`lora_te2_` (SDXL's convention); SD 1.x/2.x files say `lora_te_`.
     diffusers_names = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     for component, name in family.kohya_text_prefixes.items():
@@ -167,7 +177,8 @@ def write_model_card(output_dir: Path, cfg, kind: str, family: type[Family]) -> 
     prompts = list(cfg.validation_prompt or [])
     samples = copy_samples(output_dir)
     tags = [*family.card_tags, "text-to-image", "diffusers", kind, "difftune"]
-    meta: dict[str, object] = {"base_model": base_model, "library_name": "diffusers", "tags": tags}
+    licence = base_licence(base_model)
+    meta: dict[str, object] = {"base_model": base_model, **licence, "library_name": "diffusers", "tags": tags}
     if instance_prompt:
         meta["instance_prompt"] = instance_prompt
     if samples is not None and prompts:
@@ -176,6 +187,9 @@ def write_model_card(output_dir: Path, cfg, kind: str, family: type[Family]) -> 
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              f"# {title} fine-tune of {base_model}", "",
              "Trained with [difftune](https://github.com/difftune/difftune).", ""]  # fmt: skip
+    if licence:
+        lines += [f"Licence: the base model's, `{licence.get('license_name') or licence['license']}`"
+                  + (f" ({licence['license_link']})" if licence.get("license_link") else "") + ".", ""]  # fmt: skip
     if instance_prompt:
         lines += [f"Instance prompt (the trigger for the learned concept): `{instance_prompt}`", ""]
     if prompts:
@@ -189,6 +203,30 @@ def write_model_card(output_dir: Path, cfg, kind: str, family: type[Family]) -> 
     path = output_dir / CARD_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+LICENCE_FIELDS = ("license", "license_name", "license_link")
+
+
+def base_licence(base_model: str) -> dict[str, str]:
+    """The base model card's licence fields (`license`, and `license_name`/`license_link` for `other`, as Flux.1-dev
+    and SD 3.5 declare theirs), which a fine-tune inherits: from the local folder's README.md, or the Hub's card for
+    a Hub id. {} when the base has no card or it cannot be read (then the card names no licence)."""
+    from huggingface_hub import metadata_load
+
+    readme = Path(base_model) / CARD_FILE
+    if not readme.is_file() and not Path(base_model).exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            readme = Path(hf_hub_download(base_model, CARD_FILE))
+        except Exception:  # noqa: BLE001 - offline, gated or no card: the card then names no licence
+            return {}
+    try:
+        meta = metadata_load(readme) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return {k: str(meta[k]) for k in LICENCE_FIELDS if meta.get(k)}
 
 
 def save_peft_adapters(output_dir: Path, models: dict[str, torch.nn.Module | None]) -> list[Path]:

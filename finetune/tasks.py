@@ -87,8 +87,8 @@ def lora_denoiser(family_cls: type[Family], cfg: LoraTrainConfig, dtype: torch.d
 def lora_check(family_cls: type[Family], cfg: LoraTrainConfig) -> None:
     if cfg.output_kohya_format and not family_cls.kohya_export:
         raise UserError(
-            f"--output_kohya_format is not written for {family_cls.name} models yet (SD 1.x/2.x/SDXL only); drop it: "
-            "diffusers' format loads in ComfyUI through diffusers' own converters"
+            f"--output_kohya_format is not written for {family_cls.name} models (SD 1.x/2.x/SDXL/Flux only); drop it: "
+            "ComfyUI loads this family's LoRAs in diffusers' format"
         )
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import ModelMixin, StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from PIL import Image
 from safetensors import safe_open
@@ -22,7 +22,8 @@ from finetune.export import (
     save_lora_kohya,
     write_model_card,
 )
-from pipelines.families import StableDiffusion1, StableDiffusionXL
+from finetune.kohya_flux import flux_kohya_layers
+from pipelines.families import Flux, StableDiffusion1, StableDiffusionXL
 from toyworld.tiny import build_pipeline
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -33,7 +34,7 @@ FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
 def attach_random_lora(model, targets, seed, r=4, alpha=8, **kw):
     """A LoRA with r != alpha (scale 2) and random weights, so that it changes the output and alpha matters."""
     config = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets, **kw)
-    if isinstance(model, UNet2DConditionModel):
+    if isinstance(model, ModelMixin):
         model.add_adapter(config)
     else:  # transformers' add_adapter wants peft >= 0.22; this is what it does
         inject_adapter_in_model(config, model, "default")
@@ -111,6 +112,71 @@ def test_kohya_export_without_alpha_fix_would_differ(tiny_sd1, sd1_lora, tmp_pat
     assert np.abs(images(pipe) - sd1_lora["live"]).max() > 1e-3
 
 
+# Every Flux double-block linear kohya's layout names (diffusers' converter back hard-codes Flux.1's single-block
+# widths, so the tiny model's single blocks are checked by their weight deltas below instead).
+FLUX_DOUBLE = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+               r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|norm1\.linear|norm1_context\.linear)")  # fmt: skip
+
+
+def test_flux_kohya_file_loads_back_in_diffusers_to_the_same_images(tmp_path):
+    pipe = build_pipeline("test", "flux", tokenizer_dir=tmp_path / "tok")
+    attach_random_lora(pipe.transformer, FLUX_DOUBLE, seed=1, r=2, alpha=3)
+    attach_random_lora(pipe.text_encoder, TE_TARGETS, seed=2, r=2, alpha=3)
+    models = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}
+    save_lora_kohya(Flux, models, tmp_path)
+    kohya = load_file(tmp_path / KOHYA_FILE)
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 6  # q, k, v fused: rank 3 x 2
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == 6.0
+    assert kohya["lora_unet_double_blocks_0_txt_mod_lin.alpha"].item() == 3.0
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in kohya
+    assert len({k.split(".")[0] for k in kohya if k.startswith("lora_unet_")}) == 10 * len(
+        pipe.transformer.transformer_blocks
+    )
+    live = images(pipe, max_sequence_length=16)
+    base = build_pipeline("test", "flux", tokenizer_dir=tmp_path / "tok")
+    base_images = images(base, max_sequence_length=16)
+    base.load_lora_weights(tmp_path, weight_name=KOHYA_FILE)
+    assert np.abs(live - base_images).max() > 0.05  # the adapter matters
+    np.testing.assert_allclose(images(base, max_sequence_length=16), live, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["to_q", "to_k", "to_v", "proj_mlp", "proj_out"], ["to_k", "proj_out"]])
+def test_flux_fused_kohya_modules_carry_each_parts_weight_delta(tmp_path, targets):
+    """BFL's fused linears (a single block's linear1 = q, k, v, mlp-in; a double block's qkv) hold exactly the
+    deltas of the diffusers modules they fuse, zero for the parts without an adapter."""
+    transformer = build_pipeline("test", "flux", tokenizer_dir=tmp_path / "tok").transformer
+    attach_random_lora(transformer, targets, seed=3, r=2, alpha=5)
+    kohya = flux_kohya_layers(transformer, "default")
+
+    def delta(name):
+        module = transformer.get_submodule(name)
+        if not hasattr(module, "lora_A"):
+            return torch.zeros_like(module.weight)
+        return module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+
+    def fused(key):
+        down, up, alpha = (kohya[f"{key}.{k}"] for k in ("lora_down.weight", "lora_up.weight", "alpha"))
+        return up @ down * alpha / down.shape[0]
+
+    for i in range(len(transformer.single_transformer_blocks)):
+        parts = [f"single_transformer_blocks.{i}.{p}" for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+        torch.testing.assert_close(fused(f"lora_unet_single_blocks_{i}_linear1"), torch.cat([delta(p) for p in parts]))
+        torch.testing.assert_close(fused(f"lora_unet_single_blocks_{i}_linear2"),
+                                   delta(f"single_transformer_blocks.{i}.proj_out"))  # fmt: skip
+    for i in range(len(transformer.transformer_blocks)):
+        parts = [f"transformer_blocks.{i}.attn.{p}" for p in ("to_q", "to_k", "to_v")]
+        torch.testing.assert_close(
+            fused(f"lora_unet_double_blocks_{i}_img_attn_qkv"), torch.cat([delta(p) for p in parts])
+        )
+
+
+def test_flux_kohya_refuses_modules_it_has_no_key_for(tmp_path):
+    transformer = build_pipeline("test", "flux", tokenizer_dir=tmp_path / "tok").transformer
+    attach_random_lora(transformer, ["norm_out.linear", "to_q"], seed=4)  # BFL's final modulation swaps halves
+    with pytest.raises(UserError, match=r"Flux kohya files have no key for \['norm_out.linear'\]"):
+        flux_kohya_layers(transformer, "default")
+
+
 def test_sdxl_kohya_prefixes_and_round_trip(tmp_path):
     pipe = build_pipeline("test", "sdxl", tokenizer_dir=tmp_path / "tok")
     attach_random_lora(pipe.unet, UNET_TARGETS, seed=1, r=2, alpha=3)
@@ -170,3 +236,20 @@ def test_model_card_sdxl_full_without_samples(tmp_path):
     assert "instance_prompt" not in meta and "widget" not in meta
     assert "samples" not in text and not (tmp_path / SAMPLES_FILE).exists()
     assert "| use_ema | True |" in text and "rank" not in text
+
+
+def test_model_card_inherits_the_base_models_licence(tmp_path):
+    base = tmp_path / "flux-dev"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-license\n"
+                                    "license_link: LICENSE.md\ntags: [flux]\n---\n# FLUX.1 [dev]\n")  # fmt: skip
+    cfg = LoraTrainConfig(pretrained_model_name_or_path=str(base))
+    (tmp_path / "out").mkdir()
+    text = write_model_card(tmp_path / "out", cfg, "lora", Flux).read_text()
+    meta = front_matter(text)
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == (
+        "other", "flux-1-dev-non-commercial-license", "LICENSE.md")  # fmt: skip
+    assert "Licence: the base model's, `flux-1-dev-non-commercial-license` (LICENSE.md)." in text
+    assert "flux" in meta["tags"]
+    (base / "README.md").unlink()  # no card: no licence claimed
+    assert "license" not in front_matter(write_model_card(tmp_path / "out", cfg, "lora", Flux).read_text())

@@ -1,0 +1,94 @@
+"""A Flux LoRA in the key layout ComfyUI, kohya's sd-scripts and Forge load: Black Forest Labs' module names
+(`lora_unet_double_blocks_0_img_attn_qkv`, `lora_unet_single_blocks_0_linear1`, ...), with `lora_down`,
+`lora_up` and `alpha` per module.
+
+diffusers splits some of BFL's fused linears into several modules: a double block's `img_attn.qkv` is
+`attn.to_q/to_k/to_v`, a single block's `linear1` is `attn.to_q/to_k/to_v` plus `proj_mlp`. diffusers converts
+such files to its layout (`_convert_kohya_flux_lora_to_diffusers`) but not back, so the reverse is written here.
+Separate LoRAs (A_i, B_i, scale s_i) on the parts of a fused linear are one LoRA on the fused weight, exactly:
+down = [A_1; A_2; ...] stacked, up = the block-diagonal of s_i B_i (rows of an unadapted part stay zero), alpha =
+the fused rank (scale 1). The result is the same weight delta, so the same images.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core.errors import UserError
+
+# BFL name -> the diffusers modules it fuses, in the order of the fused weight's rows.
+DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+TOP = {  # outside the blocks (kohya's --train_blocks all / ai-toolkit's "everything")
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+}
+BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE), "single_transformer_blocks": ("single_blocks", SINGLE)}
+
+
+def flux_kohya_layers(transformer: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The adapter `adapter` of a peft-wrapped `FluxTransformer2DModel` in BFL/kohya keys."""
+    lora = {name: module for name, module in transformer.named_modules() if adapter in getattr(module, "lora_A", {})}
+    out: dict[str, torch.Tensor] = {}
+    for blocks, (bfl_blocks, layout) in BLOCKS.items():
+        for index in range(len(getattr(transformer, blocks))):
+            for bfl, parts in layout.items():
+                names = [f"{blocks}.{index}.{part}" for part in parts]
+                if any(name in lora for name in names):
+                    out.update(_fused(f"lora_unet_{bfl_blocks}_{index}_{bfl}", names, lora, transformer, adapter))
+                    for name in names:
+                        lora.pop(name, None)
+    for bfl, name in TOP.items():
+        if name in lora:
+            out.update(_fused(f"lora_unet_{bfl}", [name], lora, transformer, adapter))
+            lora.pop(name)
+    if lora:
+        raise UserError(f"--output_kohya_format: Flux kohya files have no key for {sorted(lora)[:3]} ({len(lora)} "
+                        "modules); train the default targets or drop the flag")  # fmt: skip
+    return out
+
+
+def _fused(key: str, names: list[str], lora: dict, transformer: torch.nn.Module, adapter: str) -> dict:
+    downs, ups = [], []
+    for name in names:
+        out_features = transformer.get_submodule(name).weight.shape[0]
+        if name in lora:
+            module = lora[name]
+            downs.append(module.lora_A[adapter].weight)
+            ups.append(module.lora_B[adapter].weight * module.scaling[adapter])
+        else:
+            ups.append(torch.zeros(out_features, 0))
+    down = torch.cat(downs)
+    up = torch.block_diag(*[u.detach().float() for u in ups]).to(down.dtype)
+    if len(names) == 1:  # one module: keep its own rank and scale as alpha, as kohya writes it
+        module = lora[names[0]]
+        rank = module.r[adapter]
+        return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": module.lora_B[adapter].weight,
+                f"{key}.alpha": torch.tensor(float(module.scaling[adapter] * rank))}  # fmt: skip
+    return {
+        f"{key}.lora_down.weight": down,
+        f"{key}.lora_up.weight": up,
+        f"{key}.alpha": torch.tensor(float(len(down))),
+    }
