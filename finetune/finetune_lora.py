@@ -2,7 +2,8 @@
 
 With no arguments it runs the embedded demo: the tiny `pipelines/tiny_shapes` base, which has never seen the
 colour purple, learns `a purple {circle,square,triangle}` from a generated imagefolder, and the colour accuracy
-of purple prompts is measured before and after (with the base colours checked for damage).
+of purple prompts is measured before and after (with the base colours and shapes checked for damage).
+`--demo flow` runs the same demo on the embedded flow base `pipelines/tiny_flow_shapes` (an SD 3 transformer).
 """
 
 from __future__ import annotations
@@ -15,21 +16,30 @@ if __package__ in (None, ""):  # run as a file: import the project, not this fol
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from core.errors import run_main
-from finetune.config import REPO_ROOT
 from finetune.loop import run_task
 from finetune.tasks import LORA
-
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo_lora.yaml"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv == ["--demo"]:
-        from finetune.demo import run_demo
+    demo = demo_name(argv)
+    if demo is not None:
+        from finetune.demo import demo_config, run_demo
 
-        run_demo(DEMO_CONFIG)
+        run_demo(demo_config(demo))
         return
     run_task(argv, LORA, __doc__, prog="finetune_lora.py")
+
+
+def demo_name(argv: list[str]) -> str | None:
+    """`unet` for no arguments or a bare `--demo`; `flow` for `--demo flow`; None for a training run."""
+    if not argv or argv == ["--demo"]:
+        return "unet"
+    if argv[0] == "--demo" and len(argv) == 2:
+        return argv[1]
+    if argv[0].startswith("--demo="):
+        return argv[0].removeprefix("--demo=")
+    return None
 
 
 if __name__ == "__main__":

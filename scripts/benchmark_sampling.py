@@ -3,15 +3,16 @@
     python scripts/benchmark_sampling.py --output_dir benchmarks/sampling            # full: 10 samplers x 6 steps
     python scripts/benchmark_sampling.py --samplers ddim,dpmpp-2m --steps 10,20,50 --seeds_per_prompt 1
 
-For each sampler at each step count, and for diffusers' default call (PNDM, 50 steps) as the reference row:
+For each sampler at each step count, and for diffusers' default call (PNDM 50 steps; flow Euler 28 steps for SD 3
+and Flux) as the reference row:
 - images per second on the device at hand (whole pipeline call: text encoder, UNet loop, VAE decode), the rows
   taking turns batch by batch so that a drift in the machine's speed does not favour the rows timed first;
 - UNet evaluations per image, counted by a forward hook on the UNet (a classifier-free-guidance step is one
   batched call; Heun's second-order steps count twice, as they run);
 - colour and shape accuracy from the shapes world's analytic scorer (`toyworld.shapes.accuracy`), meaningful
   when the prompts name a shapes colour and shape (the default prompts do);
-- the Fréchet distance (`core.metrics.frechet_distance`) to the images of a reference run, either DDPM at
-  `--reference_steps` (999 by default: with SD's leading timestep spacing and `steps_offset` 1, a 1000-step run
+- the Fréchet distance (`core.metrics.frechet_distance`) to the images of a reference run, either DDPM (flow
+  Euler for a flow model) at `--reference_steps` (999 by default: with SD's leading timestep spacing and `steps_offset` 1, a 1000-step run
   would start at timestep 1000 of 0..999) with the same prompts and seeds, or a folder of images. Feature space:
   each image box-downsampled to 8x8 RGB in [0, 1], a 192-D vector; no learned network, so it works for any
   model, and it sees colour and coarse layout, not fine texture. With few images the estimate is biased upwards:
@@ -49,7 +50,12 @@ from toyworld import shapes  # noqa: E402
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
 DEFAULT_STEPS = (5, 10, 15, 20, 30, 50)
-REFERENCE_ROW = ("pndm", 50)  # what `pipe(prompt)` does with diffusers' SD 1.5 scheduler config
+# What `pipe(prompt)` does by default: PNDM 50 steps with SD 1.5's scheduler config; flow Euler 28 steps in
+# diffusers' SD 3 and Flux pipelines.
+REFERENCE_ROWS = {"ddpm": ("pndm", 50), "flow": ("flow-euler", 28)}
+# The many-step run the Fréchet distances are taken to (`--reference ddpm`): DDPM for UNet models, the flow's own
+# Euler for flow models (at 999 steps both are close to the model's own distribution).
+REFERENCE_SAMPLERS = {"ddpm": "ddpm", "flow": "flow-euler"}
 FEATURE_SPACE = "8x8 box-downsampled RGB in [0, 1] (192-D), no learned network"
 
 
@@ -65,8 +71,10 @@ class SamplingBenchmarkConfig:
     seed: int = option("the first image's seed", 0)
     guidance_scale: float = option("classifier-free guidance scale", 7.5)
     batch_size: int = option("images per pipeline call", 12)
-    reference: str = option("'ddpm' (a DDPM run) or a folder of reference images", "ddpm")
-    reference_steps: int = option("steps of the DDPM reference run", 999)
+    reference: str = option(
+        "'ddpm' (a many-step run: DDPM, or flow Euler for SD 3/Flux) or a folder of reference images", "ddpm"
+    )
+    reference_steps: int = option("steps of the reference run", 999)
     no_reference_row: bool = option("skip the PNDM-50 default-call row", False)
     device: str = option("cpu | cuda | cuda:N", "cpu")
     output_dir: str = option("folder for results.json, results.md and quality_vs_steps.png", "benchmarks/sampling")
@@ -99,7 +107,8 @@ class SamplingBenchmarkConfig:
                 for steps in self.step_list():
                     check_steps(sampler, steps, scheduler_config)
             if self.reference == "ddpm":
-                check_steps("ddpm", self.reference_steps, scheduler_config, flag="--reference_steps")
+                sampler = REFERENCE_SAMPLERS[family.objective]
+                check_steps(sampler, self.reference_steps, scheduler_config, flag="--reference_steps")
 
 
 def parse_list(text: str, name: str, cast=str) -> list:
@@ -156,10 +165,11 @@ def reference_features(
     bench: SamplingBenchmarkConfig, pipe, counter, base: GenerateConfig, specs, size
 ) -> tuple[np.ndarray, str]:
     if bench.reference == "ddpm":
-        cfg = replace(base, sampler="ddpm", steps=bench.reference_steps)
+        sampler = REFERENCE_SAMPLERS[detect(bench.model).objective]
+        cfg = replace(base, sampler=sampler, steps=bench.reference_steps)
         (run,) = sample_in_turns(pipe, counter, [cfg], specs, size)
-        print(f"reference: ddpm {bench.reference_steps} steps, {run['seconds']:.0f} s", file=sys.stderr)
-        return features(run["images"]), f"DDPM {bench.reference_steps} steps, same prompts and seeds"
+        print(f"reference: {sampler} {bench.reference_steps} steps, {run['seconds']:.0f} s", file=sys.stderr)
+        return features(run["images"]), f"{sampler} {bench.reference_steps} steps, same prompts and seeds"
     folder = Path(bench.reference)
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if len(files) < 2:
@@ -186,7 +196,7 @@ def measure(bench: SamplingBenchmarkConfig, model_label: str) -> dict:
 
     runs = [(s, n, False) for s in bench.sampler_list() for n in bench.step_list()]
     if not bench.no_reference_row:
-        runs.append((*REFERENCE_ROW, True))
+        runs.append((*REFERENCE_ROWS[family.objective], True))
     configs = [replace(base, sampler=sampler, steps=n) for sampler, n, _ in runs]
     measured = sample_in_turns(pipe, counter, configs, specs, size)
     rows = []

@@ -11,13 +11,20 @@ Each setting runs in its own process (so peak memory is its own), on the embedde
   (`optimizer adamw8bit -> adamw`, `quantize_base nf4 -> none`, `mixed_precision fp16 -> no`): the row then
   measures the rest of the preset (batch, accumulation, checkpointing, caching), not its GPU memory savings.
 
-- `--shaped sd15,sdxl` (the default when CUDA is present): randomly initialised pipelines of SD 1.5's and SDXL's
-  exact shapes (UNets of 860M and 2.6B parameters, SD's VAE, CLIP ViT-L and, for SDXL, ViT-bigG text encoders;
-  speed and memory do not depend on the weights), trained by the product's own loop (`finetune.loop.train`, the
-  LoRA task, rank `--rank`, the family's default targets) on random images, one row per preset: the SD 1.x
-  presets at 512 px, the `-sdxl` ones at 1024 px, with each preset's batch, accumulation, precision,
-  checkpointing, optimizer and quantised base. Latents and text embeddings are cached as in any run. The targets:
-  SD 1.5 at 512 px under 6 GB with `gpu-8gb`, SDXL at 1024 px under 12 GB with `gpu-12gb-sdxl`.
+- `--shaped sd15,sdxl,sd35,flux` (the default when CUDA is present): randomly initialised pipelines of SD 1.5's,
+  SDXL's, SD 3.5 medium's and Flux.1-dev's exact denoiser shapes (UNets of 860M and 2.6B parameters, MMDiT
+  transformers of 2.5B and 12B; speed and memory do not depend on the weights), with their VAEs and CLIP
+  encoders, trained by the product's own loop (`finetune.loop.train`, the LoRA task, rank `--rank`, the family's
+  default targets) on random images, one row per preset: the SD 1.x presets at 512 px, the `-sdxl`, `-sd3` and
+  `-flux` ones at 1024 px, with each preset's batch, accumulation, precision, checkpointing, optimizer and
+  quantised base. Latents and text embeddings are cached as in any run, and the cached-away VAE and text
+  encoders wait in CPU memory (`finetune/offload.py`). T5-XXL is built at its real width (4096, what the
+  transformer reads) but 2 layers deep: it only fills the text cache before the timed steps and is never
+  resident while training, so its depth changes no figure of the table. The targets: SD 1.5 at 512 px under 6 GB
+  with `gpu-8gb`, SDXL at 1024 px under 12 GB with `gpu-12gb-sdxl`, SD 3.5 medium under 12 GB with
+  `gpu-12gb-sd3`, Flux.1-dev under 16 GB with `gpu-16gb-flux`.
+- `--tiny_flow`: the CPU rows of the flow families: the tiny SD 3 and Flux pipelines (`toyworld`, base size) on
+  the shapes world at 64 px, cache on and off.
 
 On CPU, peak memory is the process's peak resident set size; on CUDA, `torch.cuda.max_memory_allocated`.
 """
@@ -93,12 +100,11 @@ def child(settings: dict) -> dict:
 
     from core.config import from_values
     from finetune.config import LoraTrainConfig
-    from finetune.demo import demo_values
-    from finetune.finetune_lora import DEMO_CONFIG
+    from finetune.demo import DEMOS, demo_values
     from finetune.loop import train
     from finetune.tasks import LORA
 
-    values = demo_values(DEMO_CONFIG)  # the demo's model and both imagefolders
+    values = demo_values(DEMOS["unet"])  # the demo's model and both imagefolders
     on_cuda = torch.cuda.is_available()
     swapped = layer_presets(values, settings["presets"], on_cuda)
     values.update(
@@ -157,7 +163,23 @@ VAE_SHAPE = dict(
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
 )  # fmt: skip
-SHAPED_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+# SD 3.5 medium's and Flux.1-dev's transformers (diffusers' configs of the released models), their 16-channel VAE
+# and T5-XXL's width.
+FLOW_SHAPES = {
+    "sd35": dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    ),
+    "flux": dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+}  # fmt: skip
+FLOW_VAE = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+T5_SHAPE = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu")
+SHAPED_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
 
 
 def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
@@ -178,12 +200,17 @@ def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
                    pad_token_id=vocab - 1)  # fmt: skip
         return cls(CLIPTextConfig(**ids, **{**TEXT_SHAPES[shape], **overrides.get("text", {})}))
 
-    parts = dict(
-        unet=UNet2DConditionModel(**{**UNET_SHAPES[kind], **overrides.get("unet", {})}),
-        vae=AutoencoderKL(**{**VAE_SHAPE, **overrides.get("vae", {})}),
-        text_encoder=text_encoder("clip-l", CLIPTextModel), tokenizer=tokenizer, scheduler=sd_scheduler(),
-    )  # fmt: skip
-    if kind == "sdxl":
+    if kind in FLOW_SHAPES:  # CLIP-L with its projection: SD 3 and Flux read the pooled output
+        parts = dict(text_encoder=text_encoder("clip-l", CLIPTextModelWithProjection), tokenizer=tokenizer)
+    else:
+        parts = dict(
+            unet=UNet2DConditionModel(**{**UNET_SHAPES[kind], **overrides.get("unet", {})}),
+            vae=AutoencoderKL(**{**VAE_SHAPE, **overrides.get("vae", {})}),
+            text_encoder=text_encoder("clip-l", CLIPTextModel), tokenizer=tokenizer, scheduler=sd_scheduler(),
+        )  # fmt: skip
+    if kind in FLOW_SHAPES:
+        pipe = flow_pipeline(kind, parts, text_encoder, folder, overrides)
+    elif kind == "sdxl":
         pipe = StableDiffusionXLPipeline(
             **parts, text_encoder_2=text_encoder("clip-g", CLIPTextModelWithProjection), tokenizer_2=tokenizer
         )
@@ -193,6 +220,40 @@ def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
         )
     pipe.save_pretrained(folder)
     return folder
+
+
+def flow_pipeline(kind: str, parts: dict, text_encoder, folder: Path, overrides: dict):
+    """SD 3.5 medium or Flux.1-dev of the real transformer shapes, around `parts`' tokenizer and CLIP-L."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from toyworld.tiny_flow import write_t5_tokenizer
+
+    t5_tokenizer = T5TokenizerFast.from_pretrained(write_t5_tokenizer(folder / "tokenizer_t5", max_length=512))
+    t5_config = {**T5_SHAPE, **overrides.get("t5", {})}
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **t5_config, tie_word_embeddings=False))
+    transformer_config = {**FLOW_SHAPES[kind], **overrides.get("transformer", {})}
+    vae = AutoencoderKL(**{**VAE_SHAPE, **FLOW_VAE, **overrides.get("vae", {})})
+    clip_l = parts["text_encoder"]
+    if kind == "flux":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+        return FluxPipeline(transformer=FluxTransformer2DModel(**transformer_config), vae=vae, scheduler=scheduler,
+                            text_encoder=clip_l, tokenizer=parts["tokenizer"], text_encoder_2=t5,
+                            tokenizer_2=t5_tokenizer)  # fmt: skip
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**transformer_config), vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=clip_l, tokenizer=parts["tokenizer"],
+        text_encoder_2=text_encoder("clip-g", CLIPTextModelWithProjection), tokenizer_2=parts["tokenizer"],
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )  # fmt: skip
 
 
 def write_images(folder: Path, count: int, resolution: int) -> Path:
@@ -256,17 +317,43 @@ def shaped_child(settings: dict) -> dict:
     }
 
 
+def tiny_flow_child(settings: dict) -> dict:
+    """The product's LoRA loop on the tiny SD 3 or Flux pipeline (base size) and the shapes world at 64 px."""
+    from core.config import from_values
+    from finetune.config import LoraTrainConfig
+    from finetune.loop import train
+    from finetune.tasks import LORA
+    from toyworld import shapes
+    from toyworld.tiny import save_tiny_pipeline
+
+    work = Path(settings["output_dir"])
+    model = save_tiny_pipeline(work / "model", size="base", family=settings["tiny_flow"])
+    data = work / "data"
+    shapes.write_dataset(data, shapes.BASE_COLOURS, shapes.SHAPES, per_class=8, seed=0)
+    cfg = from_values(LoraTrainConfig, dict(
+        pretrained_model_name_or_path=str(model), train_data_dir=str(data), output_dir=str(work / "out"),
+        resolution=64, center_crop=True, train_batch_size=16, max_train_steps=2 + settings["steps"],
+        cache_latents=settings["cache"], max_sequence_length=77, learning_rate=1e-3, report_to="none",
+        checkpointing_steps=10**9,
+    ))  # fmt: skip
+    result = train(cfg, LORA)
+    timed = result.step_seconds[2:]
+    return {"name": settings["name"], "cache": result.cached, "presets": [], "cpu_substitutes": [],
+            "steps": len(timed), "seconds_per_step": sum(timed) / len(timed), "setup_seconds": 0.0,
+            **measured_columns(cfg, False), "mixed_precision": "no", "resolution": 64}  # fmt: skip
+
+
 def preset_kind(stem: str) -> str | None:
-    """Which shaped model a preset is for: `-sdxl` files SDXL, `-sd3`/`-flux` files the flow families (rows not
-    built here yet), the others SD 1.x; the cpu preset none."""
-    for suffix, kind in (("-sdxl", "sdxl"), ("-sd3", "sd35"), ("-flux", "flux")):
+    """Which shaped model a preset is for: `-sdxl` files SDXL, `-sd3` SD 3.5 medium, `-flux` Flux.1-dev, the others
+    SD 1.x; the cpu preset none."""
+    for suffix, kind in (("-sdxl", "sdxl"), ("-sd3", "sd35"), ("-flux", "flux")):  # fmt: skip
         if stem.endswith(suffix):
             return kind
     return None if stem == "cpu" else "sd15"
 
 
 def shaped_settings(kinds: list[str], steps: int, rank: int) -> list[dict]:
-    """One setting per preset that fits each kind: SD 1.x presets for sd15, `-sdxl` presets for sdxl."""
+    """One setting per preset that fits each kind: SD 1.x presets for sd15, `-sdxl` ones for sdxl, and so on."""
     out = []
     for kind in kinds:
         for preset in sorted(PRESETS.glob("*.yaml")):
@@ -294,7 +381,8 @@ class BenchmarkConfig:
     steps: int = option("Timed steps of the demo and preset rows.", default=30)
     preset: list[str] = option("Hardware preset YAML(s) layered on the demo rows.", default=[])
     each_preset: bool = option("Also one row per preset in configs/hardware/.", default=False)
-    shaped: str | None = option("sd15,sdxl: SD 1.5/SDXL-shaped pipelines (default on CUDA).", default=None)
+    shaped: str | None = option("sd15,sdxl,sd35,flux: pipelines of those shapes (default on CUDA: all).", default=None)
+    tiny_flow: bool = option("Rows for the tiny SD 3 and Flux pipelines, cache on and off (CPU).", default=False)
     shaped_steps: int = option("Timed steps per shaped row (after 2 warm-up).", default=10)
     rank: int = option("LoRA rank of the shaped rows.", default=16)
     skip_demo: bool = option("Only the shaped rows.", default=False)
@@ -306,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(BenchmarkConfig, argv, __doc__, prog="benchmark_training.py")
     if args.child:
         settings = json.loads(args.child)
-        print("RESULT " + json.dumps((shaped_child if settings.get("shaped") else child)(settings)))
+        run = shaped_child if settings.get("shaped") else tiny_flow_child if settings.get("tiny_flow") else child
+        print("RESULT " + json.dumps(run(settings)))
         return
 
     import torch
@@ -315,14 +404,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         {"name": f"demo, cache {'on' if cache else 'off'}", "cache": cache, "presets": args.preset}
         for cache in (True, False)
     ] if not args.skip_demo else []  # fmt: skip
-    shaped = args.shaped if args.shaped is not None else ("sd15,sdxl" if torch.cuda.is_available() else "")
+    shaped = (
+        args.shaped if args.shaped is not None else (",".join(SHAPED_RESOLUTION) if torch.cuda.is_available() else "")
+    )
     kinds = [k for k in shaped.split(",") if k]
-    if unknown := sorted(set(kinds) - set(UNET_SHAPES)):
-        raise UserError(f"--shaped {','.join(unknown)}: unknown; choose from {', '.join(UNET_SHAPES)}")
+    if unknown := sorted(set(kinds) - set(SHAPED_RESOLUTION)):
+        raise UserError(f"--shaped {','.join(unknown)}: unknown; choose from {', '.join(SHAPED_RESOLUTION)}")
     if args.each_preset:
         settings += [{"name": p.stem, "cache": None, "presets": [str(p)]} for p in sorted(PRESETS.glob("*.yaml"))]
     settings = [{**s, "steps": args.steps} for s in settings]
     settings += shaped_settings(kinds, args.shaped_steps, args.rank)
+    if args.tiny_flow:
+        settings += [{"name": f"tiny {f} 64px, cache {'on' if c else 'off'}", "tiny_flow": f, "cache": c,
+                      "steps": args.steps} for f in ("sd3", "flux") for c in (True, False)]  # fmt: skip
     rows = []
     for s in settings:
         rows.append(run_child(s))

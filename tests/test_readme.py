@@ -80,7 +80,24 @@ TRAIN_SHORT = ["--resolution", "32", "--max_train_steps", "2", "--checkpointing_
                "2", "--num_validation_images", "1", "--validation_inference_steps", "2", "--report_to", "none"]  # fmt: skip
 
 
+def run_demo_reduced(argv: list[str], local: dict) -> None:
+    """`finetune_lora.py --demo NAME`: the demo's own config and data, 2 steps (test_demo.py runs demos in full)."""
+    from core.config import from_values
+    from finetune import demo
+    from finetune.config import LoraTrainConfig
+    from finetune.finetune_lora import demo_name
+    from finetune.loop import train
+    from finetune.tasks import LORA
+
+    values = demo.demo_values(demo.demo_config(demo_name(argv)), local["tmp"])
+    values.update(max_train_steps=2, checkpointing_steps=2, validation_prompt=None, report_to="none")
+    assert train(from_values(LoraTrainConfig, values), LORA).global_step == 2
+
+
 def run_finetune(program: str, argv: list[str], extras: dict, local: dict) -> None:
+    if argv[:1] == ["--demo"]:
+        run_demo_reduced(argv, local)
+        return
     module = __import__(f"finetune.{Path(program).stem}", fromlist=["main"])
     if "accelerate_config" in extras:  # several GPUs/processes: accelerate must accept the file; one process runs here
         from accelerate.commands.launch import _validate_launch_command, launch_command_parser

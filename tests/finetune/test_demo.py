@@ -6,12 +6,15 @@ cores; it is the project's main job, so it is tested as users run it, in a tempo
 
 import json
 
+import pytest
+
+from core.errors import UserError
 from finetune import demo
-from finetune.finetune_lora import DEMO_CONFIG
+from finetune.finetune_lora import demo_name
 
 
 def test_demo_meets_its_bar(tmp_path, capsys):
-    result = demo.run_demo(DEMO_CONFIG, seeds=4, work_dir=tmp_path)
+    result = demo.run_demo(demo.DEMOS["unet"], seeds=4, work_dir=tmp_path)
     out = capsys.readouterr().out
     assert "bar (" in out and "met" in out
     before, after = result["before"], result["after"]
@@ -19,6 +22,7 @@ def test_demo_meets_its_bar(tmp_path, capsys):
     assert before["purple"].colour <= demo.PURPLE_BEFORE_MAX  # the base has never seen purple
     assert after["purple"].colour >= demo.PURPLE_AFTER_MIN
     assert after["base"].colour >= demo.BASE_AFTER_MIN
+    assert min(after["base"].shape, after["purple"].shape) >= demo.SHAPES_AFTER_MIN  # the adapter kept shapes
     assert result["met"]
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
@@ -30,3 +34,19 @@ def test_demo_meets_its_bar(tmp_path, capsys):
     purple, reg = captions(data / "purple_80"), captions(data / "base_reg_20")
     assert len(purple) == 3 * demo.PURPLE_PER_SHAPE and all(c.startswith("a purple ") for c in purple)
     assert len(reg) == 12 * demo.REG_PER_CLASS and not any("purple" in c for c in reg)
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [([], "unet"), (["--demo"], "unet"), (["--demo", "flow"], "flow"), (["--demo=flow"], "flow"),
+     (["--train_data_dir", "x"], None)],
+)  # fmt: skip
+def test_demo_is_chosen_by_flag(argv, name):
+    assert demo_name(argv) == name
+    if name:
+        assert demo.demo_config(name).is_file()
+
+
+def test_unknown_demo_is_one_line():
+    with pytest.raises(UserError, match="--demo sdxl: no such demo; choose one of unet, flow"):
+        demo.demo_config("sdxl")
