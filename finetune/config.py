@@ -260,5 +260,3 @@ class LoraTrainConfig(TrainConfig):
 @dataclass
 class FullTrainConfig(TrainConfig):
     """finetune_full.py: the denoiser's own weights (and optionally the text encoders') train."""
-
-

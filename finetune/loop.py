@@ -126,11 +126,9 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
-            stop = validator is not None and progress.step % cfg.validation_steps == 0 and validate_loss(
-                run, validator, objective, progress, result
-            )
-            if stop:  # early stopping: the run ends at this step
-                run.max_steps = progress.step
+            if validator is not None and progress.step % cfg.validation_steps == 0:
+                if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
+                    run.max_steps = progress.step
             if progress.step % cfg.checkpointing_steps == 0 or progress.step == run.max_steps:
                 save_checkpoint(run, progress)
             if cfg.validation_prompt and progress.step % cfg.validation_steps == 0:
