@@ -125,7 +125,8 @@ def _read_folder(root: Path, caption_column: str, caption_extension: str, requir
         if (root / meta_name).exists():
             return _read_imagefolder(root, root / meta_name, caption_column)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    masks = {p for p in files if p.stem.endswith(MASK_SUFFIX) and mask_owner(p, files)}
+    stems = {(p.parent, p.stem) for p in files}  # `x_mask.png` is a mask when an image `x.*` lies beside it
+    masks = {p for p in files if p.stem.endswith(MASK_SUFFIX) and (p.parent, p.stem[: -len(MASK_SUFFIX)]) in stems}
     records, missing = [], []
     for path in (p for p in files if p not in masks):
         sidecar = path.with_suffix(caption_extension)
@@ -151,12 +152,6 @@ def _read_folder(root: Path, caption_column: str, caption_extension: str, requir
 
 
 MASK_SUFFIX = "_mask"
-
-
-def mask_owner(path: Path, files: list[Path]) -> bool:
-    """Whether `x_mask.png` has an image `x.*` beside it (then it is that image's mask, not a training image)."""
-    stem = path.stem.removesuffix(MASK_SUFFIX)
-    return any(f.parent == path.parent and f.stem == stem for f in files)
 
 
 def sibling_mask(image: Path) -> str | None:

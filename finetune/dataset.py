@@ -106,8 +106,9 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
             ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
     else:
         for ex, im, mask in zip(examples, data.images, data.masks, strict=True):
-            ex.image = im
-            ex.mask_image = mask if mask is not None or not masked else Image.new("L", im.size, 255)
+            if mask is None and masked:  # an image without a mask among masked ones weighs 1 everywhere
+                mask = Image.new("L", im.size, 255)
+            ex.image, ex.mask_image = im, mask
     text = None
     encoders_frozen = not any(name in trained for name in family.text_encoders())
     if cfg.cache_latents and encoders_frozen and not cfg.shuffle_caption:

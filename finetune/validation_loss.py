@@ -54,9 +54,11 @@ def split_validation(cfg, data: Images) -> tuple[Images, Images | None]:
 
 
 def read_validation_dir(cfg) -> Images:
-    """`--validation_data_dir`, read exactly like `--train_data_dir` (captions, buckets); errors name its flag."""
+    """`--validation_data_dir`, read exactly like `--train_data_dir` (captions, buckets); errors name its flag.
+    Its batches may be partial, so a bucket smaller than the training batch is fine here."""
+    held_out = dataclasses.replace(cfg, train_data_dir=cfg.validation_data_dir, dataset_name=None, train_batch_size=1)
     try:
-        return read_images(dataclasses.replace(cfg, train_data_dir=cfg.validation_data_dir, dataset_name=None))
+        return read_images(held_out)
     except UserError as err:
         raise UserError(str(err).replace("--train_data_dir", "--validation_data_dir")) from err
 
