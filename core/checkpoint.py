@@ -8,7 +8,8 @@ A checkpoint `checkpoint-N/` holds
 - `state.json`: progress (step, epoch, ...), LR schedulers, and the resolved config the run was trained with;
 - `manifest.json`, written last: every file and its size. A folder without a matching manifest is incomplete.
 
-It is written into `checkpoint-N.tmp/` and renamed into place, so a crash mid-save never leaves a half-written
+`best/` (the lowest validation loss so far, `--keep_best_by`) is the same kind of folder, replaced when a better one
+comes. It is written into `checkpoint-N.tmp/` and renamed into place, so a crash mid-save never leaves a half-written
 `checkpoint-N`; `--checkpoints_total_limit` prunes only after the new checkpoint is complete.
 
 Engines. The optimizer state is read through torch's `torch.distributed.checkpoint.state_dict` API
@@ -158,10 +159,14 @@ def save(
     total_limit: int | None = None,
     trainable_only: bool = True,
     accelerator=None,
+    name: str | None = None,
+    notes: dict[str, dict] | None = None,
 ) -> Path:
-    """Writes `checkpoint-{step}` under `output_dir`; call it on every process (gathering is collective)."""
+    """Writes `checkpoint-{step}` (or `name`, e.g. `best`, replacing an older one) under `output_dir`, with `notes`
+    as JSON files inside it (file name -> content); call it on every process (gathering is collective)."""
     output_dir = Path(output_dir)
-    final, tmp = output_dir / f"{PREFIX}{step}", output_dir / f"{PREFIX}{step}.tmp"
+    folder = name or f"{PREFIX}{step}"
+    final, tmp = output_dir / folder, output_dir / f"{folder}.tmp"
     is_main = accelerator is None or accelerator.is_main_process
     weights = _model_state(models, trainable_only, accelerator)
     deepspeed = _is_deepspeed(accelerator)
@@ -179,12 +184,18 @@ def save(
         info = {"step": step, "progress": progress or {}, "schedulers": [s.state_dict() for s in schedulers],
                 "config": config}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(info, indent=2, default=str))
+        for file_name, content in (notes or {}).items():
+            (tmp / file_name).write_text(json.dumps(content, indent=2))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if final.exists():  # the same step saved again after a resume, or a better `best`
+            old = final.with_name(f"{folder}.old")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
@@ -223,8 +234,15 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def remove_stale(output_dir: Path) -> None:
-    """Deletes `checkpoint-N.tmp` folders left by an interrupted save (main process, at start)."""
-    for tmp in Path(output_dir).glob(f"{PREFIX}*.tmp"):
+    """Deletes `checkpoint-N.tmp` and `best.tmp` folders left by an interrupted save (main process, at start), and
+    puts back a `best` that a save replacing it was interrupted while moving aside."""
+    for old in (p for p in Path(output_dir).glob("*.old") if p.is_dir()):
+        final = old.with_suffix("")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+    for tmp in [*Path(output_dir).glob(f"{PREFIX}*.tmp"), *Path(output_dir).glob("best.tmp")]:
         logger.warning("removing %s, left by an interrupted save", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -252,7 +270,22 @@ def load(
 ) -> dict:
     """Restores what `save` wrote into the given objects; returns {"step", "progress", "extra", "config"}."""
     folder = Path(folder)
-    saved = _load_safetensors(folder / "model.safetensors")
+    load_weights(folder, models, trainable_only, accelerator)
+    if _is_deepspeed(accelerator):
+        accelerator.load_state(str(folder / "engine"))
+    else:
+        _load_optimizers(models, optimizers, load_tree(folder, "optimizer"), accelerator)
+    extra = load_tree(folder, "extra")
+    torch.set_rng_state(extra.pop("torch_rng"))
+    info = json.loads((folder / "state.json").read_text())
+    for scheduler, state in zip(schedulers, info["schedulers"], strict=True):
+        scheduler.load_state_dict(state)
+    return {"step": info["step"], "progress": info["progress"], "extra": extra, "config": info.get("config")}
+
+
+def load_weights(folder: Path, models: dict[str, nn.Module], trainable_only: bool = True, accelerator=None) -> None:
+    """Restores only the model weights `save` wrote (e.g. the best checkpoint's, to export them)."""
+    saved = _load_safetensors(Path(folder) / "model.safetensors")
     root = _root(models)
     if trainable_only:
         targets = {_clean(n): p for n, p in root.named_parameters() if p.requires_grad}
@@ -276,13 +309,3 @@ def load(
         with torch.no_grad():
             for key, tensor in targets.items():
                 tensor.copy_(saved[key].to(tensor))
-    if _is_deepspeed(accelerator):
-        accelerator.load_state(str(folder / "engine"))
-    else:
-        _load_optimizers(models, optimizers, load_tree(folder, "optimizer"), accelerator)
-    extra = load_tree(folder, "extra")
-    torch.set_rng_state(extra.pop("torch_rng"))
-    info = json.loads((folder / "state.json").read_text())
-    for scheduler, state in zip(schedulers, info["schedulers"], strict=True):
-        scheduler.load_state_dict(state)
-    return {"step": info["step"], "progress": info["progress"], "extra": extra, "config": info.get("config")}

@@ -5,6 +5,8 @@ and kept as safetensors (`<cache_dir>/latents|text/<sha256>.safetensors`). The k
 the encoder's weights, the resolution and crop, and the image bytes (or caption), so a changed input is
 re-encoded and an unchanged one never is. The cache stores the VAE's posterior (mean and log-variance) and a
 latent is sampled from it each step, exactly as without the cache. Random flips are cached as a second posterior.
+Loss masks are cached with the latents, area-averaged down to the latent grid (and flipped); a mask is part of
+its entry's key, so a changed mask is recomputed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) in [-1, 1]."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return arr / 127.5 - 1.0
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """(1, H, W) loss weights in [0, 1] from a grey mask (resampling can overshoot slightly: clamped)."""
+    return (torch.from_numpy(np.asarray(mask, dtype=np.float32)) / 255.0).clamp(0.0, 1.0)[None]
 
 
 def fingerprint_module(module: torch.nn.Module) -> str:
@@ -80,18 +87,25 @@ def encode_images(
     vae,
     random_flip: bool,
     cache_dir: Path,
+    masks: list[Image.Image | None] | None = None,
     batch_size: int = 16,
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Posterior params (and flipped ones) of each image's centre crop in its bucket, from the cache or the VAE."""
+) -> list[dict[str, torch.Tensor]]:
+    """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket, from the cache or
+    the VAE; with `masks` (None items: no mask, weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
     cache = EncodeCache(cache_dir / "latents")
     vae_fp = fingerprint_module(vae)
-    keys = [_key(vae_fp, f"{b[0]}x{b[1]}", "center", r.image_bytes()) for r, b in zip(records, buckets, strict=True)]
-    out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(records)
+    masks = masks if masks is not None else [None] * len(records)
+    masked = any(m is not None for m in masks)
+    keys = [
+        _key(vae_fp, f"{b[0]}x{b[1]}", "center", r.image_bytes(), *([] if m is None else ["mask", m.tobytes()]))
+        for r, b, m in zip(records, buckets, masks, strict=True)
+    ]
+    out: list[dict[str, torch.Tensor] | None] = [None] * len(records)
     todo = []
     for i, key in enumerate(keys):
         hit = cache.get(key)
         if hit is not None and (not random_flip or "flipped" in hit):
-            out[i] = (hit["params"], hit.get("flipped"))
+            out[i] = hit
         else:
             todo.append(i)
     dtype = next(vae.parameters()).dtype
@@ -109,10 +123,24 @@ def encode_images(
             entry = {"params": params[j]}
             if flipped is not None:
                 entry["flipped"] = flipped[j]
+            if masks[i] is not None:
+                entry["mask"] = latent_mask(masks[i], buckets[i], tuple(params.shape[-2:]))
+                entry["mask_flipped"] = entry["mask"].flip(-1)
             cache.put(keys[i], entry)
-            out[i] = (params[j], None if flipped is None else flipped[j])
+            out[i] = entry
     logger.info("latent cache: %d reused, %d encoded (%s)", len(records) - len(todo), len(todo), cache.root)
+    if masked:  # images without a mask weigh 1 everywhere
+        for entry in out:
+            if "mask" not in entry:
+                ones = torch.ones(1, *entry["params"].shape[-2:])
+                entry["mask"], entry["mask_flipped"] = ones, ones
     return out  # type: ignore[return-value]
+
+
+def latent_mask(mask: Image.Image, bucket: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """(1, h, w): the mask's centre crop in its bucket, area-averaged down to the latent grid (h, w)."""
+    pixels = mask_tensor(resize_to_bucket(mask, bucket, None)[0])  # (1, H, W)
+    return torch.nn.functional.adaptive_avg_pool2d(pixels, grid)
 
 
 @torch.no_grad()

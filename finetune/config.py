@@ -1,7 +1,7 @@
 """The training configurations: one typed dataclass per entry script, on a shared base, filled by `core.config`.
 
 `TrainConfig` holds what both scripts use; `LoraTrainConfig` (finetune_lora.py) adds the adapter, `FullTrainConfig`
-(finetune_full.py) adds the EMA. A flag of the other script is an unknown flag here, named in a one-line error.
+(finetune_full.py) nothing yet. A flag of the other script is an unknown flag here, named in a one-line error.
 Flags are named as in diffusers' example scripts; `--config FILE.yaml` (repeatable; later files win) holds the
 same keys and flags win. Every choice is checked and `validate()` rejects impossible combinations, all before
 any model is loaded.
@@ -137,10 +137,24 @@ class TrainConfig:
     # Validation and logging
     validation_prompt: list[str] | None = option("Prompts for validation images.", default=None)
     num_validation_images: int = option("Images per validation prompt.", default=4)
-    validation_steps: int = option("Generate validation images every N steps.", default=100)
+    validation_steps: int = option("Validation images and validation loss every N steps.", default=100)
     validation_inference_steps: int = option("Sampler steps for validation images.", default=20)
+    # Validation loss, best checkpoint, early stopping (finetune/validation_loss.py)
+    validation_split: float = option("Hold out this fraction of the images for the validation loss.", default=0.0)
+    validation_data_dir: str | None = option("A folder of held-out images (read like --train_data_dir).", default=None)
+    keep_best_by: str | None = option(
+        "Keep the checkpoint of the lowest validation loss in <output_dir>/best/.", default=None,
+        choices=("validation_loss",),
+    )  # fmt: skip
+    early_stopping_patience: int | None = option(
+        "Stop after N validations without a better validation loss; the best checkpoint becomes the output.",
+        default=None,
+    )  # fmt: skip
     report_to: str = option("Tracker.", default="tensorboard", choices=("tensorboard", "none"))
     logging_dir: str = option("Logs folder inside output_dir.", default="logs")
+    # EMA (adapters: of the adapter weights only)
+    use_ema: bool = option("Keep an EMA of the trained weights and save it as the result.", default=False)
+    ema_decay: float = option("EMA decay.", default=0.9999)
     # Export
     push_to_hub: bool = option("Upload the final result to the Hugging Face Hub.", default=False)
     hub_model_id: str | None = option("Hub repository id; default: the output folder's name.", default=None)
@@ -193,6 +207,16 @@ class TrainConfig:
             (self.discrete_flow_shift is None or self.discrete_flow_shift > 0, "--discrete_flow_shift must be positive"),
             (self.max_sequence_length is None or self.max_sequence_length >= 1, "--max_sequence_length must be >= 1"),
             (self.guidance_scale is None or self.guidance_scale >= 0, "--guidance_scale must not be negative"),
+            (0.0 < self.ema_decay < 1.0, "--ema_decay must be within (0, 1)"),
+            (0.0 <= self.validation_split < 1.0, f"--validation_split {self.validation_split} must be within [0, 1)"),
+            (not (self.validation_split and self.validation_data_dir),
+             "give --validation_split or --validation_data_dir, not both"),
+            (self.keep_best_by is None or bool(self.validation_split or self.validation_data_dir),
+             "--keep_best_by validation_loss needs held-out images: --validation_split 0.1 or --validation_data_dir"),
+            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             "--early_stopping_patience must be at least 1"),
+            (self.early_stopping_patience is None or self.keep_best_by is not None,
+             "--early_stopping_patience saves the best checkpoint as the output: add --keep_best_by validation_loss"),
         ]  # fmt: skip
         if self.enable_bucket:
             checks += [
@@ -236,9 +260,3 @@ class LoraTrainConfig(TrainConfig):
 @dataclass
 class FullTrainConfig(TrainConfig):
     """finetune_full.py: the denoiser's own weights (and optionally the text encoders') train."""
-
-    use_ema: bool = option("Keep an EMA of the trained weights and save it as the result.", default=False)
-    ema_decay: float = option("EMA decay.", default=0.9999)
-
-    def checks(self) -> list[tuple[bool, str]]:
-        return super().checks() + [(0.0 < self.ema_decay < 1.0, "--ema_decay must be within (0, 1)")]

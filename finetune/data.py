@@ -7,6 +7,10 @@ Sources, in the conventions users already have:
   does not read, so it is walked here);
 - a `datasets` name or local dataset path (`--dataset_name`) with `--image_column` / `--caption_column`.
 
+A loss mask per image (masked loss: train on a subject's region only) is `<image>_mask.png` beside the image, or a
+`mask` column (a file name relative to the folder, or an image column of a dataset): grey levels are loss weights,
+white 1, black 0. Mask files are never read as training images.
+
 Images are kept encoded (path or bytes) until `decode_all`, which opens each one, applies its EXIF
 orientation, converts any PIL mode to RGB and skips corrupt files with one warning that counts them.
 """
@@ -37,6 +41,7 @@ class Record:
     caption: str
     name: str  # shown in messages: a file name or "dataset[i]"
     extra: dict = field(default_factory=dict)
+    mask: str | bytes | None = None  # the loss mask's file path or encoded bytes, if the image has one
 
     def image_bytes(self) -> bytes:
         return self.source if isinstance(self.source, bytes) else Path(self.source).read_bytes()
@@ -119,16 +124,20 @@ def _read_folder(root: Path, caption_column: str, caption_extension: str, requir
     for meta_name in ("metadata.jsonl", "metadata.csv"):
         if (root / meta_name).exists():
             return _read_imagefolder(root, root / meta_name, caption_column)
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    stems = {(p.parent, p.stem) for p in files}  # `x_mask.png` is a mask when an image `x.*` lies beside it
+    masks = {p for p in files if p.stem.endswith(MASK_SUFFIX) and (p.parent, p.stem[: -len(MASK_SUFFIX)]) in stems}
     records, missing = [], []
-    for path in images:
+    for path in (p for p in files if p not in masks):
         sidecar = path.with_suffix(caption_extension)
         if sidecar.exists():
-            records.append(Record(str(path), sidecar.read_text(encoding="utf-8").strip(), str(path)))
+            caption = sidecar.read_text(encoding="utf-8").strip()
         elif require_captions:
             missing.append(path)
+            continue
         else:
-            records.append(Record(str(path), "", str(path)))
+            caption = ""
+        records.append(Record(str(path), caption, str(path), mask=sibling_mask(path)))
     if missing and not records:
         raise UserError(
             f"--train_data_dir {root} has {len(missing)} images but no captions: add metadata.jsonl "
@@ -140,6 +149,55 @@ def _read_folder(root: Path, caption_column: str, caption_extension: str, requir
             "caption them or move them out"
         )
     return records
+
+
+MASK_SUFFIX = "_mask"
+
+
+def sibling_mask(image: Path) -> str | None:
+    """`<image>_mask.png` (or another image extension) beside `image`, if there is one."""
+    for ext in (".png", *IMAGE_EXTENSIONS):
+        candidate = image.with_name(f"{image.stem}{MASK_SUFFIX}{ext}")
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def _mask_source(value, root: str) -> str | bytes | None:
+    """A `mask` column's value as a path or bytes: a file name (relative to the dataset folder) or an image."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dict):  # datasets.Image(decode=False)
+        return value["bytes"] if value.get("bytes") is not None else value["path"]
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    path = Path(root) / str(value)
+    return str(path if path.exists() else value)
+
+
+def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image.Image | None]:
+    """Each record's loss mask as an 8-bit grey image of its image's size (EXIF rotation applied), or None."""
+    masks = []
+    for record, image in zip(records, images, strict=True):
+        if record.mask is None:
+            masks.append(None)
+            continue
+        name = record.mask if isinstance(record.mask, str) else f"the mask of {record.name}"
+        try:
+            raw = record.mask if isinstance(record.mask, bytes) else Path(record.mask).read_bytes()
+            with Image.open(io.BytesIO(raw)) as opened:
+                mask = ImageOps.exif_transpose(opened).convert("L")
+        except (OSError, ValueError, UnidentifiedImageError) as err:
+            raise UserError(
+                f"{name}: not a readable mask image ({str(err).splitlines()[0]}); fix or remove it"
+            ) from err
+        if mask.size != image.size:
+            raise UserError(f"{name}: mask is {mask.size[0]}x{mask.size[1]}, its image {record.name} is "
+                            f"{image.size[0]}x{image.size[1]}; save the mask at the image's size")  # fmt: skip
+        masks.append(mask)
+    return masks
 
 
 def _quiet_datasets():
@@ -205,6 +263,9 @@ def _records_of(ds, image_column: str, caption_column: str, origin: str) -> list
         caption = row.get(caption_column, "")
         if isinstance(caption, list):  # datasets with several captions per image: take the first
             caption = caption[0] if caption else ""
-        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
-        records.append(Record(source, "" if caption is None else str(caption), str(name), extra))
+        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column, "mask")}
+        mask = _mask_source(row.get("mask"), origin)
+        if mask is None and isinstance(source, str) and Path(source).is_file():
+            mask = sibling_mask(Path(source))
+        records.append(Record(source, "" if caption is None else str(caption), str(name), extra, mask))
     return records

@@ -3,7 +3,11 @@
 `read_images` runs before any model is loaded (a bad folder fails in seconds); `build_dataset` runs after, and
 fills each example from the cache (`finetune.cache`) where the encoders are frozen. A batch holds `latents`
 (posterior params) or `pixels`, `cond` (cached text conditioning) or `ids` (token ids), SDXL's `time_ids`, the
-sample's loss weight and its noise seed.
+sample's loss weight and its noise seed, and `mask` (the loss mask) when any image has one.
+
+A loss mask is cropped and flipped with its image: cached, it is stored with the latents on the latent grid
+(area-averaged); uncached, it comes at pixel resolution and `finetune.objective.batch_loss` averages it down.
+Images without a mask in a dataset that has some weigh 1 everywhere.
 
 Every random choice of a sample (flip, crop, caption dropout and shuffle, and the noise and timestep drawn by the
 objective) comes from a seed of (run seed, epoch, sample index): results do not depend on batch composition,
@@ -24,8 +28,8 @@ from PIL import Image
 
 from core.errors import UserError
 from finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
-from finetune.cache import encode_captions, encode_images, fingerprint_module, to_tensor
-from finetune.data import Record, decode_all, read_records
+from finetune.cache import encode_captions, encode_images, fingerprint_module, mask_tensor, to_tensor
+from finetune.data import Record, decode_all, decode_masks, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ class Images:
     captions: list[str]
     buckets: list[tuple[int, int]]
     is_prior: list[bool]
+    masks: list[Image.Image | None]  # loss masks (grey, the image's size), None where an image has none
 
 
 def read_images(cfg, class_records: list[Record] | None = None) -> Images:
@@ -55,7 +60,7 @@ def read_images(cfg, class_records: list[Record] | None = None) -> Images:
         records, images = records + class_records, images + class_images
         captions += [r.caption or cfg.class_prompt for r in class_records]
         is_prior += [True] * len(class_records)
-    return Images(records, images, captions, assign_buckets(cfg, images), is_prior)
+    return Images(records, images, captions, assign_buckets(cfg, images), is_prior, decode_masks(records, images))
 
 
 def assign_buckets(cfg, images: list[Image.Image]) -> list[tuple[int, int]]:
@@ -90,13 +95,20 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
         Example(caption, im.size, bucket, is_prior=prior)
         for im, caption, bucket, prior in zip(data.images, data.captions, data.buckets, data.is_prior, strict=True)
     ]
+    masked = any(m is not None for m in data.masks)
     if cache_images:
-        params = encode_images(data.records, data.images, data.buckets, family.vae, cfg.random_flip, cache_root)
-        for ex, (p, pf) in zip(examples, params, strict=True):
-            ex.latents, ex.latents_flipped = p, pf
+        masks = data.masks if masked else None
+        entries = encode_images(
+            data.records, data.images, data.buckets, family.vae, cfg.random_flip, cache_root, masks
+        )
+        for ex, entry in zip(examples, entries, strict=True):
+            ex.latents, ex.latents_flipped = entry["params"], entry.get("flipped")
+            ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
     else:
-        for ex, im in zip(examples, data.images, strict=True):
-            ex.image = im
+        for ex, im, mask in zip(examples, data.images, data.masks, strict=True):
+            if mask is None and masked:  # an image without a mask among masked ones weighs 1 everywhere
+                mask = Image.new("L", im.size, 255)
+            ex.image, ex.mask_image = im, mask
     text = None
     encoders_frozen = not any(name in trained for name in family.text_encoders())
     if cfg.cache_latents and encoders_frozen and not cfg.shuffle_caption:
@@ -131,6 +143,9 @@ class Example:
     latents: torch.Tensor | None = None  # (2C, h, w) posterior mean and log-variance of the centre crop
     latents_flipped: torch.Tensor | None = None
     is_prior: bool = False  # a DreamBooth class image
+    mask_image: Image.Image | None = None  # the loss mask, kept when latents are not cached
+    mask: torch.Tensor | None = None  # (1, h, w) the loss mask on the latent grid, cached with the latents
+    mask_flipped: torch.Tensor | None = None
 
 
 @dataclass
@@ -182,11 +197,16 @@ class TrainDataset(torch.utils.data.Dataset):
         if ex.latents is not None:
             item["latents"] = ex.latents_flipped if flip else ex.latents
             _, crop_top_left = resize_to_bucket(Image.new("1", ex.size), ex.bucket, None)
+            if ex.mask is not None:
+                item["mask"] = ex.mask_flipped if flip else ex.mask
         else:
             crop = None if aug.center_crop else (float(rng.random()), float(rng.random()))
             image, crop_top_left = resize_to_bucket(ex.image, ex.bucket, crop)
             pixels = to_tensor(image)
             item["pixels"] = pixels.flip(-1) if flip else pixels
+            if ex.mask_image is not None:  # the same window as the image's
+                mask = mask_tensor(resize_to_bucket(ex.mask_image, ex.bucket, crop)[0])
+                item["mask"] = mask.flip(-1) if flip else mask
         # SDXL micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
         w, h = ex.size
         item["time_ids"] = torch.tensor([h, w, *crop_top_left, bh, bw], dtype=torch.float32)

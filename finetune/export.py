@@ -149,7 +149,8 @@ def _settings(cfg, kind: str) -> dict[str, object]:
     common = ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
               "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "prediction_type",
               "snr_gamma", "noise_offset", "input_perturbation", "train_text_encoder", "seed")  # fmt: skip
-    specific = ("adapter", "rank", "lora_alpha", "lora_dropout", "target_modules") if kind == "lora" else ("use_ema",)
+    specific = ("adapter", "rank", "lora_alpha", "lora_dropout", "target_modules") if kind == "lora" else ()
+    specific += ("use_ema", "early_stopping_patience")
     settings = {k: getattr(cfg, k, None) for k in (*specific, *common)}
     if kind == "lora":
         settings["adapter"] = settings["adapter"] or "lora"

@@ -9,6 +9,7 @@ by name here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -32,10 +33,13 @@ from finetune.offload import offload, offload_plan, resident
 from finetune.optim import build_optimizer
 from finetune.tasks import Task, Trainable
 from finetune.validation import log_validation
+from finetune.validation_loss import Selection, ValidationLoss, split_validation
 from pipelines.families import Family, detect, read_model_index
 
 logger = logging.getLogger(__name__)
 SECRETS = ("hub_token",)  # never logged, never written into a checkpoint
+RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
+BEST = "best"  # <output_dir>/best/: the checkpoint of the lowest validation loss (--keep_best_by)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class TrainResult:
     seconds: float = 0.0
     cached: bool = False
     is_main_process: bool = True
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of each evaluation
 
 
 @dataclass
@@ -69,14 +74,17 @@ class Run:
     ema: object | None
     max_steps: int
     weight_dtype: torch.dtype
+    selection: Selection = field(default_factory=Selection)
 
 
 def train(cfg: TrainConfig, task: Task) -> TrainResult:
     accelerator = make_accelerator(cfg)
     data = read_images(cfg, class_images(cfg, accelerator))  # before any model: a bad folder fails in seconds
+    data, held_out = split_validation(cfg, data)
     family, trainable, weight_dtype = load_models(cfg, task, accelerator)
     with accelerator.main_process_first():
         dataset, cached = build_dataset(cfg, data, family, trainable.models)
+        validator = ValidationLoss.build(cfg, held_out, family, trainable.models) if held_out else None
     plan = offload_plan(
         list(family.text_encoders()), set(trainable.models), cached, dataset.text_embeddings is not None
     )
@@ -126,6 +134,9 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
+            if validator is not None and progress.step % cfg.validation_steps == 0:
+                if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
+                    run.max_steps = progress.step
             if progress.step % cfg.checkpointing_steps == 0 or progress.step == run.max_steps:
                 save_checkpoint(run, progress)
             if cfg.validation_prompt and progress.step % cfg.validation_steps == 0:
@@ -268,6 +279,7 @@ def resume(run: Run) -> Progress:
     state = ckpt.load(folder, run.models, [run.optimizer], [run.lr_scheduler], accelerator=run.accelerator)
     if run.ema is not None:
         run.ema.load_state_dict(state["extra"]["ema"])
+    run.selection = Selection(**state["extra"].get("selection", {}))
     logger.info("resumed from %s at step %d", folder, state["step"])
     return Progress(state["step"], **state["progress"])
 
@@ -284,28 +296,55 @@ def finite_loss(run: Run, loss: torch.Tensor, step: int) -> float:
     return value
 
 
-def save_checkpoint(run: Run, progress: Progress) -> None:
+def save_checkpoint(run: Run, progress: Progress, name: str | None = None, notes: dict | None = None) -> None:
     cfg = run.cfg
+    extra = {"selection": dataclasses.asdict(run.selection)}
+    if run.ema is not None:
+        extra["ema"] = run.ema.state_dict()
     saved = ckpt.save(
         Path(cfg.output_dir), progress.step, run.models, [run.optimizer], [run.lr_scheduler],
         progress={"epoch": progress.epoch, "batches_done_in_epoch": progress.batches_done_in_epoch},
-        extra={"ema": run.ema.state_dict()} if run.ema is not None else {}, config=to_dict(cfg, SECRETS),
-        total_limit=cfg.checkpoints_total_limit, accelerator=run.accelerator,
+        extra=extra, config=to_dict(cfg, SECRETS), total_limit=cfg.checkpoints_total_limit,
+        accelerator=run.accelerator, name=name, notes=notes,
     )  # fmt: skip
     if run.accelerator.is_main_process:
         logger.info("saved %s", saved)
 
 
+def validate_loss(run: Run, validator: ValidationLoss, objective: Objective, progress: Progress, result) -> bool:
+    """Scores the held-out images, logs the value, keeps `best/` when it improves; True when patience ran out."""
+    value = validator.evaluate(run, objective)
+    result.validation_losses.append((progress.step, value))
+    run.accelerator.log({"validation/loss": value}, step=progress.step)
+    if run.selection.update(progress.step, value) and run.cfg.keep_best_by:
+        note = {"step": progress.step, "validation_loss": value, "held_out_images": len(validator)}
+        save_checkpoint(run, progress, name=BEST, notes={"best.json": note})
+    stop = run.selection.patience_ran_out(run.cfg.early_stopping_patience)
+    if stop and run.accelerator.is_main_process:
+        logger.info("early stopping at step %d: no better validation loss for %d evaluations (best %.5f at step %d)",
+                    progress.step, run.selection.evals_since_best, run.selection.best_value, run.selection.best_step)  # fmt: skip
+    return stop
+
+
 def finish(run: Run, task: Task) -> None:
-    """The trained modules (EMA weights where kept) back into the family, saved by the task, pushed if asked."""
+    """The trained modules (EMA weights where kept) back into the family, saved by the task, pushed if asked. With
+    --early_stopping_patience the saved weights are the best checkpoint's; an adapter's raw weights (when the EMA
+    is the output) are saved beside it under `raw/`."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
+    output_dir = Path(run.cfg.output_dir)
+    if run.cfg.early_stopping_patience and (output_dir / BEST).is_dir():
+        ckpt.load_weights(output_dir / BEST, run.models, accelerator=accelerator)
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt.load_tree(output_dir / BEST, "extra")["ema"])
+        logger.info("output: the best checkpoint (step %s)", run.selection.best_step)
     if accelerator.is_main_process:
         for name, model in run.models.items():
             run.family.parts[name] = accelerator.unwrap_model(model)
         if run.ema is not None:
+            if task.raw_beside_ema:
+                task.save(run.family, run.cfg, output_dir / RAW)
             run.ema.copy_to(run.params)
-        output_dir = Path(run.cfg.output_dir)
         task.save(run.family, run.cfg, output_dir)
         if run.cfg.push_to_hub:
             from finetune.hub import push_to_hub

@@ -10,6 +10,8 @@
   (shifted) sigmas, loss weights by `compute_loss_weighting_for_sd3`; kohya's `--timestep_sampling
   uniform|sigmoid|shift|flux_shift` draw sigma directly.
 Every draw of a sample comes from its own seed, so it does not depend on the batch or process it lands in.
+A loss mask (B, 1, h, w) on the latent grid weighs each element before the mean, as kohya's masked loss does (not
+renormalised: a half mask halves the sample's loss), so a zero region gives no gradient.
 """
 
 from __future__ import annotations
@@ -125,9 +127,11 @@ def diffusion_loss(
     latents: torch.Tensor,
     seeds: torch.Tensor,
     objective: Objective,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample losses (B,) of latents (B, C, h, w) under a DDPM schedule; `predict(noisy, timesteps)` calls the
-    denoiser. The target is epsilon or v, as the scheduler's `prediction_type` says."""
+    denoiser. The target is epsilon or v, as the scheduler's `prediction_type` says; `mask` (B, 1, h, w) weighs
+    each element."""
     noise, noise_in, timesteps = draw_noise(
         seeds, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, objective.noise_offset,
         objective.input_perturbation, objective.timestep_weights,
@@ -141,7 +145,7 @@ def diffusion_loss(
     else:
         raise UserError(f"unsupported prediction_type {scheduler.config.prediction_type!r}: epsilon or v_prediction")
     pred = predict(noisy, timesteps)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    per_sample = masked_mean(F.mse_loss(pred.float(), target.float(), reduction="none"), mask)  # (B,)
     if objective.snr_gamma is not None:
         snr = compute_snr(scheduler, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
@@ -183,9 +187,10 @@ def flow_loss(
     latents: torch.Tensor,
     seeds: torch.Tensor,
     objective: Objective,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample rectified-flow losses (B,) of latents (B, C, h, w); `predict(noisy, timesteps)` calls the
-    denoiser with timesteps sigma x num_train_timesteps."""
+    denoiser with timesteps sigma x num_train_timesteps; `mask` (B, 1, h, w) weighs each element."""
     noises, sigmas = [], []
     for seed in seeds.tolist():
         g = torch.Generator().manual_seed(int(seed))
@@ -201,7 +206,12 @@ def flow_loss(
     else:
         target = noise - latents
     weight = compute_loss_weighting_for_sd3(objective.weighting_scheme, sigma.view(-1, 1, 1, 1)).float()
-    return (weight * (pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+    return masked_mean(weight * (pred.float() - target.float()) ** 2, mask)
+
+
+def masked_mean(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean (B,) of element losses (B, C, h, w), each weighted by `mask` (B, 1, h, w) when given."""
+    return (loss if mask is None else loss * mask).mean(dim=(1, 2, 3))
 
 
 # The loss of each family's `objective`.
@@ -226,5 +236,8 @@ def batch_loss(family, models: dict, batch: dict, objective: Objective, dtype: t
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return family.predict(denoiser, noisy, timesteps, cond, batch)
 
-    per_sample = LOSSES[family.objective](predict, family.noise_scheduler, latents, seeds, objective)
+    mask = batch.get("mask")
+    if mask is not None:  # pixel-sized (uncached) or already latent-sized (cached): area-averaged to the latents
+        mask = F.adaptive_avg_pool2d(mask.float(), tuple(latents.shape[-2:])).to(latents.device)
+    per_sample = LOSSES[family.objective](predict, family.noise_scheduler, latents, seeds, objective, mask)
     return (per_sample * batch["weight"].to(per_sample)).mean()

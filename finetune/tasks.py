@@ -37,6 +37,7 @@ class Task:
     load_denoiser: Callable[[type[Family], TrainConfig, torch.dtype], torch.nn.Module | None]
     result: str  # what is saved, for the closing line
     check: Callable[[type[Family], TrainConfig], None]  # settings the family cannot honour, before anything loads
+    raw_beside_ema: bool = False  # with --use_ema, also save the raw weights (cheap for adapters) under raw/
 
 
 def _no_denoiser(family_cls, cfg, dtype) -> None:
@@ -61,7 +62,8 @@ def lora_setup(family: Family, cfg: LoraTrainConfig) -> Trainable:
             )
             add_adapter(encoder, config)
             models[name] = encoder
-    return Trainable(models)
+    # The EMA covers the trainable parameters only: here the adapter's, a few MB, not the base model.
+    return Trainable(models, ema_decay=cfg.ema_decay if cfg.use_ema else None)
 
 
 def lora_save(family: Family, cfg: LoraTrainConfig, output_dir: Path) -> None:
@@ -92,7 +94,9 @@ def lora_check(family_cls: type[Family], cfg: LoraTrainConfig) -> None:
         )
 
 
-LORA = Task("lora", LoraTrainConfig, lora_setup, lora_save, lora_denoiser, result="LoRA", check=lora_check)
+LORA = Task(
+    "lora", LoraTrainConfig, lora_setup, lora_save, lora_denoiser, result="LoRA", check=lora_check, raw_beside_ema=True
+)
 
 
 # ----------------------------------------------------------------------------------------------- full

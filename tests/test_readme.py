@@ -142,7 +142,21 @@ def run_baselines(program: str, argv: list[str], local: dict) -> None:
     assert json.loads((out / "table.json").read_text())["runs"]
 
 
+def run_demo_overtraining(argv: list[str], local: dict) -> None:
+    """The long demo run, reduced to 4 steps scored at 1 seed; written under tmp, never over the repo's docs/."""
+    from scripts.demo_overtraining import main
+
+    out = local["tmp"] / "overtraining"
+    argv = [str(out / "curve") if i and argv[i - 1] == "--output" else a for i, a in enumerate(argv)]
+    record = main(argv + ["--max_train_steps", "4", "--validation_steps", "2", "--seeds", "1", "--work_dir", str(out)])
+    assert [p["step"] for p in record["points"]] == [2, 4] and record["best"]["step"] in (2, 4)
+    assert (out / "curve.png").stat().st_size > 0 and json.loads((out / "curve.json").read_text())["points"]
+
+
 def run_script(program: str, argv: list[str], local: dict) -> None:
+    if program.endswith("demo_overtraining.py"):
+        run_demo_overtraining(argv, local)
+        return
     if program.endswith("train_tiny_vae.py"):
         from scripts.train_tiny_vae import main
 
@@ -199,7 +213,8 @@ COMMANDS = readme_commands()
 
 def test_every_readme_command_is_covered():
     known = ("make demo", "make test", "finetune/finetune_lora.py", "finetune/finetune_full.py", "pipelines.generate",
-             "baselines.train", "baselines.compare", "scripts/train_tiny_vae.py", "scripts/reproduce_tiny_shapes.py")  # fmt: skip
+             "baselines.train", "baselines.compare", "scripts/train_tiny_vae.py", "scripts/reproduce_tiny_shapes.py",
+             "scripts/demo_overtraining.py")  # fmt: skip
     programs = {parse_command(c)[0] for c in COMMANDS}
     assert programs <= set(known), programs - set(known)
     assert len(COMMANDS) >= 10

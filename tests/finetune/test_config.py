@@ -65,7 +65,9 @@ def test_boolean_and_list_flags():
     [
         (["--learning_rte", "1"], "unknown flag --learning_rte; did you mean --learning_rate"),
         (["--learning", "1e-3"], "unknown flag --learning; did you mean --learning_rate"),  # no abbreviations
-        (["--use_ema"], "unknown flag --use_ema"),  # finetune_full.py's flag
+        (["--quantize_bse", "nf4"], "unknown flag --quantize_bse; did you mean --quantize_base"),
+        (["--ema_decay", "1"], "--ema_decay must be within"),
+        (["--validation_split", "-0.1"], "--validation_split -0.1 must be within"),
         (["--lr_scheduler", "cosin"], "--lr_scheduler cosin: unknown .did you mean 'cosine'"),
         (["--optimizer", "adam"], "--optimizer adam: unknown"),
         (["--adapter", "lorA"], "--adapter lorA: unknown"),
@@ -92,6 +94,7 @@ def test_full_script_has_no_adapter_flags():
         with pytest.raises(UserError, match=f"finetune_full.py: unknown flag {flag[0]}"):
             parse(FullTrainConfig, [*flag, "--train_data_dir", "d"], prog="finetune_full.py")
     assert parse(FullTrainConfig, ["--use_ema", "--train_data_dir", "d"], prog="finetune_full.py").use_ema
+    assert lora(["--use_ema", "--train_data_dir", "d"]).use_ema  # an EMA of the adapter weights (issue 14)
 
 
 def test_lr_scheduler_choices_are_diffusers_own():
