@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: import the project, not this fol
 
 from core.errors import run_main
 from finetune.config import REPO_ROOT
-from finetune.loop import run_task
+from finetune.startup import lean_start, run_task
 from finetune.tasks import LORA
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo_lora.yaml"
@@ -25,6 +25,7 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo_lora.yaml"
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv == ["--demo"]:
+        lean_start()  # the demo uses no 8-bit option
         from finetune.demo import run_demo
 
         run_demo(DEMO_CONFIG)
