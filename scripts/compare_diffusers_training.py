@@ -14,7 +14,7 @@ uses none of them, so `--skip_torchvision_ops` stubs `torchvision._meta_registra
 the script uses, are untouched).
 
     python scripts/compare_diffusers_training.py --diffusers_script /tmp/train_text_to_image_lora.py \\
-        --diffusers_python /tmp/dfx-venv/bin/python [--skip_torchvision_ops] [--threads 2] [--ours_options ...]
+        --diffusers_python /tmp/dfx-venv/bin/python [--skip_torchvision_ops] [--threads 2] [--ours_options="--compile ..."]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class CompareConfig:
     skip_torchvision_ops: bool = option(
         "Stub torchvision's detection-op registrations out (see above).", default=False
     )
-    ours_options: list[str] = option("Extra flags of a second row of ours, e.g. --compile.", default=[])
+    ours_options: str = option('Flags of a second row of ours, one string: --ours_options="--compile ..."', default="")
     threads: int = option("OMP_NUM_THREADS of every process.", default=2)
     short: int = option("Steps of the short runs.", default=10)
     long: int = option("Steps of the long runs.", default=30)
@@ -86,8 +86,8 @@ def commands(args: CompareConfig, model: Path, data: Path, out: Path, steps: int
         "diffusers train_text_to_image_lora.py": [*theirs, *shared, "--output_dir", str(out / "b")],
     }
     if args.ours_options:
-        rows[f"difftune finetune_lora.py {' '.join(args.ours_options)}"] = [
-            sys.executable, "finetune/finetune_lora.py", *shared, *args.ours_options, "--output_dir", str(out / "c")]  # fmt: skip
+        rows[f"difftune finetune_lora.py {args.ours_options}"] = [
+            sys.executable, "finetune/finetune_lora.py", *shared, *args.ours_options.split(), "--output_dir", str(out / "c")]  # fmt: skip
     return rows
 
 
