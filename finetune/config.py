@@ -16,6 +16,7 @@ from core.config import option
 from core.errors import UserError
 from finetune.optim import OPTIMIZERS, validate_optim
 from finetune.quantize import check_quantize
+from finetune.speed import SCOPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_BASE = str(REPO_ROOT / "pipelines" / "tiny_shapes")
@@ -92,6 +93,14 @@ class TrainConfig:
     mixed_precision: str | None = option("Default: accelerate's config.", default=None, choices=("no", "fp16", "bf16"))
     allow_tf32: bool = option("Allow TF32 matmuls on Ampere+ GPUs.", default=False)
     dataloader_num_workers: int = option("Data loading worker processes.", default=0)
+    # Speed of a step (finetune/speed.py)
+    compile: bool = option("torch.compile the denoiser; the first step compiles.", default=False)
+    compile_scope: str = option(
+        "With --compile: 'blocks' compiles the repeated blocks (diffusers' regional compilation), 'model' all of it.",
+        default="blocks", choices=SCOPES,
+    )  # fmt: skip
+    fused_optimizer: bool = option("AdamW's fused kernel (torch; CPU and CUDA).", default=False)
+    channels_last: bool = option("A convolutional denoiser's (UNet's) weights in channels-last format.", default=False)
     # Objective
     snr_gamma: float | None = option("Min-SNR weighting gamma (5.0 is usual); off when unset.", default=None)
     noise_offset: float = option("Noise offset (0.05-0.1 helps very dark/bright images).", default=0.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from finetune.loop import run_task
+from finetune.startup import run_task
 from finetune.tasks import FULL
 
 

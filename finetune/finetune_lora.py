@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: import the project, not this fol
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from core.errors import run_main
-from finetune.loop import run_task
+from finetune.startup import lean_start, run_task
 from finetune.tasks import LORA
 
 
@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     demo = demo_name(argv)
     if demo is not None:
+        lean_start()  # the demos use no 8-bit option
         from finetune.demo import demo_config, run_demo
 
         run_demo(demo_config(demo))

@@ -23,7 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 
 from core import checkpoint as ckpt
-from core.config import parse, to_dict
+from core.config import to_dict
 from core.errors import UserError
 from finetune.buckets import BucketBatchSampler
 from finetune.config import TrainConfig
@@ -31,6 +31,7 @@ from finetune.dataset import build_dataset, collate, read_images
 from finetune.objective import Objective, batch_loss, check_objective
 from finetune.offload import offload, offload_plan, resident
 from finetune.optim import build_optimizer
+from finetune.speed import speed_up_denoiser
 from finetune.tasks import Task, Trainable
 from finetune.validation import log_validation
 from finetune.validation_loss import Selection, ValidationLoss, split_validation
@@ -222,6 +223,7 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
             move(module, accelerator.device, torch.float32 if upcast else weight_dtype)
+    speed_up_denoiser(family.denoiser, cfg.compile, cfg.compile_scope, cfg.channels_last)
     return family, trainable, weight_dtype
 
 
@@ -351,12 +353,3 @@ def finish(run: Run, task: Task) -> None:
 
             push_to_hub(output_dir, run.cfg)
     accelerator.end_training()
-
-
-def run_task(argv, task: Task, description: str, prog: str) -> TrainResult:
-    """An entry script's whole `main`: flags and --config files, then training; the main process reports."""
-    cfg = parse(task.config_class, argv, description, prog=prog)
-    result = train(cfg, task)
-    if result.is_main_process:
-        print(f"trained {result.global_step} steps in {result.seconds:.1f}s; {task.result} saved in {cfg.output_dir}")
-    return result

@@ -54,6 +54,8 @@ def validate_optim(cfg) -> None:
         _import("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes")
     if name == "prodigy":
         _import("prodigyopt", "--optimizer prodigy", "prodigyopt")
+    if cfg.fused_optimizer and name != "adamw":
+        raise UserError(f"--fused_optimizer is torch's AdamW kernel; --optimizer {name} has none: drop one of them")
 
 
 def build_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -62,7 +64,10 @@ def build_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.o
     name = optimizer_name(cfg)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+            fused=cfg.fused_optimizer or None,
+        )  # fmt: skip
     if name == "adamw8bit":
         bnb = _import("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes")
         return bnb.optim.AdamW8bit(

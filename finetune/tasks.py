@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from core.errors import UserError
 from finetune.adapters import adapter_config, add_adapter
 from finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
-from finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
-from pipelines.families import Family
+
+if TYPE_CHECKING:  # the entry scripts import this module before deciding what the run imports (finetune.startup)
+    from pipelines.families import Family
 
 
 @dataclass
@@ -67,6 +69,8 @@ def lora_setup(family: Family, cfg: LoraTrainConfig) -> Trainable:
 
 
 def lora_save(family: Family, cfg: LoraTrainConfig, output_dir: Path) -> None:
+    from finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
+
     models = {family.denoiser_name: family.denoiser, **family.text_encoders()}
     if cfg.adapter in ("loha", "lokr"):  # no diffusers LoRA format exists for these: peft's own format
         save_peft_adapters(output_dir, models)
@@ -114,6 +118,8 @@ def full_setup(family: Family, cfg: FullTrainConfig) -> Trainable:
 def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
     """A diffusers pipeline folder: the trained modules (EMA weights, when kept, are already in them)."""
     from diffusers import DiffusionPipeline
+
+    from finetune.export import write_model_card
 
     parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
     kwargs = {**family.from_pretrained_kwargs(family.index), **parts}  # the trained modules win

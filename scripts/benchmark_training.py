@@ -26,12 +26,21 @@ Each setting runs in its own process (so peak memory is its own), on the embedde
 - `--tiny_flow`: the CPU rows of the flow families: the tiny SD 3 and Flux pipelines (`toyworld`, base size) on
   the shapes world at 64 px, cache on and off.
 
+- `--options`: the step options of `finetune/speed.py` on the tiny SD 1.5-layout pipeline of issue 13 (diffusers'
+  own test layout: UNet 32/64 channels, 2 layers per block, CLIP 32 wide; 64 px, 32x32 latents; 64 shapes-world
+  images, batch 8, rank-4 attention LoRA, lr 1e-4): each option alone, all together, and a "floor" row timed here,
+  the bare forward + backward + AdamW step of the same LoRA UNet on random tensors of the same shapes. Each row reads
+  as a ratio to the floor (above 1: faster than eager PyTorch), with compile time apart from step time, the time
+  from process start to the end of the first step, and the process's peak RSS. `--threads` sets torch's threads.
+  `scripts/compare_diffusers_training.py` runs diffusers' own example script on the same model and data.
+
 On CPU, peak memory is the process's peak resident set size; on CUDA, `torch.cuda.max_memory_allocated`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -364,12 +373,141 @@ def shaped_settings(kinds: list[str], steps: int, rank: int) -> list[dict]:
     return out
 
 
-def run_child(settings: dict) -> dict:
+# diffusers' own SD test components (StableDiffusionPipelineFastTests.get_dummy_components) in SD 1.5's layout.
+TINY_SD15 = dict(
+    unet=dict(sample_size=32, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32),
+    vae=dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+             up_block_types=("UpDecoderBlock2D",) * 2),
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, projection_dim=32),
+)  # fmt: skip
+# The rows of --options: each step option alone, then all together (the flags of finetune/speed.py).
+OPTION_ROWS = {
+    "eager (today's default)": {},
+    "--compile": {"compile": True},
+    "--compile --compile_scope model": {"compile": True, "compile_scope": "model"},
+    "--fused_optimizer": {"fused_optimizer": True},
+    "--channels_last": {"channels_last": True},
+    "--mixed_precision bf16": {"mixed_precision": "bf16"},
+    "all together": {"compile": True, "fused_optimizer": True, "channels_last": True, "mixed_precision": "bf16"},
+}
+TINY_RUN = dict(resolution=64, center_crop=True, train_batch_size=8, rank=4, learning_rate=1e-4, seed=0)
+
+
+def build_tiny_run(folder: Path) -> tuple[Path, Path]:
+    """The tiny SD 1.5-layout pipeline and 64 shapes-world images (metadata.jsonl imagefolder) of the --options
+    rows; `scripts/compare_diffusers_training.py` trains on the same two folders."""
+    from toyworld import shapes
+
+    model = folder / "model"
+    if not (model / "model_index.json").exists():
+        build_shaped_pipeline("sd15", model, TINY_SD15)
+    data = folder / "data"
+    if not (data / "metadata.jsonl").exists():
+        shapes.write_dataset(data, shapes.BASE_COLOURS, shapes.SHAPES[:2], per_class=8, seed=0)
+    return model, data
+
+
+def option_child(settings: dict) -> dict:
+    """One --options row: `finetune.loop.train` with the row's flags, started the way the entry script starts."""
+    from core.config import from_values
+    from finetune.config import LoraTrainConfig
+    from finetune.startup import lean_start
+
+    values = {**TINY_RUN, **settings["flags"], "pretrained_model_name_or_path": settings["model"],
+              "train_data_dir": settings["data"], "output_dir": settings["output_dir"], "report_to": "none",
+              "max_train_steps": settings["warmup"] + settings["steps"], "checkpointing_steps": 10**9}  # fmt: skip
+    cfg = from_values(LoraTrainConfig, values)
+    lean_start(cfg)
+    import torch
+
+    from finetune import loop
+    from finetune.tasks import LORA
+
+    finished, real_finish = [], loop.finish
+    loop.finish = lambda run, task: finished.append(time.time()) or real_finish(run, task)  # when the last step ended
+    result = loop.train(cfg, LORA)
+    loop_started = finished[0] - result.seconds
+    timed = result.step_seconds[settings["warmup"] :]
+    per_step = sum(timed) / len(timed)
+    return {
+        "name": settings["name"], "seconds_per_step": per_step,
+        "compile_seconds": sum(result.step_seconds[: settings["warmup"]]) - settings["warmup"] * per_step,
+        "first_step_after_start": loop_started + result.step_seconds[0] - settings["spawned_at"],
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads(),
+        "losses": result.losses,
+    }  # fmt: skip
+
+
+def floor_child(settings: dict) -> dict:
+    """The floor: the same LoRA UNet's forward + backward + AdamW step on random tensors of the training shapes,
+    nothing else (no data, no noise schedule, no accelerate, no clipping)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from finetune.adapters import adapter_config, add_adapter
+    from pipelines.families.base import Family
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(settings["model"], subfolder="unet")
+    unet.requires_grad_(False)
+    add_adapter(unet, adapter_config("lora", TINY_RUN["rank"], None, 0.0, list(Family.lora_targets)))
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=TINY_RUN["learning_rate"])
+    batch, side = TINY_RUN["train_batch_size"], TINY_RUN["resolution"] // 2  # the VAE downsamples x2
+    text = torch.randn(batch, 77, TINY_SD15["unet"]["cross_attention_dim"])
+    seconds = []
+    for _ in range(settings["warmup"] + settings["steps"]):
+        start = time.perf_counter()
+        latents, target = torch.randn(batch, 4, side, side), torch.randn(batch, 4, side, side)
+        timesteps = torch.randint(0, 1000, (batch,))
+        loss = torch.nn.functional.mse_loss(unet(latents, timesteps, text).sample, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+    timed = seconds[settings["warmup"] :]
+    return {"name": "floor: bare forward + backward + AdamW", "seconds_per_step": sum(timed) / len(timed),
+            "compile_seconds": 0.0, "first_step_after_start": None,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": torch.get_num_threads(), "losses": []}  # fmt: skip
+
+
+def option_rows(args, work: Path) -> list[dict]:
+    """The floor row, then one row per OPTION_ROWS entry, each in its own process with `--threads` threads."""
+    model, data = build_tiny_run(work)
+    common = {"model": str(model), "data": str(data), "steps": args.steps, "warmup": 2}
+    rows = [run_child({**common, "kind": "floor", "name": "floor"}, threads=args.threads)]
+    for name, flags in OPTION_ROWS.items():
+        rows.append(run_child({**common, "kind": "option", "name": name, "flags": flags}, threads=args.threads))
+        print(f"{name}: {rows[-1]['seconds_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_option_rows(rows: list[dict], steps: int) -> None:
+    floor = rows[0]["seconds_per_step"]
+    eager = rows[1]
+    print(f"Step options, tiny SD 1.5 layout (64 px, batch 8, rank-4 attention LoRA), {rows[0]['threads']} threads, "
+          f"{steps} timed steps after 2 untimed")  # fmt: skip
+    print("| row | s/step | floor / row | compile s | process start to first step end s | peak RSS MB | "
+          "max loss diff vs eager |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        first = "-" if r["first_step_after_start"] is None else f"{r['first_step_after_start']:.1f}"
+        diff = max((abs(a - b) for a, b in zip(r["losses"], eager["losses"], strict=False)), default=None)
+        print(f"| {r['name']} | {r['seconds_per_step']:.4f} | {floor / r['seconds_per_step']:.2f}x | "
+              f"{r['compile_seconds']:.1f} | {first} | {r['peak_memory_mb']:.0f} | "
+              f"{'-' if diff is None else f'{diff:.2e}'} |")  # fmt: skip
+
+
+def run_child(settings: dict, threads: int | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with tempfile.TemporaryDirectory() as tmp:
+        settings = {"output_dir": tmp, "spawned_at": time.time(), **settings}
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps({"output_dir": tmp, **settings})],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [sys.executable, __file__, "--child", json.dumps(settings)], capture_output=True, text=True, env=env
+        )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         sys.exit(f"benchmark run failed ({settings['name']}):\n{proc.stderr[-3000:]}")
@@ -386,6 +524,11 @@ class BenchmarkConfig:
     shaped_steps: int = option("Timed steps per shaped row (after 2 warm-up).", default=10)
     rank: int = option("LoRA rank of the shaped rows.", default=16)
     skip_demo: bool = option("Only the shaped rows.", default=False)
+    options: bool = option("Only the step-option rows (floor, each option, all together) on the tiny SD 1.5 layout.",
+                           default=False)  # fmt: skip
+    threads: int | None = option("--options: torch threads of each row's process (OMP_NUM_THREADS).", default=None)
+    work_dir: str | None = option("--options: keep the tiny model and data here (default: a temporary folder).",
+                                  default=None)  # fmt: skip
     output: str | None = option("Also write the rows as JSON here.", default=None)
     child: str | None = option("Internal: run one row in this process (JSON settings).", default=None)
 
@@ -394,8 +537,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(BenchmarkConfig, argv, __doc__, prog="benchmark_training.py")
     if args.child:
         settings = json.loads(args.child)
-        run = shaped_child if settings.get("shaped") else tiny_flow_child if settings.get("tiny_flow") else child
-        print("RESULT " + json.dumps(run(settings)))
+        if settings.get("shaped"):
+            row_of = shaped_child
+        elif settings.get("tiny_flow"):
+            row_of = tiny_flow_child
+        else:
+            row_of = {"floor": floor_child, "option": option_child}.get(settings.get("kind"), child)
+        print("RESULT " + json.dumps(row_of(settings)))
+        return
+    if args.options:
+        from finetune.startup import lean_start
+
+        lean_start()  # the rows' processes start the way the entry script does; this one builds the model quietly
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = option_rows(args, Path(args.work_dir or tmp))
+        print_option_rows(rows, args.steps)
+        if args.output:
+            Path(args.output).write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2))
         return
 
     import torch

@@ -1,0 +1,69 @@
+"""Start-up of the entry scripts (finetune/startup.py): a run imports only what it uses and prints only what
+concerns it: no bitsandbytes without an 8-bit option, no datasets for a folder of sidecar captions, no tensorboard
+without --report_to tensorboard, and none of the third-party notices those imports used to print."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from finetune.config import LoraTrainConfig
+from finetune.startup import needs_bitsandbytes
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+ENV.pop("PYTHONWARNINGS", None)  # the notices must be absent, not filtered
+NOISE = ("kernels", "bitsandbytes", "torchvision", "Traceback")
+
+
+def imported(stderr: str) -> set[str]:
+    """Top-level packages named in `python -X importtime` lines."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0] for line in stderr.splitlines() if line.startswith("import time:")
+    }
+
+
+def test_a_tiny_training_run_imports_and_prints_only_what_it_uses(tiny_sd1, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a grey square {i}")
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "finetune/finetune_lora.py", "--pretrained_model_name_or_path",
+         str(tiny_sd1), "--train_data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--resolution", "32",
+         "--train_batch_size", "2", "--max_train_steps", "2", "--report_to", "none"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"diffusers", "peft", "accelerate"} <= imported(proc.stderr)  # the check sees the imports at all
+    unused = {"bitsandbytes", "datasets", "tensorboard", "tensorboardX"} & imported(proc.stderr)
+    assert not unused, unused
+    printed = proc.stdout + "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:"))
+    assert "trained 2 steps" in printed
+    assert not [word for word in NOISE if word in printed], printed[-3000:]
+
+
+def test_the_demo_entry_imports_quietly():
+    """The import path of `make demo` (finetune_lora.py without arguments) up to its first model load."""
+    code = (
+        "import sys; import finetune.finetune_lora as entry; entry.lean_start(); import finetune.demo, finetune.loop; "
+        "import diffusers, transformers; diffusers.StableDiffusionPipeline; transformers.CLIPImageProcessor; "
+        "print('bitsandbytes imported' if sys.modules.get('bitsandbytes') else 'ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+    assert not [word for word in NOISE if word in proc.stdout + proc.stderr], proc.stderr[-3000:]
+
+
+def test_bitsandbytes_is_needed_only_by_the_8bit_options():
+    assert not needs_bitsandbytes(LoraTrainConfig(train_data_dir="d"))
+    assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", use_8bit_adam=True))
+    assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", optimizer="adamw8bit"))
+    assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", quantize_base="nf4"))
