@@ -27,8 +27,7 @@ import torch
 from core import checkpoint as ckpt
 from core.config import from_values
 from finetune.config import REPO_ROOT, LoraTrainConfig
-from finetune.demo import demo_values, purple_prompts
-from finetune.finetune_lora import DEMO_CONFIG
+from finetune.demo import DEMOS, demo_values, purple_prompts
 from finetune.loop import BEST, load_models, train
 from finetune.tasks import LORA
 from toyworld import shapes
@@ -48,13 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_config(args) -> LoraTrainConfig:
     """The demo's own settings, made long, with the validation split and best-checkpoint selection."""
-    values = demo_values(DEMO_CONFIG, Path(args.work_dir))
+    values = demo_values(DEMOS["unet"], Path(args.work_dir))
     values.update(
         max_train_steps=args.max_train_steps, validation_split=args.validation_split,
         validation_steps=args.validation_steps, checkpointing_steps=args.validation_steps,
         keep_best_by="validation_loss", validation_prompt=None,  # scored below instead of sample grids
     )  # fmt: skip
-    return from_values(LoraTrainConfig, values, str(DEMO_CONFIG))
+    return from_values(LoraTrainConfig, values, str(DEMOS["unet"]))
 
 
 @torch.no_grad()
