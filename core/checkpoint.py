@@ -79,7 +79,14 @@ def save_tree(tree, folder: Path, name: str) -> None:
 
 def load_tree(folder: Path, name: str):
     tensors = _load_safetensors(folder / f"{name}.safetensors")
-    return _join_tensors(json.loads((folder / f"{name}.json").read_text()), tensors)
+    return _join_tensors(_load_json(folder / f"{name}.json"), tensors)
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({str(err).splitlines()[0]}); resume from another checkpoint") from None
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -212,13 +219,21 @@ def _step(folder: Path) -> int | None:
     return int(suffix) if folder.name.startswith(PREFIX) and suffix.isdigit() else None
 
 
-def is_complete(folder: Path) -> bool:
-    """Whether the manifest is there and every file it lists has its recorded size."""
+def damage(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint (naming the file), or None when the manifest matches its files."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in manifest.items())
+    except OSError:
+        return f"no {MANIFEST} (an interrupted save, or not a checkpoint)"
+    except ValueError:
+        return f"{MANIFEST} is not valid JSON"
+    for name, size in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -226,10 +241,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     found = sorted((p for p in Path(output_dir).glob(f"{PREFIX}*") if p.is_dir() and _step(p) is not None), key=_step)
     complete = []
     for folder in found:
-        if is_complete(folder):
+        reason = damage(folder)
+        if reason is None:
             complete.append(folder)
         else:
-            logger.warning("skipping %s: incomplete or damaged (its manifest does not match its files)", folder)
+            logger.warning("skipping %s: incomplete or damaged (%s)", folder, reason)
     return complete
 
 
@@ -255,9 +271,16 @@ def resolve(resume: str, output_dir: Path) -> Path | None:
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no state.json)")
-    if not is_complete(path):
-        raise UserError(f"--resume_from_checkpoint {resume}: incomplete or damaged (its manifest does not match)")
+    reason = damage(path)
+    if reason is not None:
+        raise UserError(f"--resume_from_checkpoint {resume}: incomplete or damaged ({reason}); resume from another")
     return path
+
+
+def stored_config(folder: Path) -> dict | None:
+    """The run record `save` stored with the checkpoint (`config`), or None for a checkpoint without one."""
+    info = _load_json(Path(folder) / "state.json")
+    return info.get("config") if isinstance(info, dict) else None
 
 
 def load(
@@ -277,7 +300,7 @@ def load(
         _load_optimizers(models, optimizers, load_tree(folder, "optimizer"), accelerator)
     extra = load_tree(folder, "extra")
     torch.set_rng_state(extra.pop("torch_rng"))
-    info = json.loads((folder / "state.json").read_text())
+    info = _load_json(folder / "state.json")
     for scheduler, state in zip(schedulers, info["schedulers"], strict=True):
         scheduler.load_state_dict(state)
     return {"step": info["step"], "progress": info["progress"], "extra": extra, "config": info.get("config")}
