@@ -185,30 +185,46 @@ def save(
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "engine"), safe_serialization=True)
     if is_main:
-        save_file(weights, tmp / "model.safetensors")
-        save_tree(optimizer_states, tmp, "optimizer")
-        save_tree({**(extra or {}), "torch_rng": torch.get_rng_state()}, tmp, "extra")
-        info = {"step": step, "progress": progress or {}, "schedulers": [s.state_dict() for s in schedulers],
-                "config": config}  # fmt: skip
-        (tmp / "state.json").write_text(json.dumps(info, indent=2, default=str))
-        for file_name, content in (notes or {}).items():
-            (tmp / file_name).write_text(json.dumps(content, indent=2))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
-        if final.exists():  # the same step saved again after a resume, or a better `best`
-            old = final.with_name(f"{folder}.old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        try:
+            _write(tmp, final, step, weights, optimizer_states, extra, schedulers, progress, config, notes)
+        except (OSError, SafetensorError) as err:  # a full disk, a quota, a folder gone: nothing half-written stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = list_checkpoints(output_dir)
+            raise UserError(
+                f"could not write {final.name} in {output_dir} ({getattr(err, 'strerror', None) or err}); nothing half-written was "
+                f"kept, the last complete checkpoint is {last[-1] if last else 'none'}: free space and resume with "
+                "--resume_from_checkpoint latest"
+            ) from None
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return final
+
+
+def _write(
+    tmp: Path, final: Path, step, weights, optimizer_states, extra, schedulers, progress, config, notes
+) -> None:
+    """The main process's files into `tmp`, the manifest last, then `tmp` renamed to `final`."""
+    save_file(weights, tmp / "model.safetensors")
+    save_tree(optimizer_states, tmp, "optimizer")
+    save_tree({**(extra or {}), "torch_rng": torch.get_rng_state()}, tmp, "extra")
+    info = {"step": step, "progress": progress or {}, "schedulers": [s.state_dict() for s in schedulers],
+            "config": config}  # fmt: skip
+    (tmp / "state.json").write_text(json.dumps(info, indent=2, default=str))
+    for file_name, content in (notes or {}).items():
+        (tmp / file_name).write_text(json.dumps(content, indent=2))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
+    if final.exists():  # the same step saved again after a resume, or a better `best`
+        old = final.with_name(f"{final.name}.old")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
 
 
 # ----------------------------------------------------------------------------------------------- find, load

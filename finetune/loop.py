@@ -386,7 +386,15 @@ def finish(run: Run, task: Task) -> None:
             if task.raw_beside_ema:
                 task.save(run.family, run.cfg, output_dir / RAW)
             run.ema.copy_to(run.params)
-        task.save(run.family, run.cfg, output_dir)
+        try:
+            task.save(run.family, run.cfg, output_dir)
+        except OSError as err:  # a full disk at the very end: the last checkpoint holds the trained weights
+            last = ckpt.list_checkpoints(output_dir)
+            raise UserError(
+                f"could not save the result in {output_dir} ({err.strerror or err}); the trained weights are in "
+                f"{last[-1] if last else 'no checkpoint'}: free space and rerun with --resume_from_checkpoint latest "
+                "(it saves the result without training again)"
+            ) from None
         if run.cfg.push_to_hub:
             from finetune.hub import push_to_hub
 

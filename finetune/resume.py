@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 SECRETS = ("hub_token",)  # never logged, never written into a checkpoint
 # Settings with no effect on the trained weights: whatever this run says is used.
 PASSIVE = (
+    "train_data_dir", "dataset_name", "dataset_config_name", "class_data_dir",  # the data fingerprint decides
     "output_dir", "resume_from_checkpoint", "resume_allow_changes", "report_to", "logging_dir", "push_to_hub",
     "hub_model_id", "hub_private", "cache_dir", "dataloader_num_workers", "validation_prompt",
     "num_validation_images", "validation_steps", "validation_inference_steps", "output_kohya_format",
