@@ -109,52 +109,52 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
         accelerator.num_processes, "on" if cached else "off",
     )  # fmt: skip
     result = TrainResult(progress.step, cached=cached, is_main_process=accelerator.is_main_process)
-    bar = tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
-    start = tick = time.perf_counter()
-    while progress.step < run.max_steps:
-        # Not `set_epoch`: accelerate calls that on a loader's dataset and batch sampler with its own iteration count,
-        # which restarts at 0 for every `skip_first_batches` loader (every epoch would replay epoch 0's order, noise,
-        # timesteps and caption dropout).
-        dataset.start_epoch(progress.epoch)
-        sampler.start_epoch(progress.epoch)
-        for batch in accelerator.skip_first_batches(loader, progress.batches_done_in_epoch):
-            with accelerator.accumulate(*run.models.values()):
-                loss = batch_loss(family, run.models, batch, objective, weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            progress.batches_done_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
+    # The bar is closed (its line ended) before any error line is printed, even when training stops early.
+    with tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process) as bar:
+        start = tick = time.perf_counter()
+        while progress.step < run.max_steps:
+            # Not `set_epoch`: accelerate calls that on a loader's dataset and batch sampler with its own iteration count,
+            # which restarts at 0 for every `skip_first_batches` loader (every epoch would replay epoch 0's order, noise,
+            # timesteps and caption dropout).
+            dataset.start_epoch(progress.epoch)
+            sampler.start_epoch(progress.epoch)
+            for batch in accelerator.skip_first_batches(loader, progress.batches_done_in_epoch):
+                with accelerator.accumulate(*run.models.values()):
+                    loss = batch_loss(family, run.models, batch, objective, weight_dtype)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                progress.batches_done_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
 
-            progress.step += 1
-            step_loss = finite_loss(run, loss, progress.step)
-            if run.ema is not None:
-                run.ema.step(run.params)
-            result.losses.append(step_loss)
-            tick, last = time.perf_counter(), tick
-            result.step_seconds.append(tick - last)
-            lr = run.lr_scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
-            if validator is not None and progress.step % cfg.validation_steps == 0:
-                if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
-                    run.max_steps = progress.step
-            if progress.step % cfg.checkpointing_steps == 0 or progress.step == run.max_steps:
-                save_checkpoint(run, progress)
-            if cfg.validation_prompt and progress.step % cfg.validation_steps == 0:
-                with resident(family, offloaded, accelerator.device):
-                    log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
-            if progress.step >= run.max_steps:
-                break
-        else:  # the epoch ran out
-            progress.epoch += 1
-            progress.batches_done_in_epoch = 0
-    bar.close()
+                progress.step += 1
+                step_loss = finite_loss(run, loss, progress.step)
+                if run.ema is not None:
+                    run.ema.step(run.params)
+                result.losses.append(step_loss)
+                tick, last = time.perf_counter(), tick
+                result.step_seconds.append(tick - last)
+                lr = run.lr_scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
+                if validator is not None and progress.step % cfg.validation_steps == 0:
+                    if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
+                        run.max_steps = progress.step
+                if progress.step % cfg.checkpointing_steps == 0 or progress.step == run.max_steps:
+                    save_checkpoint(run, progress)
+                if cfg.validation_prompt and progress.step % cfg.validation_steps == 0:
+                    with resident(family, offloaded, accelerator.device):
+                        log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
+                if progress.step >= run.max_steps:
+                    break
+            else:  # the epoch ran out
+                progress.epoch += 1
+                progress.batches_done_in_epoch = 0
     result.global_step, result.seconds = progress.step, time.perf_counter() - start
     finish(run, task)
     return result
