@@ -246,7 +246,7 @@ def check_metadata(root: Path, meta: Path) -> None:
         )
     repeated = sorted(name for name, n in Counter(listed).items() if n > 1)
     if repeated:
-        logger.warning("%s lists %d files more than once (%s): each entry trains as its own example; remove the "
+        logger.warning("%s lists %d file(s) more than once (%s): each entry trains as its own example; remove the "
                        "repeats or use --repeats", meta, len(repeated), _shown(repeated))  # fmt: skip
     names = {Path(name).as_posix() for name in listed}
     unlisted = sorted(
@@ -256,7 +256,7 @@ def check_metadata(root: Path, meta: Path) -> None:
         and not p.stem.endswith(MASK_SUFFIX)  # loss masks are found beside their images
     )  # fmt: skip
     if unlisted:
-        logger.warning("%d images in %s have no entry in %s and are left out (%s)", len(unlisted), root, meta.name,
+        logger.warning("%d image(s) in %s have no entry in %s and are left out (%s)", len(unlisted), root, meta.name,
                        _shown(unlisted))  # fmt: skip
 
 

@@ -94,8 +94,8 @@ def test_metadata_repeats_unlisted_and_missing_files_are_each_named(tmp_path, ca
     images, kept = decode_all(read_records(train_data_dir=str(tmp_path)))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(images) == 3  # a.png twice (as listed), b.png; gone.png skipped
-    assert any("lists 1 files more than once (a.png)" in w for w in warnings)
-    assert any("1 images in" in w and "extra.png" in w and "left out" in w for w in warnings)
+    assert any("lists 1 file(s) more than once (a.png)" in w for w in warnings)
+    assert any("1 image(s) in" in w and "extra.png" in w and "left out" in w for w in warnings)
     assert any(w.startswith("skipped 1 of 4 images: 1 missing (") and "gone.png" in w for w in warnings)
 
 
