@@ -39,6 +39,7 @@ PASSIVE = (
     "hub_model_id", "hub_private", "cache_dir", "dataloader_num_workers", "validation_prompt",
     "num_validation_images", "validation_steps", "validation_inference_steps", "output_kohya_format",
     "checkpointing_steps", "checkpoints_total_limit", "allow_tf32", "gradient_checkpointing",
+    "compile", "compile_scope", "channels_last", "keep_best_by", "early_stopping_patience",  # speed, selection
 )  # fmt: skip
 # Settings that act from the resumed step on and are applied exactly (see `apply_settings`).
 SETTABLE = (
