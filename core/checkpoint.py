@@ -79,7 +79,14 @@ def save_tree(tree, folder: Path, name: str) -> None:
 
 def load_tree(folder: Path, name: str):
     tensors = _load_safetensors(folder / f"{name}.safetensors")
-    return _join_tensors(json.loads((folder / f"{name}.json").read_text()), tensors)
+    return _join_tensors(_load_json(folder / f"{name}.json"), tensors)
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({str(err).splitlines()[0]}); resume from another checkpoint") from None
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -178,30 +185,46 @@ def save(
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "engine"), safe_serialization=True)
     if is_main:
-        save_file(weights, tmp / "model.safetensors")
-        save_tree(optimizer_states, tmp, "optimizer")
-        save_tree({**(extra or {}), "torch_rng": torch.get_rng_state()}, tmp, "extra")
-        info = {"step": step, "progress": progress or {}, "schedulers": [s.state_dict() for s in schedulers],
-                "config": config}  # fmt: skip
-        (tmp / "state.json").write_text(json.dumps(info, indent=2, default=str))
-        for file_name, content in (notes or {}).items():
-            (tmp / file_name).write_text(json.dumps(content, indent=2))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
-        if final.exists():  # the same step saved again after a resume, or a better `best`
-            old = final.with_name(f"{folder}.old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        try:
+            _write(tmp, final, step, weights, optimizer_states, extra, schedulers, progress, config, notes)
+        except (OSError, SafetensorError) as err:  # a full disk, a quota, a folder gone: nothing half-written stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = list_checkpoints(output_dir)
+            raise UserError(
+                f"could not write {final.name} in {output_dir} ({getattr(err, 'strerror', None) or err}); nothing half-written was "
+                f"kept, the last complete checkpoint is {last[-1] if last else 'none'}: free space and resume with "
+                "--resume_from_checkpoint latest"
+            ) from None
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return final
+
+
+def _write(
+    tmp: Path, final: Path, step, weights, optimizer_states, extra, schedulers, progress, config, notes
+) -> None:
+    """The main process's files into `tmp`, the manifest last, then `tmp` renamed to `final`."""
+    save_file(weights, tmp / "model.safetensors")
+    save_tree(optimizer_states, tmp, "optimizer")
+    save_tree({**(extra or {}), "torch_rng": torch.get_rng_state()}, tmp, "extra")
+    info = {"step": step, "progress": progress or {}, "schedulers": [s.state_dict() for s in schedulers],
+            "config": config}  # fmt: skip
+    (tmp / "state.json").write_text(json.dumps(info, indent=2, default=str))
+    for file_name, content in (notes or {}).items():
+        (tmp / file_name).write_text(json.dumps(content, indent=2))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
+    if final.exists():  # the same step saved again after a resume, or a better `best`
+        old = final.with_name(f"{final.name}.old")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
 
 
 # ----------------------------------------------------------------------------------------------- find, load
@@ -212,13 +235,21 @@ def _step(folder: Path) -> int | None:
     return int(suffix) if folder.name.startswith(PREFIX) and suffix.isdigit() else None
 
 
-def is_complete(folder: Path) -> bool:
-    """Whether the manifest is there and every file it lists has its recorded size."""
+def damage(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint (naming the file), or None when the manifest matches its files."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in manifest.items())
+    except OSError:
+        return f"no {MANIFEST} (an interrupted save, or not a checkpoint)"
+    except ValueError:
+        return f"{MANIFEST} is not valid JSON"
+    for name, size in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -226,10 +257,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     found = sorted((p for p in Path(output_dir).glob(f"{PREFIX}*") if p.is_dir() and _step(p) is not None), key=_step)
     complete = []
     for folder in found:
-        if is_complete(folder):
+        reason = damage(folder)
+        if reason is None:
             complete.append(folder)
         else:
-            logger.warning("skipping %s: incomplete or damaged (its manifest does not match its files)", folder)
+            logger.warning("skipping %s: incomplete or damaged (%s)", folder, reason)
     return complete
 
 
@@ -255,9 +287,16 @@ def resolve(resume: str, output_dir: Path) -> Path | None:
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no state.json)")
-    if not is_complete(path):
-        raise UserError(f"--resume_from_checkpoint {resume}: incomplete or damaged (its manifest does not match)")
+    reason = damage(path)
+    if reason is not None:
+        raise UserError(f"--resume_from_checkpoint {resume}: incomplete or damaged ({reason}); resume from another")
     return path
+
+
+def stored_config(folder: Path) -> dict | None:
+    """The run record `save` stored with the checkpoint (`config`), or None for a checkpoint without one."""
+    info = _load_json(Path(folder) / "state.json")
+    return info.get("config") if isinstance(info, dict) else None
 
 
 def load(
@@ -277,7 +316,7 @@ def load(
         _load_optimizers(models, optimizers, load_tree(folder, "optimizer"), accelerator)
     extra = load_tree(folder, "extra")
     torch.set_rng_state(extra.pop("torch_rng"))
-    info = json.loads((folder / "state.json").read_text())
+    info = _load_json(folder / "state.json")
     for scheduler, state in zip(schedulers, info["schedulers"], strict=True):
         scheduler.load_state_dict(state)
     return {"step": info["step"], "progress": info["progress"], "extra": extra, "config": info.get("config")}

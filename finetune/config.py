@@ -14,6 +14,7 @@ from pathlib import Path
 
 from core.config import option
 from core.errors import UserError
+from core.paths import check_output_dir
 from finetune.optim import OPTIMIZERS, validate_optim
 from finetune.quantize import check_quantize
 from finetune.speed import SCOPES
@@ -143,6 +144,10 @@ class TrainConfig:
     checkpointing_steps: int = option("Save a resumable checkpoint every N steps.", default=500)
     checkpoints_total_limit: int | None = option("Keep at most N checkpoints.", default=None)
     resume_from_checkpoint: str | None = option("'latest' or a checkpoint folder.", default=None)
+    resume_allow_changes: bool = option(
+        "Resume even though settings that change the training trajectory (batch size, data, ...) differ from the "
+        "checkpoint's; the interrupted epoch then restarts.", default=False,
+    )  # fmt: skip
     # Validation and logging
     validation_prompt: list[str] | None = option("Prompts for validation images.", default=None)
     num_validation_images: int = option("Images per validation prompt.", default=4)
@@ -178,6 +183,7 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         validate_optim(self)
+        check_output_dir(self.output_dir)
         if self.push_to_hub:
             from finetune.hub import resolve_token
 

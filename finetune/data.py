@@ -17,9 +17,11 @@ orientation, converts any PIL mode to RGB and skips corrupt files with one warni
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import logging
-import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,22 +75,28 @@ def open_rgb(record: Record) -> Image.Image:
         return to_rgb(image)
 
 
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
 def decode_all(records: list[Record]) -> tuple[list[Image.Image], list[Record]]:
-    """Decodes every record; corrupt images are skipped and counted in one warning. Never returns nothing."""
-    images, kept, bad = [], [], []
+    """Decodes every record; missing and corrupt images are skipped and counted in one warning (logged once).
+    Never returns nothing."""
+    images, kept, missing, bad = [], [], [], []
     for record in records:
         try:
             images.append(open_rgb(record))
             kept.append(record)
+        except FileNotFoundError:
+            missing.append(record.name)
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
             bad.append(record.name)
-    if bad:
-        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        message = f"skipped {len(bad)} of {len(records)} images that could not be decoded: {shown}"
-        logger.warning(message)
-        warnings.warn(message, stacklevel=2)
+    parts = [f"{len(missing)} missing ({_shown(missing)})"] if missing else []
+    parts += [f"{len(bad)} that could not be decoded ({_shown(bad)})"] if bad else []
     if not images:
-        raise UserError(f"none of the {len(records)} images could be decoded (first: {bad[0]}); check the files")
+        raise UserError(f"none of the {len(records)} images could be read: {'; '.join(parts)}; check the files")
+    if parts:
+        logger.warning("skipped %d of %d images: %s", len(missing) + len(bad), len(records), "; ".join(parts))
     return images, kept
 
 
@@ -123,6 +131,7 @@ def _read_folder(root: Path, caption_column: str, caption_extension: str, requir
         raise UserError(f"--train_data_dir {root} is not a folder")
     for meta_name in ("metadata.jsonl", "metadata.csv"):
         if (root / meta_name).exists():
+            check_metadata(root, root / meta_name)
             return _read_imagefolder(root, root / meta_name, caption_column)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     stems = {(p.parent, p.stem) for p in files}  # `x_mask.png` is a mask when an image `x.*` lies beside it
@@ -198,6 +207,57 @@ def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image
                             f"{image.size[0]}x{image.size[1]}; save the mask at the image's size")  # fmt: skip
         masks.append(mask)
     return masks
+
+
+def _listed_files(meta: Path) -> list[str]:
+    """The `file_name` of each entry of metadata.jsonl / metadata.csv, as written."""
+    text = meta.read_text(encoding="utf-8")
+    if meta.suffix == ".csv":
+        return [row.get("file_name", "") for row in csv.DictReader(io.StringIO(text))]
+    names = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                names.append(json.loads(line).get("file_name", ""))
+            except (ValueError, AttributeError):
+                raise UserError(f"{meta} line {number} is not a JSON object: {line[:80]!r}") from None
+    return names
+
+
+def _own_metadata(folder: Path, root: Path) -> Path | None:
+    """A metadata file in `folder` or a folder between it and `root` (not `root` itself)."""
+    for d in (folder, *folder.parents):
+        if d == root:
+            return None
+        for name in ("metadata.jsonl", "metadata.csv"):
+            if (d / name).exists():
+                return d / name
+    return None
+
+
+def check_metadata(root: Path, meta: Path) -> None:
+    """What `datasets`' imagefolder passes over without a word: an empty metadata file (an error), a file listed
+    more than once (it trains once per entry) and images in the folder that no entry lists (left out)."""
+    listed = _listed_files(meta)
+    if not listed:
+        raise UserError(
+            f'{meta} lists no images; add lines of {{"file_name": ..., "text": ...}} (one per image) or remove it '
+            "to use .txt captions"
+        )
+    repeated = sorted(name for name, n in Counter(listed).items() if n > 1)
+    if repeated:
+        logger.warning("%s lists %d file(s) more than once (%s): each entry trains as its own example; remove the "
+                       "repeats or use --repeats", meta, len(repeated), _shown(repeated))  # fmt: skip
+    names = {Path(name).as_posix() for name in listed}
+    unlisted = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and p.relative_to(root).as_posix() not in names
+        and _own_metadata(p.parent, root) is None  # a subfolder with its own metadata file lists its images there
+        and not p.stem.endswith(MASK_SUFFIX)  # loss masks are found beside their images
+    )  # fmt: skip
+    if unlisted:
+        logger.warning("%d image(s) in %s have no entry in %s and are left out (%s)", len(unlisted), root, meta.name,
+                       _shown(unlisted))  # fmt: skip
 
 
 def _quiet_datasets():

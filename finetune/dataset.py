@@ -17,6 +17,7 @@ cache is then off for images (said in a warning).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +45,15 @@ class Images:
     buckets: list[tuple[int, int]]
     is_prior: list[bool]
     masks: list[Image.Image | None]  # loss masks (grey, the image's size), None where an image has none
+
+    def fingerprint(self) -> str:
+        """sha256 over each example's pixels, size, caption and kind, in order: an added, removed, edited or
+        reordered image or caption changes it (a resume compares it with the checkpoint's)."""
+        digest = hashlib.sha256()
+        for image, caption, prior in zip(self.images, self.captions, self.is_prior, strict=True):
+            digest.update(f"{image.size}|{caption}|{prior}|".encode())
+            digest.update(hashlib.sha256(image.tobytes()).digest())
+        return digest.hexdigest()
 
 
 def read_images(cfg, class_records: list[Record] | None = None) -> Images:

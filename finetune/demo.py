@@ -28,7 +28,7 @@ from core.errors import UserError
 from finetune.config import REPO_ROOT, LoraTrainConfig
 from finetune.loop import train
 from finetune.tasks import LORA
-from pipelines.loading import load_pipeline
+from pipelines.loading import load_loras, load_pipeline
 from toyworld import shapes
 from toyworld.evaluate import shapes_accuracy
 
@@ -62,8 +62,8 @@ def demo_config(name: str) -> Path:
 
 def evaluate(model: str, lora_dir: Path | None, seeds: int) -> dict[str, shapes.Accuracy]:
     pipe, _ = load_pipeline(model)
-    if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir)
+    if lora_dir is not None:  # generate's loader: without diffusers' "no LoRA keys for the text encoder" warning
+        load_loras(pipe, [str(lora_dir)], [1.0])
     purple, _ = shapes_accuracy(pipe, purple_prompts(), seeds=seeds)
     base, _ = shapes_accuracy(pipe, shapes.prompts(), seeds=seeds)
     return {"purple": purple, "base": base}

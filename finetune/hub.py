@@ -1,6 +1,9 @@
 """Uploading a finished result to the Hugging Face Hub: the adapter or pipeline, its model card and sample grid.
 
-Uses `huggingface_hub.HfApi` (`create_repo`, `upload_folder`). Only the result goes up: an allow-list of its
+Uses `huggingface_hub.HfApi` (`create_repo`, `upload_folder`). The repository is created (or found) before
+training starts, as diffusers' example scripts do, so that an unreachable Hub, a bad repository id or a token that
+may not write stops the run before any model loads rather than after hours of training; a push that still fails
+after training says where the result is and the command that uploads it later. Only the result goes up: an allow-list of its
 files, with checkpoints, caches, logs and temporary folders also excluded by pattern (diffusers' example
 scripts miss `checkpoint-*`). The token comes from `--hub_token` or the cached login (`hf auth login`,
 `HF_TOKEN`); it is handed to `HfApi` only, never printed, logged or written to a file.
@@ -34,6 +37,22 @@ def resolve_token(cfg) -> str:
     return token
 
 
+def prepare_repo(cfg, api: HfApi | None = None) -> str:
+    """Creates (or finds) the repository before training; returns its id. One line when the Hub cannot be reached
+    or the token may not create or write it."""
+    token = resolve_token(cfg)
+    name = repo_name(Path(cfg.output_dir), cfg)
+    try:
+        repo_id = (api or HfApi()).create_repo(name, token=token, private=cfg.hub_private, exist_ok=True).repo_id
+    except (OSError, ValueError, HTTPError) as err:  # network, offline mode, HTTP status, invalid repo id
+        raise UserError(
+            f"--push_to_hub: cannot create or reach the Hub repository {name!r} ({_one_line(err, token)}); nothing "
+            "was trained. Check the network, --hub_model_id and that the token may write, or drop --push_to_hub"
+        ) from None
+    logger.info("results will be pushed to https://huggingface.co/%s", repo_id)
+    return repo_id
+
+
 def repo_name(output_dir: Path, cfg) -> str:
     """--hub_model_id, else the output folder's name (the Hub puts it under the token's user)."""
     return cfg.hub_model_id or Path(output_dir).resolve().name
@@ -59,15 +78,22 @@ def _one_line(err: Exception, token: str) -> str:
     return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
 
-def push_to_hub(output_dir: Path, cfg, api: HfApi | None = None) -> str:
-    """Creates the repository if needed and uploads the result; returns the repository id."""
+def upload_command(repo_id: str, output_dir: Path, allow: list[str]) -> str:
+    """The `hf upload` command that sends the result later: the same files `push_to_hub` sends."""
+    includes = " ".join(f"--include '{p}'" for p in allow)
+    return f"hf upload {repo_id} {output_dir} . {includes}"
+
+
+def push_to_hub(output_dir: Path, cfg, api: HfApi | None = None, repo_id: str | None = None) -> str:
+    """Uploads the result into `repo_id` (created first when not given); returns the repository id."""
     output_dir = Path(output_dir)
     token = resolve_token(cfg)
     allow = result_patterns(output_dir)
     api = api or HfApi()
-    name = repo_name(output_dir, cfg)
+    name = repo_id or repo_name(output_dir, cfg)
     try:
-        repo_id = api.create_repo(name, token=token, private=cfg.hub_private, exist_ok=True).repo_id
+        if repo_id is None:
+            repo_id = api.create_repo(name, token=token, private=cfg.hub_private, exist_ok=True).repo_id
         card = output_dir / CARD_FILE
         local_ref = card_model_ref(output_dir, cfg)
         if card.exists() and local_ref != repo_id:  # point the usage snippet at the repository
@@ -78,8 +104,9 @@ def push_to_hub(output_dir: Path, cfg, api: HfApi | None = None) -> str:
         )  # fmt: skip
     except (OSError, ValueError, HTTPError) as err:  # network, offline mode, HTTP status, invalid repo id
         raise UserError(
-            f"--push_to_hub: could not upload to {name!r} ({_one_line(err, token)}); check the network, "
-            "--hub_model_id and that the token may write"
+            f"--push_to_hub: could not upload to {name!r} ({_one_line(err, token)}); the result is saved in "
+            f"{output_dir}: check the network, --hub_model_id and that the token may write, then upload it with "
+            f"`{upload_command(repo_id or name, output_dir, allow)}`"
         ) from None
     logger.info("uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
     return repo_id

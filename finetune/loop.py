@@ -31,6 +31,7 @@ from finetune.dataset import build_dataset, collate, read_images
 from finetune.objective import Objective, batch_loss, check_objective
 from finetune.offload import offload, offload_plan, resident
 from finetune.optim import build_optimizer
+from finetune.resume import SECRETS, apply_settings, check_resume, hyperparameters, run_record
 from finetune.speed import speed_up_denoiser
 from finetune.tasks import Task, Trainable
 from finetune.validation import log_validation
@@ -38,7 +39,6 @@ from finetune.validation_loss import Selection, ValidationLoss, split_validation
 from pipelines.families import Family, detect, read_model_index
 
 logger = logging.getLogger(__name__)
-SECRETS = ("hub_token",)  # never logged, never written into a checkpoint
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
 BEST = "best"  # <output_dir>/best/: the checkpoint of the lowest validation loss (--keep_best_by)
 
@@ -76,12 +76,17 @@ class Run:
     max_steps: int
     weight_dtype: torch.dtype
     selection: Selection = field(default_factory=Selection)
+    record: dict = field(default_factory=dict)  # what checkpoints store about this run (`finetune.resume`)
+    hub_repo: str | None = None  # created before training when --push_to_hub
 
 
 def train(cfg: TrainConfig, task: Task) -> TrainResult:
     accelerator = make_accelerator(cfg)
     data = read_images(cfg, class_images(cfg, accelerator))  # before any model: a bad folder fails in seconds
     data, held_out = split_validation(cfg, data)
+    record = run_record(cfg, accelerator.num_processes, data.fingerprint(), len(data.images))
+    folder, restart_epoch = find_checkpoint(cfg, record)  # a resume that cannot be honoured stops here
+    hub_repo = prepare_hub(cfg, accelerator)
     family, trainable, weight_dtype = load_models(cfg, task, accelerator)
     with accelerator.main_process_first():
         dataset, cached = build_dataset(cfg, data, family, trainable.models)
@@ -95,7 +100,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers
     )
     run, loader = prepare_optimization(cfg, accelerator, family, trainable, loader, weight_dtype)
-    progress = resume(run)
+    run.record, run.hub_repo = record, hub_repo
+    progress = resume(run, folder, restart_epoch)
     objective = Objective.from_config(cfg, family.noise_scheduler)
     logger.info(
         "training %s (%s): %d examples, %d steps, batch %d x %d accumulation x %d processes, cache %s",
@@ -103,52 +109,52 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
         accelerator.num_processes, "on" if cached else "off",
     )  # fmt: skip
     result = TrainResult(progress.step, cached=cached, is_main_process=accelerator.is_main_process)
-    bar = tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process)
-    start = tick = time.perf_counter()
-    while progress.step < run.max_steps:
-        # Not `set_epoch`: accelerate calls that on a loader's dataset and batch sampler with its own iteration count,
-        # which restarts at 0 for every `skip_first_batches` loader (every epoch would replay epoch 0's order, noise,
-        # timesteps and caption dropout).
-        dataset.start_epoch(progress.epoch)
-        sampler.start_epoch(progress.epoch)
-        for batch in accelerator.skip_first_batches(loader, progress.batches_done_in_epoch):
-            with accelerator.accumulate(*run.models.values()):
-                loss = batch_loss(family, run.models, batch, objective, weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            progress.batches_done_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
+    # The bar is closed (its line ended) before any error line is printed, even when training stops early.
+    with tqdm(total=run.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process) as bar:
+        start = tick = time.perf_counter()
+        while progress.step < run.max_steps:
+            # Not `set_epoch`: accelerate calls that on a loader's dataset and batch sampler with its own iteration count,
+            # which restarts at 0 for every `skip_first_batches` loader (every epoch would replay epoch 0's order, noise,
+            # timesteps and caption dropout).
+            dataset.start_epoch(progress.epoch)
+            sampler.start_epoch(progress.epoch)
+            for batch in accelerator.skip_first_batches(loader, progress.batches_done_in_epoch):
+                with accelerator.accumulate(*run.models.values()):
+                    loss = batch_loss(family, run.models, batch, objective, weight_dtype)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                progress.batches_done_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
 
-            progress.step += 1
-            step_loss = finite_loss(run, loss, progress.step)
-            if run.ema is not None:
-                run.ema.step(run.params)
-            result.losses.append(step_loss)
-            tick, last = time.perf_counter(), tick
-            result.step_seconds.append(tick - last)
-            lr = run.lr_scheduler.get_last_lr()[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
-            if validator is not None and progress.step % cfg.validation_steps == 0:
-                if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
-                    run.max_steps = progress.step
-            if progress.step % cfg.checkpointing_steps == 0 or progress.step == run.max_steps:
-                save_checkpoint(run, progress)
-            if cfg.validation_prompt and progress.step % cfg.validation_steps == 0:
-                with resident(family, offloaded, accelerator.device):
-                    log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
-            if progress.step >= run.max_steps:
-                break
-        else:  # the epoch ran out
-            progress.epoch += 1
-            progress.batches_done_in_epoch = 0
-    bar.close()
+                progress.step += 1
+                step_loss = finite_loss(run, loss, progress.step)
+                if run.ema is not None:
+                    run.ema.step(run.params)
+                result.losses.append(step_loss)
+                tick, last = time.perf_counter(), tick
+                result.step_seconds.append(tick - last)
+                lr = run.lr_scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
+                if validator is not None and progress.step % cfg.validation_steps == 0:
+                    if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
+                        run.max_steps = progress.step
+                if progress.step % cfg.checkpointing_steps == 0 or progress.step == run.max_steps:
+                    save_checkpoint(run, progress)
+                if cfg.validation_prompt and progress.step % cfg.validation_steps == 0:
+                    with resident(family, offloaded, accelerator.device):
+                        log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
+                if progress.step >= run.max_steps:
+                    break
+            else:  # the epoch ran out
+                progress.epoch += 1
+                progress.batches_done_in_epoch = 0
     result.global_step, result.seconds = progress.step, time.perf_counter() - start
     finish(run, task)
     return result
@@ -175,6 +181,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             f"{launched} processes launched but {accelerator.num_processes} joined; without CUDA launch with "
             "ACCELERATE_USE_CPU=1 (see configs/accelerate/multi_cpu.yaml)"
         )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError(
+            "--mixed_precision fp16 needs a GPU: on a CPU accelerate runs no fp16 autocast and the frozen weights "
+            "would be cast to fp16 anyway; use --mixed_precision bf16 (autocast on CPU) or no"
+        )
     set_seed(cfg.seed)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -182,6 +193,27 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale(output_dir)
     return accelerator
+
+
+def find_checkpoint(cfg: TrainConfig, record: dict) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from, checked against this run before any model loads; returns it (None: start
+    from step 0) and whether the interrupted epoch restarts (see `finetune.resume`)."""
+    if not cfg.resume_from_checkpoint:
+        return None, False
+    folder = ckpt.resolve(cfg.resume_from_checkpoint, Path(cfg.output_dir))
+    if folder is None:
+        logger.info("no checkpoint in %s yet: starting from step 0", cfg.output_dir)
+        return None, False
+    return folder, check_resume(folder, ckpt.stored_config(folder), record, cfg.resume_allow_changes)
+
+
+def prepare_hub(cfg: TrainConfig, accelerator: Accelerator) -> str | None:
+    """With --push_to_hub, the repository created or found before training (main process); None otherwise."""
+    if not (cfg.push_to_hub and accelerator.is_main_process):
+        return None
+    from finetune.hub import prepare_repo
+
+    return prepare_repo(cfg)
 
 
 def class_images(cfg: TrainConfig, accelerator: Accelerator) -> list | None:
@@ -267,23 +299,30 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
 # ----------------------------------------------------------------------------------------------- during, after
 
 
-def resume(run: Run) -> Progress:
-    """The position to start from: step 0, or what `--resume_from_checkpoint` restores (weights, optimizer, LR
-    schedule, EMA, RNG, and the position inside the epoch)."""
+def resume(run: Run, folder: Path | None, restart_epoch: bool) -> Progress:
+    """The position to start from: step 0, or what the checkpoint `folder` restores (weights, optimizer moments,
+    LR schedule position, EMA, RNG, and the position inside the epoch unless `restart_epoch`). This run's learning
+    rate, schedule and optimizer settings replace the checkpoint's (`finetune.resume.apply_settings`)."""
     cfg = run.cfg
     if run.accelerator.is_main_process:  # the token is never logged
         run.accelerator.init_trackers("difftune", config={k: str(v) for k, v in to_dict(cfg, SECRETS).items()})
-    folder = ckpt.resolve(cfg.resume_from_checkpoint, Path(cfg.output_dir)) if cfg.resume_from_checkpoint else None
     if folder is None:
-        if cfg.resume_from_checkpoint:
-            logger.info("no checkpoint in %s yet: starting from step 0", cfg.output_dir)
         return Progress()
+    settings = hyperparameters(run.optimizer, run.lr_scheduler)
     state = ckpt.load(folder, run.models, [run.optimizer], [run.lr_scheduler], accelerator=run.accelerator)
+    apply_settings(run.optimizer, run.lr_scheduler, *settings)
     if run.ema is not None:
         run.ema.load_state_dict(state["extra"]["ema"])
     run.selection = Selection(**state["extra"].get("selection", {}))
-    logger.info("resumed from %s at step %d", folder, state["step"])
-    return Progress(state["step"], **state["progress"])
+    progress = Progress(state["step"], **state["progress"])
+    if restart_epoch:
+        progress.batches_done_in_epoch = 0
+    logger.info("resumed from %s at step %d (epoch %d, batch %d of it)", folder, progress.step, progress.epoch,
+                progress.batches_done_in_epoch)  # fmt: skip
+    if progress.step >= run.max_steps:
+        logger.warning("%s is at step %d, this run trains %d steps: nothing left to train; saving the result",
+                       folder, progress.step, run.max_steps)  # fmt: skip
+    return progress
 
 
 def finite_loss(run: Run, loss: torch.Tensor, step: int) -> float:
@@ -306,7 +345,7 @@ def save_checkpoint(run: Run, progress: Progress, name: str | None = None, notes
     saved = ckpt.save(
         Path(cfg.output_dir), progress.step, run.models, [run.optimizer], [run.lr_scheduler],
         progress={"epoch": progress.epoch, "batches_done_in_epoch": progress.batches_done_in_epoch},
-        extra=extra, config=to_dict(cfg, SECRETS), total_limit=cfg.checkpoints_total_limit,
+        extra=extra, config=run.record, total_limit=cfg.checkpoints_total_limit,
         accelerator=run.accelerator, name=name, notes=notes,
     )  # fmt: skip
     if run.accelerator.is_main_process:
@@ -347,9 +386,17 @@ def finish(run: Run, task: Task) -> None:
             if task.raw_beside_ema:
                 task.save(run.family, run.cfg, output_dir / RAW)
             run.ema.copy_to(run.params)
-        task.save(run.family, run.cfg, output_dir)
+        try:
+            task.save(run.family, run.cfg, output_dir)
+        except OSError as err:  # a full disk at the very end: the last checkpoint holds the trained weights
+            last = ckpt.list_checkpoints(output_dir)
+            raise UserError(
+                f"could not save the result in {output_dir} ({err.strerror or err}); the trained weights are in "
+                f"{last[-1] if last else 'no checkpoint'}: free space and rerun with --resume_from_checkpoint latest "
+                "(it saves the result without training again)"
+            ) from None
         if run.cfg.push_to_hub:
             from finetune.hub import push_to_hub
 
-            push_to_hub(output_dir, run.cfg)
+            push_to_hub(output_dir, run.cfg, repo_id=run.hub_repo)
     accelerator.end_training()

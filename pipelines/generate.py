@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -45,6 +44,7 @@ from tqdm import tqdm  # noqa: E402
 from core.config import from_values, option, parse, to_dict  # noqa: E402
 from core.errors import UserError, run_main  # noqa: E402
 from core.images import make_grid  # noqa: E402
+from core.paths import check_output_dir  # noqa: E402
 from pipelines.families import Family, detect, sub_config  # noqa: E402
 from pipelines.loading import (  # noqa: E402
     DTYPES,
@@ -172,21 +172,6 @@ class ImageSpec:
     index: int
     prompt: str
     seed: int
-
-
-def check_output_dir(output_dir: str) -> None:
-    """A `UserError` unless `output_dir` is a folder we can create or write into (tried, not guessed: root and
-    read-only mounts make permission bits misleading)."""
-    path = Path(output_dir)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        what = "is a file" if existing == path else f"is inside {existing}, which is a file"
-        raise UserError(f"--output_dir {output_dir} {what}; give a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise UserError(f"--output_dir {output_dir}: cannot write into {existing} ({err.strerror})") from None
 
 
 def _absolute_if_local(path: str) -> str:

@@ -42,8 +42,9 @@ from PIL import Image  # noqa: E402
 from core.config import option, parse  # noqa: E402
 from core.errors import UserError, run_main  # noqa: E402
 from core.metrics import frechet_distance  # noqa: E402
+from core.paths import check_output_dir  # noqa: E402
 from pipelines.families import detect, sub_config  # noqa: E402
-from pipelines.generate import GenerateConfig, check_output_dir, generate_batch, image_size, plan_images  # noqa: E402
+from pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images  # noqa: E402
 from pipelines.loading import load_pipeline  # noqa: E402
 from pipelines.samplers import check_sampler, check_steps, fitting_samplers, sampler_names, set_sampler  # noqa: E402
 from toyworld import shapes  # noqa: E402

@@ -65,21 +65,44 @@ def test_missing_caption_column_names_it(tmp_path):
     assert read_records(train_data_dir=str(tmp_path), caption_column="prompt")[0].caption == "x"
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
+def test_corrupt_images_are_skipped_and_counted_once(tmp_path, caplog):
     for i in range(3):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text("ok")
     (tmp_path / "1.png").write_bytes((tmp_path / "1.png").read_bytes()[:20])  # truncated
-    with pytest.warns(UserWarning, match="skipped 1 of 3 images"):
-        images, kept = decode_all(read_records(train_data_dir=str(tmp_path)))
+    images, kept = decode_all(read_records(train_data_dir=str(tmp_path)))
     assert len(images) == 2 and [r.name.endswith("1.png") for r in kept] == [False, False]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("skipped 1 of 3 images: 1 that could not be decoded") and "1.png" in warning
 
 
 def test_all_corrupt_never_trains_on_nothing(tmp_path):
     (tmp_path / "a.png").write_bytes(b"not an image")
     (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(UserError, match="none of the 1 images could be decoded"), pytest.warns(UserWarning):
+    with pytest.raises(UserError, match="none of the 1 images could be read: 1 that could not be decoded"):
         decode_all(read_records(train_data_dir=str(tmp_path)))
+
+
+def _imagefolder(root, names, listed):
+    for name in names:
+        Image.new("RGB", (8, 8)).save(root / name)
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "x"}) + "\n" for n in listed))
+
+
+def test_metadata_repeats_unlisted_and_missing_files_are_each_named(tmp_path, caplog):
+    _imagefolder(tmp_path, ["a.png", "b.png", "extra.png"], ["a.png", "b.png", "a.png", "gone.png"])
+    images, kept = decode_all(read_records(train_data_dir=str(tmp_path)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(images) == 3  # a.png twice (as listed), b.png; gone.png skipped
+    assert any("lists 1 file(s) more than once (a.png)" in w for w in warnings)
+    assert any("1 image(s) in" in w and "extra.png" in w and "left out" in w for w in warnings)
+    assert any(w.startswith("skipped 1 of 4 images: 1 missing (") and "gone.png" in w for w in warnings)
+
+
+def test_empty_metadata_is_one_line(tmp_path):
+    _imagefolder(tmp_path, ["a.png"], [])
+    with pytest.raises(UserError, match="metadata.jsonl lists no images"):
+        read_records(train_data_dir=str(tmp_path))
 
 
 def test_dataset_name_columns_are_checked(tmp_path):

@@ -1,0 +1,127 @@
+"""Resume that refuses what it cannot honour: the checkpoint's stored run compared with this one, before loading.
+
+A checkpoint stores the resolved config it was trained with (secrets left out), the number of processes and a
+fingerprint of the training data (`run_record`). On `--resume_from_checkpoint` each setting falls in one of three
+kinds:
+- settings that never touch the weights (where things are written, logging, validation, checkpoint cadence,
+  Hub upload): a change is taken as it is;
+- settings that shape training from here on and can be honoured exactly (`SETTABLE`: learning rate and its
+  schedule, optimizer hyper-parameters, clipping, the step budget): a change is applied to the optimizer and the
+  LR schedule after loading (`apply_settings`) and logged, because the checkpoint's optimizer state would
+  otherwise silently bring the old values back;
+- everything else changes the training trajectory (batch size, accumulation, processes, data, model,
+  adapter and its targets, objective, augmentation, seed): a change is one error naming every difference, unless
+  `--resume_allow_changes`. Then the changes are logged and, when the batch layout or the data changed, the
+  interrupted epoch restarts from its first batch (the in-epoch position was counted in the old batches and
+  cannot be mapped onto new ones: the samples of that epoch already seen are seen again, none is skipped).
+
+Settings that decide the shape of the trained weights (rank, adapter, targets, model) cannot be changed even then:
+loading fails with one line naming the first tensor that does not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from core.config import to_dict
+from core.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SECRETS = ("hub_token",)  # never logged, never written into a checkpoint
+# Settings with no effect on the trained weights: whatever this run says is used.
+PASSIVE = (
+    "train_data_dir", "dataset_name", "dataset_config_name", "class_data_dir",  # the data fingerprint decides
+    "output_dir", "resume_from_checkpoint", "resume_allow_changes", "report_to", "logging_dir", "push_to_hub",
+    "hub_model_id", "hub_private", "cache_dir", "dataloader_num_workers", "validation_prompt",
+    "num_validation_images", "validation_steps", "validation_inference_steps", "output_kohya_format",
+    "checkpointing_steps", "checkpoints_total_limit", "allow_tf32", "gradient_checkpointing",
+    "compile", "compile_scope", "channels_last", "keep_best_by", "early_stopping_patience",  # speed, selection
+)  # fmt: skip
+# Settings that act from the resumed step on and are applied exactly (see `apply_settings`).
+SETTABLE = (
+    "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "max_grad_norm", "max_train_steps", "num_train_epochs", "cache_latents",
+)  # fmt: skip
+# Changes of these make the stored in-epoch position meaningless: the epoch restarts when they are allowed.
+BATCH_LAYOUT = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "data", "repeats", "seed",
+                "enable_bucket", "resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                "bucket_no_upscale")  # fmt: skip
+# The optimizer's param-group entries that come from the config; the rest (e.g. Prodigy's running `d`) is state.
+HYPERPARAMETERS = ("lr", "initial_lr", "betas", "weight_decay", "eps")
+
+
+def run_record(cfg, num_processes: int, fingerprint: str, num_examples: int) -> dict:
+    """What a checkpoint stores about the run that wrote it (`core.checkpoint.save`'s `config`)."""
+    return {"settings": to_dict(cfg, SECRETS), "num_processes": num_processes,
+            "data": {"fingerprint": fingerprint, "examples": num_examples}}  # fmt: skip
+
+
+def _flatten(record: dict) -> dict:
+    """A run record as one flat mapping: its settings, `num_processes`, and `data` (the fingerprint)."""
+    return {**record["settings"], "num_processes": record["num_processes"], "data": record["data"]["fingerprint"]}
+
+
+def _show(key: str, old, new, record_old: dict, record_new: dict) -> str:
+    if key == "data":
+        n_old, n_new = record_old["data"]["examples"], record_new["data"]["examples"]
+        return f"the training data ({n_old} examples then, {n_new} now, contents differ)"
+    flag = "processes" if key == "num_processes" else f"--{key}"
+    return f"{flag} {old} -> {new}"
+
+
+def check_resume(folder: Path, stored: dict | None, current: dict, allow_changes: bool) -> bool:
+    """Compares the checkpoint's run record with this run's, before any model loads. Raises one `UserError`
+    naming every trajectory-changing difference (unless `allow_changes`); logs the rest. Returns whether the
+    interrupted epoch must restart from its first batch."""
+    if not stored or "settings" not in stored:
+        logger.warning("%s stores no training settings (an older checkpoint): they cannot be compared", folder)
+        return False
+    old, new = _flatten(stored), _flatten(current)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in PASSIVE]
+    guarded = [k for k in changed if k not in SETTABLE]
+    shown = [_show(k, old.get(k), new.get(k), stored, current) for k in guarded]
+    if guarded and not allow_changes:
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: {', '.join(shown)} would change the training trajectory; "
+            "resume with the checkpoint's settings, or pass --resume_allow_changes to accept the changes"
+        )
+    if guarded:
+        logger.warning("resuming with changed settings (--resume_allow_changes): %s", ", ".join(shown))
+    settable = [k for k in changed if k in SETTABLE]
+    if settable:
+        logger.info(
+            "resuming with new %s", ", ".join(_show(k, old.get(k), new.get(k), stored, current) for k in settable)
+        )
+    restart = any(k in BATCH_LAYOUT for k in guarded)
+    if restart:
+        logger.warning("the batch layout or data changed: the interrupted epoch restarts from its first batch")
+    return restart
+
+
+def hyperparameters(optimizer, lr_scheduler) -> tuple[list[dict], list[float]]:
+    """This run's optimizer settings and the schedule's base learning rates, read before a checkpoint overwrites
+    them (`torch.optim.Optimizer.load_state_dict` restores the param groups of the run that saved)."""
+    groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+    return groups, list(_inner(lr_scheduler).base_lrs)
+
+
+def apply_settings(optimizer, lr_scheduler, groups: list[dict], base_lrs: list[float]) -> None:
+    """Puts this run's learning rate, schedule and optimizer settings back after loading a checkpoint: the moments
+    and the schedule's position stay the checkpoint's, the settings become this run's."""
+    scheduler = _inner(lr_scheduler)
+    for group, settings in zip(optimizer.param_groups, groups, strict=True):
+        group.update(settings)
+    scheduler.base_lrs = base_lrs
+    # diffusers' schedules are LambdaLR: lr = base * factor(step); recomputed at the restored step.
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+
+
+def _inner(lr_scheduler) -> torch.optim.lr_scheduler.LRScheduler:
+    """accelerate's `AcceleratedScheduler` wraps the torch scheduler."""
+    return getattr(lr_scheduler, "scheduler", lr_scheduler)
