@@ -209,8 +209,9 @@ def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
                    pad_token_id=vocab - 1)  # fmt: skip
         return cls(CLIPTextConfig(**ids, **{**TEXT_SHAPES[shape], **overrides.get("text", {})}))
 
-    if kind in FLOW_SHAPES:  # CLIP-L with its projection: SD 3 and Flux read the pooled output
-        parts = dict(text_encoder=text_encoder("clip-l", CLIPTextModelWithProjection), tokenizer=tokenizer)
+    if kind in FLOW_SHAPES:  # SD 3 reads CLIP-L's projection, Flux its pooled output
+        clip_l = CLIPTextModelWithProjection if kind == "sd35" else CLIPTextModel
+        parts = dict(text_encoder=text_encoder("clip-l", clip_l), tokenizer=tokenizer)
     else:
         parts = dict(
             unet=UNet2DConditionModel(**{**UNET_SHAPES[kind], **overrides.get("unet", {})}),
@@ -342,7 +343,7 @@ def tiny_flow_child(settings: dict) -> dict:
     cfg = from_values(LoraTrainConfig, dict(
         pretrained_model_name_or_path=str(model), train_data_dir=str(data), output_dir=str(work / "out"),
         resolution=64, center_crop=True, train_batch_size=16, max_train_steps=2 + settings["steps"],
-        cache_latents=settings["cache"], max_sequence_length=77, learning_rate=1e-3, report_to="none",
+        cache_latents=settings["cache"], max_sequence_length=16, learning_rate=1e-3, report_to="none",
         checkpointing_steps=10**9,
     ))  # fmt: skip
     result = train(cfg, LORA)
