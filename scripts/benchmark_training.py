@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.config import option, parse  # noqa: E402
 from core.errors import UserError, run_main  # noqa: E402
+from scripts.shaped_models import SHAPED_RESOLUTION, build_shaped_pipeline  # noqa: E402
 
 PRESETS = ROOT / "configs" / "hardware"
 
@@ -142,128 +143,6 @@ def child(settings: dict) -> dict:
         "mixed_precision": cfg.mixed_precision,
         "resolution": cfg.resolution,
     }
-
-
-# The real architectures of SD 1.5 and SDXL base (diffusers' configs), randomly initialised: speed and memory do not
-# depend on the weights. Text encoders: CLIP ViT-L (both) and OpenCLIP ViT-bigG (SDXL's second); VAE: SD's.
-UNET_SHAPES = {
-    "sd15": dict(
-        sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8,
-    ),
-    "sdxl": dict(
-        sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    ),
-}  # fmt: skip
-TEXT_SHAPES = {
-    "clip-l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   projection_dim=768),
-    "clip-g": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                   projection_dim=1280),
-}  # fmt: skip
-VAE_SHAPE = dict(
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-)  # fmt: skip
-# SD 3.5 medium's and Flux.1-dev's transformers (diffusers' configs of the released models), their 16-channel VAE
-# and T5-XXL's width.
-FLOW_SHAPES = {
-    "sd35": dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-    ),
-    "flux": dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ),
-}  # fmt: skip
-FLOW_VAE = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
-T5_SHAPE = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu")
-SHAPED_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
-
-
-def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
-    """A randomly initialised pipeline of `kind`'s shapes saved as a diffusers folder; `overrides` (keys `unet`,
-    `vae`, `text`) narrow it for tests."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from toyworld.tiny_parts import sd_scheduler, write_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "tokenizer", max_length=77))
-    vocab = len(tokenizer.get_vocab())
-
-    def text_encoder(shape: str, cls):
-        ids = dict(vocab_size=vocab, max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-                   pad_token_id=vocab - 1)  # fmt: skip
-        return cls(CLIPTextConfig(**ids, **{**TEXT_SHAPES[shape], **overrides.get("text", {})}))
-
-    if kind in FLOW_SHAPES:  # SD 3 reads CLIP-L's projection, Flux its pooled output
-        clip_l = CLIPTextModelWithProjection if kind == "sd35" else CLIPTextModel
-        parts = dict(text_encoder=text_encoder("clip-l", clip_l), tokenizer=tokenizer)
-    else:
-        parts = dict(
-            unet=UNet2DConditionModel(**{**UNET_SHAPES[kind], **overrides.get("unet", {})}),
-            vae=AutoencoderKL(**{**VAE_SHAPE, **overrides.get("vae", {})}),
-            text_encoder=text_encoder("clip-l", CLIPTextModel), tokenizer=tokenizer, scheduler=sd_scheduler(),
-        )  # fmt: skip
-    if kind in FLOW_SHAPES:
-        pipe = flow_pipeline(kind, parts, text_encoder, folder, overrides)
-    elif kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            **parts, text_encoder_2=text_encoder("clip-g", CLIPTextModelWithProjection), tokenizer_2=tokenizer
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    pipe.save_pretrained(folder)
-    return folder
-
-
-def flow_pipeline(kind: str, parts: dict, text_encoder, folder: Path, overrides: dict):
-    """SD 3.5 medium or Flux.1-dev of the real transformer shapes, around `parts`' tokenizer and CLIP-L."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
-
-    from toyworld.tiny_flow import write_t5_tokenizer
-
-    t5_tokenizer = T5TokenizerFast.from_pretrained(write_t5_tokenizer(folder / "tokenizer_t5", max_length=512))
-    t5_config = {**T5_SHAPE, **overrides.get("t5", {})}
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **t5_config, tie_word_embeddings=False))
-    transformer_config = {**FLOW_SHAPES[kind], **overrides.get("transformer", {})}
-    vae = AutoencoderKL(**{**VAE_SHAPE, **FLOW_VAE, **overrides.get("vae", {})})
-    clip_l = parts["text_encoder"]
-    if kind == "flux":
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
-        return FluxPipeline(transformer=FluxTransformer2DModel(**transformer_config), vae=vae, scheduler=scheduler,
-                            text_encoder=clip_l, tokenizer=parts["tokenizer"], text_encoder_2=t5,
-                            tokenizer_2=t5_tokenizer)  # fmt: skip
-    return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**transformer_config), vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=clip_l, tokenizer=parts["tokenizer"],
-        text_encoder_2=text_encoder("clip-g", CLIPTextModelWithProjection), tokenizer_2=parts["tokenizer"],
-        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
-    )  # fmt: skip
 
 
 def write_images(folder: Path, count: int, resolution: int) -> Path:
