@@ -71,22 +71,21 @@ def flux_kohya_layers(transformer: torch.nn.Module, adapter: str) -> dict[str, t
 
 
 def _fused(key: str, names: list[str], lora: dict, transformer: torch.nn.Module, adapter: str) -> dict:
+    if len(names) == 1:  # one module: its own rank, and its scale as alpha, as kohya writes it
+        module = lora[names[0]]
+        return {f"{key}.lora_down.weight": module.lora_A[adapter].weight,
+                f"{key}.lora_up.weight": module.lora_B[adapter].weight,
+                f"{key}.alpha": torch.tensor(float(module.scaling[adapter] * module.r[adapter]))}  # fmt: skip
     downs, ups = [], []
     for name in names:
-        out_features = transformer.get_submodule(name).weight.shape[0]
         if name in lora:
             module = lora[name]
             downs.append(module.lora_A[adapter].weight)
             ups.append(module.lora_B[adapter].weight * module.scaling[adapter])
         else:
-            ups.append(torch.zeros(out_features, 0))
+            ups.append(torch.zeros(transformer.get_submodule(name).weight.shape[0], 0))
     down = torch.cat(downs)
     up = torch.block_diag(*[u.detach().float() for u in ups]).to(down.dtype)
-    if len(names) == 1:  # one module: keep its own rank and scale as alpha, as kohya writes it
-        module = lora[names[0]]
-        rank = module.r[adapter]
-        return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": module.lora_B[adapter].weight,
-                f"{key}.alpha": torch.tensor(float(module.scaling[adapter] * rank))}  # fmt: skip
     return {
         f"{key}.lora_down.weight": down,
         f"{key}.lora_up.weight": up,

@@ -61,7 +61,9 @@ class RepeatedLastTokenProcessor(JointAttnProcessor2_0):
 
 
 def install(transformer: torch.nn.Module) -> None:
-    """Give every joint attention of an SD 3 transformer the processor above (idempotent)."""
-    processors = transformer.attn_processors
-    if not all(isinstance(p, RepeatedLastTokenProcessor) for p in processors.values()):
-        transformer.set_attn_processor(RepeatedLastTokenProcessor())
+    """Give every joint attention of an SD 3 transformer the processor above, once (called every training step: the
+    module walk happens only the first time)."""
+    if getattr(transformer, "_repeated_last_token", False):
+        return
+    transformer.set_attn_processor(RepeatedLastTokenProcessor())
+    transformer._repeated_last_token = True
