@@ -164,10 +164,14 @@ def sd_scheduler(prediction_type: str = "epsilon", **overrides) -> PNDMScheduler
 
 
 def load_clip_tokenizer(tokenizer_dir: str | Path | None) -> CLIPTokenizer:
-    """The project's CLIP tokenizer from `tokenizer_dir`, written there first if absent (to a temp folder if None)."""
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else None
-    if tok_dir is None or not (tok_dir / "vocab.json").exists():
+    """The project's CLIP tokenizer from `tokenizer_dir`, written there first if absent (if None: through a
+    temporary folder that is removed once the tokenizer has read its files)."""
+    if tokenizer_dir is None:
         import tempfile
 
-        tok_dir = write_tokenizer(tok_dir or tempfile.mkdtemp(prefix="difftune-tok-"))
+        with tempfile.TemporaryDirectory(prefix="difftune-tok-") as tmp:
+            return CLIPTokenizer.from_pretrained(write_tokenizer(tmp))
+    tok_dir = Path(tokenizer_dir)
+    if not (tok_dir / "vocab.json").exists():
+        write_tokenizer(tok_dir)
     return CLIPTokenizer.from_pretrained(tok_dir)
