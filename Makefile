@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch is pinned first: an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-faults lint venv clean
+.PHONY: demo test test-faults test-slow lint venv clean
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: venv
 # The long fault-injection variant: a kill at every phase of every save, at random steps, and real SIGINTs.
 test-faults: venv
 	$(BIN)/python -m pytest -q -m faults tests/reliability
+
+# End-to-end runs too long for CI's budget: the flow demo against its bar.
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow tests
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
