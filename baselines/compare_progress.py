@@ -33,7 +33,7 @@ class Progress:
         self.current: tuple[str, int] | None = None
         self.phase, self.fraction, self.step = "", 0.0, 0
         self.run_start = self.train_end = self.paused = 0.0  # paused: quality points measured between chunks
-        fmt = "{desc} {n:.1f}/{total} runs |{bar}| {elapsed} elapsed, {postfix}"
+        fmt = "{desc} {n:.1f}/{total} runs |{bar}| {elapsed} elapsed{postfix}"  # tqdm puts ", " before the postfix
         self.bar = tqdm(
             total=len(runs), initial=len(runs) - len(self.pending), bar_format=fmt, disable=disable, dynamic_ncols=True
         )
