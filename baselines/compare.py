@@ -9,14 +9,18 @@ column may stand in for labels by this rule: each distinct caption string is one
 and `a handwritten digit 7` would be two. Without labels the mode columns are skipped with a note, and the features
 come from an untrained network of the classifier's shape; every other column is still computed.
 
-Each family (vae, gan, pixelcnn, glow, ddpm) trains for every seed with the budget of the config (training images
-seen, or seconds per run). Then each run draws samples, and they are scored in one feature space: the penultimate
-features of a small classifier trained here on the real training images (the "Fréchet classifier distance"), or
-Inception's with `--feature_extractor inception` and local weights. Two reference rows bound the figures: real
+Each family (vae, gan, pixelcnn, glow, ddpm) trains for every seed with the budget of the config: optimizer steps or
+training images seen per run, so that the same config and seeds give the same table on an idle or a loaded machine
+(a wall-clock budget, `budget_seconds`, is kept as an option; no preset uses it). Then each run draws samples, and
+they are scored in one feature space: the penultimate features of a small classifier trained here on the real
+training images (the "Fréchet classifier distance"), or Inception's with `--feature_extractor inception` and local
+weights. Two reference rows bound the figures: real
 training images scored as if they were a model's samples ("real data"), and uniform noise.
 
-OUT receives `table.md` (the trade-off table and the common wisdom set against it), `table.json` (every number
-per seed), `samples_<family>.png`, `loss_curves.png`, `quality_vs_images.png` and `speed.png`.
+OUT receives `table.md` (the trade-off table and the common wisdom set against it, with 95% intervals over seeds),
+`table.json` (every number per seed), `samples_<family>.png`, `loss_curves.png`, `quality_vs_images.png` and
+`speed.png`. Every finished run is kept in `OUT/runs/` (`baselines.compare_store`): the same command again skips what
+is complete, `--overwrite` starts over.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from baselines import FAMILIES, build_model, check_options
 from baselines.classifier import EvalClassifier, random_feature_extractor, train_classifier
-from baselines.compare_report import loss_roughness, write_outputs
+from baselines.compare_progress import Progress
+from baselines.compare_report import coverage_ideal, loss_roughness, write_outputs
+from baselines.compare_store import GRID_SIZE, RunStore
 from baselines.data import load_tensor
 from baselines.train import Budget, fit, make_state
 from core import metrics
@@ -46,6 +51,7 @@ from pipelines.samplers import sampler_names
 DEFAULT_LR = {"vae": 1e-3, "gan": 2e-4, "pixelcnn": 1e-3, "glow": 5e-4, "ddpm": 1e-3}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name, as torchmetrics loads it
 FEATURES = ("classifier", "inception")
+SPEED_EXTRA_SECONDS = 2.0  # at most this long spent on batches timed only for the speed figure
 
 
 @dataclass
@@ -60,8 +66,15 @@ class CompareConfig:
     channels: int | None = option("1 or 3; default: from the data (3 for the shapes world)", None)
     n_bits: int = option("bits per subpixel the data is quantised to", 8)
     n_per_class: int = option("shapes world only: images per colour and shape (12 classes)", 60)
-    budget_images: int | None = option("training images seen per run (this or budget_seconds)", None)
-    budget_seconds: float | None = option("wall-clock seconds of training per run (this or budget_images)", None)
+    budget_steps: int | None = option(
+        "optimizer steps per run (one of budget_steps, budget_images, budget_seconds)", None
+    )
+    budget_images: int | None = option("training images seen per run (one of the three budgets)", None)
+    budget_seconds: float | None = option(
+        "wall-clock seconds of training per run (one of the three budgets): steps then follow the machine's load, "
+        "so a rerun on a busier machine trains less; prefer budget_steps or budget_images",
+        None,
+    )
     batch_size: int = option("images per training step", 32)
     learning_rate: dict[str, float] = option("family -> learning rate", dict(DEFAULT_LR))
     model_overrides: dict[str, dict[str, Any]] = option("family -> fields of its Config", {})
@@ -75,6 +88,10 @@ class CompareConfig:
     n_samples_curve: int = option("samples per intermediate quality point", 128)
     bpd_images: int = option("held-out images for bits/dim", 128)
     speed_batch: int = option("batch size of the sampling-speed measurement", 64)
+    speed_repeats: int = option(
+        f"batches timed for the speed figure, the fastest counting (extra ones only within {SPEED_EXTRA_SECONDS:g} s)",
+        5,
+    )
     classifier_steps: int = option("training steps of the evaluation classifier", 600)
     classifier_min_accuracy: float = option("below this, mode figures are flagged as untrustworthy", 0.8)
     diverged_fd_ratio: float = option("a run diverged when its FD >= this x the FD of uniform noise", 0.9)
@@ -88,10 +105,14 @@ class CompareConfig:
     feature_extractor: str = option("the feature space of every metric", "classifier", choices=FEATURES)
     inception_weights: str | None = option(f"a local {INCEPTION_FILE} (feature_extractor inception)", None)
     mixed_precision: str = option("accelerate's mixed precision", "no", choices=("no", "fp16", "bf16"))
+    overwrite: bool = option("redo every run, removing the results an earlier invocation left in output_dir", False)
 
     def validate(self) -> None:
-        if (self.budget_images is None) == (self.budget_seconds is None):
-            raise UserError("set exactly one of budget_images and budget_seconds in the config")
+        budgets = [b for b in (self.budget_steps, self.budget_images, self.budget_seconds) if b is not None]
+        if len(budgets) != 1:
+            raise UserError("set exactly one of budget_steps, budget_images and budget_seconds in the config")
+        if budgets[0] <= 0:
+            raise UserError(f"the budget must be positive, got {budgets[0]}")
         if self.train_data_dir is not None and self.dataset_name is not None:
             raise UserError("give --train_data_dir or --dataset_name, not both")
         if self.label_column is not None and self.train_data_dir is None and self.dataset_name is None:
@@ -113,8 +134,9 @@ class CompareConfig:
             raise UserError(f"seeds must be distinct and at least one, got {self.seeds}")
         if not 0 < self.holdout_fraction < 1:
             raise UserError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
-        if self.quality_points < 1:
-            raise UserError(f"quality_points must be at least 1, got {self.quality_points}")
+        for key in ("quality_points", "speed_repeats"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("n_samples", "n_samples_curve"):
             if getattr(self, key) <= max(self.k_precision, self.k_density):
                 raise UserError(
@@ -251,20 +273,37 @@ def score(config: CompareConfig, features: Features, data: Data, real_feats, sam
 
 
 @torch.no_grad()
-def draw(model, n: int, batch: int, seed: int, device: torch.device, options: dict) -> tuple[torch.Tensor, float]:
-    """n samples in batches of `batch`, and the median milliseconds per image of the full batches."""
+def draw(
+    model, n: int, batch: int, seed: int, device: torch.device, options: dict, repeats: int = 1
+) -> tuple[torch.Tensor, float]:
+    """n samples in batches of `batch`, and the milliseconds per image of the fastest timed batch.
+
+    The fastest, not the median: load from other jobs only ever adds time, so the minimum is the figure that repeats
+    on a busy machine. A batch that takes milliseconds is easily caught whole by another job's burst, so up to
+    `repeats` batches are timed in all where the extra ones fit in `SPEED_EXTRA_SECONDS`, drawn with another
+    generator: the samples returned are the same however many batches were timed."""
     generator = torch.Generator(device).manual_seed(seed)
     out, per_image = [], []
     for start in range(0, n, batch):
         size = min(batch, n - start)
-        _sync(device)
-        t0 = time.perf_counter()
-        x = model.sample(size, generator=generator, **options)
-        _sync(device)
+        seconds, x = _timed(model, size, generator, device, options)
         if size == batch or not per_image:
-            per_image.append((time.perf_counter() - t0) * 1000 / size)
+            per_image.append(seconds * 1000 / size)
         out.append(x.detach().float().clamp(0, 1).cpu())
-    return torch.cat(out), float(np.median(per_image))
+    spare, extra = torch.Generator(device).manual_seed(seed + 1), 0.0
+    while len(per_image) < repeats and extra + min(per_image) * batch / 1000 <= SPEED_EXTRA_SECONDS:
+        seconds, _ = _timed(model, batch, spare, device, options)
+        per_image.append(seconds * 1000 / batch)
+        extra += seconds
+    return torch.cat(out), float(np.min(per_image))
+
+
+def _timed(model, size: int, generator, device: torch.device, options: dict) -> tuple[float, torch.Tensor]:
+    _sync(device)
+    t0 = time.perf_counter()
+    x = model.sample(size, generator=generator, **options)
+    _sync(device)
+    return time.perf_counter() - t0, x
 
 
 def _sync(device: torch.device) -> None:
@@ -284,6 +323,7 @@ def run_one(
     family, seed, config, data, features, real_feats, accelerator, progress, noise_fd
 ) -> tuple[dict, torch.Tensor]:
     """Trains one family with one seed, then measures it: quality, modes, speed, likelihood, and its training curve."""
+    start = time.perf_counter()
     torch.manual_seed(seed)
     overrides = config.model_overrides.get(family, {})
     model = build_model(family, config.resolution, data.train.shape[1], config.n_bits, **overrides)
@@ -301,18 +341,38 @@ def run_one(
         "parameters": sum(p.numel() for p in model.parameters()),
     }  # fmt: skip
     # A run whose loss went non-finite keeps its last finite weights (fit stops before stepping): measure those.
-    samples, ms = draw(model, config.n_samples, config.speed_batch, seed, device, options)
+    progress.set_phase("sampling")
+    samples, ms = draw(model, config.n_samples, config.speed_batch, seed, device, options, config.speed_repeats)
     record["ms_per_image"] = ms
     record["non_finite_samples"] = int((~torch.isfinite(samples.flatten(1))).any(dim=1).sum())
+    progress.set_phase("scoring")
     if record["non_finite_samples"] == 0:
         record |= score(config, features, data, real_feats, samples)
         curve.append({"images_seen": fit_result.images_seen, "seconds": fit_result.seconds, "fd": record["fd"]})
     else:
         samples = torch.zeros((0, *data.train.shape[1:]))
+    progress.set_phase("bits/dim")
     record["bits_per_dim"] = held_out_bpd(model, data.heldout[: config.bpd_images], config.speed_batch, device)
     record["quality_curve"] = curve
     record["diverged"] = fit_result.diverged or record.get("fd", math.inf) >= config.diverged_fd_ratio * noise_fd
+    record["run_seconds"] = time.perf_counter() - start
     return record, samples
+
+
+def _budget(config: CompareConfig, share: float) -> tuple[Budget, float]:
+    """The budget for `share` of a run, and the run's whole budget in the same unit."""
+    if config.budget_steps is not None:
+        return Budget(steps=math.ceil(config.budget_steps * share)), config.budget_steps
+    if config.budget_images is not None:
+        return Budget(images=math.ceil(config.budget_images * share)), config.budget_images
+    return Budget(seconds=config.budget_seconds * share), config.budget_seconds
+
+
+def _spent(state, config: CompareConfig) -> float:
+    """How much of the run's budget a training state has spent, in the budget's unit."""
+    if config.budget_steps is not None:
+        return state.step
+    return state.images_seen if config.budget_images is not None else state.seconds
 
 
 def train_with_curve(model, family, seed, config, data, features, real_feats, accelerator, progress):
@@ -325,16 +385,13 @@ def train_with_curve(model, family, seed, config, data, features, real_feats, ac
     lr = config.learning_rate.get(family, DEFAULT_LR[family])
     state = make_state(model, lr)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    by_images = config.budget_images is not None
-    total = config.budget_images if by_images else config.budget_seconds
     curve = []
     for point in range(1, config.quality_points + 1):
-        limit = total * point / config.quality_points
-        budget = Budget(images=int(limit)) if by_images else Budget(seconds=limit)
+        budget, total = _budget(config, point / config.quality_points)
         raw: list[torch.Tensor] = []
 
-        def on_step(s, budget=budget, raw=raw):
-            progress.advance(s.images_seen if by_images else s.seconds, s.step)
+        def on_step(s, budget=budget, raw=raw, total=total):
+            progress.training(_spent(s, config) / total, s.step)
             if budget.spent(s.images_seen, s.seconds, s.step) and state.ema is not None:
                 raw[:] = [p.detach().clone() for p in trainable]
 
@@ -344,40 +401,18 @@ def train_with_curve(model, family, seed, config, data, features, real_feats, ac
         )  # fmt: skip
         if result.diverged or point == config.quality_points:
             return result, curve
+        measure_start = time.perf_counter()
+        progress.set_phase("quality point")
         options = config.sample_options.get(family, {})
         samples, _ = draw(model, config.n_samples_curve, config.speed_batch, seed, accelerator.device, options)
         finite = bool(torch.isfinite(samples).all())  # NaN samples (a flow's inverse can overflow) have no features
         fd = metrics.frechet_distance(real_feats, features.embed(samples)) if finite else None
         curve.append({"images_seen": result.images_seen, "seconds": result.seconds, "fd": fd})
+        progress.measured_eval(time.perf_counter() - measure_start, config.n_samples_curve)
+        progress.set_phase("training")
         for p, r in zip(trainable, raw, strict=False):  # raw is empty without an EMA
             p.data.copy_(r)
     return result, curve
-
-
-class Progress:
-    """One bar over every run's budget (images or seconds): family, seed and step shown, time left estimated."""
-
-    def __init__(self, total: float, unit: str):
-        fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} " + unit + " [{elapsed}<{remaining}{postfix}]"
-        self.bar = tqdm(total=total, desc="training", bar_format=fmt, dynamic_ncols=True)
-        self.done, self.run_budget, self.label = 0.0, 0.0, ""
-
-    def start(self, family: str, seed: int, run_budget: float) -> None:
-        self.done, self.run_budget, self.label = 0.0, run_budget, f"{family} seed {seed}"
-
-    def advance(self, done: float, step: int) -> None:
-        self.bar.update(done - self.done)
-        self.done = done
-        self.bar.set_postfix_str(f"{self.label} step {step}", refresh=False)
-
-    def finish(self) -> None:  # a run may stop short of (diverged) or past (last batch) its budget
-        self.bar.update(self.run_budget - self.done)
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -387,11 +422,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from accelerate import Accelerator
 
     config = parse_args(argv)
+    started = time.perf_counter()
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     device = accelerator.device
     data = load_data(config)
     out.mkdir(parents=True, exist_ok=True)
+    store = RunStore(out, dataclasses.asdict(config), config.overwrite)
     notes = []
     if data.y_train is None:
         notes.append(
@@ -408,23 +445,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     real_feats = features.embed(data.heldout)
     references = _references(config, features, data, real_feats)
     noise_fd = references["uniform noise"]["fd"]
-    runs, grids = [], {}
-    unit = "images" if config.budget_images is not None else "s"
-    per_run = config.budget_images if config.budget_images is not None else config.budget_seconds
-    with Progress(per_run * len(config.families) * len(config.seeds), unit) as progress:
-        for family in config.families:
-            for seed in config.seeds:
-                progress.start(family, seed, per_run)
+    # Seed-major: after the first round every family has been timed, so the estimate of time left covers the rest.
+    order = [(family, seed) for seed in config.seeds for family in config.families]
+    done = {run for run in order if store.done(*run)}
+    records, grids = {}, {}
+    progress = Progress(order, done, config.n_samples + (config.quality_points - 1) * config.n_samples_curve)
+    try:
+        for family, seed in order:
+            if (family, seed) in done:
+                record, samples = store.load(family, seed)
+            else:
+                progress.start(family, seed)
                 record, samples = run_one(
                     family, seed, config, data, features, real_feats, accelerator, progress, noise_fd
                 )
+                store.save(family, seed, record, samples)
                 progress.finish()
-                runs.append(record)
-                if len(grids.get(family, ())) == 0:  # the first seed with finite samples
-                    grids[family] = samples[:64]
-                progress.bar.write(
-                    f"{family} seed {seed}: FD {record.get('fd', float('nan')):.3f}, diverged {record['diverged']}"
+                progress.write(
+                    f"{family} seed {seed}: FD {record.get('fd', float('nan')):.3f}, diverged {record['diverged']}, "
+                    f"{record['steps']} steps, {record['run_seconds']:.0f} s"
                 )
+            records[family, seed] = record
+            if len(grids.get(family, ())) == 0:  # the first seed with finite samples
+                grids[family] = samples[:GRID_SIZE]
+    finally:
+        progress.close()
+    runs = [records[family, seed] for family in config.families for seed in config.seeds]
     result = {
         "config": dataclasses.asdict(config),
         "data": {"source": data.source, "n_train": len(data.train), "n_heldout": len(data.heldout),
@@ -434,7 +480,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "classifier": rep,
         "notes": notes,
         "references": references,
+        "coverage_ideal": coverage_ideal(len(data.heldout), config.n_samples, config.k_density),
         "runs": runs,
+        "resumed_runs": len(done),
+        "wall_seconds": time.perf_counter() - started,
     }  # fmt: skip
     write_outputs(out, result, grids)
     print((out / "table.md").read_text())

@@ -18,30 +18,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from baselines.verdicts import CONFIDENCE, RULES, ci_text, summarise, verdicts  # noqa: E402
 from core.images import tensor_grid  # noqa: E402
 
-# The common wisdom this comparison answers (issue 6): quality out of 10, stability, speed, collapse, likelihood.
-CLAIMS: dict[str, dict[str, object]] = {
-    "vae": {"quality": 6.0, "stable": True, "speed": "fast", "collapse": False, "likelihood": "approximate"},
-    "gan": {"quality": 9.0, "stable": False, "speed": "fast", "collapse": True, "likelihood": "none"},
-    "pixelcnn": {"quality": 7.5, "stable": True, "speed": "very slow", "collapse": False, "likelihood": "exact"},
-    "glow": {"quality": 7.5, "stable": True, "speed": "fast", "collapse": False, "likelihood": "exact"},
-    "ddpm": {"quality": 9.5, "stable": True, "speed": "slow", "collapse": False, "likelihood": "approximate"},
-}
-LIKELIHOOD_KIND = {"exact": "exact", "bound": "approximate", "none": "none"}
-FAST_RATIO = 10.0  # "fast": at most this many times the fastest family's ms/image
-RULES = f"""\
-- Quality: claims are grouped in tiers (>= 9/10, 7-8/10, 6/10); a family agrees when its rank by mean FD (1 = best)
-  falls in the ranks its tier would hold among the families compared.
-- Stability: measured unstable when any seed diverged or the seeds' FD spread (std / mean) exceeds the config's
-  `unstable_cv`; the claim is 3/10 (unstable) for the GAN and 8-10/10 (stable) for the others.
-- Speed: fast = at most {FAST_RATIO:g}x the fastest family's ms/image at the speed batch, otherwise slow; "very slow"
-  agrees when slow and slower than every family claimed "slow". The flow's "fast" is not in the common-wisdom list;
-  it is the expectation of one inverse pass.
-- Mode collapse: measured when, on the mean over seeds, modes covered < 0.9 x the real-data row's, or KL(generated
-  || real) > the real-data row's + 0.5 nats, or the pairwise-distance ratio < 0.5.
-- Likelihood: the kind the model computes (exact, bound = approximate, none), with its held-out bits/dim.
-"""
+# Published held-out bits/dim on 8-bit data (uniform dequantisation for the flows), for the table's notes.
+PUBLISHED_BPD = """\
+Published held-out bits/dim on 8-bit data, for scale (far larger models trained for days on GPUs). MNIST: RealNVP
+1.06, Glow 1.05 (as collected in Grathwohl et al. 2019, "FFJORD: Free-form Continuous Dynamics for Scalable
+Reversible Generative Models", Table 2). CIFAR-10: RealNVP 3.49 (Dinh et al. 2017, "Density estimation using Real
+NVP", Table 1), Glow 3.35 (Kingma & Dhariwal 2018, "Glow: Generative Flow with Invertible 1x1 Convolutions",
+Table 2), PixelCNN 3.14 (van den Oord et al. 2016, "Pixel Recurrent Neural Networks", Table 5), Gated PixelCNN 3.03
+(van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders", Table 1), DDPM <= 3.75 (Ho et al.
+2020, "Denoising Diffusion Probabilistic Models", Table 1, L_simple). Ours are measured the same way (8-bit data;
+uniform dequantisation for Glow; discrete likelihoods for PixelCNN, the VAE's bound and DDPM's), on other data at
+another resolution: the method is comparable, the numbers are not."""
 
 
 def loss_roughness(losses: list[list[float]]) -> float | None:
@@ -52,171 +42,110 @@ def loss_roughness(losses: list[list[float]]) -> float | None:
     return float(np.diff(values).std() / values.std())
 
 
-def _stats(values: list) -> tuple[float, float] | None:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return None
-    return float(np.mean(vals)), float(np.std(vals))
+def coverage_ideal(n_real: int, n_fake: int, k: int) -> float:
+    """Expected coverage when fake and real come from one distribution (Naeem et al. 2020, eq. 10):
+    1 - prod_{i=1..k} (N - i) / (N + M - i), N real and M fake samples. It is below 1 when M is small beside N (2,000
+    held-out images against 256 samples at k=5: 0.45), so a model's coverage is read against it."""
+    miss = 1.0
+    for i in range(1, k + 1):
+        miss *= (n_real - i) / (n_real + n_fake - i)
+    return 1.0 - miss
 
 
-def summarise(result: dict) -> dict[str, dict]:
-    """Per family: mean and std over seeds of every figure, diverged count, and the figures the verdicts need."""
-    keys = ("fd", "precision", "recall", "density", "coverage", "modes_covered", "kl_generated_real")
-    keys += ("pairwise_ratio", "ms_per_image", "evals_per_sample", "bits_per_dim", "loss_roughness")
-    summary = {}
-    for family in dict.fromkeys(r["family"] for r in result["runs"]):
-        runs = [r for r in result["runs"] if r["family"] == family]
-        s = {k: _stats([r.get(k) for r in runs]) for k in keys}
-        s["n_seeds"], s["diverged"] = len(runs), sum(r["diverged"] for r in runs)
-        s["nan_seeds"] = sum(r.get("non_finite_samples", 0) > 0 for r in runs)  # runs whose samples held NaN
-        s["likelihood"] = runs[0]["likelihood"]
-        fd = s["fd"]
-        s["fd_cv"] = fd[1] / fd[0] if fd and fd[0] > 0 else None
-        summary[family] = s
-    return summary
-
-
-def verdicts(summary: dict, result: dict) -> dict[str, dict[str, tuple[str, bool | None, str]]]:
-    """family -> aspect -> (claim, agrees (None: not measurable), measured figure)."""
-    cv_max = result["config"]["unstable_cv"]
-    real = result["references"]["real data"]
-    families = [f for f in summary if summary[f]["fd"]]
-    by_fd = sorted(families, key=lambda f: summary[f]["fd"][0])
-    fastest = min((s["ms_per_image"][0] for s in summary.values() if s["ms_per_image"]), default=None)
-
-    def tier(f: str) -> int:
-        q = CLAIMS[f]["quality"]
-        return 3 if q >= 9 else 2 if q >= 7 else 1
-
-    out = {}
-    for f, s in summary.items():
-        c, v = CLAIMS[f], {}
-        if f in by_fd:
-            rank = by_fd.index(f) + 1
-            lo = 1 + sum(tier(g) > tier(f) for g in families)
-            hi = sum(tier(g) >= tier(f) for g in families)
-            v["quality"] = (f"{c['quality']:g}/10", lo <= rank <= hi, f"FD rank {rank}/{len(families)}")
-        else:
-            v["quality"] = (f"{c['quality']:g}/10", None, "no finite samples")
-        unstable = s["diverged"] > 0 or (s["fd_cv"] is not None and s["fd_cv"] > cv_max)
-        cv = f"{s['fd_cv']:.2f}" if s["fd_cv"] is not None else "n/a"
-        v["stability"] = (
-            "unstable (3/10)" if not c["stable"] else "stable (8-10/10)",
-            unstable == (not c["stable"]),
-            f"{s['diverged']}/{s['n_seeds']} diverged, FD std/mean {cv}",
-        )
-        v["speed"] = _speed_verdict(f, summary, fastest)
-        v["mode collapse"] = _collapse_verdict(c["collapse"], s, real)
-        kind = LIKELIHOOD_KIND[s["likelihood"]]
-        bpd = s["bits_per_dim"]
-        figure = f"{kind}, {bpd[0]:.3f} bits/dim" if bpd else kind
-        v["likelihood"] = (str(c["likelihood"]), kind == c["likelihood"], figure)
-        out[f] = v
-    return out
-
-
-def _speed_verdict(f: str, summary: dict, fastest: float | None) -> tuple[str, bool | None, str]:
-    claim, ms = CLAIMS[f]["speed"], summary[f]["ms_per_image"]
-    if ms is None or not fastest:
-        return (claim, None, "not measured")
-    ratio = ms[0] / fastest
-    measured_fast = ratio <= FAST_RATIO
-    if claim == "fast":
-        agrees = measured_fast
-    elif claim == "slow":
-        agrees = not measured_fast
-    else:
-        slow_claimed = [
-            summary[g]["ms_per_image"][0]
-            for g in summary
-            if CLAIMS[g]["speed"] == "slow" and summary[g]["ms_per_image"]
-        ]
-        agrees = not measured_fast and all(ms[0] > other for other in slow_claimed)
-    return (claim, agrees, f"{ms[0]:.3g} ms/image ({ratio:.3g}x fastest)")
-
-
-def _collapse_verdict(claim: bool, s: dict, real: dict) -> tuple[str, bool | None, str]:
-    ratio = s["pairwise_ratio"]
-    if ratio is None:
-        return ("yes" if claim else "no", None, "not measured")
-    signs, figure = [ratio[0] < 0.5], [f"pairwise ratio {ratio[0]:.2f}"]
-    if s["modes_covered"] is not None and "modes_covered" in real:
-        signs.append(s["modes_covered"][0] < 0.9 * real["modes_covered"])
-        signs.append(s["kl_generated_real"][0] > real["kl_generated_real"] + 0.5)
-        figure[:0] = [f"modes {s['modes_covered'][0]:.2f}", f"KL {s['kl_generated_real'][0]:.2f}"]
-    collapsed = any(signs)
-    return ("yes" if claim else "no", collapsed == claim, ", ".join(figure))
-
-
-def _pm(stat: tuple[float, float] | None, fmt: str = ".3g") -> str:
-    return "n/a" if stat is None else f"{stat[0]:{fmt}} ± {stat[1]:{fmt}}"
-
-
-def _one(value: float | None, fmt: str = ".3g") -> str:
-    return "n/a" if value is None else f"{value:{fmt}}"
+def budget_words(cfg: dict) -> str:
+    if cfg["budget_steps"] is not None:
+        return f"{cfg['budget_steps']:,} optimizer steps"
+    if cfg["budget_images"] is not None:
+        return f"{cfg['budget_images']:,} training images seen"
+    return f"{cfg['budget_seconds']:g} s of wall clock (not reproducible on a loaded machine)"
 
 
 def table_markdown(result: dict, summary: dict, verdict: dict) -> str:
     cfg, data = result["config"], result["data"]
-    budget = f"{cfg['budget_images']} training images seen" if cfg["budget_images"] else f"{cfg['budget_seconds']} s"
+    n_seeds = len(cfg["seeds"])
     lines = [
         "# Generative families compared, measured",
         "",
         f"Data: {data['source']}, {data['n_train']} training / {data['n_heldout']} held-out images of shape "
-        f"{data['shape']}, {cfg['n_bits']}-bit. Budget per run: {budget}. Seeds: {cfg['seeds']}. "
-        f"Device: {result['device']}.",
+        f"{data['shape']}, {cfg['n_bits']}-bit. Budget per run: {budget_words(cfg)}, batch {cfg['batch_size']}. "
+        f"Seeds: {cfg['seeds']}. Device: {result['device']}. Wall clock: {_duration(result['wall_seconds'])} for "
+        f"this invocation, {_duration(sum(r['run_seconds'] for r in result['runs']))} in all runs together "
+        f"({result['resumed_runs']} of {len(result['runs'])} runs read back from an earlier invocation).",
         "",
         f"Feature space: {result['feature_space']}.",
         "",
     ]
     lines += [f"**Note:** {n}" for n in result["notes"]] + ([""] if result["notes"] else [])
     lines += [
-        "Mean ± std over seeds. Quality: FD (lower is better); P/R = precision/recall (k=3), D/C = density/coverage "
-        "(k=5). Mode collapse: share of modes covered, KL(generated || real label histogram, +0.5 pseudo-counts), "
-        "mean pairwise feature distance relative to real images. Stability: seeds diverged (non-finite loss, or FD "
-        f">= {cfg['diverged_fd_ratio']:g} x the uniform-noise FD: no better than noise), FD std over seeds, and loss "
-        "roughness (std of the step-to-step loss change / std of the loss; 0 smooth, 1.41 pure noise). Speed: "
-        f"median ms per image at batch {cfg['speed_batch']}, network evaluations per image.",
+        f"Each family: mean over its {n_seeds} seeds with the {CONFIDENCE:.0%} t-interval in brackets. Quality: FD "
+        f"(lower is better); P/R = precision/recall (k={cfg['k_precision']}), D/C = density/coverage "
+        f"(k={cfg['k_density']}); coverage when samples and held-out images come from one distribution is "
+        f"{result['coverage_ideal']:.2f} at these sample counts (Naeem et al. 2020's expectation), and the real-data "
+        "row measures it. Mode collapse: share of modes covered, KL(generated || real label histogram, +0.5 "
+        "pseudo-counts), mean pairwise feature distance relative to real images. Stability: seeds diverged "
+        f"(non-finite loss, or FD >= {cfg['diverged_fd_ratio']:g} x the uniform-noise FD: no better than noise) and "
+        "loss roughness (std of the step-to-step loss change / std of the loss; 0 smooth, 1.41 pure noise). Speed: "
+        f"ms per image at batch {cfg['speed_batch']} (the fastest timed batch of each seed), network evaluations per "
+        "image. Budget: optimizer steps and images seen per run, with the wall-clock seconds they took (training, "
+        "then the whole run with sampling and evaluation); the seconds depend on the machine's load, the rest not.",
         "",
-        "| family | quality | stability | speed | mode collapse | likelihood |",
-        "|---|---|---|---|---|---|",
+        "| family | quality | stability | speed | mode collapse | likelihood | budget; wall clock |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, ref in result["references"].items():
-        lines.append(f"| *{name}* | {_quality_cell(ref)} | - | - | {_mode_cell(ref)} | - |")
+        lines.append(f"| *{name}* | {_quality_cell(ref)} | - | - | {_mode_cell(ref)} | - | - |")
     for f, s in summary.items():
-        quality = "no finite samples" if s["fd"] is None else _quality_cell(_means(s), s)
+        quality = "no finite samples" if s["fd"] is None else _quality_cell(_means(s), s["fd"])
         if s["nan_seeds"]:
             quality += f"; NaN samples in {s['nan_seeds']}/{s['n_seeds']} seeds (unscored)"
-        stability = f"{s['diverged']}/{s['n_seeds']} diverged; FD std {_one(s['fd'] and s['fd'][1])}; roughness {_pm(s['loss_roughness'], '.2f')}"
-        speed = f"{_pm(s['ms_per_image'])} ms/img; {_one(s['evals_per_sample'] and s['evals_per_sample'][0], '.4g')} NFE/img"
-        mode = _mode_cell(_means(s))
+        stability = f"{s['diverged']}/{s['n_seeds']} diverged; roughness {ci_text(s['loss_roughness'], '.2f')}"
+        speed = f"{ci_text(s['ms_per_image'])} ms/img; {_mean(s['evals_per_sample'], '.4g')} NFE/img"
         kind = s["likelihood"]
-        like = "none" if kind == "none" else f"{_pm(s['bits_per_dim'])} bits/dim ({kind})"
-        lines.append(f"| {f} | {quality} | {stability} | {speed} | {mode} | {like} |")
+        like = "none" if kind == "none" else f"{ci_text(s['bits_per_dim'])} bits/dim ({kind})"
+        spent = (
+            f"{_mean(s['steps'], ',.0f')} steps, {_mean(s['images_seen'], ',.0f')} images; "
+            f"{_mean(s['train_seconds'], '.3g')} s training, {_mean(s['run_seconds'], '.3g')} s in all"
+        )
+        lines.append(f"| {f} | {quality} | {stability} | {speed} | {_mode_cell(_means(s))} | {like} | {spent} |")
+    aspects = list(next(iter(verdict.values())))
     lines += [
         "",
-        "## Common wisdom against the measurement",
+        f"## Common wisdom against the measurement ({n_seeds} seeds, {CONFIDENCE:.0%} intervals)",
         "",
-        "| family | " + " | ".join(next(iter(verdict.values()))) + " |",
+        "| family | " + " | ".join(aspects) + " |",
+        "|---" * (1 + len(aspects)) + "|",
     ]
-    lines.append("|---" * (1 + len(next(iter(verdict.values())))) + "|")
     for f, v in verdict.items():
-        cells = []
-        for claim, agrees, figure in v.values():
-            word = "n/a" if agrees is None else ("**agrees**" if agrees else "**contradicts**")
-            cells.append(f"claim: {claim} — {word} ({figure})")
+        cells = [f"claim: {claim} — **{outcome}** ({figure})" for claim, outcome, figure in v.values()]
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
-    lines += ["", "Verdict rules:", "", RULES]
+    lines += ["", "Verdict rules:", "", RULES, PUBLISHED_BPD, ""]
     return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 def _means(s: dict) -> dict:
-    return {k: v[0] for k, v in s.items() if isinstance(v, tuple)}
+    return {k: v["mean"] for k, v in s.items() if isinstance(v, dict) and "mean" in v}
 
 
-def _quality_cell(r: dict, s: dict | None = None) -> str:
-    fd = _pm(s["fd"]) if s else _one(r.get("fd"))
-    return f"FD {fd}; P {_one(r.get('precision'), '.2f')} R {_one(r.get('recall'), '.2f')} D {_one(r.get('density'), '.2f')} C {_one(r.get('coverage'), '.2f')}"
+def _one(value: float | None, fmt: str = ".3g") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}"
+
+
+def _mean(stat: dict | None, fmt: str = ".3g") -> str:
+    return _one(stat and stat["mean"], fmt)
+
+
+PRDC = ("precision", "recall", "density", "coverage")
+
+
+def _quality_cell(r: dict, fd: dict | None = None) -> str:
+    fd_text = ci_text(fd) if fd else _one(r.get("fd"))
+    prdc = " ".join(f"{name} {_one(r.get(key), '.2f')}" for name, key in zip("PRDC", PRDC, strict=True))
+    return f"FD {fd_text}; {prdc}"
 
 
 def _mode_cell(r: dict) -> str:
@@ -242,7 +171,7 @@ def write_plots(out: Path, result: dict, summary: dict) -> None:
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
 
-    x_key = "images_seen" if result["config"]["budget_images"] else "seconds"
+    x_key = "seconds" if result["config"]["budget_seconds"] is not None else "images_seen"
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for f in families:
         for i, r in enumerate(r for r in result["runs"] if r["family"] == f):
@@ -268,11 +197,13 @@ def write_plots(out: Path, result: dict, summary: dict) -> None:
 
     timed = [f for f in families if summary[f]["ms_per_image"]]
     fig, ax = plt.subplots(figsize=(5.5, 0.5 + 0.5 * max(len(timed), 1)))
-    ax.barh(timed, [summary[f]["ms_per_image"][0] for f in timed], xerr=[summary[f]["ms_per_image"][1] for f in timed])
+    means = [summary[f]["ms_per_image"]["mean"] for f in timed]
+    # the interval's half-width as the error bar (none from one seed), kept above zero for the log axis
+    halves = [summary[f]["ms_per_image"]["hi"] - m for f, m in zip(timed, means, strict=True)]
+    halves = [min(h, 0.999 * m) if math.isfinite(h) else 0.0 for h, m in zip(halves, means, strict=True)]
+    ax.barh(timed, means, xerr=halves)
     for i, f in enumerate(timed):
-        ax.text(
-            summary[f]["ms_per_image"][0], i, f" {summary[f]['evals_per_sample'][0]:.4g} NFE", va="center", fontsize=7
-        )
+        ax.text(means[i], i, f" {summary[f]['evals_per_sample']['mean']:.4g} NFE", va="center", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel(f"ms per image at batch {result['config']['speed_batch']} ({result['device']})")
     fig.tight_layout()
@@ -295,10 +226,21 @@ def write_outputs(out: Path, result: dict, grids: dict[str, torch.Tensor]) -> No
     verdict = verdicts(summary, result)
     result["summary"] = summary
     result["verdicts"] = {
-        f: {a: {"claim": c, "agrees": ok, "measured": m} for a, (c, ok, m) in v.items()} for f, v in verdict.items()
+        f: {a: {"claim": c, "outcome": o, "measured": m} for a, (c, o, m) in v.items()} for f, v in verdict.items()
     }
     (out / "table.md").write_text(table_markdown(result, summary, verdict))
-    (out / "table.json").write_text(json.dumps(result, indent=1))
+    (out / "table.json").write_text(json.dumps(_finite(result), indent=1))
     for family, x in grids.items():
         save_grid(x, out / f"samples_{family}.png")
     write_plots(out, result, summary)
+
+
+def _finite(value):
+    """The result as strict JSON: infinite or NaN numbers (an interval from one seed) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 
-from baselines import FAMILIES
+from baselines import FAMILIES, build_model
 from baselines.classifier import train_classifier
 from baselines.compare import CompareConfig, main, parse_args
 from baselines.data import load_tensor
+from baselines.train import Budget, fit
 from core.errors import UserError, run_main
 from toyworld.shapes import write_dataset
 
@@ -31,6 +32,7 @@ TINY = {
     "quality_points": 2,
     "bpd_images": 8,
     "speed_batch": 16,
+    "speed_repeats": 1,
     "classifier_steps": 60,
     "log_every": 1,
     "model_overrides": {
@@ -68,7 +70,8 @@ def write_config(tmp_path: Path, **changes) -> Path:
         ({"batch_size": 1.5}, "batch_size must be an integer, got 1.5"),
         ({"batch_size": True}, "batch_size must be an integer, got True"),
         ({"learning_rate": {"vae": "fast"}}, "learning_rate.vae must be a number, got 'fast'"),
-        ({"budget_seconds": 10.0}, "exactly one of budget_images and budget_seconds"),
+        ({"budget_seconds": 10.0}, "exactly one of budget_steps, budget_images and budget_seconds"),
+        ({"budget_images": None}, "exactly one of budget_steps, budget_images and budget_seconds"),
         ({"families": ["vae", "flow"]}, r"--families flow: unknown \(did you mean 'glow'\?\)"),
         ({"n_samples": 5}, "n_samples=5 is too few .* need more than 5"),
         ({"model_overrides": {"vae": {"hiden": 8}}}, "vae: unknown option 'hiden'"),
@@ -82,12 +85,23 @@ def test_config_rejects_bad_settings_naming_them(tmp_path, changes, message):
         load_config(write_config(tmp_path, **changes))
 
 
-def test_config_reads_types():
-    config = load_config(REPO / "configs" / "compare_quick.yaml")
-    assert isinstance(config, CompareConfig)
+@pytest.mark.parametrize("name", ["compare_quick.yaml", "compare_32px.yaml", "compare_full.yaml"])
+def test_presets_budget_in_steps_or_images_and_build_every_family(name):
+    """Every preset reads, budgets in steps or images (never wall clock: it does not reproduce), has seeds for an
+    interval, and builds each family's model at its resolution; then one training step each on tiny batches."""
+    config = load_config(REPO / "configs" / name)
     assert config.families == list(FAMILIES) and len(config.seeds) >= 3
-    full = load_config(REPO / "configs" / "compare_full.yaml")
-    assert len(full.seeds) >= 3 and full.resolution >= config.resolution
+    assert config.budget_seconds is None and (config.budget_steps or config.budget_images)
+    channels = config.channels or 3
+    x = torch.rand(2, channels, config.resolution, config.resolution).mul(255).round().div(255)
+    for family in config.families:
+        torch.manual_seed(0)
+        model = build_model(
+            family, config.resolution, channels, config.n_bits, **config.model_overrides.get(family, {})
+        )
+        lr = config.learning_rate[family]
+        result = fit(model, x, batch_size=2, lr=lr, budget=Budget(steps=1), seed=0)
+        assert result.steps == 1 and not result.diverged, family
 
 
 def test_yaml_numbers_and_flags_fill_the_same_config(tmp_path):
@@ -130,7 +144,9 @@ def test_compare_end_to_end_on_the_shapes_world(tmp_path):
     for row in ["*real data*", "*uniform noise*", *FAMILIES]:
         assert f"| {row} |" in table
     assert "Fréchet classifier distance" in table and "held-out accuracy" in table
-    assert table.count("**agrees**") + table.count("**contradicts**") >= 4 * len(FAMILIES)
+    for family in FAMILIES:  # its verdict row: five aspects, each with one of the four outcomes
+        row = next(line for line in table.splitlines() if line.startswith(f"| {family} | claim:"))
+        assert sum(row.count(f"**{o}**") for o in ("agrees", "contradicts", "inconclusive", "no evidence")) == 5
 
     saved = json.loads((out / "table.json").read_text())
     assert len(saved["runs"]) == len(FAMILIES) * 3
@@ -146,6 +162,12 @@ def test_compare_end_to_end_on_the_shapes_world(tmp_path):
     assert result["runs"] == saved["runs"]
     for name in ["loss_curves.png", "quality_vs_images.png", "speed.png", *(f"samples_{f}.png" for f in FAMILIES)]:
         assert (out / name).stat().st_size > 0
+    assert "3 seeds, 95% intervals" in table and "64 training images seen" in table
+
+    # The same command again reads every run back instead of training it, and writes the same numbers.
+    again = main(["--config", str(write_config(tmp_path)), "--output_dir", str(out)])
+    assert again["resumed_runs"] == len(FAMILIES) * 3 and again["runs"] == saved["runs"]
+    assert again["verdicts"] == saved["verdicts"]
 
 
 def test_dataset_without_labels_still_gets_the_other_columns(tmp_path):
@@ -208,6 +230,51 @@ def test_inception_without_local_weights_is_a_clear_error(tmp_path):
         main([*args, "--inception_weights", str(tmp_path / "missing.pth")])
 
 
+def test_a_folder_of_another_comparison_is_refused_in_one_line_and_overwrite_starts_over(tmp_path):
+    from baselines.compare_store import RunStore
+
+    settings = {"resolution": 8, "seeds": [0], "output_dir": "a"}
+    store = RunStore(tmp_path, settings, overwrite=False)
+    store.save("vae", 0, {"fd": 1.0}, torch.zeros(3, 1, 2, 2))
+    assert store.done("vae", 0) and not store.done("vae", 1)
+    # Other seeds, families or output folder: the completed runs still count.
+    assert RunStore(tmp_path, {**settings, "seeds": [0, 1], "output_dir": "b"}, overwrite=False).done("vae", 0)
+    with pytest.raises(UserError, match=r"holds results of another comparison \(resolution: 8 there, 16 here\)"):
+        RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=False)
+    assert not RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=True).done("vae", 0)
+    assert RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=False)  # the folder is now resolution 16's
+    assert not list((tmp_path / "runs").glob(".*tmp*"))  # written atomically: no temporary file left behind
+
+
+def test_progress_estimates_time_left_including_evaluation():
+    from baselines.compare_progress import Progress
+
+    now = [0.0]
+    runs = [("gan", 0), ("ddpm", 0), ("gan", 1), ("ddpm", 1)]
+    progress = Progress(runs, {("gan", 0)}, samples_per_run=100, clock=lambda: now[0], disable=True)
+    progress.start("ddpm", 0)
+    assert progress.seconds_left() is None  # nothing measured yet
+    now[0] = 10.0
+    progress.training(0.5, 50)  # 10 s for half the training; no evaluation measured yet
+    assert progress.seconds_left() is None
+    progress.measured_eval(2.0, 20)  # an intermediate point: 0.1 s per sample -> 10 s for 100 samples
+    # ddpm 0: 10 s training + 10 s evaluation left; ddpm 1: 30 s; gan 1: no finished gan run: the mean (30 s)
+    assert progress.seconds_left() == pytest.approx(20 + 30 + 30)
+    now[0] = 20.0
+    progress.set_phase("sampling")
+    now[0] = 35.0  # evaluation took longer than estimated: 15 s
+    progress.finish()
+    assert progress.finished["ddpm"] == [(20.0, 15.0)]
+    assert progress.seconds_left() == pytest.approx(35 + 35)  # the two runs left, each as ddpm 0 cost
+
+
+def test_coverage_ideal_follows_the_sample_counts():
+    from baselines.compare_report import coverage_ideal
+
+    assert coverage_ideal(2000, 256, 5) == pytest.approx(0.45, abs=0.01)  # the 8,000 digits' held-out quarter
+    assert coverage_ideal(180, 256, 5) > 0.98  # the quick preset
+
+
 def _run(family: str, seed: int, fd: float, ms: float, diverged: bool = False) -> dict:
     return {
         "family": family, "seed": seed, "fd": fd, "ms_per_image": ms, "diverged": diverged, "likelihood": "none",
@@ -215,23 +282,34 @@ def _run(family: str, seed: int, fd: float, ms: float, diverged: bool = False) -
     }  # fmt: skip
 
 
-def test_verdicts_follow_their_stated_rules():
-    from baselines.compare_report import summarise, verdicts
+def test_verdicts_follow_their_stated_rules_with_intervals():
+    from baselines.verdicts import summarise, verdicts
 
     runs = [_run("gan", s, fd, 0.1, diverged=s == 0) for s, fd in enumerate([50.0, 10.0, 12.0])]
-    runs += [_run("ddpm", s, 5.0 + s * 0.1, 100.0) for s in range(3)]
-    runs += [_run("vae", s, 30.0, 0.2) for s in range(3)]
-    runs[-1] |= {"pairwise_ratio": 0.1}  # one collapsed vae seed pulls the mean ratio to 0.7: not collapsed
+    runs += [_run("ddpm", s, 5.0 + s * 0.1, 100.0 + s) for s in range(3)]
+    runs += [_run("vae", s, 300.0 + 20 * s, 0.2 + 0.01 * s) for s in range(3)]
+    runs[-1] |= {"pairwise_ratio": 0.1}  # one collapsed vae seed: ratio interval straddles 0.5, inconclusive
+    runs += [_run("glow", s, 990.0 + s, 0.1) for s in range(3)]  # FD of noise: no evidence
     result = {
         "runs": runs,
-        "config": {"unstable_cv": 0.25},
-        "references": {"real data": {"modes_covered": 1.0, "kl_generated_real": 0.05}},
+        "config": {"unstable_cv": 0.25, "diverged_fd_ratio": 0.9},
+        "references": {
+            "real data": {"modes_covered": 1.0, "kl_generated_real": 0.05},
+            "uniform noise": {"fd": 1000.0},
+        },
     }
-    v = verdicts(summarise(result), result)
-    assert v["gan"]["stability"][1] is True  # claimed unstable, one seed diverged
-    assert v["ddpm"]["stability"][1] is True  # claimed stable, tiny spread
-    assert v["ddpm"]["speed"][1] is True and "1e+03x fastest" in v["ddpm"]["speed"][2]  # slow: 1000x the GAN
-    assert v["vae"]["speed"][1] is True  # fast: 2x the GAN
-    assert v["ddpm"]["quality"][1] is True and v["vae"]["quality"][1] is True  # ranks 1 and 3 as the tiers say
-    assert v["gan"]["quality"][1] is True  # rank 2 (mean FD 24): top tier with ddpm
-    assert v["gan"]["mode collapse"][1] is False and v["vae"]["mode collapse"][1] is True
+    s = summarise(result)
+    assert s["ddpm"]["fd"]["n"] == 3 and s["ddpm"]["fd"]["lo"] < 5.1 < s["ddpm"]["fd"]["hi"]
+    v = {f: {a: outcome for a, (_, outcome, _) in aspects.items()} for f, aspects in verdicts(s, result).items()}
+    assert v["gan"]["stability"] == "agrees"  # claimed unstable, one seed diverged
+    assert v["ddpm"]["stability"] == "agrees"  # claimed stable: spread 0.02, its interval wholly below 0.25
+    assert v["vae"]["stability"] == "inconclusive"  # spread 0.06: the interval with 3 seeds reaches past 0.25
+    assert v["ddpm"]["speed"] == "agrees" and v["vae"]["speed"] == "agrees"  # ~1000x and ~2x the fastest
+    assert v["ddpm"]["quality"] == "agrees" and v["vae"]["quality"] == "agrees"  # surely ranks 1 and 3 of 3
+    assert v["gan"]["quality"] == "agrees"  # FD 24 [-32, 80]: rank 1 or 2, both in the top tier with ddpm
+    assert v["gan"]["mode collapse"] == "contradicts" and v["vae"]["mode collapse"] == "inconclusive"
+    assert v["glow"]["quality"] == v["glow"]["stability"] == v["glow"]["mode collapse"] == "no evidence"
+    assert v["glow"]["likelihood"] == "contradicts" and v["glow"]["speed"] == "agrees"  # judged all the same
+    one_seed = {**result, "runs": [r for r in runs if r["seed"] == 0]}
+    v1 = verdicts(summarise(one_seed), one_seed)
+    assert {v1[f]["quality"][1] for f in ("gan", "ddpm", "vae")} == {"inconclusive"}  # no interval from one seed

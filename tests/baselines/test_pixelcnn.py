@@ -114,6 +114,20 @@ def test_samples_lie_on_the_grid_and_repeat_after_save_and_load(output, tmp_path
     assert not torch.equal(rebuilt.sample(5, generator=torch.Generator().manual_seed(2)), samples)
 
 
+def test_sampling_on_a_band_of_rows_gives_the_full_passes_distributions():
+    """Sampling runs each pass on the `reach` rows above the pixel only: the distributions must be the full pass's."""
+    torch.manual_seed(0)
+    model = build(8, 3, 8, hidden=6, layers=2, kernel=3, num_classes=2)  # reach 3 < 8 rows
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
+    with torch.no_grad():
+        full = model.params(x, y)
+        for i in range(8):
+            band = model._params(x[:, :, max(0, i - model.reach) : i + 1], y)[:, :, -1]
+            assert torch.allclose(band, full[:, :, i], atol=1e-5), i
+        shorter = model._params(x[:, :, 5 - model.reach + 1 : 6], y)[:, :, -1]  # one row too few: not the same
+    assert not torch.allclose(shorter, full[:, :, 5], atol=1e-5)
+
+
 def test_bad_options_raise_user_error():
     with pytest.raises(UserError, match="hiden"):
         build(4, 1, 1, hiden=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -43,9 +44,33 @@ def test_sample_shape_range_and_grid():
     assert torch.equal(torch.round(x * 7) / 7, x)
 
 
+def test_images_decode_to_the_mean_of_the_decoder_not_its_mode():
+    """Dark-background data: the background level 0 holds 40% of a stroke pixel's mass, the grey levels 200-255 the
+    rest. The mode is black (the samples of issue 12 came out nearly black); the mean is the grey the pixel means."""
+    model = build_model("vae", resolution=8, channels=1, n_bits=8, hidden=8)
+    logits = torch.full((2, 1, 8, 8, 256), -1e4)
+    logits[..., 0] = math.log(0.4)
+    logits[..., 200:] = math.log(0.6 / 56)
+    model.logits = lambda z: logits
+    x = model.decode(torch.zeros(2, model.config.latent_channels))
+    assert torch.allclose(x, torch.full_like(x, 0.6 * 227.5 / 255), atol=1 / 255)
+    assert torch.equal(torch.round(x * 255) / 255, x)  # on the data grid
+
+
+def test_one_latent_vector_per_image_at_any_resolution():
+    for resolution, downsample in ((8, 3), (32, 3), (12, 2)):
+        model = build_model("vae", resolution=resolution, channels=1, n_bits=8, hidden=8, downsample=downsample)
+        mean, logvar = model.encode(torch.rand(3, 1, resolution, resolution))
+        assert mean.shape == logvar.shape == (3, model.config.latent_channels)
+        assert model.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 1, resolution, resolution)
+
+
 def test_save_then_load_samples_the_same_images(tmp_path):
     torch.manual_seed(0)
     model = build_model("vae", resolution=8, channels=3, n_bits=8, hidden=16, beta=0.5).eval()
+    # Untrained, the decoder's mean is grey 0.5 whatever the latent; wide weights make the latent matter.
+    for layer in (model.decoder[0], model.decoder[-1]):
+        torch.nn.init.normal_(layer.weight, std=3.0)
     save_model(tmp_path, model, "vae", 8, 3, 8)
     again = load_model(tmp_path)
     assert again.config == model.config

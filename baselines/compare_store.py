@@ -1,0 +1,67 @@
+"""The comparison's per-run results on disk, so that a killed comparison loses at most the run in progress.
+
+Each finished (family, seed) run is written to `OUT/runs/`: `<family>-seed<seed>.safetensors` (its first samples,
+for the grid) and then `<family>-seed<seed>.json` (every number it measured), each to a temporary file renamed into
+place, so a run's JSON exists only when the run is complete. `OUT/runs/config.json` holds the settings the results
+depend on (all but the output folder, the families and the seeds): a rerun with the same settings skips what is
+complete, a rerun with other settings is refused in one line unless `--overwrite` removes the old results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.errors import UserError
+
+# Settings that choose which runs are made, not what a run measures: changing them keeps the completed runs.
+NOT_IN_RESULTS = ("output_dir", "families", "seeds", "overwrite")
+GRID_SIZE = 64
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunStore:
+    def __init__(self, out: Path, config: dict, overwrite: bool):
+        self.folder = out / "runs"
+        settings = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_IN_RESULTS}))
+        if overwrite and self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stored_path = self.folder / "config.json"
+        if stored_path.exists():
+            stored = json.loads(stored_path.read_text())
+            differ = [k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
+            if differ:
+                key = differ[0]
+                raise UserError(
+                    f"{out} holds results of another comparison ({key}: {stored.get(key)!r} there, "
+                    f"{settings.get(key)!r} here); pass --overwrite to replace them, or choose another --output_dir"
+                )
+        else:
+            _atomic_write(stored_path, lambda p: p.write_text(json.dumps(settings, indent=1)))
+
+    def _path(self, family: str, seed: int, suffix: str) -> Path:
+        return self.folder / f"{family}-seed{seed}.{suffix}"
+
+    def done(self, family: str, seed: int) -> bool:
+        return self._path(family, seed, "json").exists()
+
+    def save(self, family: str, seed: int, record: dict, samples: torch.Tensor) -> None:
+        """The samples first, the record last: the record's presence means the run is complete."""
+        grid = samples[:GRID_SIZE].contiguous()
+        _atomic_write(self._path(family, seed, "safetensors"), lambda p: save_file({"samples": grid}, str(p)))
+        _atomic_write(self._path(family, seed, "json"), lambda p: p.write_text(json.dumps(record)))
+
+    def load(self, family: str, seed: int) -> tuple[dict, torch.Tensor]:
+        record = json.loads(self._path(family, seed, "json").read_text())
+        return record, load_file(str(self._path(family, seed, "safetensors")))["samples"]
