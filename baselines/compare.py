@@ -359,20 +359,13 @@ def run_one(
     return record, samples
 
 
-def _budget(config: CompareConfig, share: float) -> tuple[Budget, float]:
-    """The budget for `share` of a run, and the run's whole budget in the same unit."""
+def _budget(config: CompareConfig, share: float) -> Budget:
+    """The budget for `share` of a run."""
     if config.budget_steps is not None:
-        return Budget(steps=math.ceil(config.budget_steps * share)), config.budget_steps
+        return Budget(steps=math.ceil(config.budget_steps * share))
     if config.budget_images is not None:
-        return Budget(images=math.ceil(config.budget_images * share)), config.budget_images
-    return Budget(seconds=config.budget_seconds * share), config.budget_seconds
-
-
-def _spent(state, config: CompareConfig) -> float:
-    """How much of the run's budget a training state has spent, in the budget's unit."""
-    if config.budget_steps is not None:
-        return state.step
-    return state.images_seen if config.budget_images is not None else state.seconds
+        return Budget(images=math.ceil(config.budget_images * share))
+    return Budget(seconds=config.budget_seconds * share)
 
 
 def train_with_curve(model, family, seed, config, data, features, real_feats, accelerator, progress):
@@ -385,13 +378,13 @@ def train_with_curve(model, family, seed, config, data, features, real_feats, ac
     lr = config.learning_rate.get(family, DEFAULT_LR[family])
     state = make_state(model, lr)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    curve = []
+    curve, whole = [], _budget(config, 1.0)
     for point in range(1, config.quality_points + 1):
-        budget, total = _budget(config, point / config.quality_points)
+        budget = _budget(config, point / config.quality_points)
         raw: list[torch.Tensor] = []
 
-        def on_step(s, budget=budget, raw=raw, total=total):
-            progress.training(_spent(s, config) / total, s.step)
+        def on_step(s, budget=budget, raw=raw):
+            progress.training(whole.fraction(s.images_seen, s.seconds, s.step), s.step)
             if budget.spent(s.images_seen, s.seconds, s.step) and state.ema is not None:
                 raw[:] = [p.detach().clone() for p in trainable]
 

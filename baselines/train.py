@@ -54,6 +54,11 @@ class Budget:
             or (self.steps is not None and steps >= self.steps)
         )
 
+    def fraction(self, images_seen: int, seconds: float, steps: int) -> float:
+        """How much of the budget is spent: the largest share of any limit set (1 or more once `spent`)."""
+        limits = ((images_seen, self.images), (seconds, self.seconds), (steps, self.steps))
+        return max(done / limit for done, limit in limits if limit is not None)
+
 
 @dataclass
 class FitResult:

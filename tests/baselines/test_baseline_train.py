@@ -54,6 +54,12 @@ def test_budgets_stop_training():
         fit(tiny_vae(), x, batch_size=8, lr=1e-3, budget=Budget(), seed=0)
 
 
+def test_budget_fraction_is_the_share_of_the_limit_set():
+    assert Budget(steps=300).fraction(images_seen=9600, seconds=50.0, steps=75) == 0.25
+    assert Budget(images=32000).fraction(images_seen=8000, seconds=50.0, steps=250) == 0.25
+    assert Budget(images=100, steps=10).fraction(images_seen=50, seconds=0.0, steps=8) == 0.8  # the nearer limit
+
+
 def test_non_finite_loss_stops_and_is_reported():
     model = Exploding()
     result = fit(model, data(), batch_size=4, lr=1e-3, budget=Budget(steps=10), seed=0, log_every=1)
