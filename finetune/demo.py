@@ -7,13 +7,12 @@ and the base's colours and shapes kept with the adapter loaded.
 
 Two imagefolders are rendered into `.cache/difftune/` and read through the same data path as user data:
 the purple set (`a purple {circle,square,triangle}`, the training data) and a regularisation set of the base's
-own colours (kohya's "reg images", used as DreamBooth's prior-preservation data). The LoRA adapts only the
-cross-attention keys and values, where the prompt meets the image, as Custom Diffusion (Kumari et al. 2023) does
-for new concepts. Without the regularisation set the base colours fell to 0.48 (one run); with LoRA on every
-attention projection purple was learned less and shapes were damaged (measured while choosing
-configs/demo_lora.yaml). Shorter runs, or no bias towards noisy timesteps, were seed-sensitive: purple came
-out blue or red on some seeds; the config's comments give the per-seed figures of the chosen recipe. Accuracy is
-measured by `toyworld.evaluate` (DPM-Solver++ 20 steps, guidance 7.5).
+own colours (kohya's "reg images", used as DreamBooth's prior-preservation data). The UNet demo's LoRA adapts only
+the cross-attention keys and values, where the prompt meets the image, as Custom Diffusion (Kumari et al. 2023) does
+for new concepts; the flow demo's adapts the joint attention's text-stream keys and values and the pooled text
+projection. Each config's comments say what the alternatives measured; the README gives both demos' figures per
+training seed. Accuracy is measured by `toyworld.evaluate` (the base's own protocol: DPM-Solver++ for the UNet,
+flow Euler for the transformer; 20 steps, guidance 7.5).
 """
 
 from __future__ import annotations
