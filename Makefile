@@ -19,8 +19,13 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/python finetune/finetune_lora.py
 
+# Two workers of one torch thread each: most tests wait on imports and small kernels that one thread runs as fast
+# as two, so on CI's 2 cores two workers nearly halve the wall time, and one thread each keeps torch's OpenMP threads
+# from spinning against each other. The minutes-long demo test is scheduled first (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: venv
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # The long fault-injection variant: a kill at every phase of every save, at random steps, and real SIGINTs.
 test-faults: venv

@@ -15,7 +15,9 @@ from finetune.finetune_lora import demo_name
 
 # The flow demo is held to the same bar but costs another two to three minutes, which the CI budget does not have:
 # `make test-slow` runs it.
-@pytest.mark.parametrize("name", ["unet", pytest.param("flow", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name", [pytest.param("unet", marks=pytest.mark.long), pytest.param("flow", marks=pytest.mark.slow)]
+)
 def test_demo_meets_its_bar(name, tmp_path, capsys):
     result = demo.run_demo(demo.DEMOS[name], seeds=4, work_dir=tmp_path)
     out = capsys.readouterr().out
