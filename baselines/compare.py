@@ -33,6 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
+    from core.startup import quiet_start
+
+    quiet_start()
+
 import numpy as np
 import torch
 

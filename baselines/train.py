@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
+    from core.startup import quiet_start
+
+    quiet_start()
+
 import torch
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights

@@ -34,6 +34,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python pipelines/generate.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
+    from core.startup import quiet_start
+
+    quiet_start()
+
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402

@@ -35,6 +35,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python scripts/benchmark_sampling.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
+    from core.startup import quiet_start
+
+    quiet_start()
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -22,6 +22,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
+    from core.startup import quiet_start
+
+    quiet_start()
+
 import torch
 
 from core import checkpoint as ckpt

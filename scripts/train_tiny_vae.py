@@ -17,6 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
+    from core.startup import quiet_start
+
+    quiet_start()
+
 import numpy as np
 import torch
 import torch.nn.functional as F

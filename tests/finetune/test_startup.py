@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from finetune.config import LoraTrainConfig
@@ -76,3 +77,18 @@ def test_bitsandbytes_is_needed_only_by_the_8bit_options():
     assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", use_8bit_adam=True))
     assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", optimizer="adamw8bit"))
     assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", quantize_base="nf4"))
+
+
+@pytest.mark.parametrize("program", ["pipelines.generate", "baselines.compare", "baselines.train"])
+def test_other_programs_start_quietly(program):
+    """Generation and the baselines' programs keep bitsandbytes out too (core/startup.py): their imports, as
+    `python -m PROGRAM` runs them, print nothing before their own output."""
+    code = (
+        "import atexit, runpy, sys; "
+        "atexit.register(lambda: print('bitsandbytes in sys.modules:', type(sys.modules.get('bitsandbytes')).__name__)); "
+        f"sys.argv = ['{program}', '--help']; runpy.run_module('{program}', run_name='__main__', alter_sys=True)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout and "bitsandbytes in sys.modules: NoneType" in proc.stdout
+    assert not proc.stderr, proc.stderr[-3000:]
