@@ -7,17 +7,35 @@ budget spent, and its evaluation from its own intermediate quality points (secon
 before it has any, from the evaluation-to-training ratio of the families already finished. A family not yet started
 costs the mean of the runs finished so far. The comparison runs seed-major (every family's seed 0, then seed 1, ...),
 so after the first round every family has been measured and the estimate covers all that remains.
+
+Sampling a batch can take a minute (PixelCNN's one pass per row band), and tqdm redraws only when told, so a daemon
+thread redraws the line every few seconds: the clock and the time left keep moving through long phases.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from functools import wraps
 
 from tqdm.auto import tqdm
 
 
+def _locked(method):
+    """The redraw thread reads what the events write: one lock serialises them."""
+
+    @wraps(method)
+    def run(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class Progress:
+    REDRAW_SECONDS = 5.0
+
     def __init__(
         self,
         runs: list[tuple[str, int]],
@@ -38,18 +56,28 @@ class Progress:
             total=len(runs), initial=len(runs) - len(self.pending), bar_format=fmt, disable=disable, dynamic_ncols=True
         )
         self.done_count = len(runs) - len(self.pending)
+        self.lock, self.closed = threading.RLock(), threading.Event()
+        if not disable:
+            threading.Thread(target=self._redraw, name="compare-progress", daemon=True).start()
+
+    def _redraw(self) -> None:
+        while not self.closed.wait(self.REDRAW_SECONDS):
+            self._show()
 
     # ------------------------------------------------------------------------------------------- events
 
+    @_locked
     def start(self, family: str, seed: int) -> None:
         self.current, self.phase, self.fraction, self.step = (family, seed), "training", 0.0, 0
         self.run_start, self.paused = self.clock(), 0.0
         self._show()
 
+    @_locked
     def training(self, fraction: float, step: int) -> None:
         self.fraction, self.step = min(max(fraction, 0.0), 1.0), step
         self._show()
 
+    @_locked
     def set_phase(self, phase: str) -> None:
         """ "training" again after a "quality point" goes on training; any other phase is evaluation."""
         now = self.clock()
@@ -60,10 +88,12 @@ class Progress:
         self.phase = phase
         self._show()
 
+    @_locked
     def measured_eval(self, seconds: float, n_samples: int) -> None:
         """An intermediate quality point of the current run: `seconds` to draw and score `n_samples`."""
         self.eval_rate[self.current[0]] = seconds / max(n_samples, 1)
 
+    @_locked
     def finish(self) -> None:
         family = self.current[0]
         now = self.clock()
@@ -75,10 +105,13 @@ class Progress:
         self.bar.n = self.done_count
         self._show()
 
+    @_locked
     def write(self, text: str) -> None:
         self.bar.write(text)
 
+    @_locked
     def close(self) -> None:
+        self.closed.set()
         self.bar.close()
 
     # ------------------------------------------------------------------------------------------- the estimate
@@ -138,7 +171,10 @@ class Progress:
                 return None
         return left
 
+    @_locked
     def _show(self) -> None:
+        if self.closed.is_set():
+            return
         left = self.seconds_left()
         eta = "time left: unknown until a run is measured" if left is None else f"~{_clock(left)} left (all phases)"
         if self.current is not None:

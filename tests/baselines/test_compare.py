@@ -268,6 +268,34 @@ def test_progress_estimates_time_left_including_evaluation():
     assert progress.seconds_left() == pytest.approx(35 + 35)  # the two runs left, each as ddpm 0 cost
 
 
+def test_progress_line_keeps_moving_through_a_long_phase(monkeypatch, capsys):
+    """Between events (a minute-long sampling batch) the redraw thread still updates the clock and the time left."""
+    import time
+
+    from baselines.compare_progress import Progress
+
+    monkeypatch.setattr(Progress, "REDRAW_SECONDS", 0.02)
+    now = [0.0]
+    progress = Progress([("gan", 0), ("gan", 1)], set(), samples_per_run=10, clock=lambda: now[0])
+    for seed, start in [(0, 0.0), (1, 200.0)]:
+        now[0] = start
+        progress.start("gan", seed)
+        now[0] = start + 100.0
+        progress.set_phase("sampling")
+        if seed == 0:
+            now[0] = start + 200.0
+            progress.finish()  # gan costs 200 s a run
+    drawn = capsys.readouterr().err
+    assert "gan seed 1: sampling; ~1m40s left" in drawn  # the last event, 100 s into the run
+    now[0] = 350.0  # 50 s later, with no event
+    deadline = time.monotonic() + 5
+    while "~0m50s left" not in drawn and time.monotonic() < deadline:
+        time.sleep(0.02)
+        drawn += capsys.readouterr().err
+    progress.close()
+    assert "gan seed 1: sampling; ~0m50s left" in drawn
+
+
 def test_coverage_ideal_follows_the_sample_counts():
     from baselines.compare_report import coverage_ideal
 
