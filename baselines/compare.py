@@ -48,6 +48,7 @@ from baselines.compare_report import coverage_ideal, loss_roughness, write_outpu
 from baselines.compare_store import GRID_SIZE, RunStore
 from baselines.data import load_tensor
 from baselines.train import Budget, fit, make_state
+from baselines.verdicts import run_diverged
 from core import metrics
 from core.config import option, parse
 from core.errors import UserError, run_main
@@ -99,7 +100,11 @@ class CompareConfig:
     )
     classifier_steps: int = option("training steps of the evaluation classifier", 600)
     classifier_min_accuracy: float = option("below this, mode figures are flagged as untrustworthy", 0.8)
-    diverged_fd_ratio: float = option("a run diverged when its FD >= this x the FD of uniform noise", 0.9)
+    diverged_fd_ratio: float = option(
+        "a run is no better than noise (diverged) when its FD >= this x uniform noise's and its precision is near "
+        "noise's (baselines/verdicts.py)",
+        0.9,
+    )
     unstable_cv: float = option('"unstable": FD std/mean across seeds above this, or any seed diverged', 0.25)
     log_every: int = option("record the loss every N steps", 5)
     train_data_dir: str | None = option("a folder of images; default: the embedded shapes world", None)
@@ -203,15 +208,21 @@ class Features:
     classifier_report: dict | None
 
 
-def build_features(config: CompareConfig, data: Data, accelerator) -> Features:
+def build_features(config: CompareConfig, data: Data, accelerator, store: RunStore) -> Features:
     report, classifier, device = None, None, accelerator.device
     if data.y_train is not None:
-        classifier, rep = train_classifier(
-            data.train, data.y_train, data.heldout, data.y_heldout, len(data.classes),
-            steps=config.classifier_steps, seed=config.data_seed, accelerator=accelerator,
-        )  # fmt: skip
-        report = dataclasses.asdict(rep)
-        report["trustworthy"] = rep.accuracy >= config.classifier_min_accuracy
+        # The classifier that scored the stored runs, if any: a resume scores in the same feature space.
+        classifier = EvalClassifier(data.train.shape[1], len(data.classes))
+        report = store.load_model("classifier", classifier)
+        if report is None:
+            classifier, rep = train_classifier(
+                data.train, data.y_train, data.heldout, data.y_heldout, len(data.classes),
+                steps=config.classifier_steps, seed=config.data_seed, accelerator=accelerator,
+            )  # fmt: skip
+            report = dataclasses.asdict(rep)
+            store.save_model("classifier", classifier, report)
+        classifier = classifier.to(device).eval()
+        report["trustworthy"] = report["accuracy"] >= config.classifier_min_accuracy
     if config.feature_extractor == "inception":
         embed = _inception_embed(device, config.inception_weights)
         description = "Inception-v3 pool features (2048-d, torchmetrics' FID network): FID"
@@ -325,7 +336,7 @@ def held_out_bpd(model, x: torch.Tensor, batch: int, device: torch.device) -> fl
 
 
 def run_one(
-    family, seed, config, data, features, real_feats, accelerator, progress, noise_fd
+    family, seed, config, data, features, real_feats, accelerator, progress, references
 ) -> tuple[dict, torch.Tensor]:
     """Trains one family with one seed, then measures it: quality, modes, speed, likelihood, and its training curve."""
     start = time.perf_counter()
@@ -359,7 +370,7 @@ def run_one(
     progress.set_phase("bits/dim")
     record["bits_per_dim"] = held_out_bpd(model, data.heldout[: config.bpd_images], config.speed_batch, device)
     record["quality_curve"] = curve
-    record["diverged"] = fit_result.diverged or record.get("fd", math.inf) >= config.diverged_fd_ratio * noise_fd
+    record["diverged"] = run_diverged(record, references, config.diverged_fd_ratio)
     record["run_seconds"] = time.perf_counter() - start
     return record, samples
 
@@ -433,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "no labels (pass --label_column): mode coverage and KL are not computed; the other columns are, "
             "and the pairwise-distance ratio still measures diversity"
         )
-    features = build_features(config, data, accelerator)
+    features = build_features(config, data, accelerator, store)
     rep = features.classifier_report
     if rep is not None and not rep["trustworthy"]:
         notes.append(
@@ -442,7 +453,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     real_feats = features.embed(data.heldout)
     references = _references(config, features, data, real_feats)
-    noise_fd = references["uniform noise"]["fd"]
     # Seed-major: after the first round every family has been timed, so the estimate of time left covers the rest.
     order = [(family, seed) for seed in config.seeds for family in config.families]
     done = {run for run in order if store.done(*run)}
@@ -452,10 +462,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for family, seed in order:
             if (family, seed) in done:
                 record, samples = store.load(family, seed)
+                record["diverged"] = run_diverged(record, references, config.diverged_fd_ratio)  # today's rule
             else:
                 progress.start(family, seed)
                 record, samples = run_one(
-                    family, seed, config, data, features, real_feats, accelerator, progress, noise_fd
+                    family, seed, config, data, features, real_feats, accelerator, progress, references
                 )
                 store.save(family, seed, record, samples)
                 progress.finish()

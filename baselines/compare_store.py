@@ -5,6 +5,9 @@ for the grid) and then `<family>-seed<seed>.json` (every number it measured), ea
 place, so a run's JSON exists only when the run is complete. `OUT/runs/config.json` holds the settings the results
 depend on (all but the output folder, the families and the seeds): a rerun with the same settings skips what is
 complete, a rerun with other settings is refused in one line unless `--overwrite` removes the old results.
+`OUT/runs/classifier.safetensors` (+ `.json`, its report) is the evaluation classifier that scored the stored runs:
+a rerun scores in the same feature space instead of training it again, which need not give the same network (the
+same seed on 1 thread instead of 2 reached held-out accuracy 0.889 instead of 0.828).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
 
 from core.errors import UserError
 
@@ -65,3 +69,16 @@ class RunStore:
     def load(self, family: str, seed: int) -> tuple[dict, torch.Tensor]:
         record = json.loads(self._path(family, seed, "json").read_text())
         return record, load_file(str(self._path(family, seed, "safetensors")))["samples"]
+
+    def load_model(self, name: str, model: nn.Module) -> dict | None:
+        """Loads the stored `name` into `model` and returns its report, or None when none is stored."""
+        report = self.folder / f"{name}.json"
+        if not report.exists():
+            return None
+        load_model(model, str(self.folder / f"{name}.safetensors"))
+        return json.loads(report.read_text())
+
+    def save_model(self, name: str, model: nn.Module, report: dict) -> None:
+        """The weights first, the report last: the report's presence means the model is complete."""
+        _atomic_write(self.folder / f"{name}.safetensors", lambda p: save_model(model, str(p)))
+        _atomic_write(self.folder / f"{name}.json", lambda p: p.write_text(json.dumps(report)))

@@ -136,7 +136,7 @@ def test_classifier_learns_colours_and_reports_held_out_accuracy():
     assert model.embed(x[:5]).shape == (5, 64)
 
 
-def test_compare_end_to_end_on_the_shapes_world(tmp_path):
+def test_compare_end_to_end_on_the_shapes_world(tmp_path, monkeypatch):
     out = tmp_path / "out"  # every family is imported and trained: one that fails to import fails this test
     result = main(["--config", str(write_config(tmp_path)), "--output_dir", str(out)])
 
@@ -164,10 +164,16 @@ def test_compare_end_to_end_on_the_shapes_world(tmp_path):
         assert (out / name).stat().st_size > 0
     assert "3 seeds, 95% intervals" in table and "64 training images seen" in table
 
-    # The same command again reads every run back instead of training it, and writes the same numbers.
+    # The same command again reads every run back instead of training it, and writes the same numbers, scored in
+    # the stored classifier's feature space (a classifier trained again on another thread count need not be equal).
+    def no_training(*args, **kwargs):
+        raise AssertionError("the evaluation classifier was trained again")
+
+    monkeypatch.setattr("baselines.compare.train_classifier", no_training)
     again = main(["--config", str(write_config(tmp_path)), "--output_dir", str(out)])
     assert again["resumed_runs"] == len(FAMILIES) * 3 and again["runs"] == saved["runs"]
-    assert again["verdicts"] == saved["verdicts"]
+    assert again["verdicts"] == saved["verdicts"] and again["references"] == saved["references"]
+    assert again["classifier"] == saved["classifier"]
 
 
 def test_dataset_without_labels_still_gets_the_other_columns(tmp_path):
@@ -301,6 +307,20 @@ def test_coverage_ideal_follows_the_sample_counts():
 
     assert coverage_ideal(2000, 256, 5) == pytest.approx(0.45, abs=0.01)  # the 8,000 digits' held-out quarter
     assert coverage_ideal(180, 256, 5) > 0.98  # the quick preset
+
+
+def test_no_better_than_noise_needs_both_the_distance_and_the_precision():
+    """At 32 px a briefly trained DDPM's blurred shapes scored an FD above noise's with precision 0.47 (noise 0.00):
+    they are poor samples, not noise, and their family's verdicts are still evidence."""
+    from baselines.verdicts import no_better_than_noise, run_diverged
+
+    refs = {"real data": {"fd": 24.0, "precision": 0.98}, "uniform noise": {"fd": 2.69e5, "precision": 0.0}}
+    assert not no_better_than_noise(3.05e5, 0.47, refs, 0.9)  # far in FD, but half its samples on the manifold
+    assert no_better_than_noise(3.05e5, 0.05, refs, 0.9)  # far, and precision within a tenth of noise -> real
+    assert not no_better_than_noise(1e3, 0.0, refs, 0.9)  # closer than noise by FD
+    assert no_better_than_noise(None, None, refs, 0.9)  # no finite samples
+    assert run_diverged({"loss_diverged": True, "fd": 30.0, "precision": 0.9}, refs, 0.9)  # the loss went NaN
+    assert not run_diverged({"loss_diverged": False, "fd": 30.0, "precision": 0.9}, refs, 0.9)
 
 
 def _run(family: str, seed: int, fd: float, ms: float, diverged: bool = False) -> dict:
