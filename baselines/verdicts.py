@@ -31,7 +31,8 @@ RULES = f"""\
 Every figure is a mean over seeds with its {CONFIDENCE:.0%} t-interval; a rule whose threshold lies inside the interval
 gives **inconclusive**. A family whose samples are no better than noise (mean FD >= `diverged_fd_ratio` x the
 uniform-noise FD and mean precision within a tenth of the way from noise's to the real data's), or with no finite
-samples, gives **no evidence** on quality, stability and mode collapse: a broken run says nothing about its family. Its speed and likelihood kind do not depend on what it learned and are still judged.
+samples, gives **no evidence** on quality, stability and mode collapse: a broken run says nothing about its family.
+Its speed and likelihood kind do not depend on what it learned and are still judged.
 - Quality: claims are grouped in tiers (>= 9/10, 7-8/10, 6/10); a family agrees when every rank its FD interval allows
   (1 = best; another family is surely better only when their intervals do not overlap) falls in the ranks its tier
   would hold among the families with evidence, contradicts when none does.
