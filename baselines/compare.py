@@ -14,8 +14,8 @@ training images seen per run, so that the same config and seeds give the same ta
 (a wall-clock budget, `budget_seconds`, is kept as an option; no preset uses it). Then each run draws samples, and
 they are scored in one feature space: the penultimate features of a small classifier trained here on the real
 training images (the "Fréchet classifier distance"), or Inception's with `--feature_extractor inception` and local
-weights. Two reference rows bound the figures: real
-training images scored as if they were a model's samples ("real data"), and uniform noise.
+weights. Two reference rows bound the figures: real training images scored as if they were a model's samples ("real
+data"), and uniform noise.
 
 OUT receives `table.md` (the trade-off table and the common wisdom set against it, with 95% intervals over seeds),
 `table.json` (every number per seed), `samples_<family>.png`, `loss_curves.png`, `quality_vs_images.png` and

@@ -34,7 +34,8 @@ def _locked(method):
 
 
 class Progress:
-    REDRAW_SECONDS = 5.0
+    REDRAW_SECONDS = 5.0  # the redraw thread's period
+    STEP_REDRAW_SECONDS = 0.2  # training steps redraw the line at most this often (a step can take milliseconds)
 
     def __init__(
         self,
@@ -56,7 +57,7 @@ class Progress:
             total=len(runs), initial=len(runs) - len(self.pending), bar_format=fmt, disable=disable, dynamic_ncols=True
         )
         self.done_count = len(runs) - len(self.pending)
-        self.lock, self.closed = threading.RLock(), threading.Event()
+        self.lock, self.closed, self.drawn_at = threading.RLock(), threading.Event(), 0.0
         if not disable:
             threading.Thread(target=self._redraw, name="compare-progress", daemon=True).start()
 
@@ -75,7 +76,8 @@ class Progress:
     @_locked
     def training(self, fraction: float, step: int) -> None:
         self.fraction, self.step = min(max(fraction, 0.0), 1.0), step
-        self._show()
+        if time.monotonic() - self.drawn_at >= self.STEP_REDRAW_SECONDS:
+            self._show()
 
     @_locked
     def set_phase(self, phase: str) -> None:
@@ -175,6 +177,7 @@ class Progress:
     def _show(self) -> None:
         if self.closed.is_set():
             return
+        self.drawn_at = time.monotonic()
         left = self.seconds_left()
         eta = "time left: unknown until a run is measured" if left is None else f"~{_clock(left)} left (all phases)"
         if self.current is not None:
