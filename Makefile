@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python finetune/finetune_lora.py
+	$(BIN)/difftune-demo
 
 # Two workers of one torch thread each: most tests wait on imports and small kernels that one thread runs as fast
 # as two, so on CI's 2 cores two workers nearly halve the wall time, and one thread each keeps torch's OpenMP threads

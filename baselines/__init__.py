@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import importlib
 
-from core.config import check_value, field_types
-from core.errors import UserError
+from difftune.core.config import check_value, field_types
+from difftune.core.errors import UserError
 
 FAMILIES: tuple[str, ...] = ("vae", "gan", "pixelcnn", "glow", "ddpm")
 
@@ -25,7 +25,7 @@ def build_model(family: str, resolution: int = 32, channels: int = 3, n_bits: in
     """Builds a family's model; unknown families, options or incompatible sizes raise UserError."""
     if family not in FAMILIES:
         raise UserError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    module = importlib.import_module(f"baselines.{family}")
+    module = importlib.import_module(f"difftune.baselines.{family}")
     return module.build(resolution=resolution, channels=channels, n_bits=n_bits, **overrides)
 
 
@@ -46,6 +46,6 @@ def check_options(family: str, overrides: dict) -> None:
     """Checks a family's Config options (names and types) without building the model: for configs read early."""
     if family not in FAMILIES:
         raise UserError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    cls = importlib.import_module(f"baselines.{family}").Config
+    cls = importlib.import_module(f"difftune.baselines.{family}").Config
     sizes = {name: getattr(cls, name) for name in ("resolution", "channels", "n_bits") if hasattr(cls, name)}
     strict_config(family, cls, overrides, **sizes)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.train import Budget, fit, make_state
+from difftune.baselines.train import Budget, fit, make_state
 
 
 @dataclass

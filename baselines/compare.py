@@ -1,7 +1,7 @@
 """The family comparison: every baseline family trained on the same data under one budget, measured the same way.
 
-    python -m baselines.compare --config configs/compare_quick.yaml --output_dir OUT
-    python -m baselines.compare --config configs/compare_quick.yaml --output_dir OUT \\
+    difftune-compare --config configs/compare_quick.yaml --output_dir OUT
+    difftune-compare --config configs/compare_quick.yaml --output_dir OUT \\
         --train_data_dir my_images --label_column label
 
 Modes are the distinct values of `--label_column` (the shapes world's are its 12 colour-shape labels). A caption
@@ -33,26 +33,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
-    from core.startup import quiet_start
-
-    quiet_start()
-
 import numpy as np
 import torch
 
-from baselines import FAMILIES, build_model, check_options
-from baselines.classifier import EvalClassifier, random_feature_extractor, train_classifier
-from baselines.compare_progress import Progress
-from baselines.compare_report import coverage_ideal, loss_roughness, write_outputs
-from baselines.compare_store import GRID_SIZE, RunStore
-from baselines.data import load_tensor
-from baselines.train import Budget, fit, make_state
-from baselines.verdicts import run_diverged
-from core import metrics
-from core.config import option, parse
-from core.errors import UserError, run_main
-from pipelines.samplers import sampler_names
+from difftune.baselines import FAMILIES, build_model, check_options
+from difftune.baselines.classifier import EvalClassifier, random_feature_extractor, train_classifier
+from difftune.baselines.compare_progress import Progress
+from difftune.baselines.compare_report import coverage_ideal, loss_roughness, write_outputs
+from difftune.baselines.compare_store import GRID_SIZE, RunStore
+from difftune.baselines.data import load_tensor
+from difftune.baselines.train import Budget, fit, make_state
+from difftune.baselines.verdicts import run_diverged
+from difftune.core import metrics
+from difftune.core.config import option, parse
+from difftune.core.errors import UserError, command
+from difftune.pipelines.samplers import sampler_names
 
 DEFAULT_LR = {"vae": 1e-3, "gan": 2e-4, "pixelcnn": 1e-3, "glow": 5e-4, "ddpm": 1e-3}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name, as torchmetrics loads it
@@ -157,7 +152,7 @@ class CompareConfig:
 
 def parse_args(argv: Sequence[str] | None) -> CompareConfig:
     description = "Train and measure every baseline family (--config configs/compare_quick.yaml or compare_full.yaml)."
-    return parse(CompareConfig, argv, description, prog="python -m baselines.compare")
+    return parse(CompareConfig, argv, description, prog="difftune-compare")
 
 
 # ----------------------------------------------------------------------------------------------- data and features
@@ -517,5 +512,10 @@ def _device_name(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
+def cli() -> None:
+    """The `difftune-compare` command."""
+    command(main)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli()

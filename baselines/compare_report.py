@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from baselines.verdicts import CONFIDENCE, RULES, ci_text, summarise, verdicts  # noqa: E402
-from core.images import tensor_grid  # noqa: E402
+from difftune.baselines.verdicts import CONFIDENCE, RULES, ci_text, summarise, verdicts  # noqa: E402
+from difftune.core.images import tensor_grid  # noqa: E402
 
 # Published held-out bits/dim on 8-bit data (uniform dequantisation for the flows), for the table's notes.
 PUBLISHED_BPD = """\

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 # Settings that choose which runs are made, not what a run measures: changing them keeps the completed runs.
 NOT_IN_RESULTS = ("output_dir", "families", "seeds", "overwrite")

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.errors import UserError
-from finetune.data import Record, decode_all, read_records
-from toyworld.shapes import BASE_COLOURS, SHAPES, render
+from difftune.core.errors import UserError
+from difftune.finetune.data import Record, decode_all, read_records
+from difftune.toyworld.shapes import BASE_COLOURS, SHAPES, render
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 

@@ -30,9 +30,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.special import log_ndtr
 
-from baselines import strict_config
-from core.errors import UserError
-from pipelines.samplers import make_scheduler
+from difftune.baselines import strict_config
+from difftune.core.errors import UserError
+from difftune.pipelines.samplers import make_scheduler
 
 FAMILY = "ddpm"
 

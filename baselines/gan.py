@@ -25,8 +25,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from baselines import strict_config
-from core.errors import UserError
+from difftune.baselines import strict_config
+from difftune.core.errors import UserError
 
 FAMILY = "gan"
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from baselines import strict_config
-from core.errors import UserError
+from difftune.baselines import strict_config
+from difftune.core.errors import UserError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The one training loop for every baseline family, as a library (`fit`) and as a command line.
 
-    python -m baselines.train --family vae --shapes --resolution 32 --max_train_steps 2000 --output_dir out/vae
+    difftune-train-baseline --family vae --shapes --resolution 32 --max_train_steps 2000 --output_dir out/vae
 
 `fit` reads top to bottom: draw a batch, compute the family's loss, step, keep the EMA, log, stop when the budget
 (images, seconds or steps) is spent or the loss stops being finite. Families with adversarial training (the GAN)
@@ -23,22 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
-    from core.startup import quiet_start
-
-    quiet_start()
-
 import torch
 from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 from torch import nn
 
-from baselines import FAMILIES, build_model, check_options
-from baselines.data import load_tensor
-from core import checkpoint
-from core.config import option, parse, to_dict
-from core.errors import UserError, run_main
-from core.images import tensor_grid
+from difftune.baselines import FAMILIES, build_model, check_options
+from difftune.baselines.data import load_tensor
+from difftune.core import checkpoint
+from difftune.core.config import option, parse, to_dict
+from difftune.core.errors import UserError, command
+from difftune.core.images import tensor_grid
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
@@ -291,7 +286,7 @@ def load_model(directory: str | Path) -> nn.Module:
 
 @dataclass
 class TrainConfig:
-    """The settings of `python -m baselines.train`: flags, or the same keys in a `--config` YAML file."""
+    """The settings of `difftune-train-baseline`: flags, or the same keys in a `--config` YAML file."""
 
     family: str = option("the family to train", choices=FAMILIES)
     output_dir: str = option("where checkpoints, sample grids, logs and the final model go")
@@ -348,7 +343,7 @@ MODEL_KEYS = ("family", "resolution", "channels", "n_bits", "set")
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainConfig:
-    return parse(TrainConfig, argv, "Train one baseline family.", prog="python -m baselines.train")
+    return parse(TrainConfig, argv, "Train one baseline family.", prog="difftune-train-baseline")
 
 
 def _resume(cfg: TrainConfig, model: nn.Module, state: TrainState, accelerator) -> None:
@@ -430,5 +425,10 @@ def write_samples(model: nn.Module, state: TrainState, path: Path, seed: int, n:
     tensor_grid(x).save(path)
 
 
+def cli() -> None:
+    """The `difftune-train-baseline` command."""
+    command(main)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli()

@@ -29,8 +29,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from torch import nn
 
-from baselines import strict_config
-from core.errors import UserError
+from difftune.baselines import strict_config
+from difftune.core.errors import UserError
 
 FAMILY = "vae"
 

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

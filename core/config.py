@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 
 def option(
@@ -154,7 +154,11 @@ def load_yaml(path: str | Path, cls) -> dict:
     """The keys of a YAML config file, each checked against `cls`'s field types; unknown keys are errors."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
+        from difftune.core.paths import shipped_config
+
+        path = shipped_config(str(path)) or path
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file (nor a shipped preset of that name, e.g. gpu-8gb)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -23,3 +23,11 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def command(main: Callable[[Sequence[str] | None], object]) -> None:
+    """A console command's body: a quiet start (`core.startup`), then `main` on the command line under `run_main`."""
+    from difftune.core.startup import quiet_start
+
+    quiet_start()
+    run_main(main)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 
 def check_output_dir(output_dir: str, flag: str = "--output_dir") -> None:
@@ -23,3 +23,32 @@ def check_output_dir(output_dir: str, flag: str = "--output_dir") -> None:
             pass
     except OSError as err:
         raise UserError(f"{flag} {output_dir}: cannot write into {existing} ({err.strerror})") from None
+
+
+def _package_dir(package: str) -> Path:
+    """The folder of one of difftune's packages, installed or in a checkout (the same code finds both)."""
+    import importlib
+
+    return Path(importlib.import_module(package).__file__).parent
+
+
+def embedded_base(name: str) -> Path:
+    """An embedded tiny base shipped as package data (`tiny_shapes`, `tiny_flow_shapes`)."""
+    return _package_dir("difftune.pipelines") / name
+
+
+def shipped_configs() -> Path:
+    """The folder of the YAML configs shipped with the package (`configs/` in a checkout)."""
+    return _package_dir("difftune.configs")
+
+
+def shipped_config(name: str) -> Path | None:
+    """A shipped config named like `gpu-8gb`, `hardware/gpu-8gb.yaml` or `configs/hardware/gpu-8gb.yaml`; None when
+    no shipped file has that name. Lets `--config gpu-8gb` work wherever the package is installed."""
+    root = shipped_configs()
+    stem = name.removeprefix("configs/")
+    for candidate in (stem, f"{stem}.yaml", f"hardware/{stem}", f"hardware/{stem}.yaml"):
+        path = root / candidate
+        if path.is_file():
+            return path
+    return None

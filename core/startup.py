@@ -1,32 +1,22 @@
-"""A program's quiet start: keep out the imports it does not use, before anything imports diffusers.
-
-diffusers, peft, transformers and accelerate each import bitsandbytes at their own import whenever it is installed
-(their availability checks are `importlib.util.find_spec("bitsandbytes")`), and bitsandbytes' import costs most of
-a second and, on CPUs with AVX512-BF16, prints a warning about a `kernels` package. Only a run with an 8-bit
-optimizer or a quantised base calls it (finetune/startup.py decides that from the run's config); every other program
-keeps it out: a `None` entry in `sys.modules` is Python's documented way to make a package unimportable
-(`find_spec` then answers None and `import` raises ImportError), which every one of those libraries reads as "not
-installed".
+"""A program's quiet start: what it prints concerns the user's run.
 
 transformers, without torchvision (not a dependency here), warns once per image-processor class that diffusers'
 pipeline modules import (the safety checker's feature extractor) that it falls back to the PIL processor; nothing
-here uses them, so that one message is filtered out.
+here uses those processors, so that one message is filtered out. Called by the programs (console commands and
+`python -m` entry points), never on import.
 
-Called by programs (under `if __name__ == "__main__":` where the module is also a library), never on import: a
-library that hid an installed package from its importer would be a surprise.
+bitsandbytes is an optional extra (`pip install "difftune[bnb]"`): peft imports it at its own import whenever it is
+installed (a second, and a warning about a `kernels` package on CPUs with AVX512-BF16), so it is not installed unless
+a run asks for an 8-bit optimizer or a quantised base, and those options import it where they use it.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
 
-def quiet_start(bitsandbytes: bool = False) -> None:
-    """Before the program imports diffusers: keeps bitsandbytes out unless `bitsandbytes`, and filters
-    transformers' torchvision fallback notice."""
-    if not bitsandbytes and "bitsandbytes" not in sys.modules:
-        sys.modules["bitsandbytes"] = None
+def quiet_start() -> None:
+    """Before the program imports diffusers: filters transformers' torchvision fallback notice."""
     logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_fallback)
 
 

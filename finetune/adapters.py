@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 ADAPTER_NAME = "default"  # peft's adapter name; diffusers' add_adapter uses it when none is given
 

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from finetune.buckets import resize_to_bucket
-from finetune.data import Record
+from difftune.finetune.buckets import resize_to_bucket
+from difftune.finetune.data import Record
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import option
-from core.errors import UserError
-from core.paths import check_output_dir
-from finetune.optim import OPTIMIZERS, validate_optim
-from finetune.quantize import check_quantize
-from finetune.speed import SCOPES
+from difftune.core.config import option
+from difftune.core.errors import UserError
+from difftune.core.paths import check_output_dir
+from difftune.finetune.optim import OPTIMIZERS, validate_optim
+from difftune.finetune.quantize import check_quantize
+from difftune.finetune.speed import SCOPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_BASE = str(REPO_ROOT / "pipelines" / "tiny_shapes")
@@ -185,7 +185,7 @@ class TrainConfig:
         validate_optim(self)
         check_output_dir(self.output_dir)
         if self.push_to_hub:
-            from finetune.hub import resolve_token
+            from difftune.finetune.hub import resolve_token
 
             resolve_token(self)
 

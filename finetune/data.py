@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

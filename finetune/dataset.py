@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.errors import UserError
-from finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
-from finetune.cache import encode_captions, encode_images, fingerprint_module, mask_tensor, to_tensor
-from finetune.data import Record, decode_all, decode_masks, read_records
+from difftune.core.errors import UserError
+from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
+from difftune.finetune.cache import encode_captions, encode_images, fingerprint_module, mask_tensor, to_tensor
+from difftune.finetune.data import Record, decode_all, decode_masks, read_records
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """The embedded demos: a tiny base learns the colour purple through a LoRA, measured before and after.
 
-Two bases ship with the repo: `pipelines/tiny_shapes` (an SD 1.x UNet, `configs/demo_lora.yaml`, the default
-demo) and `pipelines/tiny_flow_shapes` (an SD 3 transformer trained with rectified flow,
-`configs/demo_flow_lora.yaml`, `finetune_lora.py --demo flow`). Each is held to the same bar: purple learned,
-and the base's colours and shapes kept with the adapter loaded.
+`difftune-demo` (`make demo`) runs the UNet demo; `difftune-demo --demo flow` the flow one. Two bases ship as
+package data: `pipelines/tiny_shapes` (an SD 1.x UNet, `configs/demo_lora.yaml`) and `pipelines/tiny_flow_shapes`
+(an SD 3 transformer trained with rectified flow, `configs/demo_flow_lora.yaml`). Each is held to the same bar:
+purple learned, and the base's colours and shapes kept with the adapter loaded.
 
-Two imagefolders are rendered into `.cache/difftune/` and read through the same data path as user data:
+Two imagefolders are rendered into `<work_dir>/data/` and read through the same data path as user data:
 the purple set (`a purple {circle,square,triangle}`, the training data) and a regularisation set of the base's
 own colours (kohya's "reg images", used as DreamBooth's prior-preservation data). The UNet demo's LoRA adapts only
 the cross-attention keys and values, where the prompt meets the image, as Custom Diffusion (Kumari et al. 2023) does
@@ -18,23 +18,21 @@ flow Euler for the transformer; 20 steps, guidance 7.5).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from difftune.core.config import from_values, load_yaml, option, parse
+from difftune.core.errors import UserError, command
+from difftune.core.paths import check_output_dir, embedded_base, shipped_configs
+from difftune.finetune.config import LoraTrainConfig
+from difftune.toyworld import shapes
 
-from core.config import from_values, load_yaml
-from core.errors import UserError
-from finetune.config import REPO_ROOT, LoraTrainConfig
-from finetune.loop import train
-from finetune.tasks import LORA
-from pipelines.loading import load_loras, load_pipeline
-from toyworld import shapes
-from toyworld.evaluate import shapes_accuracy
-
-# The bar each demo is held to: purple learned, base colours kept (issue 2), and shapes kept on base and purple
-# prompts with the adapter loaded (issue 10).
+# The bar each demo is held to: purple learned, base colours kept, and shapes kept on base and purple prompts with
+# the adapter loaded.
 PURPLE_BEFORE_MAX, PURPLE_AFTER_MIN, BASE_AFTER_MIN, SHAPES_AFTER_MIN = 0.10, 0.80, 0.85, 0.85
-DEMOS = {"unet": REPO_ROOT / "configs" / "demo_lora.yaml", "flow": REPO_ROOT / "configs" / "demo_flow_lora.yaml"}
+# demo name -> (its training config, its embedded base)
+DEMOS = {"unet": ("demo_lora.yaml", "tiny_shapes"), "flow": ("demo_flow_lora.yaml", "tiny_flow_shapes")}
 PURPLE_PER_SHAPE = 80  # 240 training images
 REG_PER_CLASS = 20  # 240 regularisation images: 4 base colours x 3 shapes
 
@@ -52,14 +50,32 @@ def ensure_set(folder: Path, colours, per_class: int, seed: int) -> Path:
     return folder
 
 
+@dataclass
+class DemoConfig:
+    """`difftune-demo`: teach an embedded tiny base the colour purple with a LoRA, measured before and after."""
+
+    demo: str = option("Which embedded base learns purple.", default="unet", choices=tuple(DEMOS))
+    work_dir: str = option("Where the demo's data (data/) and LoRA (out/) go.", default="outputs/demo")
+    seed: int | None = option("Training seed; default: the demo config's.", default=None)
+    eval_seeds: int = option("Sampling seeds per prompt when measuring accuracy.", default=4)
+
+    def validate(self) -> None:
+        if self.eval_seeds < 1:
+            raise UserError("--eval_seeds must be at least 1")
+        check_output_dir(self.work_dir, "--work_dir")
+
+
 def demo_config(name: str) -> Path:
-    """The config of demo `name` (`finetune_lora.py --demo <name>`)."""
+    """The training config of demo `name`."""
     if name not in DEMOS:
         raise UserError(f"--demo {name}: no such demo; choose one of {', '.join(DEMOS)}")
-    return DEMOS[name]
+    return shipped_configs() / DEMOS[name][0]
 
 
 def evaluate(model: str, lora_dir: Path | None, seeds: int) -> dict[str, shapes.Accuracy]:
+    from difftune.pipelines.loading import load_loras, load_pipeline
+    from difftune.toyworld.evaluate import shapes_accuracy
+
     pipe, _ = load_pipeline(model)
     if lora_dir is not None:  # generate's loader: without diffusers' "no LoRA keys for the text encoder" warning
         load_loras(pipe, [str(lora_dir)], [1.0])
@@ -68,30 +84,37 @@ def evaluate(model: str, lora_dir: Path | None, seeds: int) -> dict[str, shapes.
     return {"purple": purple, "base": base}
 
 
-def demo_values(config_path: Path, work_dir: Path | None = None) -> dict:
-    """The demo config's keys with paths made absolute and both imagefolders rendered: under `work_dir` (data and
-    output) when given, else where the config says, relative to the repository."""
-    values = load_yaml(config_path, LoraTrainConfig)
-    model = str(REPO_ROOT / values["pretrained_model_name_or_path"])
+def demo_values(name: str, work_dir: Path) -> dict:
+    """Demo `name`'s training settings with its embedded base and both imagefolders rendered under `work_dir`/data
+    (the LoRA goes to `work_dir`/out)."""
+    values = load_yaml(demo_config(name), LoraTrainConfig)
+    model = str(embedded_base(DEMOS[name][1]))
     if not (Path(model) / "model_index.json").exists():
-        raise UserError(f"{model} is missing: the embedded base ships with the repo; restore it with git")
-    data_root = Path(work_dir) / "data" if work_dir else REPO_ROOT
+        raise UserError(f"{model} is missing: the embedded base ships with the package; reinstall difftune")
+    data_root = Path(work_dir) / "data"
     values.update(
         pretrained_model_name_or_path=model,
         train_data_dir=str(ensure_set(data_root / values["train_data_dir"], (shapes.HELD_OUT_COLOUR,),
                                       PURPLE_PER_SHAPE, seed=1)),
         class_data_dir=str(ensure_set(data_root / values["class_data_dir"], shapes.BASE_COLOURS,
                                       REG_PER_CLASS, seed=2)),
-        output_dir=str(Path(work_dir) / "out" if work_dir else REPO_ROOT / values["output_dir"]),
+        output_dir=str(Path(work_dir) / "out"),
     )  # fmt: skip
     return values
 
 
-def run_demo(config_path: Path, seeds: int = 4, work_dir: Path | None = None) -> dict:
+def run_demo(name: str, work_dir: Path, seeds: int = 4, seed: int | None = None) -> dict:
     """Measures purple before, trains the LoRA, measures again; prints the figures and whether the bar is met."""
-    values = demo_values(config_path, work_dir)
+    import torch
+
+    from difftune.finetune.loop import train
+    from difftune.finetune.tasks import LORA
+
+    values = demo_values(name, work_dir)
+    if seed is not None:
+        values["seed"] = seed
     model = values["pretrained_model_name_or_path"]
-    cfg = from_values(LoraTrainConfig, values, str(config_path))
+    cfg = from_values(LoraTrainConfig, values, str(demo_config(name)))
 
     before = evaluate(model, None, seeds)
     print(f"before: purple prompts {before['purple']}; base prompts {before['base']}")
@@ -122,3 +145,19 @@ def meets_bar(before: dict[str, shapes.Accuracy], after: dict[str, shapes.Accura
         and after["base"].colour >= BASE_AFTER_MIN
         and min(after["base"].shape, after["purple"].shape) >= SHAPES_AFTER_MIN
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse(DemoConfig, argv, DemoConfig.__doc__, prog="difftune-demo")
+    result = run_demo(cfg.demo, Path(cfg.work_dir), seeds=cfg.eval_seeds, seed=cfg.seed)
+    if not result["met"]:
+        raise SystemExit(1)
+
+
+def cli() -> None:
+    """The `difftune-demo` command."""
+    command(main)
+
+
+if __name__ == "__main__":
+    cli()

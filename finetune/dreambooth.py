@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from core.errors import UserError
-from finetune.data import IMAGE_EXTENSIONS, Record, read_records
+from difftune.core.errors import UserError
+from difftune.finetune.data import IMAGE_EXTENSIONS, Record, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def ensure_class_images(cfg, accelerator, batch_size: int = 4) -> list[Record]:
     existing = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     missing = cfg.num_class_images - len(existing)
     if missing > 0 and accelerator.is_main_process:
-        from pipelines.loading import load_pipeline
+        from difftune.pipelines.loading import load_pipeline
 
         logger.info("generating %d class images of %r into %s", missing, cfg.class_prompt, folder)
         pipe, _ = load_pipeline(cfg.pretrained_model_name_or_path, device=str(accelerator.device))

@@ -22,10 +22,10 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from peft.utils import PeftType, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from core.errors import UserError
-from finetune.adapters import ADAPTER_NAME as ADAPTER
-from finetune.kohya_flux import flux_kohya_layers
-from pipelines.families import Family
+from difftune.core.errors import UserError
+from difftune.finetune.adapters import ADAPTER_NAME as ADAPTER
+from difftune.finetune.kohya_flux import flux_kohya_layers
+from difftune.pipelines.families import Family
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"

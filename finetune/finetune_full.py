@@ -7,22 +7,21 @@ saved UNet is the exponential moving average of the trained weights.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from finetune.startup import run_task
-from finetune.tasks import FULL
+from difftune.core.errors import command
+from difftune.finetune.startup import run_task
+from difftune.finetune.tasks import FULL
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     run_task(argv, FULL, __doc__, prog="finetune_full.py")
 
 
-if __name__ == "__main__":
-    from core.errors import run_main
+def cli() -> None:
+    """The `difftune-train-full` command."""
+    command(main)
 
-    run_main(main)
+
+if __name__ == "__main__":
+    cli()

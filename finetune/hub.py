@@ -18,8 +18,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HTTPError
 
-from core.errors import UserError
-from finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE, card_model_ref
+from difftune.core.errors import UserError
+from difftune.finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE, card_model_ref
 
 logger = logging.getLogger(__name__)
 

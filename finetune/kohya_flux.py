@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 # BFL name -> the diffusers modules it fuses, in the order of the fused weight's rows.
 DOUBLE = {

@@ -22,21 +22,21 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from core import checkpoint as ckpt
-from core.config import to_dict
-from core.errors import UserError
-from finetune.buckets import BucketBatchSampler
-from finetune.config import TrainConfig
-from finetune.dataset import build_dataset, collate, read_images
-from finetune.objective import Objective, batch_loss, check_objective
-from finetune.offload import offload, offload_plan, resident
-from finetune.optim import build_optimizer
-from finetune.resume import SECRETS, apply_settings, check_resume, hyperparameters, run_record
-from finetune.speed import speed_up_denoiser
-from finetune.tasks import Task, Trainable
-from finetune.validation import log_validation
-from finetune.validation_loss import Selection, ValidationLoss, split_validation
-from pipelines.families import Family, detect, read_model_index
+from difftune.core import checkpoint as ckpt
+from difftune.core.config import to_dict
+from difftune.core.errors import UserError
+from difftune.finetune.buckets import BucketBatchSampler
+from difftune.finetune.config import TrainConfig
+from difftune.finetune.dataset import build_dataset, collate, read_images
+from difftune.finetune.objective import Objective, batch_loss, check_objective
+from difftune.finetune.offload import offload, offload_plan, resident
+from difftune.finetune.optim import build_optimizer
+from difftune.finetune.resume import SECRETS, apply_settings, check_resume, hyperparameters, run_record
+from difftune.finetune.speed import speed_up_denoiser
+from difftune.finetune.tasks import Task, Trainable
+from difftune.finetune.validation import log_validation
+from difftune.finetune.validation_loss import Selection, ValidationLoss, split_validation
+from difftune.pipelines.families import Family, detect, read_model_index
 
 logger = logging.getLogger(__name__)
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
@@ -211,7 +211,7 @@ def prepare_hub(cfg: TrainConfig, accelerator: Accelerator) -> str | None:
     """With --push_to_hub, the repository created or found before training (main process); None otherwise."""
     if not (cfg.push_to_hub and accelerator.is_main_process):
         return None
-    from finetune.hub import prepare_repo
+    from difftune.finetune.hub import prepare_repo
 
     return prepare_repo(cfg)
 
@@ -219,7 +219,7 @@ def prepare_hub(cfg: TrainConfig, accelerator: Accelerator) -> str | None:
 def class_images(cfg: TrainConfig, accelerator: Accelerator) -> list | None:
     if not cfg.with_prior_preservation:
         return None
-    from finetune.dreambooth import ensure_class_images
+    from difftune.finetune.dreambooth import ensure_class_images
 
     return ensure_class_images(cfg, accelerator)
 
@@ -396,7 +396,7 @@ def finish(run: Run, task: Task) -> None:
                 "(it saves the result without training again)"
             ) from None
         if run.cfg.push_to_hub:
-            from finetune.hub import push_to_hub
+            from difftune.finetune.hub import push_to_hub
 
             push_to_hub(output_dir, run.cfg, repo_id=run.hub_repo)
     accelerator.end_training()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 
 def timestep_bias_weights(cfg, num_timesteps: int) -> torch.Tensor | None:

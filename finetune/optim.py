@@ -17,8 +17,8 @@ import logging
 
 import torch
 
-from core.errors import UserError
-from finetune.quantize import cuda_available
+from difftune.core.errors import UserError
+from difftune.finetune.quantize import cuda_available
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def validate_optim(cfg) -> None:
             raise UserError(
                 "--optimizer adamw8bit (--use_8bit_adam) needs a CUDA GPU (bitsandbytes); use --optimizer adamw here"
             )
-        _import("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes")
+        _import("bitsandbytes", "--optimizer adamw8bit", "'difftune[bnb]'")
     if name == "prodigy":
         _import("prodigyopt", "--optimizer prodigy", "prodigyopt")
     if cfg.fused_optimizer and name != "adamw":
@@ -69,7 +69,7 @@ def build_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.o
             fused=cfg.fused_optimizer or None,
         )  # fmt: skip
     if name == "adamw8bit":
-        bnb = _import("bitsandbytes", "--optimizer adamw8bit", "bitsandbytes")
+        bnb = _import("bitsandbytes", "--optimizer adamw8bit", "'difftune[bnb]'")
         return bnb.optim.AdamW8bit(
             params, lr=lr, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
         )

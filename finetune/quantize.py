@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 MODES = ("nf4", "int8")
 
@@ -35,7 +35,7 @@ def check_quantize(mode: str) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise UserError(f"--quantize_base {mode} needs bitsandbytes: pip install bitsandbytes") from err
+        raise UserError(f"--quantize_base {mode} needs bitsandbytes: pip install 'difftune[bnb]'") from err
 
 
 def quantization_config(mode: str, compute_dtype: torch.dtype):
@@ -60,8 +60,8 @@ def load_quantized(model: str, subfolder: str, mode: str, compute_dtype: torch.d
     do not `.to(dtype)` the result: that would try to cast the packed 4/8-bit weights.
     """
     check_quantize(mode)
-    from pipelines.families import read_model_index
-    from pipelines.families.base import component_class
+    from difftune.pipelines.families import read_model_index
+    from difftune.pipelines.families.base import component_class
 
     cls = component_class(read_model_index(model), subfolder, model)
     denoiser = cls.from_pretrained(

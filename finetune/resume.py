@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from core.config import to_dict
-from core.errors import UserError
+from difftune.core.config import to_dict
+from difftune.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from core.errors import UserError
-from finetune.adapters import adapter_config, add_adapter
-from finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
+from difftune.core.errors import UserError
+from difftune.finetune.adapters import adapter_config, add_adapter
+from difftune.finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
 
 if TYPE_CHECKING:  # the entry scripts import this module before deciding what the run imports (finetune.startup)
-    from pipelines.families import Family
+    from difftune.pipelines.families import Family
 
 
 @dataclass
@@ -69,7 +69,7 @@ def lora_setup(family: Family, cfg: LoraTrainConfig) -> Trainable:
 
 
 def lora_save(family: Family, cfg: LoraTrainConfig, output_dir: Path) -> None:
-    from finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
+    from difftune.finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
 
     models = {family.denoiser_name: family.denoiser, **family.text_encoders()}
     if cfg.adapter in ("loha", "lokr"):  # no diffusers LoRA format exists for these: peft's own format
@@ -85,7 +85,7 @@ def lora_denoiser(family_cls: type[Family], cfg: LoraTrainConfig, dtype: torch.d
     """The frozen denoiser quantised (`--quantize_base`), or None to load it as it is."""
     if cfg.quantize_base is None:
         return None
-    from finetune.quantize import load_quantized
+    from difftune.finetune.quantize import load_quantized
 
     return load_quantized(cfg.pretrained_model_name_or_path, family_cls.denoiser_name, cfg.quantize_base, dtype)
 
@@ -119,7 +119,7 @@ def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
     """A diffusers pipeline folder: the trained modules (EMA weights, when kept, are already in them)."""
     from diffusers import DiffusionPipeline
 
-    from finetune.export import write_model_card
+    from difftune.finetune.export import write_model_card
 
     parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
     kwargs = {**family.from_pretrained_kwargs(family.index), **parts}  # the trained modules win

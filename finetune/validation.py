@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.images import make_grid
+from difftune.core.images import make_grid
 
 
 @torch.no_grad()

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
-from core.errors import UserError
-from finetune.buckets import BucketBatchSampler
-from finetune.dataset import Images, build_dataset, collate, read_images
-from finetune.objective import Objective, batch_loss
+from difftune.core.errors import UserError
+from difftune.finetune.buckets import BucketBatchSampler
+from difftune.finetune.dataset import Images, build_dataset, collate, read_images
+from difftune.finetune.objective import Objective, batch_loss
 
 SPLIT_SEED = 0x5917  # the held-out images depend on --seed and this, not on anything else
 

@@ -1,8 +1,8 @@
 """Generate images from a saved pipeline (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux), with LoRAs and a named sampler.
 
-    python -m pipelines.generate --model pipelines/tiny_shapes --prompt "a red circle" --sampler dpmpp-2m \\
+    difftune-generate --model pipelines/tiny_shapes --prompt "a red circle" --sampler dpmpp-2m \\
         --steps 20 --num_images 4 --seed 0 --output_dir out
-    python -m pipelines.generate --from_record out/record.json --index 2 --output_dir again
+    difftune-generate --from_record out/record.json --index 2 --output_dir again
 
 Writes one PNG per image, `grid.png`, and `record.json`: everything needed to make any image again, exactly
 (`--from_record`). Image i of prompt p has its own seed (`--seed` + its index) drawn on a CPU generator, so an
@@ -26,32 +26,23 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python pipelines/generate.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor
+from PIL import Image
+from tqdm import tqdm
 
-if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
-    from core.startup import quiet_start
-
-    quiet_start()
-
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-from diffusers import DiffusionPipeline  # noqa: E402
-from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from core.config import from_values, option, parse, to_dict  # noqa: E402
-from core.errors import UserError, run_main  # noqa: E402
-from core.images import make_grid  # noqa: E402
-from core.paths import check_output_dir  # noqa: E402
-from pipelines.families import Family, detect, sub_config  # noqa: E402
-from pipelines.loading import (  # noqa: E402
+from difftune.core.config import from_values, option, parse, to_dict
+from difftune.core.errors import UserError, command
+from difftune.core.images import make_grid
+from difftune.core.paths import check_output_dir
+from difftune.pipelines.families import Family, detect, sub_config
+from difftune.pipelines.loading import (
     DTYPES,
     Adapter,
     check_device,
@@ -61,9 +52,9 @@ from pipelines.loading import (  # noqa: E402
     load_pipeline,
     match_scales,
 )
-from pipelines.samplers import check_sampler, check_steps, sampler_names, set_sampler  # noqa: E402
+from difftune.pipelines.samplers import check_sampler, check_steps, sampler_names, set_sampler
 
-PROG = "python -m pipelines.generate"
+PROG = "difftune-generate"
 RECORD_NAME = "record.json"
 GRID_NAME = "grid.png"
 MAX_SEED = 2**63 - 1  # torch takes seeds up to 2**64 - 1, numpy and most tools only signed 64-bit ones
@@ -315,5 +306,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return run(cfg)
 
 
+def cli() -> None:
+    """The `difftune-generate` command."""
+    command(main)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli()

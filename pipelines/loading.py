@@ -20,8 +20,8 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError, safe_open
 from transformers.utils import logging as transformers_logging
 
-from core.errors import UserError
-from pipelines.families import Family, detect, read_model_index
+from difftune.core.errors import UserError
+from difftune.pipelines.families import Family, detect, read_model_index
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")

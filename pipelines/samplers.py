@@ -32,7 +32,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -29,25 +29,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python scripts/benchmark_generation.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
-    from core.startup import quiet_start
+    from difftune.core.startup import quiet_start
 
     quiet_start()
 
-import torch  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
+import torch
+from diffusers import StableDiffusionPipeline
 
-from core.config import option, parse  # noqa: E402
-from core.errors import UserError, run_main  # noqa: E402
-from pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images, prepare_pipeline  # noqa: E402
-from pipelines.loading import load_pipeline  # noqa: E402
-from pipelines.samplers import sampler_names  # noqa: E402
-from toyworld import shapes  # noqa: E402
+from difftune.core.config import option, parse
+from difftune.core.errors import UserError, run_main
+from difftune.core.paths import embedded_base
+from difftune.pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images, prepare_pipeline
+from difftune.pipelines.loading import load_pipeline
+from difftune.pipelines.samplers import sampler_names
+from difftune.toyworld import shapes
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
+DEFAULT_MODEL = str(embedded_base("tiny_shapes"))
 
 
 @dataclass

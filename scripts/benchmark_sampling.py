@@ -32,29 +32,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python scripts/benchmark_sampling.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
-    from core.startup import quiet_start
+    from difftune.core.startup import quiet_start
 
     quiet_start()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from core.config import option, parse  # noqa: E402
-from core.errors import UserError, run_main  # noqa: E402
-from core.metrics import frechet_distance  # noqa: E402
-from core.paths import check_output_dir  # noqa: E402
-from pipelines.families import detect, sub_config  # noqa: E402
-from pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images  # noqa: E402
-from pipelines.loading import load_pipeline  # noqa: E402
-from pipelines.samplers import check_sampler, check_steps, fitting_samplers, sampler_names, set_sampler  # noqa: E402
-from toyworld import shapes  # noqa: E402
+from difftune.core.config import option, parse
+from difftune.core.errors import UserError, run_main
+from difftune.core.metrics import frechet_distance
+from difftune.core.paths import check_output_dir, embedded_base
+from difftune.pipelines.families import detect, sub_config
+from difftune.pipelines.generate import GenerateConfig, generate_batch, image_size, plan_images
+from difftune.pipelines.loading import load_pipeline
+from difftune.pipelines.samplers import check_sampler, check_steps, fitting_samplers, sampler_names, set_sampler
+from difftune.toyworld import shapes
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "pipelines" / "tiny_shapes")
+DEFAULT_MODEL = str(embedded_base("tiny_shapes"))
 DEFAULT_STEPS = (5, 10, 15, 20, 30, 50)
 # What `pipe(prompt)` does by default: PNDM 50 steps with SD 1.5's scheduler config; flow Euler 28 steps in
 # diffusers' SD 3 and Flux pipelines.

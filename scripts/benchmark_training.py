@@ -51,14 +51,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from difftune.core.config import option, parse
+from difftune.core.errors import UserError, run_main
+from difftune.core.paths import shipped_configs
+from difftune.scripts.shaped_models import SHAPED_RESOLUTION, build_shaped_pipeline
 
-from core.config import option, parse  # noqa: E402
-from core.errors import UserError, run_main  # noqa: E402
-from scripts.shaped_models import SHAPED_RESOLUTION, build_shaped_pipeline  # noqa: E402
-
-PRESETS = ROOT / "configs" / "hardware"
+PRESETS = shipped_configs() / "hardware"
 
 
 def cpu_substitutes(values: dict) -> list[str]:
@@ -78,8 +76,8 @@ def cpu_substitutes(values: dict) -> list[str]:
 
 def layer_presets(values: dict, presets: list[str], on_cuda: bool) -> list[str]:
     """Layers the preset files onto `values` in order (later wins); off CUDA, swaps what needs it (listed)."""
-    from core.config import load_yaml
-    from finetune.config import LoraTrainConfig
+    from difftune.core.config import load_yaml
+    from difftune.finetune.config import LoraTrainConfig
 
     for preset in presets:
         values.update(load_yaml(preset, LoraTrainConfig))
@@ -90,7 +88,7 @@ def measured_columns(cfg, on_cuda: bool) -> dict:
     """The columns every row shares: peak memory so far and the options that set a step's cost."""
     import torch
 
-    from finetune.optim import optimizer_name
+    from difftune.finetune.optim import optimizer_name
 
     peak = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
@@ -108,13 +106,13 @@ def child(settings: dict) -> dict:
     """Runs one training in this process and returns its measurements."""
     import torch
 
-    from core.config import from_values
-    from finetune.config import LoraTrainConfig
-    from finetune.demo import DEMOS, demo_values
-    from finetune.loop import train
-    from finetune.tasks import LORA
+    from difftune.core.config import from_values
+    from difftune.finetune.config import LoraTrainConfig
+    from difftune.finetune.demo import demo_values
+    from difftune.finetune.loop import train
+    from difftune.finetune.tasks import LORA
 
-    values = demo_values(DEMOS["unet"])  # the demo's model and both imagefolders
+    values = demo_values("unet", Path(settings["output_dir"]))  # the demo's model and both imagefolders
     on_cuda = torch.cuda.is_available()
     swapped = layer_presets(values, settings["presets"], on_cuda)
     values.update(
@@ -164,10 +162,10 @@ def shaped_child(settings: dict) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from core.config import from_values
-    from finetune.config import LoraTrainConfig
-    from finetune.loop import train
-    from finetune.tasks import LORA
+    from difftune.core.config import from_values
+    from difftune.finetune.config import LoraTrainConfig
+    from difftune.finetune.loop import train
+    from difftune.finetune.tasks import LORA
 
     kind, on_cuda = settings["kind"], torch.cuda.is_available()
     work = Path(settings["output_dir"])
@@ -208,12 +206,12 @@ def shaped_child(settings: dict) -> dict:
 
 def tiny_flow_child(settings: dict) -> dict:
     """The product's LoRA loop on the tiny SD 3 or Flux pipeline (base size) and the shapes world at 64 px."""
-    from core.config import from_values
-    from finetune.config import LoraTrainConfig
-    from finetune.loop import train
-    from finetune.tasks import LORA
-    from toyworld import shapes
-    from toyworld.tiny import save_tiny_pipeline
+    from difftune.core.config import from_values
+    from difftune.finetune.config import LoraTrainConfig
+    from difftune.finetune.loop import train
+    from difftune.finetune.tasks import LORA
+    from difftune.toyworld import shapes
+    from difftune.toyworld.tiny import save_tiny_pipeline
 
     work = Path(settings["output_dir"])
     model = save_tiny_pipeline(work / "model", size="base", family=settings["tiny_flow"])
@@ -277,7 +275,7 @@ TINY_RUN = dict(resolution=64, center_crop=True, train_batch_size=8, rank=4, lea
 def build_tiny_run(folder: Path) -> tuple[Path, Path]:
     """The tiny SD 1.5-layout pipeline and 64 shapes-world images (metadata.jsonl imagefolder) of the --options
     rows; `scripts/compare_diffusers_training.py` trains on the same two folders."""
-    from toyworld import shapes
+    from difftune.toyworld import shapes
 
     model = folder / "model"
     if not (model / "model_index.json").exists():
@@ -290,19 +288,17 @@ def build_tiny_run(folder: Path) -> tuple[Path, Path]:
 
 def option_child(settings: dict) -> dict:
     """One --options row: `finetune.loop.train` with the row's flags, started the way the entry script starts."""
-    from core.config import from_values
-    from finetune.config import LoraTrainConfig
-    from finetune.startup import lean_start
+    from difftune.core.config import from_values
+    from difftune.finetune.config import LoraTrainConfig
 
     values = {**TINY_RUN, **settings["flags"], "pretrained_model_name_or_path": settings["model"],
               "train_data_dir": settings["data"], "output_dir": settings["output_dir"], "report_to": "none",
               "max_train_steps": settings["warmup"] + settings["steps"], "checkpointing_steps": 10**9}  # fmt: skip
     cfg = from_values(LoraTrainConfig, values)
-    lean_start(cfg)
     import torch
 
-    from finetune import loop
-    from finetune.tasks import LORA
+    from difftune.finetune import loop
+    from difftune.finetune.tasks import LORA
 
     finished, real_finish = [], loop.finish
     loop.finish = lambda run, task: finished.append(time.time()) or real_finish(run, task)  # when the last step ended
@@ -325,8 +321,8 @@ def floor_child(settings: dict) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from finetune.adapters import adapter_config, add_adapter
-    from pipelines.families.base import Family
+    from difftune.finetune.adapters import adapter_config, add_adapter
+    from difftune.pipelines.families.base import Family
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(settings["model"], subfolder="unet")
@@ -426,9 +422,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("RESULT " + json.dumps(row_of(settings)))
         return
     if args.options:
-        from finetune.startup import lean_start
-
-        lean_start()  # the rows' processes start the way the entry script does; this one builds the model quietly
         with tempfile.TemporaryDirectory() as tmp:
             rows = option_rows(args, Path(args.work_dir or tmp))
         print_option_rows(rows, args.steps)

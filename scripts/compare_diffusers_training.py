@@ -29,11 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from core.config import option, parse  # noqa: E402
-from core.errors import UserError, run_main  # noqa: E402
+from difftune.core.config import option, parse
+from difftune.core.errors import UserError, run_main
 
 STUB = (
     "import runpy, sys, types; sys.modules['torchvision._meta_registrations'] = "
@@ -59,7 +56,7 @@ class CompareConfig:
 def timed(command: list[str], env: dict) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one process; stops with its output if it fails."""
     start = time.time()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -78,7 +75,8 @@ def commands(args: CompareConfig, model: Path, data: Path, out: Path, steps: int
     rows = {
         "difftune finetune_lora.py": [
             sys.executable,
-            "finetune/finetune_lora.py",
+            "-m",
+            "difftune.finetune.finetune_lora",
             *shared,
             "--output_dir",
             str(out / "a"),
@@ -95,14 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(CompareConfig, argv, __doc__, prog="compare_diffusers_training.py")
     if not Path(args.diffusers_script).is_file():
         raise UserError(f"--diffusers_script {args.diffusers_script}: no such file")
-    from finetune.startup import lean_start
+    from difftune.scripts.benchmark_training import build_tiny_run
 
-    lean_start()
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmark_training import build_tiny_run
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model, data = build_tiny_run(Path(args.work_dir or tmp))

@@ -19,24 +19,21 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
-    from core.startup import quiet_start
+    from difftune.core.startup import quiet_start
 
     quiet_start()
 
 import torch
 
-from core import checkpoint as ckpt
-from core.config import from_values
-from finetune.config import REPO_ROOT, LoraTrainConfig
-from finetune.demo import DEMOS, demo_values, purple_prompts
-from finetune.loop import BEST, load_models, train
-from finetune.tasks import LORA
-from toyworld import shapes
-from toyworld.evaluate import shapes_accuracy
+from difftune.core import checkpoint as ckpt
+from difftune.core.config import from_values
+from difftune.finetune.config import LoraTrainConfig
+from difftune.finetune.demo import demo_config, demo_values, purple_prompts
+from difftune.finetune.loop import BEST, load_models, train
+from difftune.finetune.tasks import LORA
+from difftune.toyworld import shapes
+from difftune.toyworld.evaluate import shapes_accuracy
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,20 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validation_steps", type=int, default=250, help="Validation loss and score every N steps.")
     parser.add_argument("--validation_split", type=float, default=0.1, help="Fraction of the images held out.")
     parser.add_argument("--seeds", type=int, default=4, help="Sampling seeds per prompt when scoring.")
-    parser.add_argument("--work_dir", default=str(REPO_ROOT / "outputs" / "demo-overtraining"), help="Data and run.")
-    parser.add_argument("--output", default=str(REPO_ROOT / "docs" / "demo_overtraining"), help="<output>.png/.json")
+    parser.add_argument("--work_dir", default="outputs/demo-overtraining", help="Data and run.")
+    parser.add_argument("--output", default="docs/demo_overtraining", help="<output>.png/.json")
     return parser.parse_args(argv)
 
 
 def run_config(args) -> LoraTrainConfig:
     """The demo's own settings, made long, with the validation split and best-checkpoint selection."""
-    values = demo_values(DEMOS["unet"], Path(args.work_dir))
+    values = demo_values("unet", Path(args.work_dir))
     values.update(
         max_train_steps=args.max_train_steps, validation_split=args.validation_split,
         validation_steps=args.validation_steps, checkpointing_steps=args.validation_steps,
         keep_best_by="validation_loss", validation_prompt=None,  # scored below instead of sample grids
     )  # fmt: skip
-    return from_values(LoraTrainConfig, values, str(DEMOS["unet"]))
+    return from_values(LoraTrainConfig, values, str(demo_config("unet")))
 
 
 @torch.no_grad()
@@ -139,6 +136,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from core.errors import run_main
+    from difftune.core.errors import run_main
 
     run_main(main)

@@ -25,26 +25,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import the project, not this folder's modules
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
-    from core.startup import quiet_start
+    from difftune.core.startup import quiet_start
 
     quiet_start()
 
 import torch
 from diffusers import AutoencoderKL
 
-from core.config import option, parse
-from core.errors import run_main
-from finetune.config import REPO_ROOT, FullTrainConfig
-from finetune.loop import train
-from finetune.tasks import FULL
-from pipelines.loading import load_pipeline
-from toyworld import shapes
-from toyworld.evaluate import shapes_accuracy
-from toyworld.tiny import build_pipeline
+from difftune.core.config import option, parse
+from difftune.core.errors import run_main
+from difftune.core.paths import embedded_base, shipped_configs
+from difftune.finetune.config import FullTrainConfig
+from difftune.finetune.loop import train
+from difftune.finetune.tasks import FULL
+from difftune.pipelines.loading import load_pipeline
+from difftune.toyworld import shapes
+from difftune.toyworld.evaluate import shapes_accuracy
+from difftune.toyworld.tiny import build_pipeline
 
 # What each embedded base is: its family, default training config, install folder.
 BASES = {
@@ -123,16 +121,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         shapes.write_dataset(data, shapes.BASE_COLOURS, shapes.SHAPES, per_class=args.per_class, seed=0)
     vae_dir = Path(args.vae) if args.vae else work / "vae"
     if args.vae is None and args.family == "sd3" and args.size == "base":
-        vae_dir = REPO_ROOT / "pipelines" / "tiny_shapes" / "vae"  # "the existing tiny VAE": shared, not retrained
+        vae_dir = embedded_base("tiny_shapes") / "vae"  # "the existing tiny VAE": shared, not retrained
     if not (vae_dir / "config.json").exists():
-        vae_cmd = [sys.executable, str(REPO_ROOT / "scripts" / "train_tiny_vae.py"), "--output_dir", str(vae_dir),
+        vae_cmd = [sys.executable, "-m", "difftune.scripts.train_tiny_vae", "--output_dir", str(vae_dir),
                    "--steps", str(args.vae_steps), "--batch_size", "16", "--size", args.size]  # fmt: skip
         subprocess.run(vae_cmd, check=True)
     init_pipeline(args, vae_dir, data, work / "init")
 
     overrides = ["--pretrained_model_name_or_path", str(work / "init"), "--train_data_dir", str(data),
                  "--output_dir", str(work / "base"),
-                 "--config", args.base_config or str(REPO_ROOT / "configs" / config_name)]  # fmt: skip
+                 "--config", args.base_config or str(shipped_configs() / config_name)]  # fmt: skip
     if args.max_train_steps:
         overrides += ["--max_train_steps", str(args.max_train_steps)]
     result = train(parse(FullTrainConfig, overrides, prog="finetune_full.py"), FULL)
@@ -143,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     acc, _ = shapes_accuracy(base, shapes.prompts(), seeds=args.seeds)
     print(f"{base_name}: {acc} (12 prompts x {args.seeds} seeds, 20 steps, guidance 7.5)")
     if args.install:
-        install(work, REPO_ROOT / "pipelines" / base_name)
+        install(work, embedded_base(base_name))
     print(f"total {time.time() - start:.0f}s")
 
 

@@ -59,7 +59,7 @@ def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from toyworld.tiny_parts import sd_scheduler, write_tokenizer
+    from difftune.toyworld.tiny_parts import sd_scheduler, write_tokenizer
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "tokenizer", max_length=77))
@@ -105,7 +105,7 @@ def flow_pipeline(kind: str, parts: dict, text_encoder, folder: Path, overrides:
     )
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from toyworld.tiny_flow import write_t5_tokenizer
+    from difftune.toyworld.tiny_flow import write_t5_tokenizer
 
     t5_tokenizer = T5TokenizerFast.from_pretrained(write_t5_tokenizer(folder / "tokenizer_t5", max_length=512))
     t5_config = {**T5_SHAPE, **overrides.get("t5", {})}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a program: keep out the imports it does not use (core/startup.py)
-    from core.startup import quiet_start
+    from difftune.core.startup import quiet_start
 
     quiet_start()
 
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
-from baselines.train import Budget, fit, make_state
-from core.config import option, parse
-from core.errors import UserError, run_main
-from toyworld import shapes
-from toyworld.tiny_parts import SIZES, tiny_vae
+from difftune.baselines.train import Budget, fit, make_state
+from difftune.core.config import option, parse
+from difftune.core.errors import UserError, run_main
+from difftune.toyworld import shapes
+from difftune.toyworld.tiny_parts import SIZES, tiny_vae
 
 KL_WEIGHT = 1e-6  # SD's: enough to keep latents near unit scale, too little to blur
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
 import warnings
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,15 +24,32 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory):
-    from toyworld.tiny import save_tiny_pipeline
+    from difftune.toyworld.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd1", size="test", family="sd1")
 
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
-    from toyworld import shapes
+    from difftune.toyworld import shapes
 
     out = tmp_path_factory.mktemp("shapes") / "data"
     shapes.write_dataset(out, ("red", "blue"), shapes.SHAPES, per_class=2, seed=0)
     return out
+
+
+class StandInAdamW8bit(torch.optim.AdamW):
+    """Where bitsandbytes' AdamW8bit would be: records the settings our code hands it."""
+
+
+@pytest.fixture
+def with_cuda(monkeypatch):
+    """Pretends a CUDA machine with bitsandbytes (an optional extra, absent here) so the code past the device and
+    package checks runs; nothing moves tensors to a GPU. bitsandbytes is a stand-in module whose `AdamW8bit`
+    records what it is given."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    bnb = types.ModuleType("bitsandbytes")
+    bnb.optim = types.SimpleNamespace(AdamW8bit=StandInAdamW8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", bnb)
+    return bnb

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from core.errors import UserError
+from difftune.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,12 +82,12 @@ TRAIN_SHORT = ["--resolution", "32", "--max_train_steps", "2", "--checkpointing_
 
 def run_demo_reduced(argv: list[str], local: dict) -> None:
     """`finetune_lora.py --demo NAME`: the demo's own config and data, 2 steps (test_demo.py runs demos in full)."""
-    from core.config import from_values
-    from finetune import demo
-    from finetune.config import LoraTrainConfig
-    from finetune.finetune_lora import demo_name
-    from finetune.loop import train
-    from finetune.tasks import LORA
+    from difftune.core.config import from_values
+    from difftune.finetune import demo
+    from difftune.finetune.config import LoraTrainConfig
+    from difftune.finetune.finetune_lora import demo_name
+    from difftune.finetune.loop import train
+    from difftune.finetune.tasks import LORA
 
     values = demo.demo_values(demo.demo_config(demo_name(argv)), local["tmp"])
     values.update(max_train_steps=2, checkpointing_steps=2, validation_prompt=None, report_to="none")
@@ -115,7 +115,7 @@ def run_finetune(program: str, argv: list[str], extras: dict, local: dict) -> No
 
 
 def run_generate(argv: list[str], local: dict, embedded_lora: Path) -> None:
-    from pipelines import generate
+    from difftune.pipelines import generate
 
     argv = [str(embedded_lora) if a.endswith("demo-lora-purple") else a for a in argv]
     record = generate.main(argv + ["--steps", "2", "--num_images", "1"])
@@ -124,12 +124,12 @@ def run_generate(argv: list[str], local: dict, embedded_lora: Path) -> None:
 
 def run_baselines(program: str, argv: list[str], local: dict) -> None:
     if program == "baselines.train":
-        from baselines.train import main
+        from difftune.baselines.train import main
 
         main(argv + ["--max_train_steps", "2", "--resolution", "8", "--n_per_class", "2", "--set", "hidden=8",
                      "--set", "depth=1", "--set", "n_levels=1", "--sample_every", "2", "--checkpointing_steps", "2"])  # fmt: skip
         return
-    from baselines.compare import main
+    from difftune.baselines.compare import main
 
     tiny = local["tmp"] / "tiny.yaml"
     tiny.write_text(yaml.safe_dump({
@@ -144,7 +144,7 @@ def run_baselines(program: str, argv: list[str], local: dict) -> None:
 
 def run_demo_overtraining(argv: list[str], local: dict) -> None:
     """The long demo run, reduced to 4 steps scored at 1 seed; written under tmp, never over the repo's docs/."""
-    from scripts.demo_overtraining import main
+    from difftune.scripts.demo_overtraining import main
 
     out = local["tmp"] / "overtraining"
     argv = [str(out / "curve") if i and argv[i - 1] == "--output" else a for i, a in enumerate(argv)]
@@ -158,13 +158,13 @@ def run_script(program: str, argv: list[str], local: dict) -> None:
         run_demo_overtraining(argv, local)
         return
     if program.endswith("train_tiny_vae.py"):
-        from scripts.train_tiny_vae import main
+        from difftune.scripts.train_tiny_vae import main
 
         main(argv + ["--steps", "2", "--size", "test", "--batch_size", "4"])
         out = Path(argv[argv.index("--output_dir") + 1])
         assert (out / "config.json").exists()
         return
-    from scripts.reproduce_tiny_shapes import main
+    from difftune.scripts.reproduce_tiny_shapes import main
 
     # the README's --vae names the VAE its previous command trains; here the script trains a test-size one
     argv = [a for i, a in enumerate(argv) if a != "--vae" and (i == 0 or argv[i - 1] != "--vae")]
@@ -197,10 +197,10 @@ def check_make(program: str) -> None:
 @pytest.fixture(scope="module")
 def embedded_lora(tmp_path_factory, shapes_dir):
     """A LoRA for the embedded base (the README's generate command loads the demo's)."""
-    from core.config import from_values
-    from finetune.config import EMBEDDED_BASE, LoraTrainConfig
-    from finetune.loop import train
-    from finetune.tasks import LORA
+    from difftune.core.config import from_values
+    from difftune.finetune.config import EMBEDDED_BASE, LoraTrainConfig
+    from difftune.finetune.loop import train
+    from difftune.finetune.tasks import LORA
 
     out = tmp_path_factory.mktemp("embedded-lora")
     cfg = from_values(LoraTrainConfig, {"pretrained_model_name_or_path": EMBEDDED_BASE, "train_data_dir": str(shapes_dir),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-from toyworld import shapes
+from difftune.toyworld import shapes
 
 
 @torch.no_grad()

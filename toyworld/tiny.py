@@ -14,8 +14,15 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from toyworld.tiny_flow import build_flow_pipeline
-from toyworld.tiny_parts import SIZES, load_clip_tokenizer, sd_scheduler, tiny_text_encoder, tiny_unet, tiny_vae
+from difftune.toyworld.tiny_flow import build_flow_pipeline
+from difftune.toyworld.tiny_parts import (
+    SIZES,
+    load_clip_tokenizer,
+    sd_scheduler,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+)
 
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")
 FLOW_FAMILIES = ("sd3", "sd35", "flux", "flux-schnell")

@@ -39,7 +39,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import Unigram
 from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-from toyworld.tiny_parts import MAX_LENGTH, SIZES, WORDS, tiny_text_encoder, tiny_vae
+from difftune.toyworld.tiny_parts import MAX_LENGTH, SIZES, WORDS, tiny_text_encoder, tiny_vae
 
 # Log-probabilities of the Unigram pieces: a whole word (-1) always beats spelling it out ("▁" -3, then -5 a letter).
 WORD_SCORE, SPACE_SCORE, CHAR_SCORE = -1.0, -3.0, -5.0

@@ -18,7 +18,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from toyworld.shapes import COLOURS, SHAPES
+from difftune.toyworld.shapes import COLOURS, SHAPES
 
 WORDS: tuple[str, ...] = (
     *COLOURS, *SHAPES,

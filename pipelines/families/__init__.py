@@ -7,11 +7,11 @@ a `Family` subclass and list it in `FAMILIES` (more specific first).
 
 from __future__ import annotations
 
-from pipelines.families.base import Family, read_model_index, sub_config
-from pipelines.families.flux import Flux
-from pipelines.families.sd import StableDiffusion1, StableDiffusion2
-from pipelines.families.sd3 import StableDiffusion3
-from pipelines.families.sdxl import StableDiffusionXL
+from difftune.pipelines.families.base import Family, read_model_index, sub_config
+from difftune.pipelines.families.flux import Flux
+from difftune.pipelines.families.sd import StableDiffusion1, StableDiffusion2
+from difftune.pipelines.families.sd3 import StableDiffusion3
+from difftune.pipelines.families.sdxl import StableDiffusionXL
 
 FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux)
 
@@ -20,7 +20,7 @@ __all__ = ["FAMILIES", "Family", "by_name", "detect", "read_model_index", "sub_c
 
 def detect(model: str, index: dict | None = None) -> type[Family]:
     """The family of the pipeline at `model` (a folder or Hub id); a one-line `UserError` if none fits."""
-    from core.errors import UserError
+    from difftune.core.errors import UserError
 
     index = index if index is not None else read_model_index(model)
     for family in FAMILIES:

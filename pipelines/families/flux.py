@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 from einops import rearrange
 
-from core.errors import UserError
-from pipelines.families.sd3 import ATTENTION, FEED_FORWARD, StableDiffusion3
+from difftune.core.errors import UserError
+from difftune.pipelines.families.sd3 import ATTENTION, FEED_FORWARD, StableDiffusion3
 
 DEFAULT_GUIDANCE = 3.5
 

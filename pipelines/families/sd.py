@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from diffusers import DDPMScheduler
 
-from pipelines.families.base import Family, sub_config
+from difftune.pipelines.families.base import Family, sub_config
 
 
 class StableDiffusion1(Family):

@@ -17,9 +17,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from core.errors import UserError
-from pipelines.families import repeated_tokens
-from pipelines.families.base import Family
+from difftune.core.errors import UserError
+from difftune.pipelines.families import repeated_tokens
+from difftune.pipelines.families.base import Family
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from pipelines.families.sd import StableDiffusion1
+from difftune.pipelines.families.sd import StableDiffusion1
 
 
 class StableDiffusionXL(StableDiffusion1):

@@ -13,11 +13,20 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from baselines import build_model
-from baselines.data import load_tensor
-from baselines.train import Budget, fit, load_checkpoint, load_model, main, make_state, parse_args, save_checkpoint
-from core.errors import UserError, run_main
-from toyworld.shapes import write_dataset
+from difftune.baselines import build_model
+from difftune.baselines.data import load_tensor
+from difftune.baselines.train import (
+    Budget,
+    fit,
+    load_checkpoint,
+    load_model,
+    main,
+    make_state,
+    parse_args,
+    save_checkpoint,
+)
+from difftune.core.errors import UserError, run_main
+from difftune.toyworld.shapes import write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,7 +144,7 @@ def test_load_tensor_rejects_mixed_sizes_and_modes(tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "baselines.train", *args]
+    command = [sys.executable, "-m", "difftune.baselines.train", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
-from baselines import FAMILIES, build_model
-from baselines.classifier import train_classifier
-from baselines.compare import CompareConfig, main, parse_args
-from baselines.data import load_tensor
-from baselines.train import Budget, fit
-from core.errors import UserError, run_main
-from toyworld.shapes import write_dataset
+from difftune.baselines import FAMILIES, build_model
+from difftune.baselines.classifier import train_classifier
+from difftune.baselines.compare import CompareConfig, main, parse_args
+from difftune.baselines.data import load_tensor
+from difftune.baselines.train import Budget, fit
+from difftune.core.errors import UserError, run_main
+from difftune.toyworld.shapes import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,7 +169,7 @@ def test_compare_end_to_end_on_the_shapes_world(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the evaluation classifier was trained again")
 
-    monkeypatch.setattr("baselines.compare.train_classifier", no_training)
+    monkeypatch.setattr("difftune.baselines.compare.train_classifier", no_training)
     again = main(["--config", str(write_config(tmp_path)), "--output_dir", str(out)])
     assert again["resumed_runs"] == len(FAMILIES) * 3 and again["runs"] == saved["runs"]
     assert again["verdicts"] == saved["verdicts"] and again["references"] == saved["references"]
@@ -183,7 +183,11 @@ def test_dataset_without_labels_still_gets_the_other_columns(tmp_path):
     out = tmp_path / "out"
     command = ["--config", str(config), "--output_dir", str(out), "--train_data_dir", str(tmp_path / "data")]
     proc = subprocess.run(
-        [sys.executable, "-m", "baselines.compare", *command], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "difftune.baselines.compare", *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "table.json").read_text())
@@ -237,7 +241,7 @@ def test_inception_without_local_weights_is_a_clear_error(tmp_path):
 
 
 def test_a_folder_of_another_comparison_is_refused_in_one_line_and_overwrite_starts_over(tmp_path):
-    from baselines.compare_store import RunStore
+    from difftune.baselines.compare_store import RunStore
 
     settings = {"resolution": 8, "seeds": [0], "output_dir": "a"}
     store = RunStore(tmp_path, settings, overwrite=False)
@@ -253,7 +257,7 @@ def test_a_folder_of_another_comparison_is_refused_in_one_line_and_overwrite_sta
 
 
 def test_progress_estimates_time_left_including_evaluation():
-    from baselines.compare_progress import Progress
+    from difftune.baselines.compare_progress import Progress
 
     now = [0.0]
     runs = [("gan", 0), ("ddpm", 0), ("gan", 1), ("ddpm", 1)]
@@ -278,7 +282,7 @@ def test_progress_line_keeps_moving_through_a_long_phase(monkeypatch, capsys):
     """Between events (a minute-long sampling batch) the redraw thread still updates the clock and the time left."""
     import time
 
-    from baselines.compare_progress import Progress
+    from difftune.baselines.compare_progress import Progress
 
     monkeypatch.setattr(Progress, "REDRAW_SECONDS", 0.02)
     now = [0.0]
@@ -303,7 +307,7 @@ def test_progress_line_keeps_moving_through_a_long_phase(monkeypatch, capsys):
 
 
 def test_coverage_ideal_follows_the_sample_counts():
-    from baselines.compare_report import coverage_ideal
+    from difftune.baselines.compare_report import coverage_ideal
 
     assert coverage_ideal(2000, 256, 5) == pytest.approx(0.45, abs=0.01)  # the 8,000 digits' held-out quarter
     assert coverage_ideal(180, 256, 5) > 0.98  # the quick preset
@@ -312,7 +316,7 @@ def test_coverage_ideal_follows_the_sample_counts():
 def test_no_better_than_noise_needs_both_the_distance_and_the_precision():
     """At 32 px a briefly trained DDPM's blurred shapes scored an FD above noise's with precision 0.47 (noise 0.00):
     they are poor samples, not noise, and their family's verdicts are still evidence."""
-    from baselines.verdicts import no_better_than_noise, run_diverged
+    from difftune.baselines.verdicts import no_better_than_noise, run_diverged
 
     refs = {"real data": {"fd": 24.0, "precision": 0.98}, "uniform noise": {"fd": 2.69e5, "precision": 0.0}}
     assert not no_better_than_noise(3.05e5, 0.47, refs, 0.9)  # far in FD, but half its samples on the manifold
@@ -331,7 +335,7 @@ def _run(family: str, seed: int, fd: float, ms: float, diverged: bool = False) -
 
 
 def test_verdicts_follow_their_stated_rules_with_intervals():
-    from baselines.verdicts import summarise, verdicts
+    from difftune.baselines.verdicts import summarise, verdicts
 
     runs = [_run("gan", s, fd, 0.1, diverged=s == 0) for s, fd in enumerate([50.0, 10.0, 12.0])]
     runs += [_run("ddpm", s, 5.0 + s * 0.1, 100.0 + s) for s in range(3)]

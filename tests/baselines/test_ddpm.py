@@ -8,12 +8,12 @@ import itertools
 import pytest
 import torch
 
-from baselines import build_model
-from baselines.data import load_tensor
-from baselines.ddpm import log_discretised_gaussian
-from baselines.train import Budget, fit, load_model, save_model
-from core.errors import UserError
-from pipelines.samplers import sampler_names
+from difftune.baselines import build_model
+from difftune.baselines.data import load_tensor
+from difftune.baselines.ddpm import log_discretised_gaussian
+from difftune.baselines.train import Budget, fit, load_model, save_model
+from difftune.core.errors import UserError
+from difftune.pipelines.samplers import sampler_names
 
 TINY = {"block_out_channels": (16, 32), "num_train_timesteps": 10, "beta_schedule": "squaredcos_cap_v2"}
 

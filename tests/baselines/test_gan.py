@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines import build_model
-from baselines.data import load_tensor
-from baselines.train import Budget, fit, load_model, save_model
-from core.errors import UserError
+from difftune.baselines import build_model
+from difftune.baselines.data import load_tensor
+from difftune.baselines.train import Budget, fit, load_model, save_model
+from difftune.core.errors import UserError
 
 TINY = {"hidden": 16, "style_dim": 32, "n_mlp": 2}
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_model, save_model
 
-from baselines.data import load_tensor
-from baselines.glow import build
-from core.errors import UserError
+from difftune.baselines.data import load_tensor
+from difftune.baselines.glow import build
+from difftune.core.errors import UserError
 
 TINY = {"hidden": 8, "depth": 2, "n_levels": 2}
 

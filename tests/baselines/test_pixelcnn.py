@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_model, save_model
 
-from baselines.pixelcnn import build
-from core.errors import UserError
+from difftune.baselines.pixelcnn import build
+from difftune.core.errors import UserError
 
 TINY = {"hidden": 6, "layers": 2, "kernel": 3, "n_mix": 2}
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from baselines.train import Budget, fit, make_state
-from scripts.train_tiny_vae import VAEObjective, fresh_shapes, main, warmup_cosine
-from toyworld.tiny_parts import SIZES, tiny_vae
+from difftune.baselines.train import Budget, fit, make_state
+from difftune.scripts.train_tiny_vae import VAEObjective, fresh_shapes, main, warmup_cosine
+from difftune.toyworld.tiny_parts import SIZES, tiny_vae
 
 ROOT = Path(__file__).resolve().parents[2]
 

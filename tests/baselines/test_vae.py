@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from baselines import build_model
-from baselines.data import load_tensor
-from baselines.train import Budget, fit, load_model, save_model
-from core.errors import UserError
+from difftune.baselines import build_model
+from difftune.baselines.data import load_tensor
+from difftune.baselines.train import Budget, fit, load_model, save_model
+from difftune.core.errors import UserError
 
 
 def batch(resolution: int = 8, n: int = 16) -> torch.Tensor:

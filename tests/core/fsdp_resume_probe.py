@@ -8,11 +8,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from torch.distributed.fsdp import fully_shard
 
-from core import checkpoint as ck
+from difftune.core import checkpoint as ck
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from core import checkpoint as ck
-from core.errors import UserError
+from difftune.core import checkpoint as ck
+from difftune.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 

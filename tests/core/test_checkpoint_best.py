@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from core import checkpoint as ck
+from difftune.core import checkpoint as ck
 
 
 def model(seed: int) -> dict[str, nn.Module]:

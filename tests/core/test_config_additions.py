@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from core.config import check_value, option, parse
-from core.errors import UserError
+from difftune.core.config import check_value, option, parse
+from difftune.core.errors import UserError
 
 
 @dataclass

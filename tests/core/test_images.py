@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.images import make_grid, tensor_grid
+from difftune.core.images import make_grid, tensor_grid
 
 
 def test_make_grid_places_tiles_with_a_white_border_and_fills_a_short_row():

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from core import metrics
+from difftune.core import metrics
 
 N_MODES, DIM, SPREAD_DIMS = 12, 8, 3
 

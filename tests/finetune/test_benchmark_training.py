@@ -8,10 +8,12 @@ LoRA through the product's own loop (`finetune.loop.train`), not a copy of it.
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
-from finetune.config import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 spec = importlib.util.spec_from_file_location("benchmark_training", REPO_ROOT / "scripts" / "benchmark_training.py")
 bench = importlib.util.module_from_spec(spec)
@@ -50,7 +52,7 @@ def test_each_family_gets_its_own_presets():
     [("sd15", "gpu-8gb"), ("sdxl", "gpu-8gb-sdxl"), ("sd35", "gpu-12gb-sd3"), ("flux", "gpu-16gb-flux")],
 )
 def test_shaped_row_trains_the_lora_under_the_preset(kind, preset, tmp_path, monkeypatch):
-    from finetune import loop
+    from difftune.finetune import loop
 
     calls = []
     real_train = loop.train

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from core.config import from_values, load_yaml, parse
-from core.errors import UserError, run_main
-from finetune.config import LR_SCHEDULERS, FullTrainConfig, LoraTrainConfig
+from difftune.core.config import from_values, load_yaml, parse
+from difftune.core.errors import UserError, run_main
+from difftune.finetune.config import LR_SCHEDULERS, FullTrainConfig, LoraTrainConfig
 
 
 def write(path, text):

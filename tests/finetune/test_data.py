@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.errors import UserError
-from finetune.data import decode_all, read_records, to_rgb
+from difftune.core.errors import UserError
+from difftune.finetune.data import decode_all, read_records, to_rgb
 
 
 def test_every_pil_mode_becomes_rgb():

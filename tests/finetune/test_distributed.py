@@ -21,8 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.config import REPO_ROOT
-
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = REPO_ROOT / "configs" / "accelerate"
 
 PROBE = r"""
@@ -59,7 +58,8 @@ def recording_save_file(tensors, filename, metadata=None):
 
 safetensors.torch.save_file = recording_save_file
 
-import finetune.loop as loop
+import difftune.finetune.loop as loop
+
 
 collate = loop.collate
 
@@ -91,7 +91,6 @@ def _env(probe_dir: Path) -> dict:
         OMP_NUM_THREADS="1",
         ACCELERATE_USE_CPU="1",  # see configs/accelerate/multi_cpu.yaml: torchrun's processes join as MULTI_CPU/gloo
         HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(REPO_ROOT),
         DIFFTUNE_PROBE_DIR=str(probe_dir),
     )
     return env

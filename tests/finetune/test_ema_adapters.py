@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import checkpoint as ckpt
-from core.config import from_values
-from finetune.config import LoraTrainConfig
-from finetune.loop import RAW, train
-from finetune.tasks import LORA
+from difftune.core import checkpoint as ckpt
+from difftune.core.config import from_values
+from difftune.finetune.config import LoraTrainConfig
+from difftune.finetune.loop import RAW, train
+from difftune.finetune.tasks import LORA
 
 OUTPUT = {"lora": "pytorch_lora_weights.safetensors", "dora": "pytorch_lora_weights.safetensors",
           "loha": "unet/adapter_model.safetensors", "lokr": "unet/adapter_model.safetensors"}  # fmt: skip

@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from core.errors import UserError
-from finetune.config import FullTrainConfig, LoraTrainConfig
-from finetune.export import (
+from difftune.core.errors import UserError
+from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
+from difftune.finetune.export import (
     KOHYA_FILE,
     LORA_FILE,
     SAMPLES_FILE,
@@ -22,9 +22,9 @@ from finetune.export import (
     save_lora_kohya,
     write_model_card,
 )
-from finetune.kohya_flux import flux_kohya_layers
-from pipelines.families import Flux, StableDiffusion1, StableDiffusionXL
-from toyworld.tiny import build_pipeline
+from difftune.finetune.kohya_flux import flux_kohya_layers
+from difftune.pipelines.families import Flux, StableDiffusion1, StableDiffusionXL
+from difftune.toyworld.tiny import build_pipeline
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

@@ -8,17 +8,17 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from core.config import from_values
-from core.errors import UserError
-from finetune import objective as objective_module
-from finetune.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_to_bucket
-from finetune.config import LoraTrainConfig, TrainConfig
-from finetune.dataset import read_images, shuffle_tags
-from finetune.loop import train
-from finetune.objective import Objective, diffusion_loss, timestep_bias_weights
-from finetune.tasks import LORA
-from pipelines.families import detect, read_model_index
-from toyworld.tiny import save_tiny_pipeline
+from difftune.core.config import from_values
+from difftune.core.errors import UserError
+from difftune.finetune import objective as objective_module
+from difftune.finetune.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_to_bucket
+from difftune.finetune.config import LoraTrainConfig, TrainConfig
+from difftune.finetune.dataset import read_images, shuffle_tags
+from difftune.finetune.loop import train
+from difftune.finetune.objective import Objective, diffusion_loss, timestep_bias_weights
+from difftune.finetune.tasks import LORA
+from difftune.pipelines.families import detect, read_model_index
+from difftune.toyworld.tiny import save_tiny_pipeline
 
 
 def config(model, data, out, **kw) -> TrainConfig:
@@ -216,13 +216,13 @@ def test_prior_preservation_needs_class_images_or_a_prompt(tiny_sd1, shapes_dir,
 
 
 def test_captioned_class_dir_is_a_regularisation_set(tiny_sd1, shapes_dir, tmp_path):
-    from toyworld import shapes
+    from difftune.toyworld import shapes
 
     reg = tmp_path / "reg"
     shapes.write_dataset(reg, ("green",), ("square",), per_class=3, seed=1)
     cfg = config(tiny_sd1, shapes_dir, tmp_path / "out", with_prior_preservation=True, class_data_dir=str(reg),
                  prior_loss_weight=0.5)  # fmt: skip
-    from finetune.dreambooth import ensure_class_images
+    from difftune.finetune.dreambooth import ensure_class_images
 
     class_records = ensure_class_images(cfg, accelerator=None)
     data = read_images(cfg, class_records)

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +17,15 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from core.config import from_values
-from core.errors import UserError
-from finetune.config import REPO_ROOT, LoraTrainConfig
-from finetune.loop import train
-from finetune.objective import Objective, flow_loss
-from finetune.tasks import LORA
-from toyworld.tiny import save_tiny_pipeline
+from difftune.core.config import from_values
+from difftune.core.errors import UserError
+from difftune.finetune.config import LoraTrainConfig
+from difftune.finetune.loop import train
+from difftune.finetune.objective import Objective, flow_loss
+from difftune.finetune.tasks import LORA
+from difftune.toyworld.tiny import save_tiny_pipeline
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 FAMILIES = ["sd3", "sd35", "flux", "flux-schnell"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -195,8 +198,8 @@ def test_a_lora_overfit_on_one_image_brings_samples_to_it(tmp_path):
     """On the embedded flow base (an SD 3 transformer trained on the shapes world): 300 steps on one image pull the
     samples of its caption onto it. (The random tiny test transformers cannot fit an image through a LoRA at all,
     so they cannot show this.)"""
-    from pipelines.loading import load_pipeline as load
-    from toyworld import shapes
+    from difftune.pipelines.loading import load_pipeline as load
+    from difftune.toyworld import shapes
 
     data = tmp_path / "one"
     shapes.write_dataset(data, ("red",), ("square",), per_class=1, seed=0)

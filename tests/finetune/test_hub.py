@@ -10,13 +10,13 @@ from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
-from core.errors import UserError, run_main
-from finetune import hub
-from finetune.config import FullTrainConfig, LoraTrainConfig
-from finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE, write_model_card
-from finetune.loop import train
-from finetune.tasks import LORA
-from pipelines.families import StableDiffusion1
+from difftune.core.errors import UserError, run_main
+from difftune.finetune import hub
+from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
+from difftune.finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE, write_model_card
+from difftune.finetune.loop import train
+from difftune.finetune.tasks import LORA
+from difftune.pipelines.families import StableDiffusion1
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
 

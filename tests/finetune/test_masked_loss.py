@@ -15,15 +15,15 @@ from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file
 
-from core.config import from_values
-from core.errors import UserError
-from finetune.buckets import resize_to_bucket
-from finetune.config import LoraTrainConfig
-from finetune.dataset import build_dataset, collate, read_images, sample_rng
-from finetune.loop import load_models, train
-from finetune.objective import Objective, batch_loss, diffusion_loss, flow_loss
-from finetune.tasks import LORA
-from toyworld.tiny_parts import sd_scheduler
+from difftune.core.config import from_values
+from difftune.core.errors import UserError
+from difftune.finetune.buckets import resize_to_bucket
+from difftune.finetune.config import LoraTrainConfig
+from difftune.finetune.dataset import build_dataset, collate, read_images, sample_rng
+from difftune.finetune.loop import load_models, train
+from difftune.finetune.objective import Objective, batch_loss, diffusion_loss, flow_loss
+from difftune.finetune.tasks import LORA
+from difftune.toyworld.tiny_parts import sd_scheduler
 
 
 def config(model, data, out, **kw) -> LoraTrainConfig:

@@ -4,7 +4,7 @@ with cached text; never a trained encoder, nothing when the cache is off."""
 import pytest
 import torch
 
-from finetune.offload import offload, offload_plan
+from difftune.finetune.offload import offload, offload_plan
 
 SD3 = ["text_encoder", "text_encoder_2", "text_encoder_3"]
 

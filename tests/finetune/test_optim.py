@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 import types
 
 import pytest
 import torch
 
-from core.errors import UserError
-from finetune import optim, quantize
-from finetune.config import LoraTrainConfig
+from difftune.core.errors import UserError
+from difftune.finetune import optim, quantize
+from difftune.finetune.config import LoraTrainConfig
 
 
 def cfg(**kwargs) -> LoraTrainConfig:
@@ -24,13 +25,6 @@ def params() -> list[torch.nn.Parameter]:
 @pytest.fixture
 def no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@pytest.fixture
-def with_cuda(monkeypatch):
-    """Pretends CUDA is there so the code past the device check runs; nothing here moves tensors to a GPU."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
 
 
 def test_adamw_takes_lr_and_adam_settings():
@@ -77,7 +71,7 @@ def test_accelerate_use_cpu_counts_as_no_cuda(with_cuda, monkeypatch):
 
 
 def test_8bit_adam_is_bitsandbytes_with_the_adam_settings(with_cuda):
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = with_cuda
     opt = optim.build_optimizer(cfg(use_8bit_adam=True, adam_beta2=0.99, adam_weight_decay=0.1), params(), 5e-5)
     group = opt.param_groups[0]
     assert isinstance(opt, bnb.optim.AdamW8bit)
@@ -124,7 +118,7 @@ def test_quantize_base_without_cuda_stops_at_startup(no_cuda, mode):
 
 
 def test_unknown_quantize_mode_is_named(with_cuda):
-    from core.config import from_values
+    from difftune.core.config import from_values
 
     with pytest.raises(
         UserError, match=r"--quantize_base fp4: unknown .did you mean .nf4.\?.; choose one of nf4, int8"
@@ -145,7 +139,10 @@ def test_load_quantized_checks_before_loading_anything(no_cuda, monkeypatch, tmp
 
 def test_load_quantized_passes_the_bitsandbytes_config(with_cuda, monkeypatch, tiny_sd1):
     """The CUDA path itself cannot run without a GPU; this checks what it hands to diffusers."""
-    pytest.importorskip("bitsandbytes")
+    try:  # diffusers' BitsAndBytesConfig reads the installed package's version: the real extra is needed here
+        importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("bitsandbytes (the optional 'bnb' extra) is not installed")
     from diffusers import UNet2DConditionModel
 
     calls = []

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from core.config import load_yaml, parse
-from core.errors import UserError
-from finetune.config import REPO_ROOT, LoraTrainConfig
+from difftune.core.config import load_yaml, parse
+from difftune.core.errors import UserError
+from difftune.finetune.config import LoraTrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 HARDWARE = REPO_ROOT / "configs" / "hardware"
 CARDS = ["gpu-8gb", "gpu-12gb", "gpu-24gb", "a100-40gb", "a100-80gb"]  # smallest first
@@ -26,13 +29,6 @@ def preset(name: str) -> dict:
 
 def parse_lora(argv: list[str]) -> LoraTrainConfig:
     return parse(LoraTrainConfig, argv, prog="finetune_lora.py")
-
-
-@pytest.fixture
-def with_cuda(monkeypatch):
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
 
 
 def test_exactly_the_documented_presets_exist():
@@ -120,8 +116,8 @@ def test_preset_composes_with_a_user_config_and_flags(tmp_path, with_cuda):
 
 
 def test_cpu_preset_trains_the_tiny_model(tiny_sd1, shapes_dir, tmp_path):
-    from finetune.loop import train
-    from finetune.tasks import LORA
+    from difftune.finetune.loop import train
+    from difftune.finetune.tasks import LORA
 
     user = tmp_path / "run.yaml"
     user.write_text(f"pretrained_model_name_or_path: {tiny_sd1}\ntrain_data_dir: {shapes_dir}\nresolution: 32\n"

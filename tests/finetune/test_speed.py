@@ -8,14 +8,14 @@ import logging
 import pytest
 import torch
 
-from core.config import from_values
-from core.errors import UserError
-from finetune import speed
-from finetune.adapters import adapter_config, add_adapter
-from finetune.config import LoraTrainConfig
-from finetune.loop import train
-from finetune.tasks import LORA
-from toyworld.tiny import build_pipeline
+from difftune.core.config import from_values
+from difftune.core.errors import UserError
+from difftune.finetune import speed
+from difftune.finetune.adapters import adapter_config, add_adapter
+from difftune.finetune.config import LoraTrainConfig
+from difftune.finetune.loop import train
+from difftune.finetune.tasks import LORA
+from difftune.toyworld.tiny import build_pipeline
 
 
 def run(tiny_sd1, shapes_dir, out, **kw):
@@ -60,10 +60,10 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(scope, caplog):
     reference = lora_unet()(*inputs()).sample
     unet = lora_unet()
     speed.compile_denoiser(unet, scope, backend=failing_backend)
-    with caplog.at_level(logging.WARNING, logger="finetune.speed"):
+    with caplog.at_level(logging.WARNING, logger="difftune.finetune.speed"):
         first = unet(*inputs()).sample
         second = unet(*inputs()).sample
-    warnings = [r.getMessage() for r in caplog.records if r.name == "finetune.speed"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "difftune.finetune.speed"]
     assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "eagerly" in warnings[0]
     torch.testing.assert_close(first, reference)
     torch.testing.assert_close(second, reference)
@@ -74,9 +74,9 @@ def test_an_error_of_the_model_itself_is_raised_without_a_compile_warning(caplog
     unet = lora_unet()
     speed.compile_denoiser(unet, "model", backend=failing_backend)
     latents, t, _ = inputs()
-    with caplog.at_level(logging.WARNING, logger="finetune.speed"), pytest.raises(RuntimeError, match="mat1"):
+    with caplog.at_level(logging.WARNING, logger="difftune.finetune.speed"), pytest.raises(RuntimeError, match="mat1"):
         unet(latents, t, torch.randn(2, 16, 5))  # wrong text width: eager PyTorch fails too
-    assert not [r for r in caplog.records if r.name == "finetune.speed"]
+    assert not [r for r in caplog.records if r.name == "difftune.finetune.speed"]
 
 
 def test_blocks_scope_compiles_only_the_repeated_blocks():

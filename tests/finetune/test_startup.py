@@ -1,6 +1,6 @@
-"""Start-up of the entry scripts (finetune/startup.py): a run imports only what it uses and prints only what
-concerns it: no bitsandbytes without an 8-bit option, no datasets for a folder of sidecar captions, no tensorboard
-without --report_to tensorboard, and none of the third-party notices those imports used to print."""
+"""Start-up of the entry scripts: a run imports only what it uses and prints only what concerns it: no bitsandbytes
+(an optional extra, imported only by the 8-bit options), no datasets for a folder of sidecar captions, no
+tensorboard without --report_to tensorboard, and none of the third-party notices those imports print."""
 
 from __future__ import annotations
 
@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.config import LoraTrainConfig
-from finetune.startup import needs_bitsandbytes
-
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 ENV.pop("PYTHONWARNINGS", None)  # the notices must be absent, not filtered
 NOISE = ("kernels", "torchvision", "Traceback")
 # The entry script as `python finetune/finetune_lora.py ARGS` runs it, reporting at exit what `bitsandbytes` is.
@@ -60,9 +57,10 @@ def test_a_tiny_training_run_imports_and_prints_only_what_it_uses(tiny_sd1, tmp_
 
 
 def test_the_demo_entry_imports_quietly():
-    """The import path of `make demo` (finetune_lora.py without arguments) up to its first model load."""
+    """The import path of `make demo` (difftune-demo) up to its first model load."""
     code = (
-        "import sys; import finetune.finetune_lora as entry; entry.lean_start(); import finetune.demo, finetune.loop; "
+        "import sys; from difftune.core.startup import quiet_start; quiet_start(); "
+        "import difftune.finetune.demo, difftune.finetune.loop; "
         "import diffusers, transformers; diffusers.StableDiffusionPipeline; transformers.CLIPImageProcessor; "
         "print('bitsandbytes imported' if sys.modules.get('bitsandbytes') else 'ok')"
     )
@@ -72,17 +70,12 @@ def test_the_demo_entry_imports_quietly():
     assert not [word for word in NOISE if word in proc.stdout + proc.stderr], proc.stderr[-3000:]
 
 
-def test_bitsandbytes_is_needed_only_by_the_8bit_options():
-    assert not needs_bitsandbytes(LoraTrainConfig(train_data_dir="d"))
-    assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", use_8bit_adam=True))
-    assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", optimizer="adamw8bit"))
-    assert needs_bitsandbytes(LoraTrainConfig(train_data_dir="d", quantize_base="nf4"))
-
-
-@pytest.mark.parametrize("program", ["pipelines.generate", "baselines.compare", "baselines.train"])
+@pytest.mark.parametrize(
+    "program", ["difftune.pipelines.generate", "difftune.baselines.compare", "difftune.baselines.train"]
+)
 def test_other_programs_start_quietly(program):
-    """Generation and the baselines' programs keep bitsandbytes out too (core/startup.py): their imports, as
-    `python -m PROGRAM` runs them, print nothing before their own output."""
+    """Generation and the baselines' programs: their imports, as `python -m PROGRAM` runs them, print nothing
+    before their own output."""
     code = (
         "import atexit, runpy, sys; "
         "atexit.register(lambda: print('bitsandbytes in sys.modules:', type(sys.modules.get('bitsandbytes')).__name__)); "

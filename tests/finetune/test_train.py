@@ -10,13 +10,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from core.config import from_values
-from finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
-from finetune.loop import train
-from finetune.objective import Objective, diffusion_loss
-from finetune.tasks import FULL, LORA
-from toyworld.tiny import build_pipeline
-from toyworld.tiny_parts import sd_scheduler
+from difftune.core.config import from_values
+from difftune.finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
+from difftune.finetune.loop import train
+from difftune.finetune.objective import Objective, diffusion_loss
+from difftune.finetune.tasks import FULL, LORA
+from difftune.toyworld.tiny import build_pipeline
+from difftune.toyworld.tiny_parts import sd_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -146,8 +146,8 @@ def test_cache_gives_the_same_losses_and_is_reused(tiny_sd1, shapes_dir, tmp_pat
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_sd1, shapes_dir, tmp_path, capsys, flags, message):
-    from core.errors import run_main
-    from finetune.finetune_lora import main
+    from difftune.core.errors import run_main
+    from difftune.finetune.finetune_lora import main
 
     (tmp_path / "empty").mkdir()
     subs = {"{empty}": str(tmp_path / "empty"), "{data}": str(shapes_dir), "{missing}": str(tmp_path / "nope")}
@@ -171,8 +171,8 @@ def test_every_epoch_draws_new_noise_and_order(tiny_sd1, tmp_path, monkeypatch):
     """Each epoch reseeds every sample's noise, timestep and augmentation from (seed, epoch, index). accelerate calls
     `set_epoch(0)` on a fresh loader's dataset and batch sampler; ours must not listen (they once did, and every
     epoch replayed epoch 0)."""
-    from finetune import loop
-    from toyworld import shapes
+    from difftune.finetune import loop
+    from difftune.toyworld import shapes
 
     data = tmp_path / "two"
     shapes.write_dataset(data, ("red",), ("circle", "square"), per_class=1, seed=0)

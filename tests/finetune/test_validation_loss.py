@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.config import from_values
-from core.errors import UserError
-from finetune.config import LoraTrainConfig
-from finetune.dataset import read_images
-from finetune.loop import train
-from finetune.tasks import LORA
-from finetune.validation_loss import Selection, split_validation
-from toyworld import shapes
-from toyworld.tiny import save_tiny_pipeline
+from difftune.core.config import from_values
+from difftune.core.errors import UserError
+from difftune.finetune.config import LoraTrainConfig
+from difftune.finetune.dataset import read_images
+from difftune.finetune.loop import train
+from difftune.finetune.tasks import LORA
+from difftune.finetune.validation_loss import Selection, split_validation
+from difftune.toyworld import shapes
+from difftune.toyworld.tiny import save_tiny_pipeline
 
 
 def config(model, data, out, **kw) -> LoraTrainConfig:
@@ -139,7 +139,7 @@ def test_bad_settings_are_one_line(tiny_sd1, shapes_dir, tmp_path, settings, mes
 
 
 def test_keep_best_by_is_strict_on_the_command_line():
-    from core.config import parse
+    from difftune.core.config import parse
 
     with pytest.raises(UserError, match="--keep_best_by"):
         parse(LoraTrainConfig, ["--train_data_dir", "d", "--keep_best_by", "train_loss"], prog="finetune_lora.py")

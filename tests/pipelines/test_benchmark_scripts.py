@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.errors import UserError
-from pipelines import generate
-from scripts import benchmark_generation, benchmark_sampling
-from scripts.benchmark_generation import split_guidance
-from scripts.benchmark_sampling import UNetCounter, sample_in_turns
+from difftune.core.errors import UserError
+from difftune.pipelines import generate
+from difftune.scripts import benchmark_generation, benchmark_sampling
+from difftune.scripts.benchmark_generation import split_guidance
+from difftune.scripts.benchmark_sampling import UNetCounter, sample_in_turns
 
 
 def test_sampling_benchmark_counts_unet_calls_and_writes_its_outputs(tiny_sd1, tmp_path):

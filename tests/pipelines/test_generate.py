@@ -19,9 +19,9 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
-from core.errors import UserError, run_main
-from pipelines import generate
-from toyworld.tiny import save_tiny_pipeline
+from difftune.core.errors import UserError, run_main
+from difftune.pipelines import generate
+from difftune.toyworld.tiny import save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "2", "--sampler", "ddim"]
@@ -130,7 +130,7 @@ def test_classifier_free_guidance_is_one_batched_unet_call_per_step(models, tmp_
 
 
 def run_cli(args: list[str], module: bool) -> subprocess.CompletedProcess:
-    entry = ["-m", "pipelines.generate"] if module else [str(REPO / "pipelines" / "generate.py")]
+    entry = ["-m", "difftune.pipelines.generate"] if module else [str(REPO / "pipelines" / "generate.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True, cwd=REPO, env=env)
 

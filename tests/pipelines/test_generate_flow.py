@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from core.errors import UserError, run_main
-from pipelines import generate
-from pipelines.samplers import FLOW_SAMPLERS
-from toyworld.tiny import save_tiny_pipeline
+from difftune.core.errors import UserError, run_main
+from difftune.pipelines import generate
+from difftune.pipelines.samplers import FLOW_SAMPLERS
+from difftune.toyworld.tiny import save_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.config import parse
-from core.errors import run_main
-from pipelines import generate
+from difftune.core.config import parse
+from difftune.core.errors import run_main
+from difftune.pipelines import generate
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "2", "--sampler", "ddim"]
@@ -114,7 +114,7 @@ def test_huge_seed_from_the_command_line_is_one_line_exit_2(tiny_sd1, tmp_path):
     args = ["--model", str(tiny_sd1), "--prompt", "x", "--seed", "99999999999999999999", "--output_dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.generate", *args], capture_output=True, text=True, cwd=REPO, env=env
+        [sys.executable, "-m", "difftune.pipelines.generate", *args], capture_output=True, text=True, cwd=REPO, env=env
     )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -172,7 +172,7 @@ def test_a_record_written_before_the_field_renames_regenerates_exactly(tiny_sd1,
 
 def test_the_readme_generate_command_runs(tmp_path):
     """The README's command, with a LoRA made here for the embedded base instead of the demo's."""
-    from scripts.benchmark_generation import random_lora
+    from difftune.scripts.benchmark_generation import random_lora
 
     text = (REPO / "README.md").read_text()
     command = re.search(r"^python -m pipelines\.generate .*?[^\\]$", text.replace("\\\n", " "), re.M).group(0)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from pipelines.families.repeated_tokens import RepeatedLastTokenProcessor, install
-from toyworld.tiny import build_pipeline
+from difftune.pipelines.families.repeated_tokens import RepeatedLastTokenProcessor, install
+from difftune.toyworld.tiny import build_pipeline
 
 N = 64
 

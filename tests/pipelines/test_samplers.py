@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
-from core.errors import UserError
-from pipelines import samplers
-from pipelines.samplers import SAMPLERS, check_steps, make_scheduler, sampler_names, set_sampler
-from toyworld.tiny import build_pipeline
-from toyworld.tiny_parts import sd_scheduler
+from difftune.core.errors import UserError
+from difftune.pipelines import samplers
+from difftune.pipelines.samplers import SAMPLERS, check_steps, make_scheduler, sampler_names, set_sampler
+from difftune.toyworld.tiny import build_pipeline
+from difftune.toyworld.tiny_parts import sd_scheduler
 
 EMBEDDED_BASE = Path(__file__).resolve().parents[2] / "pipelines" / "tiny_shapes"
 
@@ -104,11 +104,11 @@ def test_a_config_without_clip_sample_is_sampled_unclipped_with_one_warning(monk
     monkeypatch.setattr(samplers, "_warned_clip_sample", False)
     base = dict(sd_scheduler().config)
     assert "clip_sample" not in base
-    with caplog.at_level(logging.WARNING, logger="pipelines.samplers"):
+    with caplog.at_level(logging.WARNING, logger="difftune.pipelines.samplers"):
         for name in ("ddim", "ddpm", "ddim"):
             assert make_scheduler(name, base).config.clip_sample is False
         make_scheduler("ddim", {**base, "clip_sample": False})
-    warnings = [r.getMessage() for r in caplog.records if r.name == "pipelines.samplers"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "difftune.pipelines.samplers"]
     assert len(warnings) == 1 and "clip_sample" in warnings[0] and "latents" in warnings[0]
 
 

@@ -15,12 +15,10 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from core import checkpoint  # noqa: E402
-from core.errors import run_main  # noqa: E402
-from finetune import loop  # noqa: E402
-from finetune.finetune_lora import main  # noqa: E402
+from difftune.core import checkpoint
+from difftune.core.errors import run_main
+from difftune.finetune import loop
+from difftune.finetune.finetune_lora import main
 
 
 def arm(kind: str, sig: str, n: int) -> None:

@@ -27,9 +27,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import checkpoint as ckpt
-from core.errors import run_main
-from finetune import finetune_lora, loop
+from difftune.core import checkpoint as ckpt
+from difftune.core.errors import run_main
+from difftune.finetune import finetune_lora, loop
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = Path(__file__).with_name("fault_launcher.py")
@@ -294,7 +294,7 @@ def test_fp16_on_a_cpu_is_one_line_before_any_model_loads(tiny_sd1, shapes_dir, 
 def test_unreachable_hub_stops_before_any_model_loads(tiny_sd1, shapes_dir, tmp_path, capsys, monkeypatch):
     from huggingface_hub.errors import HTTPError
 
-    from finetune import hub
+    from difftune.finetune import hub
 
     class Unreachable:
         def create_repo(self, *args, **kwargs):
@@ -313,7 +313,7 @@ def test_failed_push_after_training_says_where_the_result_is(tiny_sd1, shapes_di
                                                              monkeypatch):  # fmt: skip
     from huggingface_hub.errors import HTTPError
 
-    from finetune import hub
+    from difftune.finetune import hub
 
     class FailsToUpload:
         def create_repo(self, name, **kwargs):

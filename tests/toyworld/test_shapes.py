@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toyworld import shapes
+from difftune.toyworld import shapes
 
 
 @pytest.mark.parametrize("size", [64, 32])

@@ -2,8 +2,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from toyworld.tiny import build_pipeline
-from toyworld.tiny_parts import write_tokenizer
+from difftune.toyworld.tiny import build_pipeline
+from difftune.toyworld.tiny_parts import write_tokenizer
 
 
 def test_tokenizer_has_whole_word_tokens_and_falls_back_to_bytes(tmp_path):

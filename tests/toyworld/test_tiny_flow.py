@@ -6,10 +6,10 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from transformers import T5TokenizerFast
 
-from toyworld.shapes import COLOURS, SHAPES
-from toyworld.tiny import build_pipeline, save_tiny_pipeline
-from toyworld.tiny_flow import write_t5_tokenizer
-from toyworld.tiny_parts import MAX_LENGTH
+from difftune.toyworld.shapes import COLOURS, SHAPES
+from difftune.toyworld.tiny import build_pipeline, save_tiny_pipeline
+from difftune.toyworld.tiny_flow import write_t5_tokenizer
+from difftune.toyworld.tiny_parts import MAX_LENGTH
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "sd35": StableDiffusion3Pipeline}
 PIPELINES |= {"flux": FluxPipeline, "flux-schnell": FluxPipeline}
