@@ -1,4 +1,4 @@
-"""The baselines' training data as one tensor: the user's images (through `finetune.data`) or the shapes world.
+"""The baselines' training data as one tensor: the user's images (through `core.imagefolder`) or the shapes world.
 
 Every family trains on x: (N, C, H, W) in [0, 1] on the grid k / (2**n_bits - 1), so that discrete likelihoods
 (bits/dim) are measured on the same data by every family.
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from difftune.core.errors import UserError
-from difftune.finetune.data import Record, decode_all, read_records
+from difftune.core.imagefolder import Record, decode_all, read_records
 from difftune.toyworld.shapes import BASE_COLOURS, SHAPES, render
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
@@ -94,7 +94,7 @@ def load_tensor(
     """The data as x (N, C, H, W) in [0, 1] on the n_bits grid, and one label per image (or None).
 
     `shapes=True` renders `n_per_class` images for each base colour and shape (labels ``"colour shape"``);
-    otherwise exactly one of `train_data_dir` / `dataset_name` is read through `finetune.data`.
+    otherwise exactly one of `train_data_dir` / `dataset_name` is read through `core.imagefolder`.
     """
     if not 1 <= n_bits <= 8:
         raise UserError(f"--n_bits {n_bits} must be between 1 and 8")

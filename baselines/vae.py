@@ -8,7 +8,7 @@ bound on log p(x) for the discrete data (an MSE decoder would give no bound at a
 The latent is one vector per image (`latent_channels` long) with a standard normal prior: convolutions downsample the
 image `downsample` times, a linear layer maps the flattened map to the posterior, and one maps the latent back. A
 spatial latent map with an independent N(0, I) prior at every position drew each position's content independently
-(one shape's colour changing across it at 8 px, issue 12); one vector per image keeps a prior sample coherent at
+(one shape's colour changing across it at 8 px); one vector per image keeps a prior sample coherent at
 every resolution the resolution / 2**downsample map allows.
 
 Images are decoded to the mean of p(x | z), not its mode. On single-channel digits (a dark background, antialiased

@@ -17,7 +17,7 @@ from scipy import stats
 CONFIDENCE = 0.95
 OUTCOMES = ("agrees", "contradicts", "inconclusive", "no evidence", "n/a")
 
-# The common wisdom this comparison answers (issue 6): quality out of 10, stability, speed, collapse, likelihood.
+# The common wisdom this comparison answers: quality out of 10, stability, speed, collapse, likelihood.
 CLAIMS: dict[str, dict[str, object]] = {
     "vae": {"quality": 6.0, "stable": True, "speed": "fast", "collapse": False, "likelihood": "approximate"},
     "gan": {"quality": 9.0, "stable": False, "speed": "fast", "collapse": True, "likelihood": "none"},

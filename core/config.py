@@ -12,6 +12,16 @@ any model is loaded, and every failure is one `UserError` line naming the flag, 
 - YAML numbers written as `1e-4` (a string to YAML 1.1) are read as numbers where the field is a float;
 - floats must be finite; `nan` is never a setting.
 
+A config may be composed: a field declared with `section(SubConfig)` holds another dataclass, owned by the module
+of its concern (data, objective, optimizer, ...). Its fields stay flat on the command line and in YAML
+(`--resolution`, not `--data.resolution`), so every leaf name is unique across the sections; in code they are
+reached through their section (`cfg.data.resolution`), and a function takes the section it uses.
+
+A field's metadata can say, besides its help and choices, what it means for the rest of the product: `resume`
+(one of `RESUME_KINDS`: may a resumed run change it), `card` (does it go on the model card), `families` (the model
+families or objectives it applies to; None: all) and `secret` (never logged or written). The training configs
+require the first two on every field (tested), so no hand-kept list of field names is needed anywhere.
+
 Flag names are the field names, underscores kept, as in diffusers' example scripts. Why not tyro or
 simple_parsing: both produce multi-line, rich-formatted errors and dash-cased or nested flag names by default,
 and neither reads the YAML files our users bring with the same strictness; what we need is ~150 lines of
@@ -34,6 +44,13 @@ import yaml
 
 from difftune.core.errors import UserError
 
+# What a resumed run may do with a setting that differs from its checkpoint's:
+PASSIVE = "passive"  # no effect on the trained weights (paths, logging, cadence): taken as it is
+SETTABLE = "settable"  # acts from the resumed step on and is applied exactly (learning rate, its schedule, ...)
+REFUSED = "refused"  # changes the trajectory: an error unless --resume_allow_changes
+REFUSED_RESTARTS_EPOCH = "refused_restarts_epoch"  # as REFUSED; if allowed, the batch layout changed: epoch restarts
+RESUME_KINDS = (PASSIVE, SETTABLE, REFUSED, REFUSED_RESTARTS_EPOCH)
+
 
 def option(
     help: str,
@@ -41,9 +58,15 @@ def option(
     *,
     choices: Sequence[str] | None = None,
     repeatable: bool = False,
+    resume: str | None = None,
+    card: bool | None = None,
+    families: Sequence[str] | None = None,
+    secret: bool = False,
     **kwargs,
 ):
-    """A dataclass field with its help text and, optionally, the values it may take.
+    """A dataclass field with its help text and, optionally, the values it may take and what it means for resume
+    (`resume`, one of `RESUME_KINDS`), the model card (`card`) and the model families (`families`: names or
+    objectives it applies to; None: all). `secret=True` keeps it out of logs, checkpoints and cards.
 
     A list default is given as `default_factory` (dataclasses' rule); pass `default=[...]` and it is wrapped.
     `repeatable=True` (list fields) lets the flag be given more than once, each adding to the list
@@ -52,13 +75,59 @@ def option(
         value = default
         kwargs["default_factory"] = lambda: type(value)(value)
         default = dataclasses.MISSING
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "repeatable": repeatable}
+    if resume is not None and resume not in RESUME_KINDS:
+        raise ValueError(f"resume={resume!r}: one of {RESUME_KINDS}")
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "repeatable": repeatable,
+                "resume": resume, "card": card, "families": tuple(families) if families is not None else None,
+                "secret": secret}  # fmt: skip
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
-def field_types(cls) -> dict[str, Any]:
+def section(cls, help: str = ""):
+    """A field holding a sub-config (a dataclass owned by another module); its fields stay flat flags."""
+    return dataclasses.field(default_factory=cls, metadata={"section": True, "help": help})
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("section"))
+
+
+def leaf_fields(cls) -> dict[str, tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """Every setting of a (possibly composed) config class: flat name -> (section path, field, type annotation)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    out: dict[str, tuple[tuple[str, ...], dataclasses.Field, Any]] = {}
+    for f in dataclasses.fields(cls):
+        if _is_section(f):
+            for name, (path, leaf, tp) in leaf_fields(hints[f.name]).items():
+                if name in out:
+                    raise TypeError(f"{cls.__name__}: setting {name!r} is declared in two sections")
+                out[name] = ((f.name, *path), leaf, tp)
+        else:
+            if f.name in out:
+                raise TypeError(f"{cls.__name__}: setting {f.name!r} is declared in two sections")
+            out[f.name] = ((), f, hints[f.name])
+    return out
+
+
+def field_types(cls) -> dict[str, Any]:
+    """Flat setting name -> type annotation, through every section."""
+    return {name: tp for name, (_, _, tp) in leaf_fields(cls).items()}
+
+
+def leaves(cfg) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """A config instance's settings, flat: name -> (value, field)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _is_section(f):
+            out.update(leaves(value))
+        else:
+            out[f.name] = (value, f)
+    return out
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _unwrap(tp) -> tuple[Any, bool]:
@@ -133,9 +202,8 @@ def check_value(value, tp, name: str):
 
 
 def _check_choices(cfg) -> None:
-    for f in dataclasses.fields(cfg):
+    for value, f in leaves(cfg).values():
         allowed = f.metadata.get("choices")
-        value = getattr(cfg, f.name)
         values = value if isinstance(value, list) else [value]
         for v in values:
             if allowed is not None and v is not None and v not in allowed:
@@ -195,8 +263,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(cls, description: str = "", prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], help="YAML file(s) of the same keys; repeatable.")
-    for name, tp in field_types(cls).items():
-        meta = next(f for f in dataclasses.fields(cls) if f.name == name).metadata
+    for name, (_, f, tp) in leaf_fields(cls).items():
+        meta = f.metadata
         help_ = meta.get("help", "")
         if meta.get("choices"):
             help_ = f"{help_} One of: {', '.join(meta['choices'])}."
@@ -213,16 +281,35 @@ def build_parser(cls, description: str = "", prog: str | None = None) -> argpars
     return parser
 
 
-def from_values(cls, values: dict, where: str = "config"):
-    """`cls(**values)` with each value type-checked, choices checked and `validate()` called."""
-    types_ = field_types(cls)
-    unknown = [k for k in values if k not in types_]
+def compose(cls, values: dict, where: str = "config"):
+    """An instance of the (possibly composed) config `cls` from flat `values`, each type-checked; unknown and
+    missing required settings are errors. No choices or `validate()`: see `from_values`."""
+    spec = leaf_fields(cls)
+    unknown = [k for k in values if k not in spec]
     if unknown:
-        raise _unknown(unknown[0], list(types_), where)
-    required = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
+        raise _unknown(unknown[0], list(spec), where)
+    required = [name for name, (_, f, _) in spec.items() if _is_required(f) and name not in values]
     if required:
         raise UserError(f"--{required[0]} is required (see --help)")
-    cfg = cls(**{k: check_value(v, types_[k], f"--{k}") for k, v in values.items()})
+    by_section: dict[tuple[str, ...], dict] = {}
+    for name, value in values.items():
+        path, _, tp = spec[name]
+        by_section.setdefault(path, {})[name] = check_value(value, tp, f"--{name}")
+    return _build(cls, (), by_section)
+
+
+def _build(cls, path: tuple[str, ...], by_section: dict[tuple[str, ...], dict]):
+    hints = typing.get_type_hints(cls)
+    kwargs = dict(by_section.get(path, {}))
+    for f in dataclasses.fields(cls):
+        if _is_section(f):
+            kwargs[f.name] = _build(hints[f.name], (*path, f.name), by_section)
+    return cls(**kwargs)
+
+
+def from_values(cls, values: dict, where: str = "config"):
+    """`compose(cls, values)` with choices checked and `validate()` called."""
+    cfg = compose(cls, values, where)
     _check_choices(cfg)
     if hasattr(cfg, "validate"):
         cfg.validate()
@@ -243,6 +330,11 @@ def parse(cls, argv: Sequence[str] | None, description: str = "", base: dict | N
     return from_values(cls, values)
 
 
-def to_dict(cfg, secrets: Sequence[str] = ()) -> dict:
-    """The config as plain data (JSON-ready), without the fields named in `secrets`."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in secrets}
+def to_dict(cfg, exclude: Sequence[str] = ()) -> dict:
+    """The config's settings as flat plain data (JSON-ready), without secret fields or those named in `exclude`."""
+    return {name: _plain(value) for name, (value, f) in leaves(cfg).items()
+            if not f.metadata.get("secret") and name not in exclude}  # fmt: skip
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value

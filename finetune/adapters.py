@@ -3,18 +3,54 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from difftune.core.config import PASSIVE, REFUSED, option
 from difftune.core.errors import UserError
 
 ADAPTER_NAME = "default"  # peft's adapter name; diffusers' add_adapter uses it when none is given
+ADAPTERS = ("lora", "dora", "loha", "lokr")
 
 
-def adapter_config(kind: str, rank: int, alpha: float | None, dropout: float, target_modules: list[str]):
-    """The peft config of `kind` (lora | dora | loha | lokr); alpha defaults to the rank (scale 1)."""
+@dataclass
+class AdapterConfig:
+    """The adapter (finetune_lora.py): its peft type, size, targets, and the extra file formats written."""
+
+    adapter: str = option("Adapter type (peft).", default="lora", choices=ADAPTERS, resume=REFUSED, card=True)
+    rank: int = option("LoRA rank.", default=4, resume=REFUSED, card=True)
+    lora_alpha: float | None = option("LoRA alpha; default: equal to rank (scale 1).", default=None, resume=REFUSED,
+                                      card=True)  # fmt: skip
+    lora_dropout: float = option("LoRA dropout, within [0, 1).", default=0.0, resume=REFUSED, card=True)
+    target_modules: list[str] | None = option("Denoiser modules to adapt; default: the family's.", default=None,
+                                              resume=REFUSED, card=True)  # fmt: skip
+    output_kohya_format: bool = option("Also write the LoRA with kohya/A1111/ComfyUI key names.", default=False,
+                                       resume=PASSIVE, card=False)  # fmt: skip
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else self.rank
+
+    def validate(self) -> None:
+        checks = [
+            (self.rank >= 1, "--rank must be at least 1"),
+            (0.0 <= self.lora_dropout < 1.0, f"--lora_dropout {self.lora_dropout} must be within [0, 1)"),
+            (self.lora_alpha is None or self.lora_alpha > 0, "--lora_alpha must be positive"),
+            (not self.output_kohya_format or self.adapter == "lora",
+             f"--output_kohya_format writes plain LoRA only; --adapter {self.adapter} has no kohya key format"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def adapter_config(cfg: AdapterConfig, target_modules: list[str]):
+    """The peft config of `cfg.adapter` (lora | dora | loha | lokr) on `target_modules`; alpha defaults to the rank
+    (scale 1)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    alpha = alpha if alpha is not None else rank
+    kind, rank, alpha, dropout = cfg.adapter, cfg.rank, cfg.alpha, cfg.lora_dropout
     if kind in ("lora", "dora"):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                           target_modules=target_modules, use_dora=kind == "dora")  # fmt: skip

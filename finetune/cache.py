@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,24 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from difftune.core.config import PASSIVE, SETTABLE, option
+from difftune.core.imagefolder import Record
 from difftune.finetune.buckets import resize_to_bucket
-from difftune.finetune.data import Record
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheConfig:
+    """Caching the frozen encoders' outputs (latents, text conditioning) on disk."""
+
+    cache_latents: bool = option("Encode latents and text embeddings once, not every step.", default=True,
+                                 resume=SETTABLE, card=False)  # fmt: skip
+    cache_dir: str | None = option("Where the latent cache lives; default <output_dir>/.cache.", default=None,
+                                   resume=PASSIVE, card=False)  # fmt: skip
+
+    def validate(self) -> None:
+        pass
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

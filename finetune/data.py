@@ -1,331 +1,312 @@
-"""Reading the user's data into (image, caption) records: the one place every trainer reads images from.
+"""The data stage: the user's images read and bucketed, then training examples and batches.
 
-Sources, in the conventions users already have:
-- an imagefolder with `metadata.jsonl` (or `metadata.csv`) holding `file_name` + a caption column, read with
-  `datasets`' imagefolder builder;
-- a folder of images with caption sidecars (`image.png` + `image.txt`; kohya's convention, which `datasets`
-  does not read, so it is walked here);
-- a `datasets` name or local dataset path (`--dataset_name`) with `--image_column` / `--caption_column`.
+`read_images` runs before any model is loaded (a bad folder fails in seconds); `build_dataset` runs after, and
+fills each example from the cache (`finetune.cache`) where the encoders are frozen. A batch holds `latents`
+(posterior params) or `pixels`, `cond` (cached text conditioning) or `ids` (token ids), SDXL's `time_ids`, the
+sample's loss weight and its noise seed, and `mask` (the loss mask) when any image has one.
 
-A loss mask per image (masked loss: train on a subject's region only) is `<image>_mask.png` beside the image, or a
-`mask` column (a file name relative to the folder, or an image column of a dataset): grey levels are loss weights,
-white 1, black 0. Mask files are never read as training images.
+A loss mask is cropped and flipped with its image: cached, it is stored with the latents on the latent grid
+(area-averaged); uncached, it comes at pixel resolution and `finetune.objective.batch_loss` averages it down.
+Images without a mask in a dataset that has some weigh 1 everywhere.
 
-Images are kept encoded (path or bytes) until `decode_all`, which opens each one, applies its EXIF
-orientation, converts any PIL mode to RGB and skips corrupt files with one warning that counts them.
+Every random choice of a sample (flip, crop, caption dropout and shuffle, and the noise and timestep drawn by the
+objective) comes from a seed of (run seed, epoch, sample index): results do not depend on batch composition,
+process count or where a run was resumed. A random crop of a non-square image cannot be cached, so the latent
+cache is then off for images (said in a warning).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import hashlib
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import torch
+from PIL import Image
 
+from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, option
 from difftune.core.errors import UserError
+from difftune.core.imagefolder import Record, check_source, decode_all, decode_masks, read_records
+from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
+from difftune.finetune.cache import encode_captions, encode_images, fingerprint_module, mask_tensor, to_tensor
+
+if TYPE_CHECKING:
+    from difftune.finetune.dreambooth import DreamBoothConfig
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+@dataclass
+class DataConfig:
+    """Where the images and captions come from, and how they are cropped, bucketed, augmented and captioned."""
+
+    train_data_dir: str | None = option(
+        "Imagefolder with metadata.jsonl, or images with .txt captions.", default=None, resume=PASSIVE, card=False
+    )  # the data fingerprint decides whether the data changed
+    dataset_name: str | None = option("A datasets name or local dataset path.", default=None, resume=PASSIVE,
+                                      card=False)  # fmt: skip
+    dataset_config_name: str | None = option("The dataset's configuration name.", default=None, resume=PASSIVE,
+                                             card=False)  # fmt: skip
+    image_column: str = option("Image column of the dataset.", default="image", resume=PASSIVE, card=False)
+    caption_column: str = option("Caption column of the dataset or metadata.jsonl.", default="text", resume=PASSIVE,
+                                 card=False)  # fmt: skip
+    caption_extension: str = option("Caption sidecar extension.", default=".txt", resume=PASSIVE, card=False)
+    resolution: int = option("Training resolution in pixels (square).", default=512, resume=REFUSED_RESTARTS_EPOCH,
+                             card=True)  # fmt: skip
+    center_crop: bool = option("Crop the centre rather than a random window.", default=False, resume=REFUSED,
+                               card=False)  # fmt: skip
+    random_flip: bool = option("Flip images horizontally at random.", default=False, resume=REFUSED, card=False)
+    proportion_empty_prompts: float = option("Fraction of captions replaced by '' (for CFG).", default=0.0,
+                                             resume=REFUSED, card=False)  # fmt: skip
+    shuffle_caption: bool = option("Shuffle comma-separated caption tags each time.", default=False, resume=REFUSED,
+                                   card=False)  # fmt: skip
+    keep_tokens: int = option("With --shuffle_caption: keep the first N tags in place.", default=0, resume=REFUSED,
+                              card=False)  # fmt: skip
+    repeats: int = option("Times each image appears per epoch.", default=1, resume=REFUSED_RESTARTS_EPOCH,
+                          card=False)  # fmt: skip
+    enable_bucket: bool = option("Aspect-ratio bucketing: batches of one bucket each.", default=False,
+                                 resume=REFUSED_RESTARTS_EPOCH, card=False)  # fmt: skip
+    min_bucket_reso: int = option("Smallest bucket side in pixels.", default=256, resume=REFUSED_RESTARTS_EPOCH,
+                                  card=False)  # fmt: skip
+    max_bucket_reso: int = option("Largest bucket side in pixels.", default=1024, resume=REFUSED_RESTARTS_EPOCH,
+                                  card=False)  # fmt: skip
+    bucket_reso_steps: int = option("Bucket sides are multiples of this.", default=64, resume=REFUSED_RESTARTS_EPOCH,
+                                    card=False)  # fmt: skip
+    bucket_no_upscale: bool = option("Never enlarge an image to fit a bucket.", default=False,
+                                     resume=REFUSED_RESTARTS_EPOCH, card=False)  # fmt: skip
+    dataloader_num_workers: int = option("Data loading worker processes.", default=0, resume=PASSIVE, card=False)
+
+    def validate(self) -> None:
+        check_source(self.train_data_dir, self.dataset_name)
+        checks = [
+            (self.resolution > 0 and self.resolution % 8 == 0, f"--resolution {self.resolution} must be a multiple of 8"),
+            (0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be within [0, 1]"),
+            (self.repeats >= 1, "--repeats must be at least 1"),
+            (self.keep_tokens >= 0, "--keep_tokens must not be negative"),
+            (not self.keep_tokens or self.shuffle_caption, "--keep_tokens only applies with --shuffle_caption"),
+            (self.dataloader_num_workers >= 0, "--dataloader_num_workers must not be negative"),
+        ]  # fmt: skip
+        if self.enable_bucket:
+            checks += [
+                (self.bucket_reso_steps % 8 == 0, f"--bucket_reso_steps {self.bucket_reso_steps} must be a multiple of 8"),
+                (self.min_bucket_reso <= self.resolution <= self.max_bucket_reso,
+                 f"--resolution {self.resolution} must lie within --min_bucket_reso {self.min_bucket_reso} and "
+                 f"--max_bucket_reso {self.max_bucket_reso}"),
+            ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 @dataclass
-class Record:
-    """One training example before decoding: where its image is, its caption, and any other columns."""
+class Images:
+    """Decoded training images with their captions and buckets, read before any model is loaded."""
 
-    source: str | bytes  # a file path, or the encoded bytes of the image
-    caption: str
-    name: str  # shown in messages: a file name or "dataset[i]"
-    extra: dict = field(default_factory=dict)
-    mask: str | bytes | None = None  # the loss mask's file path or encoded bytes, if the image has one
+    records: list[Record]
+    images: list[Image.Image]
+    captions: list[str]
+    buckets: list[tuple[int, int]]
+    is_prior: list[bool]
+    masks: list[Image.Image | None]  # loss masks (grey, the image's size), None where an image has none
 
-    def image_bytes(self) -> bytes:
-        return self.source if isinstance(self.source, bytes) else Path(self.source).read_bytes()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: EXIF rotation applied, transparency composited on white, 16-bit rescaled."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+    def fingerprint(self) -> str:
+        """sha256 over each example's pixels, size, caption and kind, in order: an added, removed, edited or
+        reordered image or caption changes it (a resume compares it with the checkpoint's)."""
+        digest = hashlib.sha256()
+        for image, caption, prior in zip(self.images, self.captions, self.is_prior, strict=True):
+            digest.update(f"{image.size}|{caption}|{prior}|".encode())
+            digest.update(hashlib.sha256(image.tobytes()).digest())
+        return digest.hexdigest()
 
 
-def open_rgb(record: Record) -> Image.Image:
-    """Decodes one record; raises OSError/ValueError (UnidentifiedImageError included) for corrupt data."""
-    raw = record.source if isinstance(record.source, bytes) else Path(record.source).read_bytes()
-    with Image.open(io.BytesIO(raw)) as image:
-        image.load()  # truncated files fail here, not later inside a batch
-        return to_rgb(image)
-
-
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-
-
-def decode_all(records: list[Record]) -> tuple[list[Image.Image], list[Record]]:
-    """Decodes every record; missing and corrupt images are skipped and counted in one warning (logged once).
-    Never returns nothing."""
-    images, kept, missing, bad = [], [], [], []
-    for record in records:
-        try:
-            images.append(open_rgb(record))
-            kept.append(record)
-        except FileNotFoundError:
-            missing.append(record.name)
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
-            bad.append(record.name)
-    parts = [f"{len(missing)} missing ({_shown(missing)})"] if missing else []
-    parts += [f"{len(bad)} that could not be decoded ({_shown(bad)})"] if bad else []
-    if not images:
-        raise UserError(f"none of the {len(records)} images could be read: {'; '.join(parts)}; check the files")
-    if parts:
-        logger.warning("skipped %d of %d images: %s", len(missing) + len(bad), len(records), "; ".join(parts))
-    return images, kept
-
-
-def read_records(
-    train_data_dir: str | None = None,
-    dataset_name: str | None = None,
-    image_column: str = "image",
-    caption_column: str = "text",
-    caption_extension: str = ".txt",
-    dataset_config_name: str | None = None,
-    split: str = "train",
-    cache_dir: str | None = None,
-    require_captions: bool = True,
-) -> list[Record]:
-    """Records of a folder or a `datasets` dataset, in a stable order. Raises UserError naming the flag/file."""
-    if (train_data_dir is None) == (dataset_name is None):
-        raise UserError("give exactly one of --train_data_dir (a folder) or --dataset_name (a datasets name or path)")
-    if train_data_dir is not None:
-        records = _read_folder(Path(train_data_dir), caption_column, caption_extension, require_captions)
-    else:
-        records = _read_dataset(
-            dataset_name, dataset_config_name, split, image_column, caption_column, cache_dir, require_captions
-        )
-    if not records:
-        where = f"--train_data_dir {train_data_dir}" if train_data_dir else f"--dataset_name {dataset_name}"
-        raise UserError(f"{where} holds no images; expected {', '.join(IMAGE_EXTENSIONS)} files")
-    return records
-
-
-def _read_folder(root: Path, caption_column: str, caption_extension: str, require_captions: bool) -> list[Record]:
-    if not root.is_dir():
-        raise UserError(f"--train_data_dir {root} is not a folder")
-    for meta_name in ("metadata.jsonl", "metadata.csv"):
-        if (root / meta_name).exists():
-            check_metadata(root, root / meta_name)
-            return _read_imagefolder(root, root / meta_name, caption_column)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    stems = {(p.parent, p.stem) for p in files}  # `x_mask.png` is a mask when an image `x.*` lies beside it
-    masks = {p for p in files if p.stem.endswith(MASK_SUFFIX) and (p.parent, p.stem[: -len(MASK_SUFFIX)]) in stems}
-    records, missing = [], []
-    for path in (p for p in files if p not in masks):
-        sidecar = path.with_suffix(caption_extension)
-        if sidecar.exists():
-            caption = sidecar.read_text(encoding="utf-8").strip()
-        elif require_captions:
-            missing.append(path)
-            continue
-        else:
-            caption = ""
-        records.append(Record(str(path), caption, str(path), mask=sibling_mask(path)))
-    if missing and not records:
-        raise UserError(
-            f"--train_data_dir {root} has {len(missing)} images but no captions: add metadata.jsonl "
-            f'(lines of {{"file_name": ..., "{caption_column}": ...}}) or {caption_extension} files beside the images'
-        )
-    if missing:
-        raise UserError(
-            f"{len(missing)} images in {root} have no {caption_extension} caption (first: {missing[0].name}); "
-            "caption them or move them out"
-        )
-    return records
-
-
-MASK_SUFFIX = "_mask"
-
-
-def sibling_mask(image: Path) -> str | None:
-    """`<image>_mask.png` (or another image extension) beside `image`, if there is one."""
-    for ext in (".png", *IMAGE_EXTENSIONS):
-        candidate = image.with_name(f"{image.stem}{MASK_SUFFIX}{ext}")
-        if candidate.is_file():
-            return str(candidate)
-    return None
-
-
-def _mask_source(value, root: str) -> str | bytes | None:
-    """A `mask` column's value as a path or bytes: a file name (relative to the dataset folder) or an image."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, dict):  # datasets.Image(decode=False)
-        return value["bytes"] if value.get("bytes") is not None else value["path"]
-    if isinstance(value, Image.Image):
-        buffer = io.BytesIO()
-        value.save(buffer, format="PNG")
-        return buffer.getvalue()
-    path = Path(root) / str(value)
-    return str(path if path.exists() else value)
-
-
-def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image.Image | None]:
-    """Each record's loss mask as an 8-bit grey image of its image's size (EXIF rotation applied), or None."""
-    masks = []
-    for record, image in zip(records, images, strict=True):
-        if record.mask is None:
-            masks.append(None)
-            continue
-        name = record.mask if isinstance(record.mask, str) else f"the mask of {record.name}"
-        try:
-            raw = record.mask if isinstance(record.mask, bytes) else Path(record.mask).read_bytes()
-            with Image.open(io.BytesIO(raw)) as opened:
-                mask = ImageOps.exif_transpose(opened).convert("L")
-        except (OSError, ValueError, UnidentifiedImageError) as err:
-            raise UserError(
-                f"{name}: not a readable mask image ({str(err).splitlines()[0]}); fix or remove it"
-            ) from err
-        if mask.size != image.size:
-            raise UserError(f"{name}: mask is {mask.size[0]}x{mask.size[1]}, its image {record.name} is "
-                            f"{image.size[0]}x{image.size[1]}; save the mask at the image's size")  # fmt: skip
-        masks.append(mask)
-    return masks
-
-
-def _listed_files(meta: Path) -> list[str]:
-    """The `file_name` of each entry of metadata.jsonl / metadata.csv, as written."""
-    text = meta.read_text(encoding="utf-8")
-    if meta.suffix == ".csv":
-        return [row.get("file_name", "") for row in csv.DictReader(io.StringIO(text))]
-    names = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                names.append(json.loads(line).get("file_name", ""))
-            except (ValueError, AttributeError):
-                raise UserError(f"{meta} line {number} is not a JSON object: {line[:80]!r}") from None
-    return names
-
-
-def _own_metadata(folder: Path, root: Path) -> Path | None:
-    """A metadata file in `folder` or a folder between it and `root` (not `root` itself)."""
-    for d in (folder, *folder.parents):
-        if d == root:
-            return None
-        for name in ("metadata.jsonl", "metadata.csv"):
-            if (d / name).exists():
-                return d / name
-    return None
-
-
-def check_metadata(root: Path, meta: Path) -> None:
-    """What `datasets`' imagefolder passes over without a word: an empty metadata file (an error), a file listed
-    more than once (it trains once per entry) and images in the folder that no entry lists (left out)."""
-    listed = _listed_files(meta)
-    if not listed:
-        raise UserError(
-            f'{meta} lists no images; add lines of {{"file_name": ..., "text": ...}} (one per image) or remove it '
-            "to use .txt captions"
-        )
-    repeated = sorted(name for name, n in Counter(listed).items() if n > 1)
-    if repeated:
-        logger.warning("%s lists %d file(s) more than once (%s): each entry trains as its own example; remove the "
-                       "repeats or use --repeats", meta, len(repeated), _shown(repeated))  # fmt: skip
-    names = {Path(name).as_posix() for name in listed}
-    unlisted = sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and p.relative_to(root).as_posix() not in names
-        and _own_metadata(p.parent, root) is None  # a subfolder with its own metadata file lists its images there
-        and not p.stem.endswith(MASK_SUFFIX)  # loss masks are found beside their images
+def read_images(
+    data: DataConfig,
+    dreambooth: DreamBoothConfig | None = None,
+    class_records: list[Record] | None = None,
+    batch_size: int | None = None,
+    flag: str = "--train_data_dir",
+) -> Images:
+    """The images of `data` (and DreamBooth class images), decoded, captioned and assigned to buckets. `batch_size`,
+    when given, must fit in some bucket; `flag` names the folder in errors (a held-out folder is read the same way)."""
+    instance_prompt = dreambooth.instance_prompt if dreambooth else None
+    records = read_records(
+        data.train_data_dir, data.dataset_name, data.image_column, data.caption_column, data.caption_extension,
+        data.dataset_config_name, require_captions=instance_prompt is None, flag=flag,
     )  # fmt: skip
-    if unlisted:
-        logger.warning("%d image(s) in %s have no entry in %s and are left out (%s)", len(unlisted), root, meta.name,
-                       _shown(unlisted))  # fmt: skip
+    images, records = decode_all(records)
+    captions = [instance_prompt or r.caption for r in records]
+    is_prior = [False] * len(records)
+    if class_records:
+        class_images, class_records = decode_all(class_records)
+        records, images = records + class_records, images + class_images
+        captions += [r.caption or dreambooth.class_prompt for r in class_records]
+        is_prior += [True] * len(class_records)
+    buckets = assign_buckets(data, images, batch_size)
+    return Images(records, images, captions, buckets, is_prior, decode_masks(records, images))
 
 
-def _quiet_datasets():
-    """datasets' progress bars say "Downloading data" even for local files; they only confuse here."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    return datasets
-
-
-def _read_imagefolder(root: Path, meta: Path, caption_column: str) -> list[Record]:
-    datasets = _quiet_datasets()
-
-    try:
-        ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
-    except Exception as err:  # datasets raises many types for a malformed metadata file
-        raise UserError(f"{meta} could not be read as an imagefolder: {str(err).splitlines()[0]}") from err
-    if caption_column not in ds.column_names:
+def assign_buckets(data: DataConfig, images: list[Image.Image], batch_size: int | None) -> list[tuple[int, int]]:
+    if not data.enable_bucket:
+        return [(data.resolution, data.resolution)] * len(images)
+    table = make_buckets(data.resolution, data.min_bucket_reso, data.max_bucket_reso, data.bucket_reso_steps)
+    buckets = [
+        assign_bucket(im.size, table, data.resolution, data.bucket_reso_steps, data.bucket_no_upscale) for im in images
+    ]
+    counts = Counter(buckets)
+    if batch_size is not None and batch_size > max(counts.values()):
         raise UserError(
-            f"{meta} has no caption column {caption_column!r} (columns: {', '.join(ds.column_names)}); "
-            "set --caption_column"
+            f"--train_batch_size {batch_size} is larger than every bucket (the largest, "
+            f"{max(counts, key=counts.get)}, holds {max(counts.values())} images); lower the batch size"
         )
-    ds = ds.cast_column("image", datasets.Image(decode=False))
-    return _records_of(ds, "image", caption_column, str(root))
+    logger.info("buckets (w, h): images = %s", dict(sorted(counts.items())))
+    return buckets
 
 
-def _read_dataset(name, config_name, split, image_column, caption_column, cache_dir, require_captions) -> list[Record]:
-    datasets = _quiet_datasets()
+def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDataset, bool]:
+    """The dataset, with latents and text conditioning cached where their encoders are frozen; returns it and
+    whether the latents are cached. `trained` names the modules being trained (their outputs are never cached)."""
+    cache_root = Path(cfg.cache.cache_dir or Path(cfg.training.output_dir) / ".cache")
+    movable = [can_move(im.size, b) for im, b in zip(data.images, data.buckets, strict=True)]
+    cache_images = cfg.cache.cache_latents and (cfg.data.center_crop or not any(movable))
+    if cfg.cache.cache_latents and not cache_images:
+        logger.warning(
+            "latent cache off: %d of %d images are not of their bucket's shape, so their random crops differ every "
+            "epoch (use --center_crop to cache)", sum(movable), len(movable),
+        )  # fmt: skip
+    examples = [
+        Example(caption, im.size, bucket, is_prior=prior)
+        for im, caption, bucket, prior in zip(data.images, data.captions, data.buckets, data.is_prior, strict=True)
+    ]
+    masked = any(m is not None for m in data.masks)
+    if cache_images:
+        masks = data.masks if masked else None
+        entries = encode_images(
+            data.records, data.images, data.buckets, family.vae, cfg.data.random_flip, cache_root, masks
+        )
+        for ex, entry in zip(examples, entries, strict=True):
+            ex.latents, ex.latents_flipped = entry["params"], entry.get("flipped")
+            ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
+    else:
+        for ex, im, mask in zip(examples, data.images, data.masks, strict=True):
+            if mask is None and masked:  # an image without a mask among masked ones weighs 1 everywhere
+                mask = Image.new("L", im.size, 255)
+            ex.image, ex.mask_image = im, mask
+    text = None
+    encoders_frozen = not any(name in trained for name in family.text_encoders())
+    if cfg.cache.cache_latents and encoders_frozen and not cfg.data.shuffle_caption:
+        fingerprint = (
+            "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
+        )
+        text = encode_captions(data.captions + [""], family.encode_text, fingerprint, family.tokenize, cache_root)
+    aug = Augment(
+        cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
+        cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,
+    )  # fmt: skip
+    return TrainDataset(examples, cfg.data.repeats, aug, text, family.tokenize), cache_images
 
-    path = Path(name)
-    try:
-        if path.is_dir() and (path / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(str(path))
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
+    """kohya's --shuffle_caption: comma-separated tags shuffled, the first `keep_tokens` kept in place."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    return ", ".join(head + [tail[i] for i in rng.permutation(len(tail))])
+
+
+@dataclass
+class Example:
+    caption: str
+    size: tuple[int, int]  # original (w, h)
+    bucket: tuple[int, int]  # trained (w, h)
+    image: Image.Image | None = None  # kept when latents are not cached
+    latents: torch.Tensor | None = None  # (2C, h, w) posterior mean and log-variance of the centre crop
+    latents_flipped: torch.Tensor | None = None
+    is_prior: bool = False  # a DreamBooth class image
+    mask_image: Image.Image | None = None  # the loss mask, kept when latents are not cached
+    mask: torch.Tensor | None = None  # (1, h, w) the loss mask on the latent grid, cached with the latents
+    mask_flipped: torch.Tensor | None = None
+
+
+@dataclass
+class Augment:
+    seed: int
+    center_crop: bool
+    random_flip: bool
+    proportion_empty_prompts: float
+    shuffle_caption: bool
+    keep_tokens: int
+    prior_loss_weight: float
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Yields dicts of `latents` (posterior params) or `pixels`, text embeddings or token ids, SDXL `time_ids`,
+    the sample's loss weight and its noise seed. Length is examples x repeats."""
+
+    def __init__(self, examples: list[Example], repeats: int, aug: Augment, text_embeddings: dict | None, tokenize):
+        self.examples = examples
+        self.repeats = repeats
+        self.aug = aug
+        self.text_embeddings = text_embeddings
+        self.tokenize = tokenize
+        self.epoch = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples) * self.repeats
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [ex.bucket for ex in self.examples] * self.repeats
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.examples[index % len(self.examples)]
+        aug = self.aug
+        rng = sample_rng(aug.seed, self.epoch, index)
+        flip = aug.random_flip and rng.random() < 0.5
+        caption = "" if rng.random() < aug.proportion_empty_prompts else ex.caption
+        if caption and aug.shuffle_caption:
+            caption = shuffle_tags(caption, aug.keep_tokens, rng)
+        item = {
+            "noise_seed": int(rng.integers(0, 2**62)),
+            "index": index,
+            "weight": aug.prior_loss_weight if ex.is_prior else 1.0,
+        }
+        bw, bh = ex.bucket
+        if ex.latents is not None:
+            item["latents"] = ex.latents_flipped if flip else ex.latents
+            _, crop_top_left = resize_to_bucket(Image.new("1", ex.size), ex.bucket, None)
+            if ex.mask is not None:
+                item["mask"] = ex.mask_flipped if flip else ex.mask
         else:
-            ds = datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
-    except Exception as err:
-        raise UserError(f"--dataset_name {name} could not be loaded: {str(err).splitlines()[0]}") from err
-    required = [("--image_column", image_column)]
-    if require_captions:
-        required.append(("--caption_column", caption_column))
-    for flag, column in required:
-        if column not in ds.column_names:
-            raise UserError(f"{flag} {column!r} is not a column of {name} (columns: {', '.join(ds.column_names)})")
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    return _records_of(ds, image_column, caption_column, name)
-
-
-def _records_of(ds, image_column: str, caption_column: str, origin: str) -> list[Record]:
-    records = []
-    for i, row in enumerate(ds):
-        image = row[image_column]
-        if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
-            source = image["bytes"] if image.get("bytes") is not None else image["path"]
-            name = image.get("path") or f"{origin}[{i}]"
-        elif isinstance(image, Image.Image):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            source, name = buffer.getvalue(), f"{origin}[{i}]"
+            crop = None if aug.center_crop else (float(rng.random()), float(rng.random()))
+            image, crop_top_left = resize_to_bucket(ex.image, ex.bucket, crop)
+            pixels = to_tensor(image)
+            item["pixels"] = pixels.flip(-1) if flip else pixels
+            if ex.mask_image is not None:  # the same window as the image's
+                mask = mask_tensor(resize_to_bucket(ex.mask_image, ex.bucket, crop)[0])
+                item["mask"] = mask.flip(-1) if flip else mask
+        # SDXL micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
+        w, h = ex.size
+        item["time_ids"] = torch.tensor([h, w, *crop_top_left, bh, bw], dtype=torch.float32)
+        if self.text_embeddings is not None:
+            item["cond"] = self.text_embeddings[caption]
         else:
-            source, name = str(image), str(image)
-        caption = row.get(caption_column, "")
-        if isinstance(caption, list):  # datasets with several captions per image: take the first
-            caption = caption[0] if caption else ""
-        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column, "mask")}
-        mask = _mask_source(row.get("mask"), origin)
-        if mask is None and isinstance(source, str) and Path(source).is_file():
-            mask = sibling_mask(Path(source))
-        records.append(Record(source, "" if caption is None else str(caption), str(name), extra, mask))
-    return records
+            item["ids"] = {k: v[0] for k, v in self.tokenize([caption]).items()}
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Stacks each key (and each key of nested dicts such as `cond`) into a batch tensor."""
+    return {
+        key: collate([it[key] for it in items]) if isinstance(items[0][key], dict)
+        else torch.stack([torch.as_tensor(it[key]) for it in items])
+        for key in items[0]
+    }  # fmt: skip

@@ -121,20 +121,20 @@ def run_demo(name: str, work_dir: Path, seeds: int = 4, seed: int | None = None)
     start = time.time()
     result = train(cfg, LORA)
     train_seconds = time.time() - start
-    after = evaluate(model, Path(cfg.output_dir), seeds)
+    after = evaluate(model, Path(cfg.training.output_dir), seeds)
     print(f"after:  purple prompts {after['purple']}; base prompts {after['base']}")
     met = meets_bar(before, after)
     print(
         f"\npurple colour accuracy {before['purple'].colour:.2f} -> {after['purple'].colour:.2f}; "
         f"base colours with the adapter {after['base'].colour:.2f} (base alone {before['base'].colour:.2f}); "
         f"training {train_seconds:.0f}s for {result.global_step} steps on {torch.get_num_threads()} threads; "
-        f"LoRA in {cfg.output_dir}\n"
+        f"LoRA in {cfg.training.output_dir}\n"
         f"shapes with the adapter: base prompts {after['base'].shape:.2f}, purple prompts {after['purple'].shape:.2f}\n"
         f"bar (purple <= {PURPLE_BEFORE_MAX} before, >= {PURPLE_AFTER_MIN} after; base colours >= {BASE_AFTER_MIN}; "
         f"shapes >= {SHAPES_AFTER_MIN}): "
         f"{'met' if met else 'NOT met'}"
     )
-    return {"before": before, "after": after, "train_seconds": train_seconds, "output_dir": cfg.output_dir,
+    return {"before": before, "after": after, "train_seconds": train_seconds, "output_dir": cfg.training.output_dir,
             "met": met}  # fmt: skip
 
 

@@ -8,14 +8,44 @@ the base pipeline first (as diffusers' DreamBooth scripts do) and saved there, s
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from difftune.core.config import PASSIVE, REFUSED, option
 from difftune.core.errors import UserError
-from difftune.finetune.data import IMAGE_EXTENSIONS, Record, read_records
+from difftune.core.imagefolder import IMAGE_EXTENSIONS, Record, read_records
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DreamBoothConfig:
+    """DreamBooth: an instance prompt for every image, and the class-prior images and their loss."""
+
+    instance_prompt: str | None = option("Caption every training image with this prompt (DreamBooth).", default=None,
+                                         resume=REFUSED, card=False)  # fmt: skip
+    class_prompt: str | None = option("Prompt of generated class images (prior preservation).", default=None,
+                                      resume=REFUSED, card=False)  # fmt: skip
+    class_data_dir: str | None = option(
+        "Class/regularisation images: captioned (metadata.jsonl or .txt) are used as they are; otherwise they are "
+        "captioned --class_prompt and missing ones generated.",
+        default=None,
+        resume=PASSIVE,
+        card=False,
+    )  # fmt: skip  (the data fingerprint decides whether the class images changed)
+    with_prior_preservation: bool = option("Add the class-prior loss (DreamBooth).", default=False, resume=REFUSED,
+                                           card=True)  # fmt: skip
+    prior_loss_weight: float = option("Weight of the class-prior loss.", default=1.0, resume=REFUSED, card=False)
+    num_class_images: int = option("Class images wanted in --class_data_dir.", default=100, resume=REFUSED,
+                                   card=False)  # fmt: skip
+
+    def validate(self) -> None:
+        if self.with_prior_preservation and not self.class_data_dir:
+            raise UserError("--with_prior_preservation needs --class_data_dir")
+        if self.num_class_images < 1:
+            raise UserError("--num_class_images must be at least 1")
 
 
 def is_captioned(folder: Path, caption_extension: str) -> bool:
@@ -27,30 +57,34 @@ def is_captioned(folder: Path, caption_extension: str) -> bool:
 
 
 def ensure_class_images(cfg, accelerator, batch_size: int = 4) -> list[Record]:
-    folder = Path(cfg.class_data_dir)
-    if folder.is_dir() and is_captioned(folder, cfg.caption_extension):
-        return read_records(str(folder), caption_column=cfg.caption_column, caption_extension=cfg.caption_extension)
-    if not cfg.class_prompt:
+    folder = Path(cfg.dreambooth.class_data_dir)
+    if folder.is_dir() and is_captioned(folder, cfg.data.caption_extension):
+        return read_records(
+            str(folder), caption_column=cfg.data.caption_column, caption_extension=cfg.data.caption_extension
+        )
+    if not cfg.dreambooth.class_prompt:
         raise UserError(
             f"--class_data_dir {folder} has no captions: give --class_prompt (its images are then generated "
             "when missing) or caption the images"
         )
     folder.mkdir(parents=True, exist_ok=True)
     existing = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    missing = cfg.num_class_images - len(existing)
+    missing = cfg.dreambooth.num_class_images - len(existing)
     if missing > 0 and accelerator.is_main_process:
         from difftune.pipelines.loading import load_pipeline
 
-        logger.info("generating %d class images of %r into %s", missing, cfg.class_prompt, folder)
-        pipe, _ = load_pipeline(cfg.pretrained_model_name_or_path, device=str(accelerator.device))
-        generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        logger.info("generating %d class images of %r into %s", missing, cfg.dreambooth.class_prompt, folder)
+        pipe, _ = load_pipeline(cfg.model.pretrained_model_name_or_path, device=str(accelerator.device))
+        generator = torch.Generator("cpu").manual_seed(cfg.training.seed)
         for start in range(0, missing, batch_size):
             n = min(batch_size, missing - start)
-            images = pipe([cfg.class_prompt] * n, height=cfg.resolution, width=cfg.resolution,
+            images = pipe([cfg.dreambooth.class_prompt] * n, height=cfg.data.resolution, width=cfg.data.resolution,
                           generator=generator).images  # fmt: skip
             for i, image in enumerate(images):
                 image.save(folder / f"class_{len(existing) + start + i:05d}.png")
         del pipe
     accelerator.wait_for_everyone()
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[: cfg.num_class_images]
-    return [Record(str(p), cfg.class_prompt, str(p)) for p in found]
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[
+        : cfg.dreambooth.num_class_images
+    ]
+    return [Record(str(p), cfg.dreambooth.class_prompt, str(p)) for p in found]

@@ -22,8 +22,10 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from peft.utils import PeftType, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from difftune.core.config import leaves
 from difftune.core.errors import UserError
 from difftune.finetune.adapters import ADAPTER_NAME as ADAPTER
+from difftune.finetune.hub import repo_name
 from difftune.finetune.kohya_flux import flux_kohya_layers
 from difftune.pipelines.families import Family
 
@@ -137,25 +139,13 @@ def copy_samples(output_dir: Path) -> Path | None:
     return target
 
 
-def card_model_ref(output_dir: Path, cfg) -> str:
-    """How the card's usage snippet names this result before it has a Hub id: --hub_model_id or the folder name.
-
-    `finetune.hub.push_to_hub` replaces it with the repository id the Hub gave."""
-    return cfg.hub_model_id or Path(output_dir).resolve().name
-
-
-def _settings(cfg, kind: str) -> dict[str, object]:
-    """The settings table: an allow-list of fields (so no secret can slip in), unset ones left out."""
-    common = ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
-              "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "prediction_type",
-              "snr_gamma", "noise_offset", "input_perturbation", "train_text_encoder", "seed")  # fmt: skip
-    specific = ("adapter", "rank", "lora_alpha", "lora_dropout", "target_modules") if kind == "lora" else ()
-    specific += ("use_ema", "early_stopping_patience")
-    settings = {k: getattr(cfg, k, None) for k in (*specific, *common)}
-    if kind == "lora":
-        settings["adapter"] = settings["adapter"] or "lora"
-        settings["lora_alpha"] = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank
-    return {k: v for k, v in settings.items() if v is not None}
+def _settings(cfg) -> dict[str, object]:
+    """The settings table: the fields whose metadata says `card` (never a secret), unset ones left out."""
+    settings = {name: value for name, (value, f) in leaves(cfg).items()
+                if f.metadata.get("card") and not f.metadata.get("secret") and value is not None}  # fmt: skip
+    if "lora_alpha" in settings or "rank" in settings:
+        settings["lora_alpha"] = cfg.network.alpha
+    return settings
 
 
 def _usage(kind: str, base_model: str, ref: str) -> list[str]:
@@ -173,9 +163,9 @@ def write_model_card(output_dir: Path, cfg, kind: str, family: type[Family]) -> 
 
     `kind` is `lora` or `full`. Built from an allow-list of config fields: the Hub token is never written."""
     output_dir = Path(output_dir)
-    base_model = cfg.pretrained_model_name_or_path
-    instance_prompt = getattr(cfg, "instance_prompt", None)  # DreamBooth; older configs lack the field
-    prompts = list(cfg.validation_prompt or [])
+    base_model = cfg.model.pretrained_model_name_or_path
+    instance_prompt = cfg.dreambooth.instance_prompt
+    prompts = list(cfg.validation.validation_prompt or [])
     samples = copy_samples(output_dir)
     tags = [*family.card_tags, "text-to-image", "diffusers", kind, "difftune"]
     licence = base_licence(base_model)
@@ -199,8 +189,8 @@ def write_model_card(output_dir: Path, cfg, kind: str, family: type[Family]) -> 
         lines += ["## Samples", "", f"![samples]({SAMPLES_FILE})", "",
                   "One row per validation prompt, generated at the end of training.", ""]  # fmt: skip
     lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in _settings(cfg, kind).items()]
-    lines += ["", "## Use", "", *_usage(kind, base_model, card_model_ref(output_dir, cfg))]
+    lines += [f"| {k} | {v} |" for k, v in _settings(cfg).items()]
+    lines += ["", "## Use", "", *_usage(kind, base_model, repo_name(output_dir, cfg.hub))]
     path = output_dir / CARD_FILE
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HTTPError
 
+from difftune.core.config import PASSIVE, option
 from difftune.core.errors import UserError
-from difftune.finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE, card_model_ref
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,24 @@ IGNORE_PATTERNS = ["checkpoint-*", "**/checkpoint-*", ".cache", ".cache/", "**/.
                    "*.tmp/", "validation/"]  # fmt: skip
 
 
-def resolve_token(cfg) -> str:
+@dataclass
+class HubConfig:
+    """Uploading the result to the Hugging Face Hub."""
+
+    push_to_hub: bool = option("Upload the final result to the Hugging Face Hub.", default=False, resume=PASSIVE,
+                               card=False)  # fmt: skip
+    hub_model_id: str | None = option("Hub repository id; default: the output folder's name.", default=None,
+                                      resume=PASSIVE, card=False)  # fmt: skip
+    hub_token: str | None = option("Hub token; default: the cached login. Never logged or saved.", default=None,
+                                   resume=PASSIVE, card=False, secret=True)  # fmt: skip
+    hub_private: bool = option("Create the Hub repository as private.", default=False, resume=PASSIVE, card=False)
+
+    def validate(self) -> None:
+        if self.push_to_hub:
+            resolve_token(self)
+
+
+def resolve_token(cfg: HubConfig) -> str:
     """--hub_token, else the cached login; a UserError saying how to log in when there is neither."""
     token = cfg.hub_token or get_token()
     if not token:
@@ -37,11 +55,11 @@ def resolve_token(cfg) -> str:
     return token
 
 
-def prepare_repo(cfg, api: HfApi | None = None) -> str:
+def prepare_repo(cfg: HubConfig, output_dir: Path, api: HfApi | None = None) -> str:
     """Creates (or finds) the repository before training; returns its id. One line when the Hub cannot be reached
     or the token may not create or write it."""
     token = resolve_token(cfg)
-    name = repo_name(Path(cfg.output_dir), cfg)
+    name = repo_name(Path(output_dir), cfg)
     try:
         repo_id = (api or HfApi()).create_repo(name, token=token, private=cfg.hub_private, exist_ok=True).repo_id
     except (OSError, ValueError, HTTPError) as err:  # network, offline mode, HTTP status, invalid repo id
@@ -53,13 +71,16 @@ def prepare_repo(cfg, api: HfApi | None = None) -> str:
     return repo_id
 
 
-def repo_name(output_dir: Path, cfg) -> str:
-    """--hub_model_id, else the output folder's name (the Hub puts it under the token's user)."""
+def repo_name(output_dir: Path, cfg: HubConfig) -> str:
+    """--hub_model_id, else the output folder's name (the Hub puts it under the token's user). The model card's
+    usage snippet names the result this way until the Hub gives its repository id."""
     return cfg.hub_model_id or Path(output_dir).resolve().name
 
 
 def result_patterns(output_dir: Path) -> list[str]:
     """The files that make up the result: a pipeline folder's components, or the LoRA files; card and samples."""
+    from difftune.finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE
+
     output_dir = Path(output_dir)
     index = output_dir / "model_index.json"
     if index.exists():
@@ -84,8 +105,10 @@ def upload_command(repo_id: str, output_dir: Path, allow: list[str]) -> str:
     return f"hf upload {repo_id} {output_dir} . {includes}"
 
 
-def push_to_hub(output_dir: Path, cfg, api: HfApi | None = None, repo_id: str | None = None) -> str:
+def push_to_hub(output_dir: Path, cfg: HubConfig, api: HfApi | None = None, repo_id: str | None = None) -> str:
     """Uploads the result into `repo_id` (created first when not given); returns the repository id."""
+    from difftune.finetune.export import CARD_FILE
+
     output_dir = Path(output_dir)
     token = resolve_token(cfg)
     allow = result_patterns(output_dir)
@@ -95,7 +118,7 @@ def push_to_hub(output_dir: Path, cfg, api: HfApi | None = None, repo_id: str | 
         if repo_id is None:
             repo_id = api.create_repo(name, token=token, private=cfg.hub_private, exist_ok=True).repo_id
         card = output_dir / CARD_FILE
-        local_ref = card_model_ref(output_dir, cfg)
+        local_ref = repo_name(output_dir, cfg)
         if card.exists() and local_ref != repo_id:  # point the usage snippet at the repository
             card.write_text(card.read_text().replace(f'"{local_ref}"', f'"{repo_id}"'))
         api.upload_folder(

@@ -26,12 +26,12 @@ from difftune.core import checkpoint as ckpt
 from difftune.core.config import to_dict
 from difftune.core.errors import UserError
 from difftune.finetune.buckets import BucketBatchSampler
-from difftune.finetune.config import TrainConfig
-from difftune.finetune.dataset import build_dataset, collate, read_images
-from difftune.finetune.objective import Objective, batch_loss, check_objective
+from difftune.finetune.config import TrainConfig, check_family
+from difftune.finetune.data import build_dataset, collate, read_images
+from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
 from difftune.finetune.optim import build_optimizer
-from difftune.finetune.resume import SECRETS, apply_settings, check_resume, hyperparameters, run_record
+from difftune.finetune.resume import apply_settings, check_resume, hyperparameters, resume_kinds, run_record
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
 from difftune.finetune.validation import log_validation
@@ -82,8 +82,9 @@ class Run:
 
 def train(cfg: TrainConfig, task: Task) -> TrainResult:
     accelerator = make_accelerator(cfg)
-    data = read_images(cfg, class_images(cfg, accelerator))  # before any model: a bad folder fails in seconds
-    data, held_out = split_validation(cfg, data)
+    # before any model: a bad folder fails in seconds
+    data = read_images(cfg.data, cfg.dreambooth, class_images(cfg, accelerator), cfg.training.train_batch_size)
+    data, held_out = split_validation(cfg.selection, cfg.data, cfg.training.seed, data)
     record = run_record(cfg, accelerator.num_processes, data.fingerprint(), len(data.images))
     folder, restart_epoch = find_checkpoint(cfg, record)  # a resume that cannot be honoured stops here
     hub_repo = prepare_hub(cfg, accelerator)
@@ -95,17 +96,17 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
         list(family.text_encoders()), set(trainable.models), cached, dataset.text_embeddings is not None
     )
     offloaded = offload(family, plan, accelerator.device)  # cached: VAE and frozen encoders off the accelerator
-    sampler = BucketBatchSampler(dataset.buckets(), cfg.train_batch_size, cfg.seed)
+    sampler = BucketBatchSampler(dataset.buckets(), cfg.training.train_batch_size, cfg.training.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.dataloader_num_workers
     )
     run, loader = prepare_optimization(cfg, accelerator, family, trainable, loader, weight_dtype)
     run.record, run.hub_repo = record, hub_repo
     progress = resume(run, folder, restart_epoch)
-    objective = Objective.from_config(cfg, family.noise_scheduler)
+    objective = Objective.from_config(cfg.objective, family.noise_scheduler)
     logger.info(
         "training %s (%s): %d examples, %d steps, batch %d x %d accumulation x %d processes, cache %s",
-        task.name, family.name, len(dataset), run.max_steps, cfg.train_batch_size, cfg.gradient_accumulation_steps,
+        task.name, family.name, len(dataset), run.max_steps, cfg.training.train_batch_size, cfg.training.gradient_accumulation_steps,
         accelerator.num_processes, "on" if cached else "off",
     )  # fmt: skip
     result = TrainResult(progress.step, cached=cached, is_main_process=accelerator.is_main_process)
@@ -123,7 +124,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                     loss = batch_loss(family, run.models, batch, objective, weight_dtype)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
                     run.optimizer.step()
                     run.lr_scheduler.step()
                     run.optimizer.zero_grad(set_to_none=True)
@@ -142,12 +143,12 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
-                if validator is not None and progress.step % cfg.validation_steps == 0:
+                if validator is not None and progress.step % cfg.validation.validation_steps == 0:
                     if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
                         run.max_steps = progress.step
-                if progress.step % cfg.checkpointing_steps == 0 or progress.step == run.max_steps:
+                if progress.step % cfg.checkpoints.checkpointing_steps == 0 or progress.step == run.max_steps:
                     save_checkpoint(run, progress)
-                if cfg.validation_prompt and progress.step % cfg.validation_steps == 0:
+                if cfg.validation.validation_prompt and progress.step % cfg.validation.validation_steps == 0:
                     with resident(family, offloaded, accelerator.device):
                         log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
                 if progress.step >= run.max_steps:
@@ -164,13 +165,13 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.training.output_dir)
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        mixed_precision=cfg.training.mixed_precision,
+        log_with=None if cfg.training.report_to == "none" else cfg.training.report_to,
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)
+            project_dir=str(output_dir), logging_dir=str(output_dir / cfg.training.logging_dir)
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
@@ -186,8 +187,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             "--mixed_precision fp16 needs a GPU: on a CPU accelerate runs no fp16 autocast and the frozen weights "
             "would be cast to fp16 anyway; use --mixed_precision bf16 (autocast on CPU) or no"
         )
-    set_seed(cfg.seed)
-    if cfg.allow_tf32 and torch.cuda.is_available():
+    set_seed(cfg.training.seed)
+    if cfg.training.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -198,26 +199,27 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 def find_checkpoint(cfg: TrainConfig, record: dict) -> tuple[Path | None, bool]:
     """The checkpoint to resume from, checked against this run before any model loads; returns it (None: start
     from step 0) and whether the interrupted epoch restarts (see `finetune.resume`)."""
-    if not cfg.resume_from_checkpoint:
+    if not cfg.checkpoints.resume_from_checkpoint:
         return None, False
-    folder = ckpt.resolve(cfg.resume_from_checkpoint, Path(cfg.output_dir))
+    folder = ckpt.resolve(cfg.checkpoints.resume_from_checkpoint, Path(cfg.training.output_dir))
     if folder is None:
-        logger.info("no checkpoint in %s yet: starting from step 0", cfg.output_dir)
+        logger.info("no checkpoint in %s yet: starting from step 0", cfg.training.output_dir)
         return None, False
-    return folder, check_resume(folder, ckpt.stored_config(folder), record, cfg.resume_allow_changes)
+    allow = cfg.checkpoints.resume_allow_changes
+    return folder, check_resume(folder, ckpt.stored_config(folder), record, allow, resume_kinds(type(cfg)))
 
 
 def prepare_hub(cfg: TrainConfig, accelerator: Accelerator) -> str | None:
     """With --push_to_hub, the repository created or found before training (main process); None otherwise."""
-    if not (cfg.push_to_hub and accelerator.is_main_process):
+    if not (cfg.hub.push_to_hub and accelerator.is_main_process):
         return None
     from difftune.finetune.hub import prepare_repo
 
-    return prepare_repo(cfg)
+    return prepare_repo(cfg.hub, Path(cfg.training.output_dir))
 
 
 def class_images(cfg: TrainConfig, accelerator: Accelerator) -> list | None:
-    if not cfg.with_prior_preservation:
+    if not cfg.dreambooth.with_prior_preservation:
         return None
     from difftune.finetune.dreambooth import ensure_class_images
 
@@ -227,21 +229,21 @@ def class_images(cfg: TrainConfig, accelerator: Accelerator) -> list | None:
 def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple[Family, Trainable, torch.dtype]:
     """The family's components, frozen; the task's part made trainable; everything placed and cast."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    model = cfg.pretrained_model_name_or_path
+    model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
-    family_cls.check_option_names(cfg.family_options())  # a flag the family cannot honour fails before loading
-    check_objective(cfg, family_cls.objective)
+    # a flag the family cannot honour fails before loading
+    check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     task.check(family_cls, cfg)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
-    family = family_cls.load(model, index, denoiser, cfg.family_options())
+    family = family_cls.load(model, index, denoiser, cfg.model.family_options())
     for module in family.frozen_modules().values():
         module.requires_grad_(False)
         module.eval()
     trainable = task.setup(family, cfg)
     for module in trainable.models.values():
         module.train()
-    if cfg.gradient_checkpointing:
+    if cfg.memory.gradient_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
     for name, module in family.frozen_modules().items():
         if name == family.denoiser_name and denoiser is not None:  # quantised: never cast packed 4/8-bit weights
@@ -255,7 +257,7 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
             move(module, accelerator.device, torch.float32 if upcast else weight_dtype)
-    speed_up_denoiser(family.denoiser, cfg.compile, cfg.compile_scope, cfg.channels_last)
+    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
     return family, trainable, weight_dtype
 
 
@@ -271,14 +273,14 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
     from diffusers.optimization import get_scheduler
 
     params = [p for m in trainable.models.values() for p in m.parameters() if p.requires_grad]
-    lr = cfg.learning_rate
-    if cfg.scale_lr:
-        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    optimizer = build_optimizer(cfg, params, lr)
-    updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+    lr = cfg.optim.learning_rate
+    if cfg.optim.scale_lr:
+        lr *= cfg.training.gradient_accumulation_steps * cfg.training.train_batch_size * accelerator.num_processes
+    optimizer = build_optimizer(cfg.optim, params, lr)
+    updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.training.gradient_accumulation_steps)
+    max_steps = cfg.training.max_train_steps or cfg.training.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )  # fmt: skip
     names = list(trainable.models)
@@ -305,7 +307,7 @@ def resume(run: Run, folder: Path | None, restart_epoch: bool) -> Progress:
     rate, schedule and optimizer settings replace the checkpoint's (`finetune.resume.apply_settings`)."""
     cfg = run.cfg
     if run.accelerator.is_main_process:  # the token is never logged
-        run.accelerator.init_trackers("difftune", config={k: str(v) for k, v in to_dict(cfg, SECRETS).items()})
+        run.accelerator.init_trackers("difftune", config={k: str(v) for k, v in to_dict(cfg).items()})
     if folder is None:
         return Progress()
     settings = hyperparameters(run.optimizer, run.lr_scheduler)
@@ -329,7 +331,7 @@ def finite_loss(run: Run, loss: torch.Tensor, step: int) -> float:
     """The step's loss averaged over processes; a non-finite one stops the run, naming the last good checkpoint."""
     value = run.accelerator.gather(loss.detach()).mean().item()
     if not math.isfinite(value):
-        last = ckpt.list_checkpoints(Path(run.cfg.output_dir))
+        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir))
         raise UserError(
             f"loss became {value} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}. "
             "Lower --learning_rate or check the data"
@@ -343,9 +345,9 @@ def save_checkpoint(run: Run, progress: Progress, name: str | None = None, notes
     if run.ema is not None:
         extra["ema"] = run.ema.state_dict()
     saved = ckpt.save(
-        Path(cfg.output_dir), progress.step, run.models, [run.optimizer], [run.lr_scheduler],
+        Path(cfg.training.output_dir), progress.step, run.models, [run.optimizer], [run.lr_scheduler],
         progress={"epoch": progress.epoch, "batches_done_in_epoch": progress.batches_done_in_epoch},
-        extra=extra, config=run.record, total_limit=cfg.checkpoints_total_limit,
+        extra=extra, config=run.record, total_limit=cfg.checkpoints.checkpoints_total_limit,
         accelerator=run.accelerator, name=name, notes=notes,
     )  # fmt: skip
     if run.accelerator.is_main_process:
@@ -357,10 +359,10 @@ def validate_loss(run: Run, validator: ValidationLoss, objective: Objective, pro
     value = validator.evaluate(run, objective)
     result.validation_losses.append((progress.step, value))
     run.accelerator.log({"validation/loss": value}, step=progress.step)
-    if run.selection.update(progress.step, value) and run.cfg.keep_best_by:
+    if run.selection.update(progress.step, value) and run.cfg.selection.keep_best_by:
         note = {"step": progress.step, "validation_loss": value, "held_out_images": len(validator)}
         save_checkpoint(run, progress, name=BEST, notes={"best.json": note})
-    stop = run.selection.patience_ran_out(run.cfg.early_stopping_patience)
+    stop = run.selection.patience_ran_out(run.cfg.selection.early_stopping_patience)
     if stop and run.accelerator.is_main_process:
         logger.info("early stopping at step %d: no better validation loss for %d evaluations (best %.5f at step %d)",
                     progress.step, run.selection.evals_since_best, run.selection.best_value, run.selection.best_step)  # fmt: skip
@@ -373,8 +375,8 @@ def finish(run: Run, task: Task) -> None:
     is the output) are saved beside it under `raw/`."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    output_dir = Path(run.cfg.output_dir)
-    if run.cfg.early_stopping_patience and (output_dir / BEST).is_dir():
+    output_dir = Path(run.cfg.training.output_dir)
+    if run.cfg.selection.early_stopping_patience and (output_dir / BEST).is_dir():
         ckpt.load_weights(output_dir / BEST, run.models, accelerator=accelerator)
         if run.ema is not None:
             run.ema.load_state_dict(ckpt.load_tree(output_dir / BEST, "extra")["ema"])
@@ -395,8 +397,8 @@ def finish(run: Run, task: Task) -> None:
                 f"{last[-1] if last else 'no checkpoint'}: free space and rerun with --resume_from_checkpoint latest "
                 "(it saves the result without training again)"
             ) from None
-        if run.cfg.push_to_hub:
+        if run.cfg.hub.push_to_hub:
             from difftune.finetune.hub import push_to_hub
 
-            push_to_hub(output_dir, run.cfg, repo_id=run.hub_repo)
+            push_to_hub(output_dir, run.cfg.hub, repo_id=run.hub_repo)
     accelerator.end_training()

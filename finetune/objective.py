@@ -16,20 +16,87 @@ renormalised: a half mask halves the sample's loss), so a zero region gives no g
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
+from difftune.core.config import REFUSED, option
 from difftune.core.errors import UserError
 
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
-def timestep_bias_weights(cfg, num_timesteps: int) -> torch.Tensor | None:
+# diffusers' training utilities are imported where the losses use them: this module's config is read before any
+# model loads, and `--help` should not wait for diffusers.
+FLOW_WEIGHTING = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")  # diffusers' compute_density/weighting
+DDPM, FLOW = ("ddpm",), ("flow",)
+
+
+@dataclass
+class ObjectiveConfig:
+    """The loss: the DDPM options (SD 1.x/2.x, SDXL) and the rectified-flow options (SD 3/3.5, Flux and the other
+    flow transformers), flag names of diffusers' scripts and kohya's. Each applies to its objective only."""
+
+    snr_gamma: float | None = option("Min-SNR weighting gamma (5.0 is usual); off when unset.", default=None,
+                                     resume=REFUSED, card=True, families=DDPM)  # fmt: skip
+    noise_offset: float = option("Noise offset (0.05-0.1 helps very dark/bright images).", default=0.0,
+                                 resume=REFUSED, card=True, families=DDPM)  # fmt: skip
+    input_perturbation: float = option("Input perturbation of the noise (0.1 is usual).", default=0.0,
+                                       resume=REFUSED, card=True, families=DDPM)  # fmt: skip
+    timestep_bias_strategy: str = option(
+        "Sample some timesteps more.", default="none", choices=("none", "earlier", "later", "range"), resume=REFUSED,
+        card=False, families=DDPM,
+    )  # fmt: skip
+    timestep_bias_multiplier: float = option("Weight of the favoured timesteps.", default=1.0, resume=REFUSED,
+                                             card=False, families=DDPM)  # fmt: skip
+    timestep_bias_begin: int = option("With 'range': first favoured timestep.", default=0, resume=REFUSED,
+                                      card=False, families=DDPM)  # fmt: skip
+    timestep_bias_end: int = option("With 'range': last favoured timestep.", default=1000, resume=REFUSED,
+                                    card=False, families=DDPM)  # fmt: skip
+    timestep_bias_portion: float = option("With earlier/later: fraction of timesteps favoured.", default=0.25,
+                                          resume=REFUSED, card=False, families=DDPM)  # fmt: skip
+    weighting_scheme: str = option(
+        "Flow timestep density (logit_normal, mode) or loss weighting (sigma_sqrt, cosmap).", default="none",
+        choices=FLOW_WEIGHTING, resume=REFUSED, card=True, families=FLOW,
+    )  # fmt: skip
+    logit_mean: float = option("logit_normal: mean.", default=0.0, resume=REFUSED, card=False, families=FLOW)
+    logit_std: float = option("logit_normal: standard deviation.", default=1.0, resume=REFUSED, card=False,
+                              families=FLOW)  # fmt: skip
+    mode_scale: float = option("mode: scale of the mode-seeking density.", default=1.29, resume=REFUSED, card=False,
+                               families=FLOW)  # fmt: skip
+    precondition_outputs: int = option(
+        "1: compare pred x (-sigma) + x_t with x_0 (SD3's option); 0: eps - x_0.", default=0, resume=REFUSED,
+        card=False, families=FLOW,
+    )  # fmt: skip
+    timestep_sampling: str = option(
+        "kohya's flow timestep sampling; sigma: the scheduler's sigmas at --weighting_scheme's density.",
+        default="sigma", choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift"), resume=REFUSED, card=True,
+        families=FLOW,
+    )  # fmt: skip
+    sigmoid_scale: float = option("sigmoid/shift/flux_shift: scale of the normal draw before the sigmoid.",
+                                  default=1.0, resume=REFUSED, card=False, families=FLOW)  # fmt: skip
+    discrete_flow_shift: float | None = option("shift: the sigma shift; default: the scheduler's `shift`.",
+                                               default=None, resume=REFUSED, card=False, families=FLOW)  # fmt: skip
+
+    def validate(self) -> None:
+        checks = [
+            (self.snr_gamma is None or self.snr_gamma > 0, "--snr_gamma must be positive"),
+            (0 < self.timestep_bias_portion < 1, "--timestep_bias_portion must be within (0, 1)"),
+            (self.timestep_bias_begin < self.timestep_bias_end, "--timestep_bias_begin must be below --timestep_bias_end"),
+            (self.logit_std > 0, "--logit_std must be positive"),
+            (self.precondition_outputs in (0, 1), "--precondition_outputs must be 0 or 1"),
+            (self.discrete_flow_shift is None or self.discrete_flow_shift > 0, "--discrete_flow_shift must be positive"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def timestep_bias_weights(cfg: ObjectiveConfig, num_timesteps: int) -> torch.Tensor | None:
     """Sampling weights over timesteps for `--timestep_bias_strategy` (diffusers' SDXL script's options).
 
     earlier/later: the first/last `portion` of timesteps get `multiplier` times the weight; range: those in
@@ -94,31 +161,13 @@ class Objective:
     discrete_flow_shift: float | None = None
 
     @classmethod
-    def from_config(cls, cfg, scheduler) -> Objective:
+    def from_config(cls, cfg: ObjectiveConfig, scheduler) -> Objective:
         weights = timestep_bias_weights(cfg, scheduler.config.num_train_timesteps)
         return cls(
             cfg.noise_offset, cfg.input_perturbation, cfg.snr_gamma, weights, cfg.weighting_scheme, cfg.logit_mean,
             cfg.logit_std, cfg.mode_scale, bool(cfg.precondition_outputs), cfg.timestep_sampling, cfg.sigmoid_scale,
             cfg.discrete_flow_shift,
         )  # fmt: skip
-
-
-# Settings that belong to one objective only: set on a model of the other, they are an error, not ignored.
-OBJECTIVE_SETTINGS = {
-    "ddpm": ("snr_gamma", "noise_offset", "input_perturbation", "timestep_bias_strategy"),
-    "flow": ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs",
-             "timestep_sampling", "sigmoid_scale", "discrete_flow_shift"),
-}  # fmt: skip
-
-
-def check_objective(cfg, objective: str) -> None:
-    """A setting of another objective than the model's, changed from its default, is a one-line error."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    foreign = [k for name, keys in OBJECTIVE_SETTINGS.items() if name != objective for k in keys]
-    changed = [k for k in foreign if getattr(cfg, k) != defaults[k]]
-    if changed:
-        flags = ", ".join(f"--{k}" for k in changed)
-        raise UserError(f"{flags}: not a setting of this model's {objective} objective; drop it")
 
 
 def diffusion_loss(
@@ -147,6 +196,8 @@ def diffusion_loss(
     pred = predict(noisy, timesteps)
     per_sample = masked_mean(F.mse_loss(pred.float(), target.float(), reduction="none"), mask)  # (B,)
     if objective.snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
         snr = compute_snr(scheduler, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
             weight = torch.clamp(snr, max=objective.snr_gamma) / (snr + 1)  # v target: min(SNR, gamma) / (SNR + 1)
@@ -160,6 +211,8 @@ def flow_sigma(objective: Objective, scheduler, shape: tuple[int, ...], g: torch
     """One sample's sigma (1,) in (0, 1], drawn from generator `g`."""
     n = scheduler.config.num_train_timesteps
     if objective.timestep_sampling == "sigma":  # diffusers: a density over the scheduler's (shifted) sigmas
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
         u = compute_density_for_timestep_sampling(
             objective.weighting_scheme, 1, objective.logit_mean, objective.logit_std, objective.mode_scale, generator=g
         )
@@ -205,6 +258,8 @@ def flow_loss(
         pred, target = pred * (-s) + noisy, latents
     else:
         target = noise - latents
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
     weight = compute_loss_weighting_for_sd3(objective.weighting_scheme, sigma.view(-1, 1, 1, 1)).float()
     return masked_mean(weight * (pred.float() - target.float()) ** 2, mask)
 

@@ -14,18 +14,50 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from difftune.core.config import REFUSED, SETTABLE, option
 from difftune.core.errors import UserError
 from difftune.finetune.quantize import cuda_available
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+# diffusers.optimization.SchedulerType's values (tested against it; importing diffusers here would slow --help).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")  # fmt: skip
 
 
-def optimizer_name(cfg) -> str:
+@dataclass
+class OptimizerConfig:
+    """The optimizer, its learning-rate schedule and clipping. A resume applies changes of the settable ones."""
+
+    learning_rate: float = option("Peak learning rate.", default=1e-4, resume=SETTABLE, card=True)
+    scale_lr: bool = option("Multiply the LR by batch size x accumulation x processes.", default=False,
+                            resume=SETTABLE, card=False)  # fmt: skip
+    lr_scheduler: str = option("Learning-rate schedule (diffusers' get_scheduler).", default="constant",
+                               choices=LR_SCHEDULERS, resume=SETTABLE, card=True)  # fmt: skip
+    lr_warmup_steps: int = option("Warm-up steps of the LR schedule.", default=0, resume=SETTABLE, card=True)
+    adam_beta1: float = option("AdamW beta1.", default=0.9, resume=SETTABLE, card=False)
+    adam_beta2: float = option("AdamW beta2.", default=0.999, resume=SETTABLE, card=False)
+    adam_weight_decay: float = option("AdamW weight decay.", default=1e-2, resume=SETTABLE, card=False)
+    adam_epsilon: float = option("AdamW epsilon.", default=1e-8, resume=SETTABLE, card=False)
+    max_grad_norm: float = option("Gradient clipping norm.", default=1.0, resume=SETTABLE, card=False)
+    optimizer: str = option("The optimizer.", default="adamw", choices=OPTIMIZERS, resume=REFUSED, card=True)
+    use_8bit_adam: bool = option("Shorthand for --optimizer adamw8bit (bitsandbytes, CUDA).", default=False,
+                                 resume=REFUSED, card=False)  # fmt: skip
+    fused_optimizer: bool = option("AdamW's fused kernel (torch; CPU and CUDA).", default=False, resume=REFUSED,
+                                   card=False)  # fmt: skip
+
+    def validate(self) -> None:
+        if self.learning_rate <= 0:
+            raise UserError("--learning_rate must be positive")
+        validate_optim(self)
+
+
+def optimizer_name(cfg: OptimizerConfig) -> str:
     """The optimizer `cfg` asks for; `--use_8bit_adam` is the diffusers-scripts spelling of adamw8bit."""
     if not cfg.use_8bit_adam:
         return cfg.optimizer
@@ -41,7 +73,7 @@ def _import(module: str, why: str, install: str):
         raise UserError(f"{why} needs the {module} package, which is not installed: pip install {install}") from err
 
 
-def validate_optim(cfg) -> None:
+def validate_optim(cfg: OptimizerConfig) -> None:
     """Stops with one line when the optimizer cannot run here. No model is loaded."""
     name = optimizer_name(cfg)
     if name not in OPTIMIZERS:
@@ -58,7 +90,7 @@ def validate_optim(cfg) -> None:
         raise UserError(f"--fused_optimizer is torch's AdamW kernel; --optimizer {name} has none: drop one of them")
 
 
-def build_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """The optimizer over `params` at peak learning rate `lr`, with the AdamW settings of `cfg` where they apply."""
     validate_optim(cfg)
     name = optimizer_name(cfg)

@@ -1,17 +1,18 @@
 """Resume that refuses what it cannot honour: the checkpoint's stored run compared with this one, before loading.
 
 A checkpoint stores the resolved config it was trained with (secrets left out), the number of processes and a
-fingerprint of the training data (`run_record`). On `--resume_from_checkpoint` each setting falls in one of three
-kinds:
-- settings that never touch the weights (where things are written, logging, validation, checkpoint cadence,
-  Hub upload): a change is taken as it is;
-- settings that shape training from here on and can be honoured exactly (`SETTABLE`: learning rate and its
+fingerprint of the training data (`run_record`). On `--resume_from_checkpoint` each setting is of the kind its
+field metadata declares (`resume=` in `core.config.option`; `resume_kinds`):
+- `passive`: settings that never touch the weights (where things are written, logging, validation, checkpoint
+  cadence, Hub upload): a change is taken as it is;
+- `settable`: settings that shape training from here on and can be honoured exactly (learning rate and its
   schedule, optimizer hyper-parameters, clipping, the step budget): a change is applied to the optimizer and the
   LR schedule after loading (`apply_settings`) and logged, because the checkpoint's optimizer state would
   otherwise silently bring the old values back;
-- everything else changes the training trajectory (batch size, accumulation, processes, data, model,
+- `refused`: everything else changes the training trajectory (batch size, accumulation, processes, data, model,
   adapter and its targets, objective, augmentation, seed): a change is one error naming every difference, unless
-  `--resume_allow_changes`. Then the changes are logged and, when the batch layout or the data changed, the
+  `--resume_allow_changes`. Then the changes are logged and, when the batch layout or the data changed
+  (`refused_restarts_epoch`), the
   interrupted epoch restarts from its first batch (the in-epoch position was counted in the old batches and
   cannot be mapped onto new ones: the samples of that epoch already seen are seen again, none is skipped).
 
@@ -22,41 +23,64 @@ loading fails with one line naming the first tensor that does not fit.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from difftune.core.config import to_dict
+from difftune.core.config import (
+    PASSIVE,
+    REFUSED,
+    REFUSED_RESTARTS_EPOCH,
+    SETTABLE,
+    leaf_fields,
+    option,
+    to_dict,
+)
 from difftune.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-SECRETS = ("hub_token",)  # never logged, never written into a checkpoint
-# Settings with no effect on the trained weights: whatever this run says is used.
-PASSIVE = (
-    "train_data_dir", "dataset_name", "dataset_config_name", "class_data_dir",  # the data fingerprint decides
-    "output_dir", "resume_from_checkpoint", "resume_allow_changes", "report_to", "logging_dir", "push_to_hub",
-    "hub_model_id", "hub_private", "cache_dir", "dataloader_num_workers", "validation_prompt",
-    "num_validation_images", "validation_steps", "validation_inference_steps", "output_kohya_format",
-    "checkpointing_steps", "checkpoints_total_limit", "allow_tf32", "gradient_checkpointing",
-    "compile", "compile_scope", "channels_last", "keep_best_by", "early_stopping_patience",  # speed, selection
-)  # fmt: skip
-# Settings that act from the resumed step on and are applied exactly (see `apply_settings`).
-SETTABLE = (
-    "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
-    "adam_epsilon", "max_grad_norm", "max_train_steps", "num_train_epochs", "cache_latents",
-)  # fmt: skip
-# Changes of these make the stored in-epoch position meaningless: the epoch restarts when they are allowed.
-BATCH_LAYOUT = ("train_batch_size", "gradient_accumulation_steps", "num_processes", "data", "repeats", "seed",
-                "enable_bucket", "resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                "bucket_no_upscale")  # fmt: skip
+# What a resume may do with the record's entries that are not settings: another process count or other data
+# change the trajectory and the batch layout.
+RECORD_KINDS = {"num_processes": REFUSED_RESTARTS_EPOCH, "data": REFUSED_RESTARTS_EPOCH}
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints: how often, how many, and resuming from one."""
+
+    checkpointing_steps: int = option("Save a resumable checkpoint every N steps.", default=500, resume=PASSIVE,
+                                      card=False)  # fmt: skip
+    checkpoints_total_limit: int | None = option("Keep at most N checkpoints.", default=None, resume=PASSIVE,
+                                                 card=False)  # fmt: skip
+    resume_from_checkpoint: str | None = option("'latest' or a checkpoint folder.", default=None, resume=PASSIVE,
+                                                card=False)  # fmt: skip
+    resume_allow_changes: bool = option(
+        "Resume even though settings that change the training trajectory (batch size, data, ...) differ from the "
+        "checkpoint's; the interrupted epoch then restarts.", default=False, resume=PASSIVE, card=False,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        if self.checkpointing_steps < 1:
+            raise UserError("--checkpointing_steps must be at least 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise UserError("--checkpoints_total_limit must be at least 1 (leave it unset to keep every checkpoint)")
+
+
+def resume_kinds(config_class) -> dict[str, str]:
+    """Every setting's resume kind, from its field metadata, plus the record's own entries."""
+    kinds = {name: f.metadata.get("resume") or REFUSED for name, (_, f, _) in leaf_fields(config_class).items()}
+    return {**kinds, **RECORD_KINDS}
+
+
 # The optimizer's param-group entries that come from the config; the rest (e.g. Prodigy's running `d`) is state.
 HYPERPARAMETERS = ("lr", "initial_lr", "betas", "weight_decay", "eps")
 
 
 def run_record(cfg, num_processes: int, fingerprint: str, num_examples: int) -> dict:
     """What a checkpoint stores about the run that wrote it (`core.checkpoint.save`'s `config`)."""
-    return {"settings": to_dict(cfg, SECRETS), "num_processes": num_processes,
+    return {"settings": to_dict(cfg), "num_processes": num_processes,
             "data": {"fingerprint": fingerprint, "examples": num_examples}}  # fmt: skip
 
 
@@ -73,16 +97,18 @@ def _show(key: str, old, new, record_old: dict, record_new: dict) -> str:
     return f"{flag} {old} -> {new}"
 
 
-def check_resume(folder: Path, stored: dict | None, current: dict, allow_changes: bool) -> bool:
-    """Compares the checkpoint's run record with this run's, before any model loads. Raises one `UserError`
-    naming every trajectory-changing difference (unless `allow_changes`); logs the rest. Returns whether the
-    interrupted epoch must restart from its first batch."""
+def check_resume(folder: Path, stored: dict | None, current: dict, allow_changes: bool, kinds: dict[str, str]) -> bool:
+    """Compares the checkpoint's run record with this run's, before any model loads; `kinds` gives each setting's
+    resume kind (`resume_kinds`). Raises one `UserError` naming every trajectory-changing difference (unless
+    `allow_changes`); logs the rest. Returns whether the interrupted epoch must restart from its first batch."""
     if not stored or "settings" not in stored:
-        logger.warning("%s stores no training settings (an older checkpoint): they cannot be compared", folder)
-        return False
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: its state.json holds no training settings, so it is "
+            "not a checkpoint of finetune_lora.py/finetune_full.py; point at a checkpoint-N folder they wrote"
+        )
     old, new = _flatten(stored), _flatten(current)
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in PASSIVE]
-    guarded = [k for k in changed if k not in SETTABLE]
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and kinds.get(k, REFUSED) != PASSIVE]
+    guarded = [k for k in changed if kinds.get(k, REFUSED) != SETTABLE]
     shown = [_show(k, old.get(k), new.get(k), stored, current) for k in guarded]
     if guarded and not allow_changes:
         raise UserError(
@@ -91,12 +117,12 @@ def check_resume(folder: Path, stored: dict | None, current: dict, allow_changes
         )
     if guarded:
         logger.warning("resuming with changed settings (--resume_allow_changes): %s", ", ".join(shown))
-    settable = [k for k in changed if k in SETTABLE]
+    settable = [k for k in changed if kinds.get(k) == SETTABLE]
     if settable:
         logger.info(
             "resuming with new %s", ", ".join(_show(k, old.get(k), new.get(k), stored, current) for k in settable)
         )
-    restart = any(k in BATCH_LAYOUT for k in guarded)
+    restart = any(kinds.get(k) == REFUSED_RESTARTS_EPOCH for k in guarded)
     if restart:
         logger.warning("the batch layout or data changed: the interrupted epoch restarts from its first batch")
     return restart

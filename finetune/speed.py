@@ -21,14 +21,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import MethodType
 
 import torch
 from torch import nn
 
+from difftune.core.config import PASSIVE, option
+
 logger = logging.getLogger(__name__)
 
 SCOPES = ("blocks", "model")
+
+
+@dataclass
+class SpeedConfig:
+    """Options that make a step cheaper without changing what it computes (beyond float rounding)."""
+
+    compile: bool = option("torch.compile the denoiser; the first step compiles.", default=False, resume=PASSIVE,
+                           card=False)  # fmt: skip
+    compile_scope: str = option(
+        "With --compile: 'blocks' compiles the repeated blocks (diffusers' regional compilation), 'model' all of it.",
+        default="blocks", choices=SCOPES, resume=PASSIVE, card=False,
+    )  # fmt: skip
+    channels_last: bool = option("A convolutional denoiser's (UNet's) weights in channels-last format.",
+                                 default=False, resume=PASSIVE, card=False)  # fmt: skip
+
+    def validate(self) -> None:
+        pass
 
 
 def speed_up_denoiser(denoiser: nn.Module, compile: bool, scope: str = "blocks", channels_last: bool = False) -> None:

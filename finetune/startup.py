@@ -20,12 +20,12 @@ def run_task(argv: Sequence[str] | None, task: Task, description: str, prog: str
     result = train(cfg, task)
     if result.is_main_process:
         compiled = ""
-        if cfg.compile and len(result.step_seconds) > 1:
+        if cfg.speed.compile and len(result.step_seconds) > 1:
             rest = result.step_seconds[1:]
             compiled = (
                 f" (first step {result.step_seconds[0]:.1f}s with compilation, then {sum(rest) / len(rest):.3f}s each)"
             )
         print(
-            f"trained {result.global_step} steps in {result.seconds:.1f}s{compiled}; {task.result} saved in {cfg.output_dir}"
+            f"trained {result.global_step} steps in {result.seconds:.1f}s{compiled}; {task.result} saved in {cfg.training.output_dir}"
         )
     return result

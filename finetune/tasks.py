@@ -54,44 +54,42 @@ def _no_check(family_cls, cfg) -> None:
 
 
 def lora_setup(family: Family, cfg: LoraTrainConfig) -> Trainable:
-    targets = cfg.target_modules or list(family.lora_targets)
-    add_adapter(family.denoiser, adapter_config(cfg.adapter, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets))
+    targets = cfg.network.target_modules or list(family.lora_targets)
+    add_adapter(family.denoiser, adapter_config(cfg.network, targets))
     models = {family.denoiser_name: family.denoiser}
-    if cfg.train_text_encoder:
+    if cfg.model.train_text_encoder:
         for name, encoder in family.trainable_text_encoders().items():
-            config = adapter_config(
-                cfg.adapter, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, list(family.text_lora_targets)
-            )
-            add_adapter(encoder, config)
+            add_adapter(encoder, adapter_config(cfg.network, list(family.text_lora_targets)))
             models[name] = encoder
     # The EMA covers the trainable parameters only: here the adapter's, a few MB, not the base model.
-    return Trainable(models, ema_decay=cfg.ema_decay if cfg.use_ema else None)
+    return Trainable(models, ema_decay=cfg.training.ema_decay if cfg.training.use_ema else None)
 
 
 def lora_save(family: Family, cfg: LoraTrainConfig, output_dir: Path) -> None:
     from difftune.finetune.export import save_lora, save_lora_kohya, save_peft_adapters, write_model_card
 
     models = {family.denoiser_name: family.denoiser, **family.text_encoders()}
-    if cfg.adapter in ("loha", "lokr"):  # no diffusers LoRA format exists for these: peft's own format
+    if cfg.network.adapter in ("loha", "lokr"):  # no diffusers LoRA format exists for these: peft's own format
         save_peft_adapters(output_dir, models)
     else:
         save_lora(type(family), models, output_dir)
-    if cfg.output_kohya_format:
+    if cfg.network.output_kohya_format:
         save_lora_kohya(type(family), models, output_dir)
     write_model_card(output_dir, cfg, "lora", type(family))
 
 
 def lora_denoiser(family_cls: type[Family], cfg: LoraTrainConfig, dtype: torch.dtype) -> torch.nn.Module | None:
     """The frozen denoiser quantised (`--quantize_base`), or None to load it as it is."""
-    if cfg.quantize_base is None:
+    if cfg.memory.quantize_base is None:
         return None
     from difftune.finetune.quantize import load_quantized
 
-    return load_quantized(cfg.pretrained_model_name_or_path, family_cls.denoiser_name, cfg.quantize_base, dtype)
+    model, mode = cfg.model.pretrained_model_name_or_path, cfg.memory.quantize_base
+    return load_quantized(model, family_cls.denoiser_name, mode, dtype)
 
 
 def lora_check(family_cls: type[Family], cfg: LoraTrainConfig) -> None:
-    if cfg.output_kohya_format and not family_cls.kohya_export:
+    if cfg.network.output_kohya_format and not family_cls.kohya_export:
         raise UserError(
             f"--output_kohya_format is not written for {family_cls.name} models (SD 1.x/2.x/SDXL/Flux only); drop it: "
             "ComfyUI loads this family's LoRAs in diffusers' format"
@@ -108,11 +106,11 @@ LORA = Task(
 
 def full_setup(family: Family, cfg: FullTrainConfig) -> Trainable:
     models = {family.denoiser_name: family.denoiser}
-    if cfg.train_text_encoder:
+    if cfg.model.train_text_encoder:
         models.update(family.trainable_text_encoders())
     for model in models.values():
         model.requires_grad_(True)
-    return Trainable(models, ema_decay=cfg.ema_decay if cfg.use_ema else None)
+    return Trainable(models, ema_decay=cfg.training.ema_decay if cfg.training.use_ema else None)
 
 
 def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
@@ -123,9 +121,17 @@ def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
 
     parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
     kwargs = {**family.from_pretrained_kwargs(family.index), **parts}  # the trained modules win
-    pipe = DiffusionPipeline.from_pretrained(cfg.pretrained_model_name_or_path, **kwargs)
+    pipe = DiffusionPipeline.from_pretrained(cfg.model.pretrained_model_name_or_path, **kwargs)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     write_model_card(output_dir, cfg, "full", type(family))
 
 
 FULL = Task("full", FullTrainConfig, full_setup, full_save, _no_denoiser, result="pipeline", check=_no_check)
+
+
+def task_named(name: str) -> Task:
+    """The task `lora` or `full`."""
+    tasks = {task.name: task for task in (LORA, FULL)}
+    if name not in tasks:
+        raise UserError(f"unknown task {name!r}; choose one of {', '.join(tasks)}")
+    return tasks[name]

@@ -6,13 +6,33 @@ cause of diffusers' "Attempting to unscale FP16 gradients" reports); autocast ha
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from difftune.core.config import PASSIVE, option
+from difftune.core.errors import UserError
 from difftune.core.images import make_grid
+
+
+@dataclass
+class ValidationConfig:
+    """Validation images: prompts sampled with the live weights every --validation_steps."""
+
+    validation_prompt: list[str] | None = option("Prompts for validation images.", default=None, resume=PASSIVE,
+                                                 card=False)  # fmt: skip
+    num_validation_images: int = option("Images per validation prompt.", default=4, resume=PASSIVE, card=False)
+    validation_steps: int = option("Validation images and validation loss every N steps.", default=100,
+                                   resume=PASSIVE, card=False)  # fmt: skip
+    validation_inference_steps: int = option("Sampler steps for validation images.", default=20, resume=PASSIVE,
+                                             card=False)  # fmt: skip
+
+    def validate(self) -> None:
+        if self.validation_steps < 1:
+            raise UserError("--validation_steps must be at least 1")
 
 
 @torch.no_grad()
@@ -27,21 +47,21 @@ def log_validation(family, models: dict, accelerator, cfg, step: int, weight_dty
         module.eval()
     pipe = family.pipeline(family.sampling_scheduler(), **live)
     pipe.set_progress_bar_config(disable=True)
-    folder = Path(cfg.output_dir) / "validation" / f"step-{step}"
+    folder = Path(cfg.training.output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     autocast = torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
-    for p, prompt in enumerate(cfg.validation_prompt):
-        generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    for p, prompt in enumerate(cfg.validation.validation_prompt):
+        generator = torch.Generator("cpu").manual_seed(cfg.training.seed)
         with autocast:
             out = pipe(
-                [prompt] * cfg.num_validation_images, num_inference_steps=cfg.validation_inference_steps,
-                height=cfg.resolution, width=cfg.resolution, generator=generator,
+                [prompt] * cfg.validation.num_validation_images, num_inference_steps=cfg.validation.validation_inference_steps,
+                height=cfg.data.resolution, width=cfg.data.resolution, generator=generator,
             ).images  # fmt: skip
         for i, image in enumerate(out):
             image.save(folder / f"{p:02d}_{i:02d}.png")
         images.extend(out)
-    grid = make_grid(images, cols=cfg.num_validation_images)
+    grid = make_grid(images, cols=cfg.validation.num_validation_images)
     grid.save(folder / "grid.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

@@ -20,14 +20,48 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from accelerate.utils import send_to_device
 
+from difftune.core.config import PASSIVE, REFUSED, option
 from difftune.core.errors import UserError
 from difftune.finetune.buckets import BucketBatchSampler
-from difftune.finetune.dataset import Images, build_dataset, collate, read_images
+from difftune.finetune.data import DataConfig, Images, build_dataset, collate, read_images
 from difftune.finetune.objective import Objective, batch_loss
 
 SPLIT_SEED = 0x5917  # the held-out images depend on --seed and this, not on anything else
+
+
+@dataclass
+class SelectionConfig:
+    """Held-out images for the validation loss, and what it selects: the best checkpoint, early stopping."""
+
+    validation_split: float = option("Hold out this fraction of the images for the validation loss.", default=0.0,
+                                     resume=REFUSED, card=False)  # fmt: skip
+    validation_data_dir: str | None = option("A folder of held-out images (read like --train_data_dir).",
+                                             default=None, resume=REFUSED, card=False)  # fmt: skip
+    keep_best_by: str | None = option(
+        "Keep the checkpoint of the lowest validation loss in <output_dir>/best/.", default=None,
+        choices=("validation_loss",), resume=PASSIVE, card=False,
+    )  # fmt: skip
+    early_stopping_patience: int | None = option(
+        "Stop after N validations without a better validation loss; the best checkpoint becomes the output.",
+        default=None, resume=PASSIVE, card=True,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        checks = [
+            (0.0 <= self.validation_split < 1.0, f"--validation_split {self.validation_split} must be within [0, 1)"),
+            (not (self.validation_split and self.validation_data_dir),
+             "give --validation_split or --validation_data_dir, not both"),
+            (self.keep_best_by is None or bool(self.validation_split or self.validation_data_dir),
+             "--keep_best_by validation_loss needs held-out images: --validation_split 0.1 or --validation_data_dir"),
+            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             "--early_stopping_patience must be at least 1"),
+            (self.early_stopping_patience is None or self.keep_best_by is not None,
+             "--early_stopping_patience saves the best checkpoint as the output: add --keep_best_by validation_loss"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 def take(data: Images, indices: list[int]) -> Images:
@@ -35,32 +69,30 @@ def take(data: Images, indices: list[int]) -> Images:
     return Images(*([getattr(data, f.name)[i] for i in indices] for f in dataclasses.fields(Images)))
 
 
-def split_validation(cfg, data: Images) -> tuple[Images, Images | None]:
+def split_validation(selection: SelectionConfig, data_cfg: DataConfig, seed: int, data: Images):
     """(training images, held-out images): `--validation_split` of `data` chosen by `--seed`, or the images of
     `--validation_data_dir`; None when neither is set."""
-    if cfg.validation_data_dir:
-        return data, read_validation_dir(cfg)
-    if not cfg.validation_split:
+    if selection.validation_data_dir:
+        return data, read_validation_dir(selection.validation_data_dir, data_cfg)
+    if not selection.validation_split:
         return data, None
     n = len(data.images)
-    n_val = round(n * cfg.validation_split)
+    n_val = round(n * selection.validation_split)
     if not 1 <= n_val < n:
         raise UserError(
-            f"--validation_split {cfg.validation_split} of {n} images holds out {n_val}: at least one image must be "
-            "held out and one left to train on; change the fraction or use --validation_data_dir"
+            f"--validation_split {selection.validation_split} of {n} images holds out {n_val}: at least one image "
+            "must be held out and one left to train on; change the fraction or use --validation_data_dir"
         )
-    order = np.random.default_rng([cfg.seed, SPLIT_SEED]).permutation(n).tolist()
+    order = np.random.default_rng([seed, SPLIT_SEED]).permutation(n).tolist()
     return take(data, sorted(order[n_val:])), take(data, sorted(order[:n_val]))
 
 
-def read_validation_dir(cfg) -> Images:
-    """`--validation_data_dir`, read exactly like `--train_data_dir` (captions, buckets); errors name its flag.
-    Its batches may be partial, so a bucket smaller than the training batch is fine here."""
-    held_out = dataclasses.replace(cfg, train_data_dir=cfg.validation_data_dir, dataset_name=None, train_batch_size=1)
-    try:
-        return read_images(held_out)
-    except UserError as err:
-        raise UserError(str(err).replace("--train_data_dir", "--validation_data_dir")) from err
+def read_validation_dir(folder: str, data_cfg: DataConfig) -> Images:
+    """`--validation_data_dir`: the training data config built for that folder, so it is read exactly like
+    `--train_data_dir` (captions, buckets) and its errors name its own flag. Its batches may be partial, so a
+    bucket smaller than the training batch is fine here."""
+    held_out = dataclasses.replace(data_cfg, train_data_dir=folder, dataset_name=None)
+    return read_images(held_out, flag="--validation_data_dir")
 
 
 class ValidationLoss:
@@ -73,11 +105,12 @@ class ValidationLoss:
 
     @classmethod
     def build(cls, cfg, held_out: Images, family, trained: dict) -> ValidationLoss:
-        fixed = dataclasses.replace(
-            cfg, random_flip=False, center_crop=True, proportion_empty_prompts=0.0, shuffle_caption=False, repeats=1
-        )
-        dataset, _ = build_dataset(fixed, held_out, family, trained)
-        return cls(dataset, cfg.train_batch_size)
+        data = dataclasses.replace(
+            cfg.data, random_flip=False, center_crop=True, proportion_empty_prompts=0.0, shuffle_caption=False,
+            repeats=1,
+        )  # fmt: skip
+        dataset, _ = build_dataset(dataclasses.replace(cfg, data=data), held_out, family, trained)
+        return cls(dataset, cfg.training.train_batch_size)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -86,6 +119,8 @@ class ValidationLoss:
     def evaluate(self, run, objective: Objective) -> float:
         """The mean per-image loss (prior images weighted as in training). Every process scores every image (a
         sharded model needs all of them in each forward); the gathered mean makes every process decide alike."""
+        from accelerate.utils import send_to_device
+
         modules = list(run.models.values())
         was_training = [m.training for m in modules]
         for module in modules:

@@ -60,7 +60,6 @@ GRID_NAME = "grid.png"
 MAX_SEED = 2**63 - 1  # torch takes seeds up to 2**64 - 1, numpy and most tools only signed 64-bit ones
 ATTENTION = {"sdpa": None, "classic": AttnProcessor}  # None: diffusers' default, SDPA (`AttnProcessor2_0`)
 RUN_ONLY = ("from_record", "index")  # how this run was asked for, not what it makes: not in the record
-OLD_RECORD_KEYS = {"prompts": "prompt", "loras": "lora", "lora_scales": "lora_scale"}  # older records
 
 
 @dataclass
@@ -292,7 +291,7 @@ def config_from_record(path: str, output_dir: str | None) -> GenerateConfig:
     file = Path(path)
     try:
         saved = json.loads(file.read_text())["config"]
-        values = {OLD_RECORD_KEYS.get(k, k): v for k, v in saved.items()}
+        values = dict(saved)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a generate record ({type(err).__name__}: {err})") from err
     values["output_dir"] = output_dir or str(file.parent / "regenerated")

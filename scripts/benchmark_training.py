@@ -26,7 +26,7 @@ Each setting runs in its own process (so peak memory is its own), on the embedde
 - `--tiny_flow`: the CPU rows of the flow families: the tiny SD 3 and Flux pipelines (`toyworld`, base size) on
   the shapes world at 64 px, cache on and off.
 
-- `--options`: the step options of `finetune/speed.py` on the tiny SD 1.5-layout pipeline of issue 13 (diffusers'
+- `--options`: the step options of `finetune/speed.py` on the tiny SD 1.5-layout pipeline (diffusers'
   own test layout: UNet 32/64 channels, 2 layers per block, CLIP 32 wide; 64 px, 32x32 latents; 64 shapes-world
   images, batch 8, rank-4 attention LoRA, lr 1e-4): each option alone, all together, and a "floor" row timed here,
   the bare forward + backward + AdamW step of the same LoRA UNet on random tensors of the same shapes. Each row reads
@@ -94,11 +94,11 @@ def measured_columns(cfg, on_cuda: bool) -> dict:
     return {
         "peak_memory_mb": peak / 2**20,
         "memory_kind": "cuda max_memory_allocated" if on_cuda else "process peak RSS",
-        "batch_size": cfg.train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
-        "optimizer": optimizer_name(cfg),
-        "quantize_base": cfg.quantize_base,
+        "batch_size": cfg.training.train_batch_size,
+        "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
+        "gradient_checkpointing": cfg.memory.gradient_checkpointing,
+        "optimizer": optimizer_name(cfg.optim),
+        "quantize_base": cfg.memory.quantize_base,
     }
 
 
@@ -131,15 +131,15 @@ def child(settings: dict) -> dict:
     total = time.time() - start
     return {
         "name": settings["name"],
-        "cache": cfg.cache_latents,
+        "cache": cfg.cache.cache_latents,
         "presets": settings["presets"],
         "cpu_substitutes": swapped,
         "steps": result.global_step,
         "seconds_per_step": result.seconds / result.global_step,
         "setup_seconds": total - result.seconds,
         **measured_columns(cfg, on_cuda),
-        "mixed_precision": cfg.mixed_precision,
-        "resolution": cfg.resolution,
+        "mixed_precision": cfg.training.mixed_precision,
+        "resolution": cfg.data.resolution,
     }
 
 
@@ -192,14 +192,14 @@ def shaped_child(settings: dict) -> dict:
         "kind": kind,
         "lora_parameters": sum(v.numel() for v in lora.values()),
         "lora_change": moved,
-        "cache": cfg.cache_latents,
+        "cache": cfg.cache.cache_latents,
         "presets": settings["presets"],
         "cpu_substitutes": swapped,
         "steps": len(timed),
         "seconds_per_step": sum(timed) / len(timed),
         "setup_seconds": 0.0,
         **measured_columns(cfg, on_cuda),
-        "mixed_precision": cfg.mixed_precision or "no",
+        "mixed_precision": cfg.training.mixed_precision or "no",
         "resolution": settings["resolution"],
     }
 
@@ -321,13 +321,13 @@ def floor_child(settings: dict) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from difftune.finetune.adapters import adapter_config, add_adapter
+    from difftune.finetune.adapters import AdapterConfig, adapter_config, add_adapter
     from difftune.pipelines.families.base import Family
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(settings["model"], subfolder="unet")
     unet.requires_grad_(False)
-    add_adapter(unet, adapter_config("lora", TINY_RUN["rank"], None, 0.0, list(Family.lora_targets)))
+    add_adapter(unet, adapter_config(AdapterConfig(rank=TINY_RUN["rank"]), list(Family.lora_targets)))
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=TINY_RUN["learning_rate"])

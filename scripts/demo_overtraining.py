@@ -27,7 +27,7 @@ if __name__ == "__main__":  # run as a program: keep out the imports it does not
 import torch
 
 from difftune.core import checkpoint as ckpt
-from difftune.core.config import from_values
+from difftune.core.config import from_values, to_dict
 from difftune.finetune.config import LoraTrainConfig
 from difftune.finetune.demo import demo_config, demo_values, purple_prompts
 from difftune.finetune.loop import BEST, load_models, train
@@ -68,7 +68,7 @@ def score_checkpoints(cfg: LoraTrainConfig, seeds: int) -> dict[int, dict]:
         module.eval()
     pipe = family.pipeline(family.sampling_scheduler())
     scores = {}
-    for folder in ckpt.list_checkpoints(Path(cfg.output_dir)):
+    for folder in ckpt.list_checkpoints(Path(cfg.training.output_dir)):
         ckpt.load_weights(folder, trainable.models)
         purple, _ = shapes_accuracy(pipe, purple_prompts(), seeds=seeds)
         base, _ = shapes_accuracy(pipe, shapes.prompts(), seeds=seeds)
@@ -114,12 +114,12 @@ def main(argv=None) -> dict:
     train_seconds = time.time() - start
     scores = score_checkpoints(cfg, args.seeds)
     points = [{"step": step, "validation_loss": loss, **scores[step]} for step, loss in result.validation_losses]
-    best = json.loads((Path(cfg.output_dir) / BEST / "best.json").read_text())
+    best = json.loads((Path(cfg.training.output_dir) / BEST / "best.json").read_text())
     chosen = next(p for p in points if p["step"] == best["step"])
     record = {
         "command": "python scripts/demo_overtraining.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {k: getattr(cfg, k) for k in ("max_train_steps", "learning_rate", "lr_scheduler", "rank",
-                                                   "validation_split", "validation_steps", "seed")},  # fmt: skip
+        "settings": {k: v for k, v in to_dict(cfg).items() if k in ("max_train_steps", "learning_rate", "lr_scheduler",
+                     "rank", "validation_split", "validation_steps", "seed")},  # fmt: skip
         "held_out_images": best["held_out_images"], "scoring_seeds": args.seeds,
         "torch_threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
         "best": chosen, "last": points[-1], "points": points,

@@ -46,7 +46,7 @@ def test_sample_shape_range_and_grid():
 
 def test_images_decode_to_the_mean_of_the_decoder_not_its_mode():
     """Dark-background data: the background level 0 holds 40% of a stroke pixel's mass, the grey levels 200-255 the
-    rest. The mode is black (the samples of issue 12 came out nearly black); the mean is the grey the pixel means."""
+    rest. The mode is black; the mean is the grey the pixel means."""
     model = build_model("vae", resolution=8, channels=1, n_bits=8, hidden=8)
     logits = torch.full((2, 1, 8, 8, 256), -1e4)
     logits[..., 0] = math.log(0.4)

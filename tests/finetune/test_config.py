@@ -4,9 +4,10 @@ import re
 
 import pytest
 
-from difftune.core.config import from_values, load_yaml, parse
+from difftune.core.config import compose, from_values, load_yaml, parse
 from difftune.core.errors import UserError, run_main
-from difftune.finetune.config import LR_SCHEDULERS, FullTrainConfig, LoraTrainConfig
+from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
+from difftune.finetune.optim import LR_SCHEDULERS
 
 
 def write(path, text):
@@ -15,7 +16,9 @@ def write(path, text):
 
 
 def lora(argv):
-    return parse(LoraTrainConfig, argv, prog="finetune_lora.py")
+    """The LoRA script's config from `argv`, with a model named unless `argv` names one (the flag is required)."""
+    model = [] if "--pretrained_model_name_or_path" in argv else ["--pretrained_model_name_or_path", "base"]
+    return parse(LoraTrainConfig, [*model, *argv], prog="finetune_lora.py")
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
@@ -27,7 +30,7 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
 def test_yaml_exponent_learning_rate_is_a_number(tmp_path):
     """YAML 1.1 reads `1e-4` as a string; the most common way to write a learning rate must work."""
     cfg = lora(["--config", write(tmp_path / "c.yaml", "learning_rate: 1e-4\n"), "--train_data_dir", "d"])
-    assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
+    assert cfg.optim.learning_rate == 1e-4 and isinstance(cfg.optim.learning_rate, float)
 
 
 @pytest.mark.parametrize(
@@ -51,13 +54,22 @@ def test_flags_override_files_and_later_files_win(tmp_path):
     a = write(tmp_path / "a.yaml", "learning_rate: 1.0e-3\ntrain_batch_size: 4\nrank: 8\n")
     b = write(tmp_path / "b.yaml", "train_batch_size: 2\n")
     cfg = lora(["--config", a, "--config", b, "--rank", "16", "--train_data_dir", "d"])
-    assert (cfg.learning_rate, cfg.train_batch_size, cfg.rank, cfg.train_data_dir) == (1e-3, 2, 16, "d")
-    assert cfg.resolution == LoraTrainConfig().resolution
+    assert (cfg.optim.learning_rate, cfg.training.train_batch_size, cfg.network.rank, cfg.data.train_data_dir) == (
+        1e-3,
+        2,
+        16,
+        "d",
+    )
+    assert cfg.data.resolution == compose(LoraTrainConfig, dict(pretrained_model_name_or_path="base")).data.resolution
 
 
 def test_boolean_and_list_flags():
     cfg = lora(["--center_crop", "--no-cache_latents", "--validation_prompt", "a b", "c d", "--train_data_dir", "d"])
-    assert cfg.center_crop is True and cfg.cache_latents is False and cfg.validation_prompt == ["a b", "c d"]
+    assert (
+        cfg.data.center_crop is True
+        and cfg.cache.cache_latents is False
+        and cfg.validation.validation_prompt == ["a b", "c d"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,9 +104,11 @@ def test_bad_flags_are_one_line_errors_before_any_model_loads(argv, message, cap
 def test_full_script_has_no_adapter_flags():
     for flag in (["--rank", "4"], ["--adapter", "dora"], ["--target_modules", "to_q"], ["--output_kohya_format"]):
         with pytest.raises(UserError, match=f"finetune_full.py: unknown flag {flag[0]}"):
-            parse(FullTrainConfig, [*flag, "--train_data_dir", "d"], prog="finetune_full.py")
-    assert parse(FullTrainConfig, ["--use_ema", "--train_data_dir", "d"], prog="finetune_full.py").use_ema
-    assert lora(["--use_ema", "--train_data_dir", "d"]).use_ema  # an EMA of the adapter weights (issue 14)
+            parse(FullTrainConfig, [*flag, "--pretrained_model_name_or_path", "b", "--train_data_dir", "d"],
+                  prog="finetune_full.py")  # fmt: skip
+    full = ["--pretrained_model_name_or_path", "base", "--use_ema", "--train_data_dir", "d"]
+    assert parse(FullTrainConfig, full, prog="finetune_full.py").training.use_ema
+    assert lora(["--use_ema", "--train_data_dir", "d"]).training.use_ema  # an EMA of the adapter weights
 
 
 def test_lr_scheduler_choices_are_diffusers_own():
@@ -115,4 +129,13 @@ def test_lr_scheduler_choices_are_diffusers_own():
 )
 def test_impossible_settings_stop_before_loading(kwargs, message):
     with pytest.raises(UserError, match=message):
-        from_values(LoraTrainConfig, kwargs)
+        from_values(LoraTrainConfig, {"pretrained_model_name_or_path": "base", **kwargs})
+
+
+def test_the_base_model_is_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda a: parse(LoraTrainConfig, a, prog="finetune_lora.py"), ["--train_data_dir", "d"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --pretrained_model_name_or_path is required: a diffusers pipeline folder or Hub id\n"
+    )

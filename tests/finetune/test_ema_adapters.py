@@ -1,4 +1,4 @@
-"""EMA for adapters (issue 14): `--use_ema` on LoRA/DoRA/LoHa/LoKr keeps an EMA of the adapter weights only, saves
+"""EMA for adapters: `--use_ema` on LoRA/DoRA/LoHa/LoKr keeps an EMA of the adapter weights only, saves
 it as the output with the raw weights beside it under raw/, and resumes exactly."""
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ def config(model, data, out, **kw) -> LoraTrainConfig:
         report_to="none", seed=3, use_ema=True, ema_decay=0.9,
     )  # fmt: skip
     base.update(kw)
+    if not base["use_ema"]:
+        del base["ema_decay"]  # --ema_decay without --use_ema is refused
     return from_values(LoraTrainConfig, base)
 
 

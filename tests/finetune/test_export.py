@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from difftune.core.config import compose
 from difftune.core.errors import UserError
 from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
 from difftune.finetune.export import (
@@ -212,16 +213,16 @@ def test_model_card(tmp_path):
     for step, colour in ((2, "red"), (10, "blue")):  # step 10 is the last, though "step-2" sorts after it
         (tmp_path / "validation" / f"step-{step}").mkdir(parents=True)
         Image.new("RGB", (8, 8), colour).save(tmp_path / "validation" / f"step-{step}" / "grid.png")
-    cfg = LoraTrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", rank=4, lora_alpha=8,
-                      validation_prompt=["a red circle", "a sks dog: on grass"], hub_token=FAKE_TOKEN)  # fmt: skip
-    cfg.instance_prompt = "a photo of sks dog"  # DreamBooth's field, whether or not the config has it yet
+    cfg = compose(LoraTrainConfig, dict(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5", rank=4, lora_alpha=8,
+                      validation_prompt=["a red circle", "a sks dog: on grass"], hub_token=FAKE_TOKEN))  # fmt: skip
+    cfg.dreambooth.instance_prompt = "a photo of sks dog"
     text = write_model_card(tmp_path, cfg, "lora", StableDiffusion1).read_text()
     meta = front_matter(text)
     assert meta["base_model"] == "runwayml/stable-diffusion-v1-5" and meta["library_name"] == "diffusers"
     assert set(meta["tags"]) == {"stable-diffusion", "text-to-image", "diffusers", "lora", "difftune"}
     assert meta["instance_prompt"] == "a photo of sks dog"
     assert meta["widget"][0]["output"]["url"] == SAMPLES_FILE
-    assert "- `a sks dog: on grass`" in text and "| lora_alpha | 8 |" in text and "| rank | 4 |" in text
+    assert "- `a sks dog: on grass`" in text and "| lora_alpha | 8.0 |" in text and "| rank | 4 |" in text
     assert f"![samples]({SAMPLES_FILE})" in text
     assert Image.open(tmp_path / SAMPLES_FILE).getpixel((0, 0)) == (0, 0, 255)
     assert f'load_lora_weights("{tmp_path.name}")' in text
@@ -229,7 +230,9 @@ def test_model_card(tmp_path):
 
 
 def test_model_card_sdxl_full_without_samples(tmp_path):
-    cfg = FullTrainConfig(pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0", use_ema=True)
+    cfg = compose(
+        FullTrainConfig, dict(pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0", use_ema=True)
+    )
     text = write_model_card(tmp_path, cfg, "full", StableDiffusionXL).read_text()
     meta = front_matter(text)
     assert "stable-diffusion-xl" in meta["tags"] and "full" in meta["tags"] and "lora" not in meta["tags"]
@@ -243,7 +246,7 @@ def test_model_card_inherits_the_base_models_licence(tmp_path):
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-license\n"
                                     "license_link: LICENSE.md\ntags: [flux]\n---\n# FLUX.1 [dev]\n")  # fmt: skip
-    cfg = LoraTrainConfig(pretrained_model_name_or_path=str(base))
+    cfg = compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(base)))
     (tmp_path / "out").mkdir()
     text = write_model_card(tmp_path / "out", cfg, "lora", Flux).read_text()
     meta = front_matter(text)

@@ -174,7 +174,11 @@ def test_resume_is_bit_exact(flow_models, shapes_dir, tmp_path, family):
 @pytest.mark.parametrize(
     "family, settings, message",
     [
-        ("sd3", {"snr_gamma": 5.0}, "--snr_gamma: not a setting of this model's flow objective"),
+        (
+            "sd3",
+            {"snr_gamma": 5.0},
+            "--snr_gamma does not apply to sd3 models .StableDiffusion3Pipeline, flow objective.",
+        ),
         ("sd3", {"prediction_type": "v_prediction"}, "--prediction_type does not apply to sd3 models"),
         ("flux-schnell", {"guidance_scale": 3.5}, "has no guidance embeddings"),
         ("sd3", {"max_sequence_length": 10_000}, "beyond the T5 tokenizer's limit"),
@@ -187,7 +191,7 @@ def test_settings_that_do_not_apply_are_one_line(flow_models, shapes_dir, tmp_pa
 
 
 def test_flow_settings_on_a_unet_model_are_refused(tiny_sd1, shapes_dir, tmp_path):
-    with pytest.raises(UserError, match="--weighting_scheme: not a setting of this model's ddpm objective"):
+    with pytest.raises(UserError, match="--weighting_scheme does not apply to sd1 models"):
         train(config(tiny_sd1, shapes_dir, tmp_path, weighting_scheme="logit_normal", max_sequence_length=None), LORA)
 
 

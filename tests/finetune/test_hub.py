@@ -10,6 +10,7 @@ from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
+from difftune.core.config import compose
 from difftune.core.errors import UserError, run_main
 from difftune.finetune import hub
 from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
@@ -50,12 +51,12 @@ def test_lora_run_uploads_only_the_result_and_never_writes_or_logs_the_token(
     out = tmp_path / "my-lora"
     out.mkdir()
     (out / "notes.txt").write_text("not part of the result")
-    cfg = LoraTrainConfig(
+    cfg = compose(LoraTrainConfig, dict(
         pretrained_model_name_or_path=str(tiny_sd1), train_data_dir=str(shapes_dir), output_dir=str(out),
         resolution=32, center_crop=True, train_batch_size=4, max_train_steps=2, checkpointing_steps=1, seed=0,
         rank=4, lora_alpha=8, validation_prompt=["a red circle"], validation_steps=2, num_validation_images=1,
         validation_inference_steps=2, output_kohya_format=True, push_to_hub=True, hub_token=FAKE_TOKEN,
-    )  # fmt: skip
+    ))  # fmt: skip
     train(cfg, LORA)
 
     assert [c["repo_id"] for c in api.created] == ["my-lora"]  # default: the output folder's name
@@ -85,11 +86,20 @@ def test_pipeline_folder_upload_list_and_hub_flags(tiny_sd1, tmp_path):
         (out / name).write_text("x")
     (out / "validation" / "step-3").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(out / "validation" / "step-3" / "grid.png")
-    cfg = FullTrainConfig(output_dir=str(out), hub_model_id="org/sd-shapes", hub_private=True, hub_token=FAKE_TOKEN)
+    cfg = compose(
+        FullTrainConfig,
+        dict(
+            pretrained_model_name_or_path="base",
+            output_dir=str(out),
+            hub_model_id="org/sd-shapes",
+            hub_private=True,
+            hub_token=FAKE_TOKEN,
+        ),
+    )
     write_model_card(out, cfg, "full", StableDiffusion1)
     api = FakeHfApi()
 
-    assert hub.push_to_hub(out, cfg, api=api) == "org/sd-shapes"
+    assert hub.push_to_hub(out, cfg.hub, api=api) == "org/sd-shapes"
     assert api.created[0]["repo_id"] == "org/sd-shapes" and api.created[0]["private"] is True
     assert api.uploads[0]["files"] == pipeline_files | {CARD_FILE, SAMPLES_FILE}
     assert 'from_pretrained("org/sd-shapes")' in (out / CARD_FILE).read_text()
@@ -101,7 +111,13 @@ def test_no_token_is_one_clear_line_and_nothing_is_contacted(tmp_path, monkeypat
     (tmp_path / LORA_FILE).write_bytes(b"")
     api = FakeHfApi()
     with pytest.raises(SystemExit) as exit_:
-        run_main(lambda argv: hub.push_to_hub(tmp_path, FullTrainConfig(output_dir=str(tmp_path)), api=api))
+        run_main(
+            lambda argv: hub.push_to_hub(
+                tmp_path,
+                compose(FullTrainConfig, dict(pretrained_model_name_or_path="base", output_dir=str(tmp_path))).hub,
+                api=api,
+            )
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --push_to_hub needs a Hugging Face token") and err.count("\n") == 1
@@ -111,15 +127,25 @@ def test_no_token_is_one_clear_line_and_nothing_is_contacted(tmp_path, monkeypat
 def test_no_network_is_one_clear_line_without_the_token(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the real HfApi, refused before any request
     (tmp_path / LORA_FILE).write_bytes(b"")
-    cfg = FullTrainConfig(output_dir=str(tmp_path), hub_model_id="someone/x", hub_token=FAKE_TOKEN)
+    cfg = compose(
+        FullTrainConfig,
+        dict(
+            pretrained_model_name_or_path="base",
+            output_dir=str(tmp_path),
+            hub_model_id="someone/x",
+            hub_token=FAKE_TOKEN,
+        ),
+    )
     with pytest.raises(UserError) as err:
-        hub.push_to_hub(tmp_path, cfg)
+        hub.push_to_hub(tmp_path, cfg.hub)
     message = str(err.value)
     assert "could not upload to 'someone/x'" in message and "network" in message
     assert "\n" not in message and FAKE_TOKEN not in message
 
 
 def test_folder_without_a_result_is_refused(tmp_path):
-    cfg = FullTrainConfig(output_dir=str(tmp_path), hub_token=FAKE_TOKEN)
+    cfg = compose(
+        FullTrainConfig, dict(pretrained_model_name_or_path="base", output_dir=str(tmp_path), hub_token=FAKE_TOKEN)
+    )
     with pytest.raises(UserError, match="holds no result"):
-        hub.push_to_hub(tmp_path, cfg, api=FakeHfApi())
+        hub.push_to_hub(tmp_path, cfg.hub, api=FakeHfApi())

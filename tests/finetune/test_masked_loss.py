@@ -1,4 +1,4 @@
-"""Masked loss (issue 14): masks found beside images or in a column, cropped and flipped with their image, cached
+"""Masked loss: masks found beside images or in a column, cropped and flipped with their image, cached
 on the latent grid, and a zero region contributing no gradient, for both objectives."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from difftune.core.config import from_values
 from difftune.core.errors import UserError
 from difftune.finetune.buckets import resize_to_bucket
 from difftune.finetune.config import LoraTrainConfig
-from difftune.finetune.dataset import build_dataset, collate, read_images, sample_rng
+from difftune.finetune.data import build_dataset, collate, read_images, sample_rng
 from difftune.finetune.loop import load_models, train
 from difftune.finetune.objective import Objective, batch_loss, diffusion_loss, flow_loss
 from difftune.finetune.tasks import LORA
@@ -62,7 +62,7 @@ def test_a_zero_half_of_the_mask_gives_zero_gradient_from_that_half(loss):
 
 def test_mask_files_are_masks_not_training_images(shapes_dir, tmp_path):
     data = masked_copy(shapes_dir, tmp_path / "d")
-    images = read_images(config("m", data, tmp_path / "o"))
+    images = read_images(config("m", data, tmp_path / "o").data)
     assert len(images.images) == 12 and not any(Path(r.name).stem.endswith("_mask") for r in images.records)
     assert all(m is not None and m.getpixel((0, 0)) == 0 and m.getpixel((63, 0)) == 255 for m in images.masks)
 
@@ -75,11 +75,11 @@ def test_a_mask_column_names_the_mask_and_a_wrong_size_is_one_line(shapes_dir, t
     half_mask((64, 64)).save(data / "masks" / "first.png")
     rows[0]["mask"] = "masks/first.png"
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    images = read_images(config("m", data, tmp_path / "o"))
+    images = read_images(config("m", data, tmp_path / "o").data)
     assert images.masks[0] is not None and all(m is None for m in images.masks[1:])
     half_mask((32, 64)).save(data / "masks" / "first.png")
     with pytest.raises(UserError, match=r"first.png: mask is 32x64, its image .* is 64x64"):
-        read_images(config("m", data, tmp_path / "o"))
+        read_images(config("m", data, tmp_path / "o").data)
 
 
 def red_channel_mask(folder):
@@ -107,13 +107,13 @@ def test_masks_crop_and_flip_with_their_image(tiny_sd1, shapes_dir, tmp_path, sd
     cfg = config(tiny_sd1, data, tmp_path / "o", random_flip=True, enable_bucket=True, resolution=64,
                  min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, center_crop=cache,
                  cache_latents=cache)  # fmt: skip
-    images = read_images(cfg)
+    images = read_images(cfg.data)
     dataset, cached = build_dataset(cfg, images, family, trainable.models)
     assert cached == cache
     flips = 0
     for index in range(len(dataset)):
         item = dataset[index]
-        flipped = sample_rng(cfg.seed, 0, index).random() < 0.5  # the dataset's own flip draw
+        flipped = sample_rng(cfg.training.seed, 0, index).random() < 0.5  # the dataset's own flip draw
         flips += flipped
         if cache:  # the mask (latent grid) is the area average of the red channel of the centre crop, flipped along
             ex = dataset.examples[index]
@@ -135,7 +135,7 @@ def test_batch_loss_has_no_gradient_from_the_masked_half(tiny_sd1, shapes_dir, t
     family, trainable, _ = sd1_lora
     data = masked_copy(shapes_dir, tmp_path / "d")
     cfg = config(tiny_sd1, data, tmp_path / "o", random_flip=True, cache_latents=cache)
-    dataset, _ = build_dataset(cfg, read_images(cfg), family, trainable.models)
+    dataset, _ = build_dataset(cfg, read_images(cfg.data), family, trainable.models)
     batch = collate([dataset[i] for i in range(8)])
     outputs = []
 
@@ -145,7 +145,7 @@ def test_batch_loss_has_no_gradient_from_the_masked_half(tiny_sd1, shapes_dir, t
 
     hook = family.denoiser.conv_out.register_forward_hook(keep)  # the UNet's prediction (B, 4, h, w)
     try:
-        batch_loss(family, trainable.models, batch, Objective.from_config(cfg, family.noise_scheduler),
+        batch_loss(family, trainable.models, batch, Objective.from_config(cfg.objective, family.noise_scheduler),
                    torch.float32).backward()  # fmt: skip
     finally:
         hook.remove()

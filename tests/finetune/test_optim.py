@@ -9,13 +9,14 @@ import types
 import pytest
 import torch
 
+from difftune.core.config import compose
 from difftune.core.errors import UserError
 from difftune.finetune import optim, quantize
 from difftune.finetune.config import LoraTrainConfig
 
 
-def cfg(**kwargs) -> LoraTrainConfig:
-    return LoraTrainConfig(train_data_dir="data", **kwargs)
+def cfg(**kwargs) -> optim.OptimizerConfig:
+    return compose(LoraTrainConfig, dict(pretrained_model_name_or_path="base", train_data_dir="data", **kwargs)).optim
 
 
 def params() -> list[torch.nn.Parameter]:
@@ -113,7 +114,9 @@ def test_unknown_optimizer_lists_the_names():
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantize_base_without_cuda_stops_at_startup(no_cuda, mode):
     with pytest.raises(UserError, match=rf"--quantize_base {mode} needs a CUDA GPU") as err:
-        cfg(quantize_base=mode).validate()
+        compose(
+            LoraTrainConfig, dict(pretrained_model_name_or_path="base", train_data_dir="data", quantize_base=mode)
+        ).memory.validate()
     assert "\n" not in str(err.value)
 
 

@@ -28,7 +28,9 @@ def preset(name: str) -> dict:
 
 
 def parse_lora(argv: list[str]) -> LoraTrainConfig:
-    return parse(LoraTrainConfig, argv, prog="finetune_lora.py")
+    """The LoRA script's config from `argv`, with a model named unless `argv` names one (the flag is required)."""
+    model = [] if "--pretrained_model_name_or_path" in argv else ["--pretrained_model_name_or_path", "base"]
+    return parse(LoraTrainConfig, [*model, *argv], prog="finetune_lora.py")
 
 
 def test_exactly_the_documented_presets_exist():
@@ -92,13 +94,13 @@ def test_gpu_only_settings_stop_at_startup_on_a_cpu_machine(name, monkeypatch):
         with pytest.raises(UserError, match="needs a CUDA GPU"):
             parse_lora(argv)
     else:
-        assert parse_lora(argv).train_data_dir == "data"
+        assert parse_lora(argv).data.train_data_dir == "data"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_preset_passes_startup_checks_with_cuda(name, with_cuda):
     cfg = parse_lora(["--config", str(HARDWARE / f"{name}.yaml"), "--train_data_dir", "data"])
-    assert cfg.train_batch_size == preset(name)["train_batch_size"]
+    assert cfg.training.train_batch_size == preset(name)["train_batch_size"]
 
 
 def test_preset_composes_with_a_user_config_and_flags(tmp_path, with_cuda):
@@ -107,12 +109,16 @@ def test_preset_composes_with_a_user_config_and_flags(tmp_path, with_cuda):
     gpu = str(HARDWARE / "gpu-12gb.yaml")
     cfg = parse_lora(["--config", gpu, "--config", str(user), "--train_data_dir", "d", "--rank", "16"])
     # later file wins over the preset; the preset fills what the user file leaves out; flags win over both
-    assert (cfg.train_batch_size, cfg.learning_rate, cfg.rank) == (3, 5e-4, 16)
-    assert (cfg.gradient_accumulation_steps, cfg.optimizer, cfg.mixed_precision) == (2, "adamw8bit", "fp16")
-    assert cfg.gradient_checkpointing is True
+    assert (cfg.training.train_batch_size, cfg.optim.learning_rate, cfg.network.rank) == (3, 5e-4, 16)
+    assert (cfg.training.gradient_accumulation_steps, cfg.optim.optimizer, cfg.training.mixed_precision) == (
+        2,
+        "adamw8bit",
+        "fp16",
+    )
+    assert cfg.memory.gradient_checkpointing is True
     # in the other order the preset wins
     cfg = parse_lora(["--config", str(user), "--config", gpu, "--train_data_dir", "d"])
-    assert (cfg.train_batch_size, cfg.learning_rate) == (2, 5e-4)
+    assert (cfg.training.train_batch_size, cfg.optim.learning_rate) == (2, 5e-4)
 
 
 def test_cpu_preset_trains_the_tiny_model(tiny_sd1, shapes_dir, tmp_path):
@@ -122,7 +128,7 @@ def test_cpu_preset_trains_the_tiny_model(tiny_sd1, shapes_dir, tmp_path):
     user = tmp_path / "run.yaml"
     user.write_text(f"pretrained_model_name_or_path: {tiny_sd1}\ntrain_data_dir: {shapes_dir}\nresolution: 32\n"
                     f"max_train_steps: 2\nreport_to: none\noutput_dir: {tmp_path / 'out'}\n")  # fmt: skip
-    cfg = parse_lora(["--config", str(HARDWARE / "cpu.yaml"), "--config", str(user)])
+    cfg = parse(LoraTrainConfig, ["--config", str(HARDWARE / "cpu.yaml"), "--config", str(user)])
     result = train(cfg, LORA)
     assert result.global_step == 2 and all(math.isfinite(x) for x in result.losses)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

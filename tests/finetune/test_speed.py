@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
-from difftune.core.config import from_values
+from difftune.core.config import compose, from_values
 from difftune.core.errors import UserError
 from difftune.finetune import speed
-from difftune.finetune.adapters import adapter_config, add_adapter
+from difftune.finetune.adapters import AdapterConfig, adapter_config, add_adapter
 from difftune.finetune.config import LoraTrainConfig
 from difftune.finetune.loop import train
 from difftune.finetune.tasks import LORA
@@ -42,7 +42,7 @@ def lora_unet():
     torch.manual_seed(0)
     unet = build_pipeline("test").unet
     unet.requires_grad_(False)
-    add_adapter(unet, adapter_config("lora", 4, None, 0.0, ["to_q", "to_k", "to_v", "to_out.0"]))
+    add_adapter(unet, adapter_config(AdapterConfig(rank=4), ["to_q", "to_k", "to_v", "to_out.0"]))
     return unet
 
 
@@ -102,4 +102,9 @@ def test_channels_last_applies_to_convolution_weights():
 
 def test_fused_optimizer_is_adamw_only():
     with pytest.raises(UserError, match="--fused_optimizer .*--optimizer adafactor"):
-        LoraTrainConfig(train_data_dir="d", fused_optimizer=True, optimizer="adafactor").validate()
+        compose(
+            LoraTrainConfig,
+            dict(
+                pretrained_model_name_or_path="base", train_data_dir="d", fused_optimizer=True, optimizer="adafactor"
+            ),
+        ).validate()

@@ -162,7 +162,8 @@ def test_bad_input_is_one_clear_line(tiny_sd1, shapes_dir, tmp_path, capsys, fla
 
 def test_bad_input_from_the_command_line(tmp_path):
     """The same guard as users meet it: exit code 2, one line on stderr, no traceback."""
-    proc = run([sys.executable, "finetune/finetune_lora.py", "--train_data_dir", str(tmp_path / "nope")])
+    proc = run([sys.executable, "finetune/finetune_lora.py", "--pretrained_model_name_or_path", "m",
+                "--train_data_dir", str(tmp_path / "nope")])  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: --train_data_dir {tmp_path / 'nope'} is not a folder"
 

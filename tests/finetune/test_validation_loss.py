@@ -1,4 +1,4 @@
-"""Validation loss on held-out images, best-checkpoint selection, early stopping, and their resume (issue 14)."""
+"""Validation loss on held-out images, best-checkpoint selection, early stopping, and their resume."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from difftune.core.config import from_values
 from difftune.core.errors import UserError
 from difftune.finetune.config import LoraTrainConfig
-from difftune.finetune.dataset import read_images
+from difftune.finetune.data import read_images
 from difftune.finetune.loop import train
 from difftune.finetune.tasks import LORA
 from difftune.finetune.validation_loss import Selection, split_validation
@@ -36,16 +36,18 @@ def sd3(tmp_path_factory):
 
 def test_split_is_disjoint_seeded_and_complete(shapes_dir):
     cfg = config("m", shapes_dir, "o")
-    data = read_images(cfg)
-    train_part, held = split_validation(cfg, data)
+    data = read_images(cfg.data)
+    train_part, held = split_validation(cfg.selection, cfg.data, cfg.training.seed, data)
     names = lambda d: [r.name for r in d.records]  # noqa: E731
     assert len(held.images) == 3 and len(train_part.images) == 9  # 25% of 12
     assert sorted(names(train_part) + names(held)) == sorted(names(data)) and not set(names(held)) & set(
         names(train_part)
     )
-    assert names(split_validation(cfg, data)[1]) == names(held)  # the same seed holds out the same images
+    assert names(split_validation(cfg.selection, cfg.data, cfg.training.seed, data)[1]) == names(
+        held
+    )  # the same seed holds out the same images
     other = config("m", shapes_dir, "o", seed=4)
-    assert names(split_validation(other, data)[1]) != names(held)
+    assert names(split_validation(other.selection, other.data, other.training.seed, data)[1]) != names(held)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd3"])

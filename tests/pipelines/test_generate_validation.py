@@ -12,9 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from difftune.core.config import parse
 from difftune.core.errors import run_main
@@ -154,20 +152,6 @@ def test_from_record_refuses_settings_it_would_ignore(tmp_path, capsys, no_model
     assert "--steps cannot change them" in line
     line = one_line_error(capsys, ["--from_record", str(record)])
     assert "is not a generate record" in line
-
-
-def test_a_record_written_before_the_field_renames_regenerates_exactly(tiny_sd1, tmp_path):
-    args = ["--model", str(tiny_sd1), "--prompt", "a red circle", "--prompt", "a blue square", *FAST]
-    generate.main([*args, "--output_dir", str(tmp_path / "run")])
-    record = json.loads((tmp_path / "run" / "record.json").read_text())
-    assert {"prompt", "lora", "lora_scale"} <= set(record["config"]) and "from_record" not in record["config"]
-    old = {{v: k for k, v in generate.OLD_RECORD_KEYS.items()}.get(k, k): v for k, v in record["config"].items()}
-    (tmp_path / "old.json").write_text(json.dumps({**record, "config": old}))
-    generate.main(["--from_record", str(tmp_path / "old.json"), "--index", "1", "--output_dir", str(tmp_path / "re")])
-    name = "00001_seed1.png"
-    assert np.array_equal(
-        np.asarray(Image.open(tmp_path / "run" / name)), np.asarray(Image.open(tmp_path / "re" / name))
-    )
 
 
 def test_the_readme_generate_command_runs(tmp_path):

@@ -1,5 +1,5 @@
-"""Issue-level features of the training spine on tiny local models: families, buckets, captions, adapters,
-DreamBooth, objective options and the failure modes users hit."""
+"""Training options on tiny local models: family detection, buckets, captions, adapters, DreamBooth, objective
+options and the failure modes users hit."""
 
 import numpy as np
 import pytest
@@ -8,12 +8,12 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from difftune.core.config import from_values
+from difftune.core.config import compose, from_values
 from difftune.core.errors import UserError
 from difftune.finetune import objective as objective_module
 from difftune.finetune.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_to_bucket
 from difftune.finetune.config import LoraTrainConfig, TrainConfig
-from difftune.finetune.dataset import read_images, shuffle_tags
+from difftune.finetune.data import read_images, shuffle_tags
 from difftune.finetune.loop import train
 from difftune.finetune.objective import Objective, diffusion_loss, timestep_bias_weights
 from difftune.finetune.tasks import LORA
@@ -132,7 +132,7 @@ def test_batch_larger_than_every_bucket_stops_before_loading(mixed_shapes, tmp_p
     cfg = config(tmp_path / "no-model-needed", mixed_shapes, tmp_path, enable_bucket=True, min_bucket_reso=32,
                  max_bucket_reso=128, bucket_reso_steps=32, train_batch_size=4)  # fmt: skip
     with pytest.raises(UserError, match="--train_batch_size 4 is larger than every bucket"):
-        read_images(cfg)
+        read_images(cfg.data, cfg.dreambooth, batch_size=cfg.training.train_batch_size)
 
 
 def test_shuffle_caption_keeps_leading_tokens():
@@ -172,14 +172,16 @@ def test_dreambooth_generates_missing_class_images(tiny_sd1, shapes_dir, tmp_pat
                  prior_loss_weight=0.5)  # fmt: skip
     result = train(cfg, LORA)
     assert result.global_step == 2 and len(list(class_dir.glob("*.png"))) == 2
-    assert set(read_images(cfg).captions) == {"a sks shape"}  # the instance prompt captions all
+    assert set(read_images(cfg.data, cfg.dreambooth).captions) == {"a sks shape"}  # the instance prompt captions all
 
 
 def test_timestep_bias_weights():
-    cfg = LoraTrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
-    w = timestep_bias_weights(cfg, 1000)
+    cfg = compose(
+        LoraTrainConfig, dict(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    )
+    w = timestep_bias_weights(cfg.objective, 1000)
     assert w.sum().item() == pytest.approx(1.0) and w[-1] == pytest.approx(3 * w[0])
-    assert timestep_bias_weights(LoraTrainConfig(), 1000) is None
+    assert timestep_bias_weights(compose(LoraTrainConfig, {}).objective, 1000) is None
 
 
 def test_min_snr_weight_for_v_prediction_is_bounded():
@@ -225,6 +227,6 @@ def test_captioned_class_dir_is_a_regularisation_set(tiny_sd1, shapes_dir, tmp_p
     from difftune.finetune.dreambooth import ensure_class_images
 
     class_records = ensure_class_images(cfg, accelerator=None)
-    data = read_images(cfg, class_records)
+    data = read_images(cfg.data, cfg.dreambooth, class_records)
     assert data.is_prior.count(True) == 3 and data.captions[-1] == "a green square"
     assert train(cfg, LORA).global_step == 2

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from difftune.core.errors import UserError
-from difftune.finetune.data import decode_all, read_records, to_rgb
+from difftune.core.imagefolder import decode_all, read_records, to_rgb
 
 
 def test_every_pil_mode_becomes_rgb():

@@ -1,4 +1,4 @@
-"""core.config's additions for the baselines: tuple[X, ...] and Any fields, repeatable list flags, and required
+"""core.config's field types beyond scalars: tuple[X, ...] and Any fields, repeatable list flags, and required
 fields named in one line."""
 
 from __future__ import annotations
