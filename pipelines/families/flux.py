@@ -49,7 +49,7 @@ class Flux(StableDiffusion3):
         return f"t5:{self.max_sequence_length()}"
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        clip, t5 = self.tokenizer, self.tokenizer_2
+        clip, t5 = self.parts["tokenizer"], self.parts["tokenizer_2"]
         return {
             "input_ids": clip(captions, padding="max_length", max_length=clip.model_max_length, truncation=True,
                               return_tensors="pt").input_ids,
