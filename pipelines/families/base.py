@@ -7,7 +7,8 @@ noise scheduler (`load_noise_scheduler`), how text becomes the denoiser's condit
 denoiser is called (`predict`). Everything else (loading the components, tokenizing, VAE latents, building a
 diffusers pipeline, the options `from_pretrained` needs) has a default a family overrides where it differs. The
 training objective a family uses (`objective`: "ddpm" for epsilon/v UNets, "flow" for rectified-flow transformers)
-is data, looked up in `finetune.objective`.
+is data, looked up in `finetune.objective`. How a family's LoRA files are exported (model card tags, kohya keys)
+is the export side's data (`finetune.export_formats`).
 
 Components are read from the pipeline's own `model_index.json` (library and class of each part), as
 `DiffusionPipeline.from_pretrained` does, but only from the `diffusers` and `transformers` libraries: no remote code
@@ -113,13 +114,8 @@ class Family(ABC):
     options_taken: ClassVar[tuple[str, ...]] = ()  # the family settings (see `load`) this family reads
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion",)
-    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
     default_sampler: ClassVar[str] = "dpmpp-2m"  # pipelines.generate's default for this family
     passes_sigmas: ClassVar[bool] = False  # the pipeline hands the scheduler custom sigmas (FluxPipeline)
-    legacy_lora_keys: ClassVar[bool] = True
-    kohya_export: ClassVar[bool] = True  # `--output_kohya_format` is written for this family
-    kohya_layout: ClassVar[str] = "unet"  # the denoiser's kohya keys: "unet" (lora_unet_*), "flux" (BFL's names)
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
