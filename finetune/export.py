@@ -27,9 +27,8 @@ from difftune.finetune.adapters import ADAPTER_NAME as ADAPTER
 from difftune.finetune.export_formats import export_format, kohya_format
 from difftune.finetune.lora_keys import kohya_layers, lora_state_dict
 from difftune.pipelines.families import Family
+from difftune.pipelines.loading import KOHYA_FILE, LORA_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 CARD_FILE = "README.md"
 SAMPLES_FILE = "samples.png"
 
