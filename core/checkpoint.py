@@ -133,10 +133,10 @@ def _optimizer_states(models, optimizers, accelerator) -> list[dict]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return [get_optimizer_state_dict(_root(models), _inner(o), options=options) for o in optimizers]
+    return [get_optimizer_state_dict(_root(models), _torch_optimizer(o), options=options) for o in optimizers]
 
 
-def _inner(optimizer):
+def _torch_optimizer(optimizer):
     """accelerate's `AcceleratedOptimizer` wraps the torch optimizer; torch's state-dict API wants the latter."""
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -148,7 +148,7 @@ def _load_optimizers(models, optimizers, states, accelerator) -> None:
     # output the UNet never sees) has no optimizer state to restore; the weights themselves are checked in `load`.
     options = StateDictOptions(full_state_dict=_is_fsdp(accelerator), strict=False)
     for optimizer, state in zip(optimizers, states, strict=True):
-        set_optimizer_state_dict(_root(models), _inner(optimizer), state, options=options)
+        set_optimizer_state_dict(_root(models), _torch_optimizer(optimizer), state, options=options)
 
 
 # ----------------------------------------------------------------------------------------------- save

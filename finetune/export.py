@@ -5,8 +5,9 @@ with peft's adapter config in the safetensors metadata, so `pipe.load_lora_weigh
 even when it differs from the rank. The kohya file (`pytorch_lora_weights_kohya.safetensors`) is what A1111,
 ComfyUI and kohya's scripts load: `lora_unet_*`, `lora_te_*` (SD 1.x/2.x) or `lora_te1_*`/`lora_te2_*` (SDXL),
 each module with `.lora_down.weight`, `.lora_up.weight` and `.alpha` (scale = alpha / rank); a Flux transformer's
-keys are Black Forest Labs' module names, as ComfyUI loads them (`finetune/kohya_flux.py`). Key conversion is
-diffusers' `convert_state_dict_to_kohya`; only what it gets wrong is fixed here (see `_kohya_layers`).
+keys are Black Forest Labs' module names, as ComfyUI loads them. The keys themselves are `finetune.lora_keys` and
+`finetune.kohya_flux`; which a family's files use, its card tags, and whether it has a kohya file at all are data
+in `finetune.export_formats`.
 """
 
 from __future__ import annotations
@@ -18,19 +19,18 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-from peft.utils import PeftType, get_peft_model_state_dict
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from difftune.core.config import leaves
-from difftune.core.errors import UserError
 from difftune.finetune.adapters import ADAPTER_NAME as ADAPTER
+from difftune.finetune.export_formats import export_format, kohya_format
 from difftune.finetune.hub import repo_name
-from difftune.finetune.kohya_flux import flux_kohya_layers
+from difftune.finetune.lora_keys import kohya_layers, lora_state_dict
 from difftune.pipelines.families import Family
+from difftune.pipelines.loading import KOHYA_FILE, LORA_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 CARD_FILE = "README.md"
 SAMPLES_FILE = "samples.png"
 
@@ -49,76 +49,29 @@ def _adapted_models(models: dict[str, torch.nn.Module | None]) -> dict[str, torc
     return {name: model for name, model in models.items() if _adapted(model)}
 
 
-def _lora_state_dict(model: torch.nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], str]:
-    """peft's state dict of the adapter, and the module path to put before its keys in files.
-
-    transformers >= 5 flattened `CLIPTextModel` (no `text_model.` level). LoRA files everywhere else (A1111,
-    ComfyUI, kohya, older diffusers) name text-encoder modules `text_model.encoder...`, and diffusers' loader
-    strips the level again for flattened encoders, so files keep it."""
-    state_dict = get_peft_model_state_dict(model)
-    path = "text_model." if prefix.startswith("text_encoder") and not hasattr(model, "text_model") else ""
-    return state_dict, path
-
-
 def save_lora(family: type[Family], models: dict[str, torch.nn.Module | None], output_dir: Path) -> Path:
     """Writes the adapters of `models` (by component name) in the diffusers format of `family`'s pipeline class,
     peft's config of each in the metadata; returns the file."""
+    legacy_keys = export_format(family).legacy_lora_keys
     kwargs = {}
     for name, model in _adapted_models(models).items():
-        state_dict, path = _lora_state_dict(model, name)
+        state_dict, path = lora_state_dict(model, name)
         layers = {path + k: v for k, v in state_dict.items()}
-        # UNet families keep the key layout their diffusers scripts write; transformer families' scripts save peft's.
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers) if family.legacy_lora_keys else layers
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers) if legacy_keys else layers
         kwargs[f"{name}_lora_adapter_metadata"] = _adapter_metadata(model)
     family.pipeline_class().save_lora_weights(output_dir, safe_serialization=True, **kwargs)
     return Path(output_dir) / LORA_FILE
 
 
-def _kohya_layers(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """One model's adapter in kohya keys. `prefix` is its name in diffusers' files (`unet`, `text_encoder`, ...).
-
-    `convert_state_dict_to_kohya` renames lora_A/lora_B to lora_down/lora_up and module paths to `lora_unet_*`,
-    `lora_te1_*`, `lora_te2_*`, but sets every `.alpha` to the rank (scale 1). peft scales by lora_alpha / r
-    (lora_alpha / sqrt(r) with rslora, per module with alpha_pattern), so the alpha is replaced by the module's
-    own scale x rank. It also mislabels DoRA magnitudes and cannot express LoHa/LoKr: those are refused.
-    """
-    _check_plain_lora(model)
-    peft_sd, path = _lora_state_dict(model, prefix)
-    kohya: dict[str, torch.Tensor] = {}
-    modules = [key.removesuffix(".lora_A.weight") for key in peft_sd if key.endswith(".lora_A.weight")]
-    for name in modules:
-        down, up = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
-        pair = {f"{prefix}.{path}{down}": peft_sd[down], f"{prefix}.{path}{up}": peft_sd[up]}
-        layer = convert_state_dict_to_kohya(pair)
-        lora = model.get_submodule(name)
-        (alpha_key,) = [k for k in layer if k.endswith(".alpha")]
-        layer[alpha_key] = torch.tensor(float(lora.scaling[ADAPTER] * lora.r[ADAPTER]))
-        kohya.update(layer)
-    if len(peft_sd) != 2 * len(modules):  # e.g. LoRA biases: kohya has no key for them
-        extra = sorted(set(peft_sd) - {f"{n}.lora_{ab}.weight" for n in modules for ab in "AB"})
-        raise UserError(f"--output_kohya_format: kohya files cannot hold {extra[:3]} ({len(extra)} tensors)")
-    return kohya
-
-
-def _check_plain_lora(model: torch.nn.Module) -> None:
-    config = model.peft_config[ADAPTER]
-    if config.peft_type != PeftType.LORA or getattr(config, "use_dora", False):
-        kind = "DoRA" if getattr(config, "use_dora", False) else str(config.peft_type.value)
-        raise UserError(f"--output_kohya_format writes plain LoRA only; this adapter is {kind}")
-
-
 def save_lora_kohya(family: type[Family], models: dict[str, torch.nn.Module | None], output_dir: Path) -> Path:
     """The same adapter(s) with kohya/A1111 key names (BFL's for a Flux transformer); returns the file."""
+    fmt = kohya_format(family)
     kohya: dict[str, torch.Tensor] = {}
     for prefix, model in _adapted_models(models).items():
-        if prefix == family.denoiser_name and family.kohya_layout == "flux":
-            _check_plain_lora(model)
-            kohya.update(flux_kohya_layers(model, ADAPTER))
-        else:
-            kohya.update(_kohya_layers(model, prefix))
+        kohya.update(fmt.denoiser_layers(model) if prefix == family.denoiser_name else kohya_layers(model, prefix))
     # diffusers names text encoders `lora_te1_`/`lora_te2_` (SDXL's convention); SD 1.x/2.x files say `lora_te_`.
     diffusers_names = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    for component, name in family.kohya_text_prefixes.items():
+    for component, name in fmt.text_prefixes.items():
         kohya = {re.sub(f"^{diffusers_names[component]}_", f"{name}_", k): v for k, v in kohya.items()}
     path = Path(output_dir) / KOHYA_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in kohya.items()}, path)
@@ -161,13 +114,13 @@ def _usage(kind: str, base_model: str, ref: str) -> list[str]:
 def write_model_card(output_dir: Path, cfg, kind: str, family: type[Family]) -> Path:
     """README.md: YAML front matter (base_model, tags, instance prompt, widget), prompts, settings, samples, usage.
 
-    `kind` is `lora` or `full`. Built from an allow-list of config fields: the Hub token is never written."""
+    `kind` is `lora` or `full`. Its settings table holds the fields whose metadata says `card`: the Hub token is never written."""
     output_dir = Path(output_dir)
     base_model = cfg.model.pretrained_model_name_or_path
     instance_prompt = cfg.dreambooth.instance_prompt
     prompts = list(cfg.validation.validation_prompt or [])
     samples = copy_samples(output_dir)
-    tags = [*family.card_tags, "text-to-image", "diffusers", kind, "difftune"]
+    tags = [*export_format(family).card_tags, "text-to-image", "diffusers", kind, "difftune"]
     licence = base_licence(base_model)
     meta: dict[str, object] = {"base_model": base_model, **licence, "library_name": "diffusers", "tags": tags}
     if instance_prompt:

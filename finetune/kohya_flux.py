@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from difftune.core.errors import UserError
+from difftune.finetune.lora_keys import check_plain_lora
 
 # BFL name -> the diffusers modules it fuses, in the order of the fused weight's rows.
 DOUBLE = {
@@ -50,6 +51,7 @@ BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE), "single_transformer_b
 
 def flux_kohya_layers(transformer: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     """The adapter `adapter` of a peft-wrapped `FluxTransformer2DModel` in BFL/kohya keys."""
+    check_plain_lora(transformer, adapter)
     lora = {name: module for name, module in transformer.named_modules() if adapter in getattr(module, "lora_A", {})}
     out: dict[str, torch.Tensor] = {}
     for blocks, (bfl_blocks, layout) in BLOCKS.items():

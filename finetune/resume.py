@@ -132,13 +132,13 @@ def hyperparameters(optimizer, lr_scheduler) -> tuple[list[dict], list[float]]:
     """This run's optimizer settings and the schedule's base learning rates, read before a checkpoint overwrites
     them (`torch.optim.Optimizer.load_state_dict` restores the param groups of the run that saved)."""
     groups = [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
-    return groups, list(_inner(lr_scheduler).base_lrs)
+    return groups, list(_torch_scheduler(lr_scheduler).base_lrs)
 
 
 def apply_settings(optimizer, lr_scheduler, groups: list[dict], base_lrs: list[float]) -> None:
     """Puts this run's learning rate, schedule and optimizer settings back after loading a checkpoint: the moments
     and the schedule's position stay the checkpoint's, the settings become this run's."""
-    scheduler = _inner(lr_scheduler)
+    scheduler = _torch_scheduler(lr_scheduler)
     for group, settings in zip(optimizer.param_groups, groups, strict=True):
         group.update(settings)
     scheduler.base_lrs = base_lrs
@@ -148,6 +148,6 @@ def apply_settings(optimizer, lr_scheduler, groups: list[dict], base_lrs: list[f
         group["lr"] = lr
 
 
-def _inner(lr_scheduler) -> torch.optim.lr_scheduler.LRScheduler:
+def _torch_scheduler(lr_scheduler) -> torch.optim.lr_scheduler.LRScheduler:
     """accelerate's `AcceleratedScheduler` wraps the torch scheduler."""
     return getattr(lr_scheduler, "scheduler", lr_scheduler)

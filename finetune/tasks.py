@@ -89,11 +89,10 @@ def lora_denoiser(family_cls: type[Family], cfg: LoraTrainConfig, dtype: torch.d
 
 
 def lora_check(family_cls: type[Family], cfg: LoraTrainConfig) -> None:
-    if cfg.network.output_kohya_format and not family_cls.kohya_export:
-        raise UserError(
-            f"--output_kohya_format is not written for {family_cls.name} models (SD 1.x/2.x/SDXL/Flux only); drop it: "
-            "ComfyUI loads this family's LoRAs in diffusers' format"
-        )
+    if cfg.network.output_kohya_format:
+        from difftune.finetune.export_formats import kohya_format
+
+        kohya_format(family_cls)  # a UserError for a family without a kohya file
 
 
 LORA = Task(

@@ -24,7 +24,9 @@ from difftune.core.errors import UserError
 from difftune.pipelines.families import Family, detect, read_model_index
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' keys: the name `save_lora_weights` writes
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the same adapter in kohya's keys, for A1111 and ComfyUI
+LORA_WEIGHT_NAMES = (LORA_FILE, KOHYA_FILE)  # looked for, in this order, in a training output folder
 
 
 def check_device(device: str, dtype: str = "fp32") -> None:
@@ -77,7 +79,7 @@ def resolve_lora_file(lora: str) -> Path:
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return found[0]
-        raise UserError(f"no LoRA weights in {lora}: expected {LORA_WEIGHT_NAMES[0]} or a single .safetensors file")
+        raise UserError(f"no LoRA weights in {lora}: expected {LORA_FILE} or a single .safetensors file")
     raise UserError(f"LoRA {lora!r} not found")
 
 
@@ -90,7 +92,7 @@ def check_lora_file(lora: str) -> Path:
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(
             f"LoRA {lora}: {path.name} is not a readable safetensors file ({_first_line(err)}); "
-            "give the pytorch_lora_weights.safetensors that training wrote"
+            f"give the {LORA_FILE} that training wrote"
         ) from err
     if not keys:
         raise UserError(f"LoRA {lora}: {path.name} holds no tensors")

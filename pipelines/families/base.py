@@ -1,10 +1,14 @@
 """What every model family provides, so that training and generation never ask which family they run.
 
-A family is one module (`pipelines/families/<name>.py`) defining a `Family` subclass: how to recognise its
-pipelines from `model_index.json`, which components to load, how to tokenize and encode text, how images become
-the denoiser's inputs (VAE latents, scaled and shifted), how the denoiser is called, and which diffusers pipeline
-class saves and loads its LoRA files. The training objective a family uses (`objective`: "ddpm" for epsilon/v
-UNets, "flow" for rectified-flow transformers) is data, looked up in `finetune.objective`.
+A family is one module (`pipelines/families/<name>.py`) defining a `Family` subclass. `Family` is an abstract base
+class: a subclass sets the class data (`name`, `pipeline_class_name`, and whichever defaults it differs in) and
+implements the abstract methods: how to recognise its pipelines from `model_index.json` (`matches`), its training
+noise scheduler (`load_noise_scheduler`), how text becomes the denoiser's conditioning (`encode_text`) and how the
+denoiser is called (`predict`). Everything else (loading the components, tokenizing, VAE latents, building a
+diffusers pipeline, the options `from_pretrained` needs) has a default a family overrides where it differs. The
+training objective a family uses (`objective`: "ddpm" for epsilon/v UNets, "flow" for rectified-flow transformers)
+is data, looked up in `finetune.objective`. How a family's LoRA files are exported (model card tags, kohya keys)
+is the export side's data (`finetune.export_formats`).
 
 Components are read from the pipeline's own `model_index.json` (library and class of each part), as
 `DiffusionPipeline.from_pretrained` does, but only from the `diffusers` and `transformers` libraries: no remote code
@@ -16,14 +20,18 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from difftune.core.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, SchedulerMixin
 
 logger = logging.getLogger(__name__)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
@@ -87,9 +95,11 @@ def given(options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None and v is not False}
 
 
-class Family:
-    """One model family's behaviour around its loaded components (an instance holds the components)."""
+class Family(ABC):
+    """One model family's behaviour around its loaded components (an instance holds the components in `parts`,
+    by their pipeline names)."""
 
+    # --- what the family is: class data (`name` and `pipeline_class_name` have no default) ---------------------
     name: ClassVar[str]
     pipeline_class_name: ClassVar[str]  # diffusers' pipeline class: saving/loading LoRA files, validation, export
     denoiser_name: ClassVar[str] = "unet"
@@ -101,16 +111,10 @@ class Family:
         "text_encoder",
         "text_encoder_2",
     )  # what --train_text_encoder trains
-    options_taken: ClassVar[tuple[str, ...]] = ()  # the family settings (see `load`) this family reads
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion",)
-    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te"}
     default_sampler: ClassVar[str] = "dpmpp-2m"  # pipelines.generate's default for this family
     passes_sigmas: ClassVar[bool] = False  # the pipeline hands the scheduler custom sigmas (FluxPipeline)
-    legacy_lora_keys: ClassVar[bool] = True
-    kohya_export: ClassVar[bool] = True  # `--output_kohya_format` is written for this family
-    kohya_layout: ClassVar[str] = "unet"  # the denoiser's kohya keys: "unet" (lora_unet_*), "flux" (BFL's names)
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
@@ -121,8 +125,19 @@ class Family:
     # --- detection and loading -------------------------------------------------------------------------
 
     @classmethod
+    @abstractmethod
     def matches(cls, index: dict, model: str) -> bool:
-        raise NotImplementedError
+        """Whether the pipeline at `model`, whose `model_index.json` is `index`, is of this family."""
+
+    @classmethod
+    @abstractmethod
+    def load_noise_scheduler(cls, model: str, **options) -> SchedulerMixin:
+        """The scheduler training adds noise with, from the pipeline's `scheduler/`; `options` as in `load`."""
+
+    @classmethod
+    def from_pretrained_kwargs(cls, index: dict) -> dict:
+        """What the pipeline class's `from_pretrained` needs besides the folder (e.g. no safety checker)."""
+        return {}
 
     @classmethod
     def pipeline_class(cls) -> type:
@@ -131,10 +146,10 @@ class Family:
     @classmethod
     def load(cls, model: str, index: dict, denoiser: nn.Module | None = None, options: dict | None = None) -> Family:
         """Every component training needs; `denoiser` replaces the pipeline's (e.g. a quantised one). `options` are
-        the training settings a family reads (`prediction_type`, `max_sequence_length`, `guidance_scale`, ...);
-        one that does not apply to this family is a `UserError`."""
+        the training settings a family reads (`prediction_type`, `max_sequence_length`, `guidance_scale`, ...),
+        unset ones None or False. Which settings apply to which family is their config fields' metadata; the trainer
+        refuses the others before loading (`finetune.config.check_family`)."""
         options = given(options or {})
-        cls.check_option_names(options)
         parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **options)}
         absent = [name for name in cls.optional_parts if (index.get(name) or [None])[0] is None]
         if absent:
@@ -150,31 +165,24 @@ class Family:
         family.check_options()
         return family
 
-    @classmethod
-    def check_option_names(cls, options: dict) -> None:
-        unknown = sorted(set(given(options)) - set(cls.options_taken))
-        if unknown:
-            flags = ", ".join(f"--{k}" for k in unknown)
-            raise UserError(f"{flags} does not apply to {cls.name} models ({cls.pipeline_class_name}); drop it")
-
     def check_options(self) -> None:
-        """Checks of options against the loaded components (e.g. guidance on a model without guidance embeddings)."""
-
-    @classmethod
-    def load_noise_scheduler(cls, model: str, **options):
-        raise NotImplementedError
+        """Checks of options against the loaded components (e.g. guidance on a model without guidance embeddings);
+        none by default."""
+        return None
 
     # --- components --------------------------------------------------------------------------------------
 
-    def __getattr__(self, name: str):  # components by their pipeline names: family.vae, family.unet, ...
-        parts = self.__dict__.get("parts", {})
-        if name in parts:
-            return parts[name]
-        raise AttributeError(name)
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.parts["vae"]
 
     @property
     def denoiser(self) -> nn.Module:
         return self.parts[self.denoiser_name]
+
+    @property
+    def noise_scheduler(self) -> SchedulerMixin:
+        return self.parts["noise_scheduler"]
 
     def text_encoders(self) -> dict[str, nn.Module]:
         return {name: self.parts[name] for name in self.text_encoder_names if self.parts.get(name) is not None}
@@ -204,9 +212,9 @@ class Family:
         """What besides the encoders' weights decides `encode_text`'s output (e.g. T5's length), for cache keys."""
         return ""
 
+    @abstractmethod
     def encode_text(self, ids: dict[str, torch.Tensor], encoders: dict[str, nn.Module] | None = None) -> dict:
         """The denoiser's text conditioning as a dict of tensors (B, ...); `encoders` overrides the modules."""
-        raise NotImplementedError
 
     # --- images and the denoiser -------------------------------------------------------------------------
 
@@ -220,9 +228,12 @@ class Family:
         shift = self.vae.config.get("shift_factor", None) or 0.0
         return (mean + std * eps - shift) * self.vae.config.scaling_factor
 
-    def predict(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict):
-        """The denoiser's output for noisy latents (B, C, h, w) at `timesteps` (B,)."""
-        raise NotImplementedError
+    @abstractmethod
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, batch: dict
+    ) -> torch.Tensor:
+        """The denoiser's output (B, C, h, w) for noisy latents (B, C, h, w) at `timesteps` (B,); `cond` is
+        `encode_text`'s output, `batch` the training batch (for extra conditioning such as SDXL's `time_ids`)."""
 
     # --- pipelines ----------------------------------------------------------------------------------------
 
@@ -233,9 +244,10 @@ class Family:
         return self.pipeline_class()(**parts, scheduler=scheduler, **self.pipeline_extras())
 
     def pipeline_extras(self) -> dict:
+        """What the pipeline class's constructor needs besides the components (e.g. no safety checker)."""
         return {}
 
-    def sampling_scheduler(self):
+    def sampling_scheduler(self) -> SchedulerMixin:
         """The scheduler validation images are drawn with (DPM-Solver++ for DDPM families, the flow's own Euler)."""
         from diffusers import DPMSolverMultistepScheduler
 

@@ -30,12 +30,7 @@ class Flux(StableDiffusion3):
     passes_sigmas: ClassVar[bool] = True
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # CLIP, not T5
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *FEED_FORWARD)
-    card_tags: ClassVar[tuple[str, ...]] = ("flux", "flux-diffusers")
-    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1"}
-    kohya_export: ClassVar[bool] = True  # BFL's fused layout, as ComfyUI loads it (finetune/kohya_flux.py)
-    kohya_layout: ClassVar[str] = "flux"
     default_max_sequence_length: ClassVar[int] = 512  # diffusers' Flux training scripts
-    options_taken: ClassVar[tuple[str, ...]] = ("max_sequence_length", "guidance_scale")
 
     def check_options(self) -> None:
         guided = bool(self.denoiser.config.get("guidance_embeds", False))
@@ -49,7 +44,7 @@ class Flux(StableDiffusion3):
         return f"t5:{self.max_sequence_length()}"
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        clip, t5 = self.tokenizer, self.tokenizer_2
+        clip, t5 = self.parts["tokenizer"], self.parts["tokenizer_2"]
         return {
             "input_ids": clip(captions, padding="max_length", max_length=clip.model_max_length, truncation=True,
                               return_tensors="pt").input_ids,

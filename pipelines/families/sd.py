@@ -17,7 +17,6 @@ from difftune.pipelines.families.base import Family, sub_config
 class StableDiffusion1(Family):
     name: ClassVar[str] = "sd1"
     pipeline_class_name: ClassVar[str] = "StableDiffusionPipeline"
-    options_taken: ClassVar[tuple[str, ...]] = ("prediction_type", "rescale_betas_zero_snr")
 
     @classmethod
     def matches(cls, index: dict, model: str) -> bool:

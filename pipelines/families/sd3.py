@@ -37,16 +37,11 @@ class StableDiffusion3(Family):
     optional_parts: ClassVar[tuple[str, ...]] = ("text_encoder_3", "tokenizer_3")
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP, not T5
     objective: ClassVar[str] = "flow"
-    legacy_lora_keys: ClassVar[bool] = False
-    kohya_export: ClassVar[bool] = False  # ComfyUI loads SD 3 LoRAs in diffusers' layout
     default_sampler: ClassVar[str] = "flow-euler"
     # SD 3.5's dual-attention blocks name their second attention `attn2`.
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *(a.replace("attn.", "attn2.") for a in ATTENTION[:4]),
                                                *FEED_FORWARD)  # fmt: skip
-    card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion-3", "sd3")
-    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     default_max_sequence_length: ClassVar[int] = 77  # diffusers' SD3 training scripts
-    options_taken: ClassVar[tuple[str, ...]] = ("max_sequence_length",)
 
     @classmethod
     def matches(cls, index: dict, model: str) -> bool:

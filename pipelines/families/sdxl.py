@@ -17,8 +17,6 @@ class StableDiffusionXL(StableDiffusion1):
     pipeline_class_name: ClassVar[str] = "StableDiffusionXLPipeline"
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
-    card_tags: ClassVar[tuple[str, ...]] = ("stable-diffusion", "stable-diffusion-xl")
-    kohya_text_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
     @classmethod
     def from_pretrained_kwargs(cls, index: dict) -> dict:

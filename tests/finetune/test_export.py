@@ -23,8 +23,9 @@ from difftune.finetune.export import (
     save_lora_kohya,
     write_model_card,
 )
+from difftune.finetune.export_formats import export_format
 from difftune.finetune.kohya_flux import flux_kohya_layers
-from difftune.pipelines.families import Flux, StableDiffusion1, StableDiffusionXL
+from difftune.pipelines.families import FAMILIES, Flux, StableDiffusion1, StableDiffusionXL
 from difftune.toyworld.tiny import build_pipeline
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -202,6 +203,19 @@ def test_kohya_refuses_dora(tmp_path):
     attach_random_lora(pipe.unet, UNET_TARGETS, seed=1, use_dora=True)
     with pytest.raises(UserError, match="plain LoRA only; this adapter is DoRA"):
         save_lora_kohya(StableDiffusion1, {"unet": pipe.unet}, tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.name)
+def test_every_detected_family_has_export_formats(family):
+    assert export_format(family).card_tags
+
+
+def test_a_family_without_export_formats_is_named_in_the_error(tmp_path):
+    class Other(StableDiffusion1):
+        name = "other"
+
+    with pytest.raises(LookupError, match="no export format for the 'other' family: add its entry to"):
+        save_lora(Other, {}, tmp_path)
 
 
 def front_matter(text: str) -> dict:

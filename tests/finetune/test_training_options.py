@@ -67,8 +67,6 @@ def test_family_detection_and_prediction_type(tiny_sd1, tiny_sd2, tiny_sdxl):
     assert xl.name == "sdxl" and set(xl.text_encoders()) == {"text_encoder", "text_encoder_2"}
     zero = load(tiny_sd1, rescale_betas_zero_snr=True).noise_scheduler
     assert zero.alphas_cumprod[-1] < 1e-6
-    with pytest.raises(UserError, match="--max_sequence_length does not apply to sd1 models"):
-        load(tiny_sd1, max_sequence_length=77)
 
 
 def test_sdxl_lora_with_buckets_trains_and_loads(tiny_sdxl, mixed_shapes, tmp_path):
