@@ -5,13 +5,18 @@ fails `test_every_readme_command_is_covered`. A console command (`difftune-train
 the `main(argv)` of the module its entry point names in the installed package's metadata; `accelerate launch
 finetune/finetune_lora.py ...` and `accelerate launch -m difftune.finetune.finetune_lora ...` run the same `main` in
 this one process once accelerate's own parser and checks have accepted the launch options (the launcher itself is
-tested in tests/finetune/test_distributed.py). Each command runs as written, with three kinds of change only: paths
-the README leaves to the user (`my_images/`, `out/...`, a Hub id) become local test data, flags appended at the end
-shorten the run (later flags win), and the demo's before/after evaluation is recorded instead of sampled
+tested in tests/finetune/test_distributed.py).
+
+Each command runs as written, with three kinds of change only: paths the README leaves to the user (`my_images/`,
+`out/...`, a Hub id) become local test data; flags appended at the end (later flags win) shorten the run or move a
+CUDA generation to this machine's CPU; and the demo's before/after evaluation is recorded instead of sampled
 (tests/finetune/test_demo.py runs the demo in full against its bar). Where this machine cannot run a command (a
 CUDA preset), the test asserts the one-line error the README promises instead. `make` lines are checked against the
 Makefile and `pip install` lines against the installed package's metadata. The README's `my_run.yaml` is the file
 the `--config my_run.yaml` commands read, and its Python API example runs too.
+
+The ```bash blocks of docs/benchmarks.md (the commands that reproduce the embedded bases and the demo run too long)
+run here the same way, reduced; its other benchmark commands are in plain fences and tested by their scripts' tests.
 """
 
 from __future__ import annotations
@@ -32,15 +37,16 @@ from difftune.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+BENCHMARKS = (ROOT / "docs" / "benchmarks.md").read_text()
 
 
-def readme_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, re.S | re.M)
+def readme_blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
 
 
-def readme_commands() -> list[str]:
+def bash_commands(text: str) -> list[str]:
     commands = []
-    for block in readme_blocks("bash"):
+    for block in readme_blocks("bash", text):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             line = re.split(r"\s+#\s", line)[0].strip()
             if line:
@@ -258,7 +264,8 @@ def run_generate(argv: list[str], local: Local) -> None:
     train(from_values(LoraTrainConfig, {"pretrained_model_name_or_path": model, "output_dir": str(lora),
                                         "train_data_dir": local("my_images/"), "resolution": 32, "max_train_steps": 1,
                                         "report_to": "none"}), LORA)  # fmt: skip
-    record = generate.main(argv + ["--steps", "2", "--num_images", "1"])
+    on_this_machine = [] if torch.cuda.is_available() else ["--device", "cpu", "--dtype", "fp32"]
+    record = generate.main(argv + ["--steps", "2", "--num_images", "1"] + on_this_machine)
     assert record["family"] == "sd1" and len(record["images"]) == 1
     assert (Path(flag_value(argv, "output_dir")) / "record.json").is_file()
 
@@ -282,6 +289,42 @@ def run_compare(argv: list[str], local: Local) -> None:
     }))  # fmt: skip
     main(argv + ["--config", str(tiny)])
     assert json.loads((Path(flag_value(argv, "output_dir")) / "table.json").read_text())["runs"]
+
+
+def run_demo_overtraining(argv: list[str], local: Local) -> None:
+    """The long demo run, reduced to 4 steps scored at 1 seed; written under tmp, never over the repo's docs/."""
+    from difftune.scripts.demo_overtraining import main
+
+    out = local.tmp / "overtraining"
+    argv = [str(out / "curve") if i and argv[i - 1] == "--output" else a for i, a in enumerate(argv)]
+    record = main(argv + ["--max_train_steps", "4", "--validation_steps", "2", "--seeds", "1", "--work_dir", str(out)])
+    assert [p["step"] for p in record["points"]] == [2, 4] and record["best"]["step"] in (2, 4)
+    assert (out / "curve.png").stat().st_size > 0 and json.loads((out / "curve.json").read_text())["points"]
+
+
+def run_train_tiny_vae(argv: list[str], local: Local) -> None:
+    from difftune.scripts.train_tiny_vae import main
+
+    main(argv + ["--steps", "2", "--size", "test", "--batch_size", "4"])
+    assert (Path(flag_value(argv, "output_dir")) / "config.json").is_file()
+
+
+def run_reproduce_base(argv: list[str], local: Local) -> None:
+    from difftune.scripts.reproduce_tiny_shapes import main
+
+    # --vae names the VAE the previous command trains; here the script trains a test-size one itself
+    argv = [a for i, a in enumerate(argv) if a != "--vae" and (i == 0 or argv[i - 1] != "--vae")]
+    family = flag_value(argv, "family", "sd1")
+    main(argv + ["--no-install", "--size", "test", "--per_class", "1", "--vae_steps", "2", "--max_train_steps", "2",
+                 "--seeds", "1"])  # fmt: skip
+    work = Path(flag_value(argv, "work_dir"))
+    index = json.loads((work / "base" / "model_index.json").read_text())
+    assert index["_class_name"] == {"sd1": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline"}[family]
+    if family == "sd3":  # the flow base's VAE carries the shift and scale that normalise its latents
+        vae = json.loads((work / "base" / "vae" / "config.json").read_text())
+        assert vae["shift_factor"] is not None and vae["scaling_factor"] > 0
+    data = (work / "data" / "metadata.jsonl").read_text()
+    assert "purple" not in data and data.count("\n") == 12
 
 
 def check_make(cmd: Command) -> None:
@@ -327,7 +370,13 @@ RUNNERS = {
     "difftune.baselines.train": "baseline",
     "difftune.baselines.compare": "compare",
 }
-COMMANDS = readme_commands()
+REPRODUCE_RUNNERS = {
+    "difftune.scripts.train_tiny_vae": run_train_tiny_vae,
+    "difftune.scripts.reproduce_tiny_shapes": run_reproduce_base,
+    "difftune.scripts.demo_overtraining": run_demo_overtraining,
+}
+COMMANDS = bash_commands(README)
+REPRODUCE = bash_commands(BENCHMARKS)
 
 
 def test_every_readme_command_is_covered():
@@ -335,6 +384,11 @@ def test_every_readme_command_is_covered():
         cmd = parse_command(command)
         assert cmd.program in CHECKS or cmd.module in RUNNERS, f"no way to run this README command here: {command}"
     assert len(COMMANDS) >= 15
+    for command in REPRODUCE:
+        assert parse_command(command).module in REPRODUCE_RUNNERS, (
+            f"no way to run this docs/benchmarks.md command: {command}"
+        )
+    assert len(REPRODUCE) == 4
     # every fenced block is one this file runs: bash commands, the one my_run.yaml, the one Python example
     languages = re.findall(r"^```(\w*)\n.*?^```", README, re.S | re.M)
     assert set(languages) <= {"bash", "yaml", "python", ""}, languages
@@ -385,3 +439,13 @@ def test_python_api_example_runs(local, monkeypatch, capsys, own_process):
     assert [r.global_step for r in results] == [2]
     assert capsys.readouterr().out.strip().splitlines()[-1] == "2"
     assert (local.tmp / "out" / "my-lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "command", REPRODUCE, ids=[f"{i}-{parse_command(c).program}" for i, c in enumerate(REPRODUCE)]
+)
+def test_benchmarks_reproduce_command_runs(command, local, monkeypatch, own_process):
+    cmd = parse_command(command)
+    for key, value in cmd.env.items():
+        monkeypatch.setenv(key, value)
+    REPRODUCE_RUNNERS[cmd.module]([local(arg) for arg in cmd.argv], local)
