@@ -15,7 +15,7 @@ from difftune.finetune.tasks import FULL
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_task(argv, FULL, __doc__, prog="finetune_full.py")
+    run_task(argv, FULL, __doc__)
 
 
 def cli() -> None:

@@ -15,7 +15,7 @@ from difftune.finetune.tasks import LORA
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_task(argv, LORA, __doc__, prog="finetune_lora.py")
+    run_task(argv, LORA, __doc__)
 
 
 def cli() -> None:

@@ -10,8 +10,9 @@ if TYPE_CHECKING:
     from difftune.finetune.tasks import Task
 
 
-def run_task(argv: Sequence[str] | None, task: Task, description: str, prog: str) -> TrainResult:
-    """An entry script's whole `main`: flags and --config files, then training; the main process reports."""
+def run_task(argv: Sequence[str] | None, task: Task, description: str, prog: str | None = None) -> TrainResult:
+    """An entry script's whole `main`: flags and --config files, then training; the main process reports. `prog`
+    (the name in usage and errors) defaults to how the program was started: `difftune-train-lora`, `finetune_lora.py`."""
     from difftune.core.config import parse
 
     cfg = parse(task.config_class, argv, description, prog=prog)

@@ -85,7 +85,7 @@ class GenerateConfig:
     width: int | None = option("image width in pixels (default: the model's)", None)
     batch_size: int = option("images per pipeline call", 4)
     output_dir: str | None = option("folder for the images, grid.png and record.json", None)
-    device: str = option("cpu | cuda | cuda:N", "cpu")
+    device: str = option("auto (the GPU when there is one) | cpu | cuda | cuda:N", "auto")
     dtype: str = option("weights and activations", "fp32", choices=tuple(DTYPES))
     channels_last: bool = option("UNet and VAE in channels-last memory format (UNet models)", False)
     compile: bool = option("torch.compile the denoiser (UNet or transformer)", False)

@@ -29,8 +29,16 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the same adapter in koh
 LORA_WEIGHT_NAMES = (LORA_FILE, KOHYA_FILE)  # looked for, in this order, in a training output folder
 
 
+def resolve_device(device: str) -> str:
+    """`auto` is the GPU when there is one, else the CPU; any other name is itself."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def check_device(device: str, dtype: str = "fp32") -> None:
     """A `UserError` unless `device` exists here and can run `dtype`."""
+    device = resolve_device(device)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     try:
@@ -44,7 +52,8 @@ def check_device(device: str, dtype: str = "fp32") -> None:
 
 
 def load_pipeline(model: str, dtype: str = "fp32", device: str = "cpu") -> tuple[DiffusionPipeline, type[Family]]:
-    """The pipeline at `model` on `device` in `dtype`, and its family."""
+    """The pipeline at `model` on `device` (`auto`: the GPU if there is one) in `dtype`, and its family."""
+    device = resolve_device(device)
     check_device(device, dtype)
     index = read_model_index(model)
     family = detect(model, index)

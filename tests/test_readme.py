@@ -421,7 +421,6 @@ def test_readme_command_runs(command, local, monkeypatch, capsys, own_process):
         run_compare(argv, local)
 
 
-@pytest.mark.xfail(strict=False, reason="API lands with the config refactor")
 def test_python_api_example_runs(local, monkeypatch, capsys, own_process):
     """The README's Python example, its placeholders localised and the run shortened as the commands' are."""
     import difftune

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -152,18 +150,3 @@ def test_from_record_refuses_settings_it_would_ignore(tmp_path, capsys, no_model
     assert "--steps cannot change them" in line
     line = one_line_error(capsys, ["--from_record", str(record)])
     assert "is not a generate record" in line
-
-
-def test_the_readme_generate_command_runs(tmp_path):
-    """The README's command, with a LoRA made here for the embedded base instead of the demo's."""
-    from difftune.scripts.benchmark_generation import random_lora
-
-    text = (REPO / "README.md").read_text()
-    command = re.search(r"^python -m pipelines\.generate .*?[^\\]$", text.replace("\\\n", " "), re.M).group(0)
-    argv = shlex.split(command)[3:]
-    lora = random_lora(str(REPO / "pipelines" / "tiny_shapes"), tmp_path / "lora")
-    argv[argv.index("--lora") + 1] = str(lora)
-    argv[argv.index("--output_dir") + 1] = str(tmp_path / "samples")
-    record = generate.main(argv)
-    assert [row["file"] for row in record["images"]] == [f"0000{i}_seed{i}.png" for i in range(4)]
-    assert record["config"]["prompt"] == ["a purple circle"] and record["adapters"][0]["scale"] == 1.0
