@@ -90,7 +90,11 @@ def sub_config(model: str, subfolder: str, name: str = "config.json") -> dict:
 
 
 def load_part(model: str, name: str, load):
-    """`load()` (a component's `from_pretrained`), its failure one line naming the component and the folder."""
+    """`load()` (a component's `from_pretrained`), its failure one line naming the component and the folder. A local
+    pipeline's component folder must exist (a tokenizer `from_pretrained` finds no files in loads empty, and fails
+    only later, inside training)."""
+    if Path(model).is_dir() and not (Path(model) / name).is_dir():
+        raise UserError(f"{model}: has no {name}/ folder, which model_index.json lists; {DAMAGED}")
     try:
         return load()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:

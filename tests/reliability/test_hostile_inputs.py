@@ -170,6 +170,22 @@ def compare_store(w: World, tmp: Path, data_dir: Path | None = None) -> tuple[li
     return argv, tmp / "cmp" / "runs"
 
 
+def compare_settings_changed(w: World, tmp: Path, mp) -> tuple:
+    argv, _ = compare_store(w, tmp)
+    return compare.main, [*argv, "--n_bits", "5"]  # other data too (quantised coarser): the setting is named
+
+
+def baseline_twice(w: World, tmp: Path, mp) -> tuple:
+    main, argv = baseline_resolution("vae", "8")(w, tmp, mp)
+    assert run(main, argv) == 0
+    return main, [*argv[:-1], str(tmp / "again")]
+
+
+def same_baseline(w: World, tmp: Path) -> None:
+    a, b = (load_file(tmp / name / "model.safetensors") for name in ("o", "again"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # --seed seeds the initial weights
+
+
 def compare_config_damaged(w: World, tmp: Path, mp) -> tuple:
     argv, runs = compare_store(w, tmp)
     (runs / "config.json").write_text('{"resolution": 8,')
@@ -384,6 +400,10 @@ ROWS = [
     Row("baseline vae --resolution 0", baseline_resolution("vae", "0"), 2, "--resolution 0 must be a positive"),
     Row("baseline pixelcnn --resolution 0", baseline_resolution("pixelcnn", "0"), 2, "--resolution 0 must be"),
     Row("baseline ddpm --resolution -8", baseline_resolution("ddpm", "-8"), 2, "--resolution -8 must be a positive"),
+    Row("baseline --n_per_class 0", lambda w, t, mp: (baseline_train.main, [*baseline_resolution("vae", "8")(w, t, mp)[1],
+        "--n_per_class", "0"]), 2, "--n_per_class 0 must be at least 1"),
+    Row("a baseline run twice", baseline_twice, 0, "", same_baseline),
+    Row("compare with another setting", compare_settings_changed, 2, "another comparison (n_bits: 8 there, 5 here)"),
     Row("a damaged runs/config.json", compare_config_damaged, 2, "runs/config.json: not valid JSON"),
     Row("a damaged per-run JSON", compare_run_damaged, 2, "runs/vae-seed0.json: not valid JSON"),
     Row("compare after the images changed", compare_images_changed, 2, "holds results of a comparison on other data"),
