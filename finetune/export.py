@@ -15,6 +15,7 @@ never half of one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -64,20 +65,23 @@ def save_lora(family: type[Family], models: dict[str, torch.nn.Module | None], o
         layers = {path + k: v for k, v in state_dict.items()}
         kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers) if legacy_keys else layers
         kwargs[f"{name}_lora_adapter_metadata"] = _adapter_metadata(model)
+    # diffusers writes its file (keys, peft's config in the metadata) to a scratch name; the result is that file with
+    # the family the adapter was trained on added to its metadata (`pipelines.loading` refuses it on a model of
+    # another family, even where the shapes happen to fit), written atomically.
     path = Path(output_dir) / LORA_FILE
-    with atomic(path) as tmp:
-        family.pipeline_class().save_lora_weights(tmp.parent, weight_name=tmp.name, safe_serialization=True, **kwargs)
-        _tag_family(tmp, family)
+    scratch = Path(output_dir) / f".{LORA_FILE}.diffusers.{os.getpid()}.tmp"
+    try:
+        family.pipeline_class().save_lora_weights(
+            output_dir, weight_name=scratch.name, safe_serialization=True, **kwargs
+        )
+        with safe_open(str(scratch), framework="pt") as f:
+            metadata = {**(f.metadata() or {}), FAMILY_KEY: family.name}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        with atomic(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+    finally:
+        scratch.unlink(missing_ok=True)
     return path
-
-
-def _tag_family(path: Path, family: type[Family]) -> None:
-    """Adds the family the adapter was trained on to a safetensors file's metadata (`pipelines.loading` refuses it
-    on a model of another family, even where the shapes happen to fit)."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    save_file(tensors, path, metadata={**metadata, FAMILY_KEY: family.name})
 
 
 def save_lora_kohya(family: type[Family], models: dict[str, torch.nn.Module | None], output_dir: Path) -> Path:

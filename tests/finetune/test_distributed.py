@@ -3,7 +3,7 @@
 The LoRA script runs as users run it, `accelerate launch --config_file configs/accelerate/multi_cpu.yaml
 --num_processes 2 finetune/finetune_lora.py ...`, with one addition: a small probe (below) runs the script as
 `__main__` after recording, in each process, the sample indices of every batch and every file written under
-`--output_dir`. One test covers the four promises, since each launch costs ~20 s of imports:
+`--output_dir` (a file written under a temporary name is recorded under the name it is moved to). One test covers the four promises, since each launch costs ~20 s of imports:
 each process sees a different shard of each batch, only the main process writes, the result equals one
 process with `--gradient_accumulation_steps 2` (same total batch; each sample's noise is seeded by its index), and
 a resume under DDP continues bit-exactly (weights and the full optimizer state).
@@ -40,6 +40,9 @@ def record_write(path):
 
 
 def audit(event, args):  # Python-level opens for writing (json, README, ...)
+    if event in ("os.rename", "os.replace"):  # a file written under a temporary name, then moved into place
+        src, dst = (os.path.relpath(os.path.abspath(os.fsdecode(p)), out_dir) for p in args[:2])
+        writes[:] = [dst if w == src else w for w in writes]
     if event == "open" and not isinstance(args[0], int):
         mode, flags = args[1], args[2]
         writing = any(c in mode for c in "wax+") if mode else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from PIL import Image
-from safetensors.torch import load_file
 
 from difftune.core.config import from_values
 from difftune.core.errors import UserError
@@ -157,12 +156,11 @@ def test_batch_loss_has_no_gradient_from_the_masked_half(tiny_sd1, shapes_dir, t
     assert left_zero.any() and (~left_zero).any()  # both orientations occurred: the mask flipped with its image
 
 
-def test_an_all_black_mask_trains_nothing(tiny_sd1, shapes_dir, tmp_path):
+def test_an_all_black_mask_is_refused_naming_it(tiny_sd1, shapes_dir, tmp_path):
+    """Its image would train nothing (a zero loss, a LoRA of zeros saved as a result): an error, not a silent run."""
     data = masked_copy(shapes_dir, tmp_path / "d", make_mask=lambda size: Image.new("L", size, 0))
-    result = train(config(tiny_sd1, data, tmp_path / "o"), LORA)
-    assert result.losses == [0.0, 0.0]
-    up = [v for k, v in load_file(tmp_path / "o" / "pytorch_lora_weights.safetensors").items() if "lora.up" in k]
-    assert up and not any(v.any() for v in up)  # LoRA's B starts at zero and received no gradient
+    with pytest.raises(UserError, match=r"_mask.png: every pixel is black \(weight 0\)"):
+        train(config(tiny_sd1, data, tmp_path / "o"), LORA)
 
 
 def test_masked_cached_and_uncached_losses_agree_and_a_changed_mask_is_recached(tiny_sd1, shapes_dir, tmp_path):
