@@ -27,6 +27,7 @@ from difftune.core.config import (
     default_of,
     leaves,
     option,
+    require,
     section,
 )
 from difftune.core.errors import UserError
@@ -124,9 +125,7 @@ class TrainingConfig:
             (0 <= self.seed < 2**32, f"--seed {self.seed} must be within [0, 2**32)"),
             (0.0 < self.ema_decay < 1.0, "--ema_decay must be within (0, 1)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        require(checks)
         check_output_dir(self.output_dir)
 
 
