@@ -157,6 +157,11 @@ class TrainConfig:
             part.validate()
         if self.training.ema_decay != default_of(_field(TrainingConfig, "ema_decay")) and not self.training.use_ema:
             raise UserError("--ema_decay only applies with --use_ema; add --use_ema or drop --ema_decay")
+        if self.memory.blocks_to_swap and self.speed.compile:
+            raise UserError(
+                "--blocks_to_swap moves weights in hooks around each swapped block, which --compile would trace into "
+                "its graphs; drop one of them"
+            )
 
     def applies_to(self, family_name: str, objective: str) -> list[str]:
         """The flags set away from their defaults that do not apply to this model family (by its name or its
@@ -202,8 +207,12 @@ class FullTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.memory.quantize_base is not None:
-            raise UserError(
-                f"--quantize_base {self.memory.quantize_base} quantises the frozen base; full fine-tuning trains it: "
-                "use finetune_lora.py, or drop --quantize_base"
-            )
+        for flag, value in (
+            ("quantize_base", self.memory.quantize_base),
+            ("blocks_to_swap", self.memory.blocks_to_swap),
+        ):
+            if value:
+                raise UserError(
+                    f"--{flag} {value} is for a frozen base; full fine-tuning trains it: use finetune_lora.py, or "
+                    f"drop --{flag}"
+                )

@@ -1,0 +1,277 @@
+"""Block swap (`--blocks_to_swap N`) on CPU, where the moves cost nothing and the schedule is the GPU's: the same
+loss and adapter gradients as without it, each block resident only around its forward and its recomputation (and
+that recomputation's backward), training, accumulation, validation images and resume through the loop, and the
+one-line refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+from difftune.core.config import compose, from_values
+from difftune.core.errors import UserError
+from difftune.finetune.adapters import AdapterConfig, adapter_config, add_adapter
+from difftune.finetune.block_swap import BlockSwap, in_backward, repeated_blocks, spread
+from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
+from difftune.finetune.loop import train
+from difftune.finetune.memory import meta_denoiser
+from difftune.finetune.tasks import LORA
+from difftune.pipelines.families import read_model_index
+from difftune.toyworld.tiny import save_tiny_pipeline
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class Poisoned(BlockSwap):
+    """At rest a swapped tensor holds NaN: any use of a block while it is in "CPU memory" poisons the result, as a
+    CPU tensor in a GPU kernel would fail."""
+
+    def at_rest(self, host):
+        return torch.full_like(host, float("nan"))
+
+
+def flux():
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(2, 2, 4))  # fmt: skip
+
+
+def flux_loss(model):
+    g = torch.Generator().manual_seed(1)
+    out = model(hidden_states=torch.randn(2, 16, 16, generator=g), encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+                pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.3, 0.7]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), return_dict=False)[0]  # fmt: skip
+    return out.square().mean()
+
+
+def sd3():
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                 caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)  # fmt: skip
+
+
+def sd3_loss(model):
+    g = torch.Generator().manual_seed(1)
+    out = model(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+                pooled_projections=torch.randn(2, 16, generator=g), timestep=torch.tensor([300, 700]),
+                return_dict=False)[0]  # fmt: skip
+    return out.square().mean()
+
+
+def unet():
+    return UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=2)  # fmt: skip
+
+
+def unet_loss(model):
+    g = torch.Generator().manual_seed(1)
+    out = model(
+        torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 3, 8, generator=g)
+    ).sample
+    return out.square().mean()
+
+
+MODELS = {"flux": (flux, flux_loss), "sd3": (sd3, sd3_loss), "unet": (unet, unet_loss)}
+
+
+def adapted(kind: str, adapter: str = "lora"):
+    """A tiny denoiser of `kind` with an adapter on its attention, the adapter's weights made non-zero."""
+    torch.manual_seed(0)
+    model = MODELS[kind][0]()
+    add_adapter(model, adapter_config(AdapterConfig(adapter=adapter, rank=2), ATTENTION))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def loss_and_grads(kind: str, model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = MODELS[kind][1](model)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "kind, adapter",
+    [("flux", "lora"), ("sd3", "lora"), ("unet", "lora"), ("unet", "dora"), ("unet", "loha"), ("unet", "lokr")],
+)
+def test_same_loss_and_adapter_gradients_as_without_swap(kind, adapter):
+    reference = adapted(kind, adapter)
+    reference.enable_gradient_checkpointing()
+    expected_loss, expected = loss_and_grads(kind, reference)
+
+    model = adapted(kind, adapter)
+    count = len(repeated_blocks(model))
+    swap = Poisoned.attach(model, count - 1, torch.device("cpu"))
+    for _ in range(2):  # the second step runs with the execution order learned in the first
+        loss, grads = loss_and_grads(kind, model)
+        assert torch.equal(loss, expected_loss)
+        assert grads.keys() == expected.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=0, msg=name)
+    trainable = [p for block in swap.blocks for p in block.parameters() if p.requires_grad]
+    assert trainable and all(not p.isnan().any() for p in trainable)  # the adapter inside the blocks stayed put
+
+
+@pytest.mark.parametrize("kind", ["flux", "unet"])
+def test_each_block_is_resident_only_around_its_forward_and_its_recomputation(kind):
+    model = adapted(kind)
+    swap = Poisoned.attach(model, 2, torch.device("cpu"))
+    swap.log = []
+    uses = []  # (block, phase) of every leaf module call inside a swapped block, checked while it runs
+
+    def check(block_index):
+        def hook(module, args):
+            assert block_index in swap.resident, f"block {block_index} used while in CPU memory"
+            uses.append((block_index, "backward" if in_backward() else "forward"))
+
+        return hook
+
+    for i, block in enumerate(swap.blocks):
+        for leaf in block.modules():
+            if not list(leaf.children()):
+                leaf.register_forward_pre_hook(check(i))
+    loss_and_grads(kind, model)
+    for i in range(2):
+        assert [(on, phase) for j, on, phase in swap.log if j == i] == [
+            ("on", "forward"), ("off", "forward"), ("on", "backward"), ("off", "backward")
+        ]  # fmt: skip
+        assert {phase for j, phase in uses if j == i} == {"forward", "backward"}  # used in both, always resident
+    resident, most = set(), 0
+    for i, on, _ in swap.log:
+        resident = resident | {i} if on == "on" else resident - {i}
+        most = max(most, len(resident))
+    assert most == 1 and not swap.resident  # one at a time without prefetch, none left after the step
+    # forward order then reverse order in the backward: the order the prefetch follows on CUDA
+    forward = [i for i, on, phase in swap.log if on == "on" and phase == "forward"]
+    backward = [i for i, on, phase in swap.log if on == "on" and phase == "backward"]
+    assert forward == swap.order and backward == swap.order[::-1]
+
+
+def test_offloading_right_after_the_recomputation_would_hand_the_backward_moved_weights():
+    """Why a recomputed block stays until its backward is done: offloaded when its recomputed forward returns (as
+    diffusers' group offloading would, were its hook reached), the backward reads the moved tensors."""
+
+    class Early(Poisoned):
+        def _run(self, module, *args):
+            try:
+                return super()._run(module, *args)
+            finally:
+                if in_backward() and id(module) in self.index:
+                    self._rest(self.index[id(module)])
+
+    model = adapted("unet")
+    Early.attach(model, 2, torch.device("cpu"))
+    _, grads = loss_and_grads("unet", model)
+    assert any(g.isnan().any() for g in grads.values())
+
+
+def test_diffusers_group_offloading_moves_the_adapter_and_keeps_recomputed_blocks():
+    """The two reasons `finetune.block_swap` does not use diffusers' group offloading for training."""
+    from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks import group_offloading as hooks
+
+    model = adapted("flux")
+    model.enable_gradient_checkpointing()
+    apply_group_offloading(model, onload_device="cpu", offload_type="block_level", num_blocks_per_group=1)
+    group = model.transformer_blocks[0]._diffusers_hook.get_hook("group_offloading").group
+    assert any(p.requires_grad for module in group.modules for p in module.parameters())  # the adapter moves too
+    events = []
+    onload, offload = hooks.ModuleGroup.onload_, hooks.ModuleGroup.offload_
+    try:
+        hooks.ModuleGroup.onload_ = lambda self: (events.append(("on", in_backward())), onload(self))
+        hooks.ModuleGroup.offload_ = lambda self: (events.append(("off", in_backward())), offload(self))
+        loss_and_grads("flux", model)
+    finally:
+        hooks.ModuleGroup.onload_, hooks.ModuleGroup.offload_ = onload, offload
+    backward = [on for on, during in events if during]
+    assert backward.count("on") == len(repeated_blocks(model)) and backward.count("off") == 0
+
+
+def test_blocks_are_found_generically_and_spread():
+    assert len(repeated_blocks(flux())) == 5  # 2 double + 3 single, from _repeated_blocks
+    assert len(repeated_blocks(sd3())) == 3  # no _repeated_blocks: its transformer_blocks
+    assert {type(b).__name__ for b in repeated_blocks(unet())} == {"BasicTransformerBlock"}
+    assert spread(10, 2) == [2, 7] and spread(5, 5) == [0, 1, 2, 3, 4] and spread(57, 1) == [28]
+
+
+def test_more_blocks_than_the_model_has_is_one_line_naming_the_count():
+    with pytest.raises(UserError, match=r"--blocks_to_swap 6: FluxTransformer2DModel has 5 repeated blocks"):
+        BlockSwap.attach(adapted("flux"), 6, torch.device("cpu"))
+
+
+def test_the_count_is_checked_from_the_config_before_loading(tmp_path):
+    model = save_tiny_pipeline(tmp_path / "flux", size="test", family="flux")
+    index = read_model_index(str(model))
+    denoiser = meta_denoiser(str(model), index, "transformer")
+    assert all(p.device.type == "meta" for p in denoiser.parameters())
+    cfg = compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model), gradient_checkpointing=True,
+                                        blocks_to_swap=4))  # fmt: skip
+    with pytest.raises(UserError, match="has 3 repeated blocks; swap at most 3"):
+        cfg.memory.check_model(str(model), index, "transformer")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(blocks_to_swap=2), "needs --gradient_checkpointing"),
+        (dict(blocks_to_swap=-1, gradient_checkpointing=True), "must not be negative"),
+        (dict(blocks_to_swap=2, gradient_checkpointing=True, compile=True), "drop one of them"),
+    ],
+)
+def test_misuse_is_one_line(settings, message):
+    with pytest.raises(UserError, match=message):
+        from_values(LoraTrainConfig, dict(pretrained_model_name_or_path="m", train_data_dir="d", **settings))
+
+
+def test_full_fine_tuning_refuses_block_swap():
+    with pytest.raises(UserError, match="--blocks_to_swap 2 is for a frozen base; .* use finetune_lora.py"):
+        from_values(FullTrainConfig, dict(pretrained_model_name_or_path="m", train_data_dir="d", blocks_to_swap=2,
+                                          gradient_checkpointing=True))  # fmt: skip
+
+
+def test_more_than_one_process_is_refused():
+    cfg = compose(LoraTrainConfig, dict(pretrained_model_name_or_path="m", blocks_to_swap=1))
+    with pytest.raises(UserError, match="runs on one process"):
+        cfg.memory.check_run(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("swap") / "flux", size="test", family="flux")
+
+
+def run(model, data, out, **settings):
+    values = dict(pretrained_model_name_or_path=str(model), train_data_dir=str(data), output_dir=str(out),
+                  resolution=32, center_crop=True, train_batch_size=2, gradient_accumulation_steps=2,
+                  max_train_steps=3, checkpointing_steps=2, learning_rate=1e-3, report_to="none", seed=1,
+                  max_sequence_length=16, gradient_checkpointing=True)  # fmt: skip
+    return train(from_values(LoraTrainConfig, {**values, **settings}), LORA)
+
+
+def test_training_with_swap_matches_training_without_and_resumes(tiny_flux, shapes_dir, tmp_path, monkeypatch):
+    """DoRA (it reads its base weight outside the base layer's forward), accumulation 2, validation images."""
+    attached = []
+    attach = BlockSwap.attach.__func__
+
+    def recording(cls, *args, **kwargs):
+        attached.append(attach(cls, *args, **kwargs))
+        return attached[-1]
+
+    monkeypatch.setattr(BlockSwap, "attach", classmethod(recording))
+    plain = run(tiny_flux, shapes_dir, tmp_path / "plain", adapter="dora")
+    swapped = run(tiny_flux, shapes_dir, tmp_path / "swap", adapter="dora", blocks_to_swap=2,
+                  validation_prompt=["a red circle"], validation_steps=3, num_validation_images=1,
+                  validation_inference_steps=2)  # fmt: skip
+    assert swapped.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert len(attached) == 1 and len(attached[0].order) == 2 and not attached[0].resident
+    assert (tmp_path / "swap" / "validation" / "step-3" / "grid.png").is_file()
+    run(tiny_flux, shapes_dir, tmp_path / "resumed", adapter="dora", blocks_to_swap=2, max_train_steps=2)
+    resumed = run(tiny_flux, shapes_dir, tmp_path / "resumed", adapter="dora", blocks_to_swap=2,
+                  resume_from_checkpoint="latest")  # fmt: skip
+    assert resumed.losses == pytest.approx(plain.losses[2:], rel=1e-5)
