@@ -207,12 +207,12 @@ class FullTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for flag, value in (
-            ("quantize_base", self.memory.quantize_base),
-            ("blocks_to_swap", self.memory.blocks_to_swap),
-        ):
+        memory = self.memory
+        frozen_base = (("quantize_base", memory.quantize_base), ("fp8_base", memory.fp8_base),
+                       ("blocks_to_swap", memory.blocks_to_swap))  # fmt: skip
+        for flag, value in frozen_base:
             if value:
                 raise UserError(
-                    f"--{flag} {value} is for a frozen base; full fine-tuning trains it: use finetune_lora.py, or "
-                    f"drop --{flag}"
+                    f"--{flag}{'' if value is True else f' {value}'} is for a frozen base; full fine-tuning trains it: "
+                    f"use finetune_lora.py, or drop --{flag}"
                 )

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
 from difftune.core.config import compose, from_values
 from difftune.core.errors import UserError
-from difftune.finetune.adapters import AdapterConfig, adapter_config, add_adapter
 from difftune.finetune.block_swap import BlockSwap, in_backward, repeated_blocks, spread
 from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
 from difftune.finetune.loop import train
@@ -19,8 +17,7 @@ from difftune.finetune.memory import meta_denoiser
 from difftune.finetune.tasks import LORA
 from difftune.pipelines.families import read_model_index
 from difftune.toyworld.tiny import save_tiny_pipeline
-
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+from difftune.toyworld.tiny_denoisers import flux, sd3, unet
 
 
 class Poisoned(BlockSwap):
@@ -31,85 +28,20 @@ class Poisoned(BlockSwap):
         return torch.full_like(host, float("nan"))
 
 
-def flux():
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3,
-                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                  pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(2, 2, 4))  # fmt: skip
-
-
-def flux_loss(model):
-    g = torch.Generator().manual_seed(1)
-    out = model(hidden_states=torch.randn(2, 16, 16, generator=g), encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
-                pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.3, 0.7]),
-                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), return_dict=False)[0]  # fmt: skip
-    return out.square().mean()
-
-
-def sd3():
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
-                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                 caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)  # fmt: skip
-
-
-def sd3_loss(model):
-    g = torch.Generator().manual_seed(1)
-    out = model(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
-                pooled_projections=torch.randn(2, 16, generator=g), timestep=torch.tensor([300, 700]),
-                return_dict=False)[0]  # fmt: skip
-    return out.square().mean()
-
-
-def unet():
-    return UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                attention_head_dim=2)  # fmt: skip
-
-
-def unet_loss(model):
-    g = torch.Generator().manual_seed(1)
-    out = model(
-        torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 3, 8, generator=g)
-    ).sample
-    return out.square().mean()
-
-
-MODELS = {"flux": (flux, flux_loss), "sd3": (sd3, sd3_loss), "unet": (unet, unet_loss)}
-
-
-def adapted(kind: str, adapter: str = "lora"):
-    """A tiny denoiser of `kind` with an adapter on its attention, the adapter's weights made non-zero."""
-    torch.manual_seed(0)
-    model = MODELS[kind][0]()
-    add_adapter(model, adapter_config(AdapterConfig(adapter=adapter, rank=2), ATTENTION))
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.1)
-    return model
-
-
-def loss_and_grads(kind: str, model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss = MODELS[kind][1](model)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize(
     "kind, adapter",
     [("flux", "lora"), ("sd3", "lora"), ("unet", "lora"), ("unet", "dora"), ("unet", "loha"), ("unet", "lokr")],
 )
-def test_same_loss_and_adapter_gradients_as_without_swap(kind, adapter):
-    reference = adapted(kind, adapter)
+def test_same_loss_and_adapter_gradients_as_without_swap(kind, adapter, denoisers):
+    reference = denoisers.adapted(kind, adapter)
     reference.enable_gradient_checkpointing()
-    expected_loss, expected = loss_and_grads(kind, reference)
+    expected_loss, expected = denoisers.loss_and_grads(kind, reference)
 
-    model = adapted(kind, adapter)
+    model = denoisers.adapted(kind, adapter)
     count = len(repeated_blocks(model))
     swap = Poisoned.attach(model, count - 1, torch.device("cpu"))
     for _ in range(2):  # the second step runs with the execution order learned in the first
-        loss, grads = loss_and_grads(kind, model)
+        loss, grads = denoisers.loss_and_grads(kind, model)
         assert torch.equal(loss, expected_loss)
         assert grads.keys() == expected.keys()
         for name in grads:
@@ -119,8 +51,8 @@ def test_same_loss_and_adapter_gradients_as_without_swap(kind, adapter):
 
 
 @pytest.mark.parametrize("kind", ["flux", "unet"])
-def test_each_block_is_resident_only_around_its_forward_and_its_recomputation(kind):
-    model = adapted(kind)
+def test_each_block_is_resident_only_around_its_forward_and_its_recomputation(kind, denoisers):
+    model = denoisers.adapted(kind)
     swap = Poisoned.attach(model, 2, torch.device("cpu"))
     swap.log = []
     uses = []  # (block, phase) of every leaf module call inside a swapped block, checked while it runs
@@ -136,7 +68,7 @@ def test_each_block_is_resident_only_around_its_forward_and_its_recomputation(ki
         for leaf in block.modules():
             if not list(leaf.children()):
                 leaf.register_forward_pre_hook(check(i))
-    loss_and_grads(kind, model)
+    denoisers.loss_and_grads(kind, model)
     for i in range(2):
         assert [(on, phase) for j, on, phase in swap.log if j == i] == [
             ("on", "forward"), ("off", "forward"), ("on", "backward"), ("off", "backward")
@@ -153,7 +85,7 @@ def test_each_block_is_resident_only_around_its_forward_and_its_recomputation(ki
     assert forward == swap.order and backward == swap.order[::-1]
 
 
-def test_offloading_right_after_the_recomputation_would_hand_the_backward_moved_weights():
+def test_offloading_right_after_the_recomputation_would_hand_the_backward_moved_weights(denoisers):
     """Why a recomputed block stays until its backward is done: offloaded when its recomputed forward returns (as
     diffusers' group offloading would, were its hook reached), the backward reads the moved tensors."""
 
@@ -165,18 +97,18 @@ def test_offloading_right_after_the_recomputation_would_hand_the_backward_moved_
                 if in_backward() and id(module) in self.index:
                     self._rest(self.index[id(module)])
 
-    model = adapted("unet")
+    model = denoisers.adapted("unet")
     Early.attach(model, 2, torch.device("cpu"))
-    _, grads = loss_and_grads("unet", model)
+    _, grads = denoisers.loss_and_grads("unet", model)
     assert any(g.isnan().any() for g in grads.values())
 
 
-def test_diffusers_group_offloading_moves_the_adapter_and_keeps_recomputed_blocks():
+def test_diffusers_group_offloading_moves_the_adapter_and_keeps_recomputed_blocks(denoisers):
     """The two reasons `finetune.block_swap` does not use diffusers' group offloading for training."""
     from diffusers.hooks import apply_group_offloading
     from diffusers.hooks import group_offloading as hooks
 
-    model = adapted("flux")
+    model = denoisers.adapted("flux")
     model.enable_gradient_checkpointing()
     apply_group_offloading(model, onload_device="cpu", offload_type="block_level", num_blocks_per_group=1)
     group = model.transformer_blocks[0]._diffusers_hook.get_hook("group_offloading").group
@@ -186,7 +118,7 @@ def test_diffusers_group_offloading_moves_the_adapter_and_keeps_recomputed_block
     try:
         hooks.ModuleGroup.onload_ = lambda self: (events.append(("on", in_backward())), onload(self))
         hooks.ModuleGroup.offload_ = lambda self: (events.append(("off", in_backward())), offload(self))
-        loss_and_grads("flux", model)
+        denoisers.loss_and_grads("flux", model)
     finally:
         hooks.ModuleGroup.onload_, hooks.ModuleGroup.offload_ = onload, offload
     backward = [on for on, during in events if during]
@@ -200,9 +132,9 @@ def test_blocks_are_found_generically_and_spread():
     assert spread(10, 2) == [2, 7] and spread(5, 5) == [0, 1, 2, 3, 4] and spread(57, 1) == [28]
 
 
-def test_more_blocks_than_the_model_has_is_one_line_naming_the_count():
+def test_more_blocks_than_the_model_has_is_one_line_naming_the_count(denoisers):
     with pytest.raises(UserError, match=r"--blocks_to_swap 6: FluxTransformer2DModel has 5 repeated blocks"):
-        BlockSwap.attach(adapted("flux"), 6, torch.device("cpu"))
+        BlockSwap.attach(denoisers.adapted("flux"), 6, torch.device("cpu"))
 
 
 def test_the_count_is_checked_from_the_config_before_loading(tmp_path):
