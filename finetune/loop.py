@@ -30,6 +30,7 @@ from difftune.core.files import reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import build_dataset, collate, read_images
+from difftune.finetune.memory import apply_memory_options, places_itself
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
 from difftune.finetune.optim import build_optimizer
@@ -244,9 +245,11 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
-    # a flag the family cannot honour fails before loading
+    # a flag the family, the architecture or the launch cannot honour fails before loading
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     task.check(family_cls, cfg)
+    cfg.memory.check_model(model, index, family_cls.denoiser_name)
+    cfg.memory.check_run(accelerator.num_processes)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
     family = family_cls.load(model, index, denoiser, cfg.model.family_options())
     for module in family.frozen_modules().values():
@@ -255,8 +258,6 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     trainable = task.setup(family, cfg)
     for module in trainable.models.values():
         module.train()
-    if cfg.memory.gradient_checkpointing:
-        family.denoiser.enable_gradient_checkpointing()
     for name, module in family.frozen_modules().items():
         if name == family.denoiser_name and denoiser is not None:  # quantised: never cast packed 4/8-bit weights
             for p in module.parameters():
@@ -265,10 +266,14 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
         elif any(p.requires_grad for p in module.parameters()):  # trained weights stay fp32 (cast_training_params)
             for p in module.parameters():
                 p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
-            module.to(accelerator.device)
+            if name != family.denoiser_name:  # the memory options place the denoiser
+                module.to(accelerator.device)
+        elif name == family.denoiser_name:
+            move(module, torch.device("cpu"), weight_dtype)
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
             move(module, accelerator.device, torch.float32 if upcast else weight_dtype)
+    apply_memory_options(family.denoiser, cfg.memory, accelerator.device)
     speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
     return family, trainable, weight_dtype
 
@@ -296,8 +301,9 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
         num_training_steps=max_steps * accelerator.num_processes,
     )  # fmt: skip
     names = list(trainable.models)
+    placement = [not places_itself(m) for m in trainable.models.values()]  # a swapped denoiser stays split
     *prepared, optimizer, loader, lr_scheduler = accelerator.prepare(
-        *trainable.models.values(), optimizer, loader, lr_scheduler
+        *trainable.models.values(), optimizer, loader, lr_scheduler, device_placement=[*placement, None, None, None]
     )
     ema = None
     if trainable.ema_decay is not None:
