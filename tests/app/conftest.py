@@ -40,21 +40,24 @@ def serving(root: Path, token: str | None = None):
         thread.join(timeout=60)
 
 
-def call(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict | str]:
-    """(status, JSON or text) of a GET, or of a POST when `body` is given."""
+def call(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict | str | bytes]:
+    """(status, JSON, text or bytes) of a GET, or of a POST when `body` is given."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     if token:
         request.add_header("X-Token", token)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            status, raw = response.status, response.read().decode()
+            status, raw = response.status, response.read()
     except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read().decode()
+        status, raw = err.code, err.read()
     try:
         return status, json.loads(raw)
     except ValueError:
-        return status, raw
+        try:
+            return status, raw.decode()
+        except UnicodeDecodeError:
+            return status, raw
 
 
 @pytest.fixture
