@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import threading
 from pathlib import Path
 
 import yaml
@@ -120,15 +119,11 @@ def check_data(folder: str) -> dict:
     return {"images": len(kept), "skipped": skipped, "thumbnails": thumbs}
 
 
-_generating = threading.Lock()  # one generation at a time: each holds a whole pipeline
-
-
 def generate(argv: list[str]) -> dict:
     """One `difftune-generate` run (its `main`), in this process; returns its record."""
     from difftune.pipelines import generate as generate_command
 
-    with _generating:
-        return generate_command.main(argv)
+    return generate_command.main(argv)
 
 
 def generate_flags(form: dict) -> list[str]:

@@ -23,11 +23,13 @@ import yaml
 
 from difftune.core import checkpoint as ckpt
 from difftune.core.errors import UserError
+from difftune.finetune.export import CARD_FILE
 from difftune.finetune.loop import BEST, PROGRESS
 from difftune.pipelines.loading import LORA_FILE
 
 CONFIG = "config.yaml"
 LOG = "train.log"
+PID = "train.pid"  # the trainer's process id, so that an app started later still sees it train and can stop it
 EXPORTS = "exports"  # <run>/exports/<checkpoint>/: a checkpoint's adapter saved as a result, for generation
 TRAIN_MODULE = "difftune.finetune.finetune_lora"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -86,23 +88,39 @@ class Runs:
         folder = self.folder(name)
         if self.running(name):
             raise UserError(f"run {name} is already training")
-        log = open(folder / LOG, "a")  # noqa: SIM115 (the child process holds it)
-        log.write(f"$ {shown_command(folder, resume)}\n")
-        log.flush()
-        self.processes[name] = subprocess.Popen(
-            train_command(folder, resume), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
-        )
-        log.close()
+        with open(folder / LOG, "a") as log:  # the child writes into its own copy of the file descriptor
+            log.write(f"$ {shown_command(folder, resume)}\n")
+            log.flush()
+            process = subprocess.Popen(train_command(folder, resume), stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=self.env)  # fmt: skip
+        self.processes[name] = process
+        (folder / PID).write_text(str(process.pid))
 
     def stop(self, name: str) -> None:
         """SIGINT, as Ctrl+C: the trainer stops and its last complete checkpoint stays."""
-        if not self.running(name):
+        if name in self.processes and self.processes[name].poll() is None:
+            self.processes[name].send_signal(signal.SIGINT)
+        elif (pid := self.earlier_process(name)) is not None:
+            os.kill(pid, signal.SIGINT)
+        else:
             raise UserError(f"run {name} is not training")
-        self.processes[name].send_signal(signal.SIGINT)
 
     def running(self, name: str) -> bool:
         process = self.processes.get(name)
-        return process is not None and process.poll() is None
+        if process is not None:
+            return process.poll() is None
+        return self.earlier_process(name) is not None
+
+    def earlier_process(self, name: str) -> int | None:
+        """The process id of the run's trainer when another instance of the app started it and it still runs
+        (Linux: its command line in /proc names this run's config); None otherwise."""
+        folder = self.root / name
+        try:
+            pid = int((folder / PID).read_text())
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(folder / CONFIG).encode() in command_line.split(b"\0") else None
 
     def stop_all(self) -> None:
         for name in list(self.processes):
@@ -122,7 +140,7 @@ class Runs:
         process = self.processes.get(name)
         if process is not None and process.returncode not in (0, STOPPED):
             return "failed"
-        if (folder / LORA_FILE).is_file() or (folder / "adapter_config.json").is_file():
+        if (folder / CARD_FILE).is_file():  # written last by every LoRA save
             return "finished"
         if process is not None or ckpt.list_checkpoints(folder) or (folder / PROGRESS).is_file():
             return "stopped"

@@ -14,6 +14,9 @@ from a browser test (generated element ids, a websocket queue).
 from __future__ import annotations
 
 import secrets
+import shlex
+import tempfile
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from difftune.app import forms
 from difftune.app.runs import (
+    CONFIG,
     Curves,
     Runs,
     check_name,
@@ -40,7 +44,8 @@ from difftune.core.paths import embedded_base
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 Form = Annotated[dict, Body()]  # a JSON object of the page's form fields
-TRIES = ".tries"  # <output_root>/.tries/<n>/: the images "try it" generated
+TRIES = ".tries"  # <output_root>/.tries/<time>-<id>/<column>/: the images "try it" generated
+generating = threading.Lock()
 
 
 def failure(err: UserError, status: int = 400, extra_keys=()) -> JSONResponse:
@@ -82,14 +87,12 @@ def create_app(output_root: Path, token: str | None = None, env: dict[str, str] 
         from difftune.pipelines.samplers import sampler_names
 
         return {"fields": forms.form_fields(), "presets": forms.presets(), "samplers": sampler_names(),
-                "bases": [str(embedded_base(n)) for n in ("tiny_shapes", "tiny_flow_shapes")], "root": str(root)}  # fmt: skip
+                "bases": [str(p) for p in map(embedded_base, ("tiny_shapes", "tiny_flow_shapes")) if p.is_dir()],
+                "root": str(root)}  # fmt: skip
 
     @app.post("/api/data")
     def data(form: Form):
-        try:
-            return forms.check_data(form.get("train_data_dir") or None)
-        except UserError as err:
-            return failure(err)
+        return forms.check_data(form.get("train_data_dir") or None)
 
     @app.post("/api/config")
     def check_config(form: Form):
@@ -125,7 +128,7 @@ def create_app(output_root: Path, token: str | None = None, env: dict[str, str] 
         return {**runs.summary(name, scalars), "loss_curve": thinned(scalars.get("train/loss", [])),
                 "validation_curve": validation, "validation_images": validation_images(folder),
                 "checkpoints": checkpoints(folder, validation), "log": log_tail(folder),
-                "yaml": (folder / "config.yaml").read_text(), "command": shown_command(folder)}  # fmt: skip
+                "yaml": (folder / CONFIG).read_text(), "command": shown_command(folder)}  # fmt: skip
 
     @app.post("/api/runs/{name}/{action}")
     def act(name: str, action: str, form: Annotated[dict | None, Body()] = None):
@@ -136,11 +139,8 @@ def create_app(output_root: Path, token: str | None = None, env: dict[str, str] 
         elif action == "stop":
             runs.stop(name)
         elif action == "push":
-            try:
-                form = form or {}
-                repo = forms.push(runs.folder(name), form.get("hub_model_id"), bool(form.get("private")))
-            except UserError as err:
-                return failure(err)
+            form = form or {}
+            repo = forms.push(runs.folder(name), form.get("hub_model_id"), bool(form.get("private")))
             return {"repo_id": repo, "url": f"https://huggingface.co/{repo}"}
         else:
             return JSONResponse({"error": f"unknown action {action!r}"}, 404)
@@ -148,26 +148,22 @@ def create_app(output_root: Path, token: str | None = None, env: dict[str, str] 
 
     @app.post("/api/generate")
     def try_it(form: Form):
-        """One image per column (a run's result, or the base of the first run), all with the same flags and seed."""
-        out = root / TRIES / time.strftime("%Y%m%d-%H%M%S")
-        columns = []
-        try:
-            for n, column in enumerate(form.get("columns") or []):
-                run = column.get("run") or ""
-                folder = runs.folder(run)
-                argv = ["--model", settings(folder)["pretrained_model_name_or_path"]]
-                argv += (
-                    [] if column.get("base") else ["--lora", str(runs.lora(run, column.get("weights") or "result"))]
-                )
-                argv += forms.generate_flags(form) + ["--output_dir", str(out / str(n))]
-                record = forms.generate(argv)
-                image = (out / str(n) / record["images"][0]["file"]).relative_to(root).as_posix()
-                label = f"{run} (base)" if column.get("base") else f"{run} ({column.get('weights') or 'result'})"
-                columns.append({"label": label, "image": image,
-                                "command": "difftune-generate " + " ".join(argv)})  # fmt: skip
-        except UserError as err:
-            return failure(err)
-        return {"columns": columns}
+        """One image per column (a run's result or checkpoint, or the base of a run), all with the same flags."""
+        with generating:  # one at a time: each column loads a whole pipeline
+            (root / TRIES).mkdir(parents=True, exist_ok=True)
+            out = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=root / TRIES))
+            return {"columns": [try_column(column, form, out / str(n))
+                                for n, column in enumerate(form.get("columns") or [])]}  # fmt: skip
+
+    def try_column(column: dict, form: dict, out: Path) -> dict:
+        run, weights = column.get("run") or "", column.get("weights") or "result"
+        argv = ["--model", settings(runs.folder(run))["pretrained_model_name_or_path"]]
+        argv += [] if column.get("base") else ["--lora", str(runs.lora(run, weights))]
+        argv += forms.generate_flags(form) + ["--output_dir", str(out)]
+        record = forms.generate(argv)
+        return {"label": f"{run} ({'base' if column.get('base') else weights})",
+                "image": (out / record["images"][0]["file"]).relative_to(root).as_posix(),
+                "command": shlex.join(["difftune-generate", *argv])}  # fmt: skip
 
     @app.get("/files/{path:path}")
     def files(path: str):

@@ -6,6 +6,8 @@ environment's token only. The whole app in a browser: test_ui_browser.py (`make 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,6 +171,25 @@ def test_a_trained_run_is_read_tried_beside_the_base_and_pushed(serve, http, app
         assert status == 200 and answer == {"repo_id": "me/r1", "url": "https://huggingface.co/me/r1"}
         assert api.uploads == [("me/r1", FAKE_TOKEN)] and api.private == [True]
         assert FAKE_TOKEN not in json.dumps(answer) and FAKE_TOKEN not in config.read_text()
+
+
+def test_a_trainer_an_earlier_app_started_is_seen_training_and_stopped(serve, http, app_data, tmp_path):
+    root = tmp_path / "runs"
+    with serve(root) as (url, _):
+        assert http(url + "/api/runs", form("r1", app_data))[0] == 200
+    config = root / "r1" / "config.yaml"
+    # stands in for the trainer: a process whose command line names the run's config, as `train_command` does
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "--config", str(config)])
+    (root / "r1" / "train.pid").write_text(str(process.pid))
+    try:
+        with serve(root) as (url, _):  # a new app: it did not start the process
+            assert http(url + "/api/runs")[1][0]["status"] == "training"
+            assert http(url + "/api/runs/r1/resume", {})[1]["error"] == "run r1 is already training"
+            assert http(url + "/api/runs/r1/stop", {})[0] == 200
+            assert process.wait(timeout=30) != 0  # SIGINT: KeyboardInterrupt in the sleeping process
+            assert http(url + "/api/runs")[1][0]["status"] == "new"  # stopped before it wrote anything
+    finally:
+        process.kill()
 
 
 class FakeHfApi:
