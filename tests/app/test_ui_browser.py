@@ -72,7 +72,7 @@ class Page:
         return self.driver.execute_script(script)
 
     def shot(self, name: str) -> None:
-        height = self.js("return document.body.scrollHeight")
+        height = self.js("window.scrollTo(0, 0); return document.body.scrollHeight")
         self.driver.set_window_size(1200, max(900, height + 40))
         self.driver.save_screenshot(str(self.shots / f"{name}.png"))
 
