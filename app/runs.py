@@ -237,7 +237,7 @@ def checkpoints(folder: Path, validation: list) -> list[dict]:
     at_step = dict(validation)
     rows = []
     for path in ckpt.list_checkpoints(folder):
-        step = int(path.name.removeprefix(ckpt.PREFIX))
+        step = ckpt.step_of(path)
         rows.append({"name": path.name, "step": step, "validation_loss": at_step.get(step)})
     note = read_json(folder / BEST / "best.json")
     if note is not None and ckpt.damage(folder / BEST) is None:

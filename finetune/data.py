@@ -112,12 +112,14 @@ class Images:
     masks: list[Image.Image | None]  # loss masks (grey, the image's size), None where an image has none
 
     def fingerprint(self) -> str:
-        """sha256 over each example's pixels, size, caption and kind, in order: an added, removed, edited or
-        reordered image or caption changes it (a resume compares it with the checkpoint's)."""
+        """sha256 over each example's pixels, size, caption, kind and loss mask, in order: an added, removed, edited
+        or reordered image, caption or mask changes it (a resume compares it with the checkpoint's)."""
         digest = hashlib.sha256()
-        for image, caption, prior in zip(self.images, self.captions, self.is_prior, strict=True):
+        for image, caption, prior, mask in zip(self.images, self.captions, self.is_prior, self.masks, strict=True):
             digest.update(f"{image.size}|{caption}|{prior}|".encode())
             digest.update(hashlib.sha256(image.tobytes()).digest())
+            if mask is not None:
+                digest.update(b"mask|" + hashlib.sha256(mask.tobytes()).digest())
         return digest.hexdigest()
 
 

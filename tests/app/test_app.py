@@ -214,4 +214,4 @@ def test_the_loop_writes_its_progress_for_a_watcher(app_data, tmp_path):
     result = train(cfg, LORA)
     progress = json.loads((out / "progress.json").read_text())
     assert progress == {"step": 3, "max_steps": 3, "loss": result.losses[-1], "seconds_left": 0.0}
-    assert to_dict(cfg)["max_train_steps"] == 3 and not list(out.glob("*.tmp"))
+    assert to_dict(cfg)["max_train_steps"] == 3 and not list(out.glob(".*.tmp"))
