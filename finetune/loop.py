@@ -10,6 +10,7 @@ by name here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from difftune.core import checkpoint as ckpt
 from difftune.core.config import to_dict
 from difftune.core.errors import UserError
-from difftune.core.files import reason
+from difftune.core.files import atomic, reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import build_dataset, collate, read_images
@@ -44,6 +45,7 @@ from difftune.pipelines.families import Family, detect, read_model_index
 logger = logging.getLogger(__name__)
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
 BEST = "best"  # <output_dir>/best/: the checkpoint of the lowest validation loss (--keep_best_by)
+PROGRESS = "progress.json"  # <output_dir>/progress.json: step, length, loss and time left, for a watcher (the web app)
 
 
 @dataclass
@@ -154,6 +156,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
+                if accelerator.is_main_process:
+                    write_progress(Path(cfg.training.output_dir), progress.step, run.max_steps, step_loss, result)
                 if validator is not None and (
                     progress.step % cfg.validation.validation_steps == 0 or progress.step == run.max_steps
                 ):
@@ -355,6 +359,16 @@ def finite_loss(run: Run, loss: torch.Tensor, step: int) -> float:
             "Lower --learning_rate or check the data"
         )
     return value
+
+
+def write_progress(output_dir: Path, step: int, max_steps: int, loss: float, result: TrainResult) -> None:
+    """`<output_dir>/progress.json`, replaced atomically every step: what a watcher cannot read from the tensorboard
+    logs, the run's length in steps and the time left at the pace of this process's last 20 steps."""
+    recent = result.step_seconds[-20:]
+    left = (max_steps - step) * sum(recent) / len(recent)
+    data = {"step": step, "max_steps": max_steps, "loss": loss, "seconds_left": round(left, 1)}
+    with atomic(output_dir / PROGRESS) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def save_checkpoint(run: Run, progress: Progress, name: str | None = None, notes: dict | None = None) -> None:
