@@ -8,6 +8,8 @@
   the compute precision.
 - `--blocks_to_swap N` (`finetune.block_swap`): N of the denoiser's repeated blocks wait in CPU memory and come
   onto the accelerator for their forward and their recomputation.
+- Full fine-tuning (`finetune.optimizer_steps`): `--fused_backward_pass` steps each parameter as its gradient is
+  ready and frees it; `--full_bf16` keeps the trained weights in bf16 with stochastically rounded updates.
 
 `apply_memory_options` is the one call the loop makes: after the adapter is attached and the weights are cast, it
 applies these to the denoiser and places it on the device. The memory planner and the hardware presets
@@ -49,6 +51,15 @@ class MemoryConfig:
         "and its recomputation (needs --gradient_checkpointing; LoRA only).", default=0, resume=PASSIVE, card=False,
     )  # fmt: skip
 
+    fused_backward_pass: bool = option(
+        "Full fine-tuning: step each parameter as soon as its gradient is ready and free the gradient (AdamW or "
+        "Adafactor; no accumulation, --max_grad_norm 0).", default=False, resume=PASSIVE, card=False,
+    )  # fmt: skip
+    full_bf16: bool = option(
+        "Full fine-tuning: trained weights and gradients in bf16, each update rounded into them stochastically "
+        "(needs --mixed_precision bf16).", default=False, resume=REFUSED, card=True,
+    )  # fmt: skip
+
     def validate(self) -> None:
         if self.quantize_base is not None:
             check_quantize(self.quantize_base)
@@ -76,13 +87,15 @@ class MemoryConfig:
 
             check_count(meta_denoiser(model, index, denoiser_name), self.blocks_to_swap)
 
-    def check_run(self, num_processes: int) -> None:
-        """The checks that need the launched run (its processes), before loading."""
-        if self.blocks_to_swap and num_processes > 1:
-            raise UserError(
-                f"--blocks_to_swap runs on one process ({num_processes} launched): distributed wrappers place every "
-                "weight on the device; drop it or launch one process"
-            )
+    def check_run(self, num_processes: int, mixed_precision: str | None) -> None:
+        """The checks that need the launched run (its processes, accelerate's precision), before loading."""
+        from difftune.finetune.optimizer_steps import check_precision
+
+        single = (("--blocks_to_swap", self.blocks_to_swap), ("--fused_backward_pass", self.fused_backward_pass))
+        for flag, on in single:
+            if on and num_processes > 1:  # DDP's wrapper places every weight and reduces gradients after the hooks
+                raise UserError(f"{flag} runs on one process ({num_processes} launched): drop it or launch one")
+        check_precision(self, mixed_precision)
 
 
 def meta_denoiser(model: str, index: dict, denoiser_name: str) -> nn.Module:
