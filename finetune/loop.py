@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from difftune.core import checkpoint as ckpt
 from difftune.core.config import to_dict
 from difftune.core.errors import UserError
+from difftune.core.files import reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import build_dataset, collate, read_images
@@ -89,6 +91,9 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     data, held_out = split_validation(cfg.selection, cfg.data, cfg.training.seed, data)
     record = run_record(cfg, accelerator.num_processes, data.fingerprint(), len(data.images))
     folder, restart_epoch = find_checkpoint(cfg, record)  # a resume that cannot be honoured stops here
+    if accelerator.is_main_process:  # checkpoints past the start are another run's: kept aside, never pruned
+        ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
+    accelerator.wait_for_everyone()
     hub_repo = prepare_hub(cfg, accelerator)
     family, trainable, weight_dtype = load_models(cfg, task, accelerator)
     with accelerator.main_process_first():
@@ -105,6 +110,11 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     run, loader = prepare_optimization(cfg, accelerator, family, trainable, loader, weight_dtype)
     run.record, run.hub_repo = record, hub_repo
     progress = resume(run, folder, restart_epoch)
+    if validator is not None and cfg.validation.validation_steps > run.max_steps and accelerator.is_main_process:
+        logger.warning(
+            "--validation_steps %d is more than the %d steps this run trains: the validation loss on the held-out "
+            "images is computed once, at the last step", cfg.validation.validation_steps, run.max_steps,
+        )  # fmt: skip
     objective = Objective.from_config(cfg.objective, family.noise_scheduler)
     logger.info(
         "training %s (%s): %d examples, %d steps, batch %d x %d accumulation x %d processes, cache %s",
@@ -145,7 +155,9 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
-                if validator is not None and progress.step % cfg.validation.validation_steps == 0:
+                if validator is not None and (
+                    progress.step % cfg.validation.validation_steps == 0 or progress.step == run.max_steps
+                ):
                     if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
                         run.max_steps = progress.step
                 if progress.step % cfg.checkpoints.checkpointing_steps == 0 or progress.step == run.max_steps:
@@ -393,18 +405,18 @@ def finish(run: Run, task: Task) -> None:
     if accelerator.is_main_process:
         for name, model in run.models.items():
             run.family.parts[name] = accelerator.unwrap_model(model)
-        if run.ema is not None:
-            if task.raw_beside_ema:
-                task.save(run.family, run.cfg, output_dir / RAW)
-            run.ema.copy_to(run.params)
         try:
+            if run.ema is not None:
+                if task.raw_beside_ema:
+                    task.save(run.family, run.cfg, output_dir / RAW)
+                run.ema.copy_to(run.params)
             task.save(run.family, run.cfg, output_dir)
-        except OSError as err:  # a full disk at the very end: the last checkpoint holds the trained weights
+        except (OSError, SafetensorError) as err:  # a full disk at the very end: the last checkpoint holds the weights
             last = ckpt.list_checkpoints(output_dir)
             raise UserError(
-                f"could not save the result in {output_dir} ({err.strerror or err}); the trained weights are in "
-                f"{last[-1] if last else 'no checkpoint'}: free space and rerun with --resume_from_checkpoint latest "
-                "(it saves the result without training again)"
+                f"could not save the result in {output_dir} ({reason(err)}); nothing half-written was kept, the "
+                f"trained weights are in {last[-1] if last else 'no checkpoint'}: free space and rerun with "
+                "--resume_from_checkpoint latest (it saves the result without training again)"
             ) from None
         if run.cfg.hub.push_to_hub:
             from difftune.finetune.hub import push_to_hub

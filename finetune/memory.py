@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difftune.core.config import PASSIVE, REFUSED, option
+from difftune.core.config import PASSIVE, REFUSED, option, require
 from difftune.core.errors import UserError
 from difftune.finetune.quantize import MODES, check_quantize
 
@@ -63,22 +63,17 @@ class MemoryConfig:
     def validate(self) -> None:
         if self.quantize_base is not None:
             check_quantize(self.quantize_base)
-        if self.blocks_to_swap < 0:
-            raise UserError(f"--blocks_to_swap {self.blocks_to_swap} must not be negative")
-        if self.blocks_to_swap and not self.gradient_checkpointing:
-            raise UserError(
-                f"--blocks_to_swap {self.blocks_to_swap} needs --gradient_checkpointing (a swapped block's forward "
-                "runs again in the backward pass): add it"
-            )
-        if self.fp8_base and self.quantize_base is not None:
-            raise UserError(
-                f"--fp8_base and --quantize_base {self.quantize_base} both set the base's storage; drop one"
-            )
-        if self.blocks_to_swap and self.quantize_base is not None:
-            raise UserError(
-                f"--blocks_to_swap cannot move bitsandbytes' packed weights (--quantize_base {self.quantize_base}); "
-                "drop one of them"
-            )
+        n, quantized = self.blocks_to_swap, self.quantize_base
+        require([
+            (n >= 0, f"--blocks_to_swap {n} must not be negative"),
+            (not n or self.gradient_checkpointing,
+             f"--blocks_to_swap {n} needs --gradient_checkpointing (a swapped block's forward runs again in the "
+             "backward pass): add it"),
+            (not (self.fp8_base and quantized), f"--fp8_base and --quantize_base {quantized} both set the base's "
+             "storage; drop one"),
+            (not (n and quantized), f"--blocks_to_swap cannot move bitsandbytes' packed weights (--quantize_base "
+             f"{quantized}); drop one of them"),
+        ])  # fmt: skip
 
     def check_model(self, model: str, index: dict, denoiser_name: str) -> None:
         """The checks that need the denoiser's architecture (its config, not its weights), before loading."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difftune.core.config import REFUSED, SETTABLE, option
+from difftune.core.config import REFUSED, SETTABLE, option, require
 from difftune.core.errors import UserError
 from difftune.finetune.quantize import cuda_available
 
@@ -53,10 +53,15 @@ class OptimizerConfig:
                                    card=False)  # fmt: skip
 
     def validate(self) -> None:
-        if self.learning_rate <= 0:
-            raise UserError("--learning_rate must be positive")
-        if self.max_grad_norm < 0:
-            raise UserError(f"--max_grad_norm {self.max_grad_norm} must not be negative (0: no clipping)")
+        require(
+            [
+                (self.learning_rate > 0, "--learning_rate must be positive"),
+                (
+                    self.max_grad_norm >= 0,
+                    f"--max_grad_norm {self.max_grad_norm} must not be negative (0: no clipping)",
+                ),
+            ]
+        )
         validate_optim(self)
 
 
