@@ -170,7 +170,7 @@ def test_full_fine_tuning_refuses_block_swap():
 def test_more_than_one_process_is_refused():
     cfg = compose(LoraTrainConfig, dict(pretrained_model_name_or_path="m", blocks_to_swap=1))
     with pytest.raises(UserError, match="runs on one process"):
-        cfg.memory.check_run(2)
+        cfg.memory.check_run(2, None)
 
 
 @pytest.fixture(scope="module")

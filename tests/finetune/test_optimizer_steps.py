@@ -94,7 +94,18 @@ def test_stochastic_rounding_is_unbiased_for_negative_values_too():
     assert target.double().mean().item() == pytest.approx(source[0].item(), abs=5e-5)  # the mean's noise: 1e-5
 
 
-def test_full_bf16_trains_bf16_weights_with_fp32_state_and_resumes_exactly(tiny_sd1, shapes_dir, tmp_path):
+@pytest.fixture
+def bf16_process():
+    """accelerate fixes a process's precision at its first Accelerator: reset around a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_full_bf16_trains_bf16_weights_with_fp32_state_and_resumes_exactly(tiny_sd1, shapes_dir, tmp_path,
+                                                                            bf16_process):  # fmt: skip
     settings = dict(full_bf16=True, mixed_precision="bf16", max_train_steps=4, checkpointing_steps=2)
     straight = train(full(tiny_sd1, shapes_dir, tmp_path / "a", **settings), FULL)
     weights, state = checkpoint(tmp_path / "a", 4)
