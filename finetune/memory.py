@@ -125,3 +125,13 @@ def apply_memory_options(denoiser: nn.Module, memory: MemoryConfig, device: torc
 def places_itself(module: nn.Module) -> bool:
     """Whether `module`'s placement is the memory options' (accelerate must not move it to the device whole)."""
     return getattr(module, SWAP_ATTRIBUTE, None) is not None
+
+
+def resident_bytes(denoiser: nn.Module) -> int:
+    """Bytes of the denoiser's weights and buffers that stay on the accelerator between uses: all of them but the
+    swapped blocks' frozen tensors. For a tracer on meta tensors (the memory planner), where nothing says which
+    tensors are in CPU memory."""
+    tensors = {id(t): t for t in [*denoiser.parameters(), *denoiser.buffers()]}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    swap = getattr(denoiser, SWAP_ATTRIBUTE, None)
+    return total - (swap.host_bytes if swap is not None else 0)
