@@ -39,7 +39,8 @@ from difftune.finetune.dreambooth import DreamBoothConfig
 from difftune.finetune.hub import HubConfig
 from difftune.finetune.memory import MemoryConfig
 from difftune.finetune.objective import ObjectiveConfig
-from difftune.finetune.optim import OptimizerConfig
+from difftune.finetune.optim import OptimizerConfig, optimizer_name
+from difftune.finetune.optimizer_steps import check_step_options
 from difftune.finetune.resume import CheckpointConfig
 from difftune.finetune.speed import SpeedConfig
 from difftune.finetune.validation import ValidationConfig
@@ -190,6 +191,18 @@ class LoraTrainConfig(TrainConfig):
         AdapterConfig, "The adapter (kohya calls it the network): peft type, rank, targets."
     )
 
+    def validate(self) -> None:
+        super().validate()
+        for flag, on in (
+            ("fused_backward_pass", self.memory.fused_backward_pass),
+            ("full_bf16", self.memory.full_bf16),
+        ):
+            if on:
+                raise UserError(
+                    f"--{flag} is for full fine-tuning (finetune_full.py); a LoRA's weights and gradients are a few MB: "
+                    f"drop --{flag}"
+                )
+
 
 @dataclass
 class FullTrainConfig(TrainConfig):
@@ -200,6 +213,7 @@ class FullTrainConfig(TrainConfig):
         memory = self.memory
         frozen_base = (("quantize_base", memory.quantize_base), ("fp8_base", memory.fp8_base),
                        ("blocks_to_swap", memory.blocks_to_swap))  # fmt: skip
+        check_step_options(memory, self.optim, self.training, optimizer_name(self.optim))
         for flag, value in frozen_base:
             if value:
                 raise UserError(

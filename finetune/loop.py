@@ -35,6 +35,7 @@ from difftune.finetune.memory import apply_memory_options, places_itself
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
 from difftune.finetune.optim import build_optimizer
+from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.resume import apply_settings, check_resume, hyperparameters, resume_kinds, run_record
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
@@ -136,7 +137,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 with accelerator.accumulate(*run.models.values()):
                     loss = batch_loss(family, run.models, batch, objective, weight_dtype)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:  # 0: no clipping
                         accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
                     run.optimizer.step()
                     run.lr_scheduler.step()
@@ -253,7 +254,7 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     task.check(family_cls, cfg)
     cfg.memory.check_model(model, index, family_cls.denoiser_name)
-    cfg.memory.check_run(accelerator.num_processes)
+    cfg.memory.check_run(accelerator.num_processes, accelerator.mixed_precision)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
     family = family_cls.load(model, index, denoiser, cfg.model.family_options())
     for module in family.frozen_modules().values():
@@ -262,14 +263,15 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     trainable = task.setup(family, cfg)
     for module in trainable.models.values():
         module.train()
+    trained_dtype = torch.bfloat16 if cfg.memory.full_bf16 else torch.float32
     for name, module in family.frozen_modules().items():
         if name == family.denoiser_name and denoiser is not None:  # quantised: never cast packed 4/8-bit weights
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         elif any(p.requires_grad for p in module.parameters()):  # trained weights stay fp32 (cast_training_params)
-            for p in module.parameters():
-                p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
+            for p in module.parameters():  # or bf16 with --full_bf16 (updates rounded stochastically)
+                p.data = p.data.to(trained_dtype if p.requires_grad else weight_dtype)
             if name != family.denoiser_name:  # the memory options place the denoiser
                 module.to(accelerator.device)
         elif name == family.denoiser_name:
@@ -298,6 +300,7 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
     if cfg.optim.scale_lr:
         lr *= cfg.training.gradient_accumulation_steps * cfg.training.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(cfg.optim, params, lr)
+    apply_step_options(optimizer, cfg.memory.fused_backward_pass, cfg.memory.full_bf16, cfg.training.seed)
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.training.gradient_accumulation_steps)
     max_steps = cfg.training.max_train_steps or cfg.training.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difftune.core.config import REFUSED, SETTABLE, option
+from difftune.core.config import REFUSED, SETTABLE, option, require
 from difftune.core.errors import UserError
 from difftune.finetune.quantize import cuda_available
 
@@ -44,7 +44,8 @@ class OptimizerConfig:
     adam_beta2: float = option("AdamW beta2.", default=0.999, resume=SETTABLE, card=False)
     adam_weight_decay: float = option("AdamW weight decay.", default=1e-2, resume=SETTABLE, card=False)
     adam_epsilon: float = option("AdamW epsilon.", default=1e-8, resume=SETTABLE, card=False)
-    max_grad_norm: float = option("Gradient clipping norm.", default=1.0, resume=SETTABLE, card=False)
+    max_grad_norm: float = option("Clip gradients to this global norm; 0: no clipping.", default=1.0, resume=SETTABLE,
+                                  card=False)  # fmt: skip
     optimizer: str = option("The optimizer.", default="adamw", choices=OPTIMIZERS, resume=REFUSED, card=True)
     use_8bit_adam: bool = option("Shorthand for --optimizer adamw8bit (bitsandbytes, CUDA).", default=False,
                                  resume=REFUSED, card=False)  # fmt: skip
@@ -52,8 +53,15 @@ class OptimizerConfig:
                                    card=False)  # fmt: skip
 
     def validate(self) -> None:
-        if self.learning_rate <= 0:
-            raise UserError("--learning_rate must be positive")
+        require(
+            [
+                (self.learning_rate > 0, "--learning_rate must be positive"),
+                (
+                    self.max_grad_norm >= 0,
+                    f"--max_grad_norm {self.max_grad_norm} must not be negative (0: no clipping)",
+                ),
+            ]
+        )
         validate_optim(self)
 
 
