@@ -156,11 +156,13 @@ def _scalar(value, tp, name: str):
     if tp is int:
         if isinstance(value, str):
             try:
-                return int(value)
+                value = int(value)
             except ValueError:
                 raise UserError(f"{name} must be an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{name} must be an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # nothing downstream (torch, numpy) takes more than 64 bits
+            raise UserError(f"{name} {value} out of range: more than 64 bits")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string; the command line gives strings
@@ -254,6 +256,8 @@ def load_yaml(path: str | Path, cls) -> dict:
         from difftune.core.paths import shipped_config
 
         path = shipped_config(str(path)) or path
+    if path.is_dir():
+        raise UserError(f"--config {path}: a folder, not a YAML file")
     if not path.is_file():
         raise UserError(f"--config {path}: no such file (nor a shipped preset of that name, e.g. gpu-8gb)")
     try:

@@ -83,7 +83,10 @@ class DataConfig:
     def validate(self) -> None:
         check_source(self.train_data_dir, self.dataset_name)
         checks = [
-            (self.resolution > 0 and self.resolution % 8 == 0, f"--resolution {self.resolution} must be a multiple of 8"),
+            (self.resolution > 0 and self.resolution % 8 == 0,
+             f"--resolution {self.resolution} must be a positive multiple of 8"),
+            (self.caption_extension.startswith(".") and len(self.caption_extension) > 1,
+             f"--caption_extension {self.caption_extension!r} must be a file extension such as .txt"),
             (0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be within [0, 1]"),
             (self.repeats >= 1, "--repeats must be at least 1"),
             (self.keep_tokens >= 0, "--keep_tokens must not be negative"),

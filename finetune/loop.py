@@ -356,7 +356,7 @@ def finite_loss(run: Run, loss: torch.Tensor, step: int) -> float:
     """The step's loss averaged over processes; a non-finite one stops the run, naming the last good checkpoint."""
     value = run.accelerator.gather(loss.detach()).mean().item()
     if not math.isfinite(value):
-        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir))
+        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir), verify=True)
         raise UserError(
             f"loss became {value} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}. "
             "Lower --learning_rate or check the data"

@@ -56,6 +56,11 @@ class OptimizerConfig:
         require(
             [
                 (self.learning_rate > 0, "--learning_rate must be positive"),
+                (0.0 <= self.adam_beta1 < 1.0, f"--adam_beta1 {self.adam_beta1} must be within [0, 1)"),
+                (0.0 <= self.adam_beta2 < 1.0, f"--adam_beta2 {self.adam_beta2} must be within [0, 1)"),
+                (self.adam_epsilon > 0, "--adam_epsilon must be positive (0 divides by zero where a gradient is 0)"),
+                (self.lr_warmup_steps >= 0, "--lr_warmup_steps must not be negative"),
+                (self.adam_weight_decay >= 0, "--adam_weight_decay must not be negative"),
                 (
                     self.max_grad_norm >= 0,
                     f"--max_grad_norm {self.max_grad_norm} must not be negative (0: no clipping)",

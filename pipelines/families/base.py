@@ -18,7 +18,6 @@ is ever run.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -26,15 +25,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import SafetensorError
 from torch import nn
 
 from difftune.core.errors import UserError
+from difftune.core.files import read_json
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SchedulerMixin
 
 logger = logging.getLogger(__name__)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
+DAMAGED = "the pipeline folder is incomplete or damaged: restore it from its source"
 
 
 def is_hub_id(model: str) -> bool:
@@ -49,10 +51,14 @@ def read_model_index(model: str) -> dict:
         index = path / "model_index.json"
         if not index.is_file():
             raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-        return json.loads(index.read_text())
-    if not is_hub_id(model):
+    elif not is_hub_id(model):
         raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
-    return json.loads(Path(_hub_file(model, "model_index.json")).read_text())
+    else:
+        index = Path(_hub_file(model, "model_index.json"))
+    data = read_json(index, DAMAGED)
+    if not isinstance(data, dict):
+        raise UserError(f"{index}: not a pipeline's model_index.json (a mapping of components); {DAMAGED}")
+    return data
 
 
 def _hub_file(model: str, filename: str) -> str:
@@ -70,14 +76,30 @@ def _hub_file(model: str, filename: str) -> str:
 def sub_config(model: str, subfolder: str, name: str = "config.json") -> dict:
     """A component's config (e.g. `scheduler/scheduler_config.json`); {} when the pipeline has none."""
     path = Path(model) / subfolder / name
-    if path.is_file():
-        return json.loads(path.read_text())
-    if Path(model).is_dir():
-        return {}
+    if not path.is_file():
+        if Path(model).is_dir():
+            return {}
+        try:
+            path = Path(_hub_file(model, f"{subfolder}/{name}"))
+        except UserError:
+            return {}
+    data = read_json(path, DAMAGED)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a config (a mapping of settings); {DAMAGED}")
+    return data
+
+
+def load_part(model: str, name: str, load):
+    """`load()` (a component's `from_pretrained`), its failure one line naming the component and the folder. A local
+    pipeline's component folder must exist (a tokenizer `from_pretrained` finds no files in loads empty, and fails
+    only later, inside training)."""
+    if Path(model).is_dir() and not (Path(model) / name).is_dir():
+        raise UserError(f"{model}: has no {name}/ folder, which model_index.json lists; {DAMAGED}")
     try:
-        return json.loads(Path(_hub_file(model, f"{subfolder}/{name}")).read_text())
-    except UserError:
-        return {}
+        return load()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"{model}: could not load its {name} ({first}); {DAMAGED}") from err
 
 
 def component_class(index: dict, name: str, model: str) -> type:
@@ -151,7 +173,9 @@ class Family(ABC):
         unset ones None or False. Which settings apply to which family is their config fields' metadata; the trainer
         refuses the others before loading (`finetune.config.check_family`)."""
         options = given(options or {})
-        parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **options)}
+        parts: dict[str, Any] = {
+            "noise_scheduler": load_part(model, "scheduler", lambda: cls.load_noise_scheduler(model, **options))
+        }
         absent = [name for name in cls.optional_parts if (index.get(name) or [None])[0] is None]
         if absent:
             logger.warning("%s has no %s: training without them, as its pipeline runs", model, " or ".join(absent))
@@ -161,7 +185,8 @@ class Family(ABC):
             elif name in absent:
                 parts[name] = None
             else:
-                parts[name] = component_class(index, name, model).from_pretrained(model, subfolder=name)
+                cls_ = component_class(index, name, model)
+                parts[name] = load_part(model, name, lambda c=cls_, n=name: c.from_pretrained(model, subfolder=n))
         family = cls(model, index, parts, options)
         family.check_options()
         return family
