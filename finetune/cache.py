@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,9 +105,12 @@ def encode_images(
     cache_dir: Path,
     masks: list[Image.Image | None] | None = None,
     batch_size: int = 16,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket, from the cache or
-    the VAE; with `masks` (None items: no mask, weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
+    the VAE (`encode(pixels)`, the family's `posterior`; default the VAE's own); with `masks` (None items: no mask,
+    weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
+    encode = encode or (lambda pixels: vae.encode(pixels).latent_dist.parameters)
     cache = EncodeCache(cache_dir / "latents")
     vae_fp = fingerprint_module(vae)
     masks = masks if masks is not None else [None] * len(records)
@@ -132,8 +136,8 @@ def encode_images(
     for chunk in chunks:
         pixels = torch.stack([to_tensor(resize_to_bucket(images[i], buckets[i], None)[0]) for i in chunk])
         pixels = pixels.to(device, dtype)  # (B, 3, H, W), one bucket
-        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 2C, h, w)
-        flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu() if random_flip else None
+        params = encode(pixels).float().cpu()  # (B, 2C, h, w)
+        flipped = encode(pixels.flip(-1)).float().cpu() if random_flip else None
         for j, i in enumerate(chunk):
             entry = {"params": params[j]}
             if flipped is not None:

@@ -79,8 +79,9 @@ def kohya_format(family: type[Family]) -> KohyaFormat:
     """`family`'s kohya file format; a `UserError` for a family that has none."""
     kohya = export_format(family).kohya
     if kohya is None:
+        written = ", ".join(name for name, fmt in FORMATS.items() if fmt.kohya is not None)
         raise UserError(
-            f"--output_kohya_format is not written for {family.name} models (SD 1.x/2.x/SDXL/Flux only); drop it: "
-            "ComfyUI loads this family's LoRAs in diffusers' format"
+            f"--output_kohya_format is not written for {family.name} models (only {written}); drop it: ComfyUI "
+            "loads this family's LoRAs in diffusers' format"
         )
     return kohya

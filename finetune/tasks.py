@@ -118,7 +118,8 @@ def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
 
     from difftune.finetune.export import write_model_card
 
-    parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
+    # Parts not loaded (text encoders whose outputs were computed ahead) come from the base folder.
+    parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler" and module is not None}
     kwargs = {**family.from_pretrained_kwargs(family.index), **parts}  # the trained modules win
     pipe = DiffusionPipeline.from_pretrained(cfg.model.pretrained_model_name_or_path, **kwargs)
     pipe.save_pretrained(output_dir, safe_serialization=True)
