@@ -65,6 +65,8 @@ FORMATS: dict[str, ExportFormat] = {
         legacy_lora_keys=False,
         kohya=KohyaFormat(FLUX_KOHYA, text_prefixes={"text_encoder": "lora_te1"}),
     ),
+    # ComfyUI maps Qwen-Image LoRAs in diffusers' keys onto its own modules (the same names): no second file.
+    "qwen_image": ExportFormat(card_tags=("qwen-image",), legacy_lora_keys=False, kohya=None),
 }
 
 
