@@ -54,7 +54,7 @@ def _no_check(family_cls, cfg) -> None:
 
 
 def lora_setup(family: Family, cfg: LoraTrainConfig) -> Trainable:
-    targets = cfg.network.target_modules or list(family.lora_targets)
+    targets = cfg.network.target_modules or family.default_lora_targets()
     add_adapter(family.denoiser, adapter_config(cfg.network, targets))
     models = {family.denoiser_name: family.denoiser}
     if cfg.model.train_text_encoder:

@@ -141,10 +141,12 @@ class Family(ABC):
     passes_sigmas: ClassVar[bool] = False  # the pipeline hands the scheduler custom sigmas (FluxPipeline)
     # ... except to a scheduler configured with `use_flow_sigmas` (Flux2Pipeline), which then sets its own
     flow_sigmas_set_own: ClassVar[bool] = False
+    unfit_samplers: ClassVar[dict[str, str]] = {}  # sampler -> why this family's pipeline cannot run it
     # Large (LLM) text encoders: with their outputs cached they are loaded alone, before the denoiser, to encode
     # every caption, then freed (`finetune.text_pass`); validation images then take the cached embeddings.
     text_first: ClassVar[bool] = False
     sample_posterior: ClassVar[bool] = True  # a latent drawn from the VAE posterior; False: its mean
+    takes_negative_prompt: ClassVar[bool] = True  # the pipeline's call has a `negative_prompt`
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
@@ -248,6 +250,10 @@ class Family(ABC):
     def text_encoders(self) -> dict[str, nn.Module]:
         return {name: self.parts[name] for name in self.text_encoder_names if self.parts.get(name) is not None}
 
+    def default_lora_targets(self) -> list[str]:
+        """The denoiser modules a LoRA adapts unless `--target_modules` says otherwise."""
+        return list(self.lora_targets)
+
     def trainable_text_encoders(self) -> dict[str, nn.Module]:
         """The text encoders `--train_text_encoder` trains (the CLIP ones; T5 is never trained)."""
         return {name: m for name, m in self.text_encoders().items() if name in self.adaptable_text_encoders}
@@ -322,6 +328,12 @@ class Family(ABC):
     def pipeline_extras(self) -> dict:
         """What the pipeline class's constructor needs besides the components (e.g. no safety checker)."""
         return {}
+
+    @classmethod
+    def guidance_inputs(cls, scale: float, negative_prompts: list[str] | None, count: int) -> dict:
+        """The pipeline call's guidance arguments for generating `count` images: classifier-free guidance `scale`
+        (or, for a guidance-distilled model, the guidance it is conditioned on) and the negative prompts, if any."""
+        return {"guidance_scale": scale, "negative_prompt": negative_prompts}
 
     def prompt_inputs(self, prompts: list[str]) -> dict:
         """The pipeline call's text arguments for `prompts`: the prompts themselves, or, when the text encoders are

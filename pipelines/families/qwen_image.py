@@ -73,6 +73,14 @@ class QwenImage(Family):
 
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
 
+    @classmethod
+    def guidance_inputs(cls, scale: float, negative_prompts: list[str] | None, count: int) -> dict:
+        """QwenImagePipeline's classifier-free guidance is `true_cfg_scale`, on only with a negative prompt: " "
+        when none is given (its own documentation's way to guide without one)."""
+        if negative_prompts is None and scale > 1:
+            negative_prompts = [" "] * count
+        return {"true_cfg_scale": scale, "negative_prompt": negative_prompts}
+
     def sampling_scheduler(self):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)
 

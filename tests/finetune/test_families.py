@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from difftune.core.config import from_values
 from difftune.core.errors import UserError
 from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
+from difftune.finetune.export_formats import export_format
 from difftune.finetune.loop import train
 from difftune.finetune.tasks import FULL, LORA
-from difftune.pipelines.families import Family, detect
+from difftune.pipelines.families import Family, by_name, detect
 from difftune.toyworld.tiny_families import FAMILIES, TEST_MAX_SEQUENCE_LENGTH, sample_kwargs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,16 +55,18 @@ def test_lora_under_accelerate_launch_loads_in_the_pipeline_class_and_changes_it
     family_model, shapes_dir, tmp_path, family
 ):
     model, out = family_model(family), tmp_path / "lora"
+    kohya = ["--output_kohya_format"] if export_format(by_name(family)).kohya else []  # Flux.2's and Chroma's BFL keys
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     proc = subprocess.run(
         [*accelerate, "finetune/finetune_lora.py", "--pretrained_model_name_or_path", str(model), "--train_data_dir",
          str(shapes_dir), "--output_dir", str(out), "--resolution", "32", "--max_train_steps", "2",
          "--train_batch_size", "2", "--learning_rate", "1e-2", "--max_sequence_length", str(TEST_MAX_SEQUENCE_LENGTH),
-         "--report_to", "none", "--proportion_empty_prompts", "0.5"],
+         "--report_to", "none", "--proportion_empty_prompts", "0.5", *kohya],
         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "pytorch_lora_weights_kohya.safetensors").is_file() == bool(kohya)
     keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
     assert keys and all(k.startswith("transformer.") for k in keys)
     pipe_class = detect(str(model)).pipeline_class()
@@ -87,8 +90,11 @@ def test_full_fine_tuning_saves_a_pipeline_diffusers_loads(family_model, shapes_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_resume_is_bit_exact_and_uncached_text_gives_the_same_losses(family_model, shapes_dir, tmp_path, family):
-    """Half of the captions dropped: the empty caption's cached embedding (and mask) stands in for the encoder's."""
+def test_resume_is_bit_exact_and_uncached_text_gives_the_same_losses(
+    family_model, shapes_dir, tmp_path, family, caplog
+):
+    """Half of the captions dropped: the empty caption's cached embedding (and mask) stands in for the encoder's.
+    Without the cache, one line says what keeping the text encoder costs."""
     model, dropout = family_model(family), {"proportion_empty_prompts": 0.5}
     straight = train(config(model, shapes_dir, tmp_path / "a", **dropout), LORA)
     train(config(model, shapes_dir, tmp_path / "b", max_train_steps=2, **dropout), LORA)
@@ -99,6 +105,8 @@ def test_resume_is_bit_exact_and_uncached_text_gives_the_same_losses(family_mode
     uncached = train(config(model, shapes_dir, tmp_path / "c", cache_latents=False, **dropout), LORA)
     assert straight.cached and not uncached.cached
     assert uncached.losses == pytest.approx(straight.losses, rel=1e-4)
+    (line,) = [r.getMessage() for r in caplog.records if "text caching is off" in r.getMessage()]
+    assert f"the {family} text encoder" in line and "stays loaded beside the transformer" in line
 
 
 def test_the_text_encoder_is_freed_before_the_transformer_loads(family_model, shapes_dir, tmp_path, monkeypatch):
@@ -132,12 +140,37 @@ def test_the_text_encoder_is_freed_before_the_transformer_loads(family_model, sh
     assert (tmp_path / "validation" / "step-1" / "grid.png").is_file()
 
 
+@pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
+def test_the_other_adapters_train_and_save(family_model, shapes_dir, tmp_path, adapter):
+    """DoRA in diffusers' file (the pipeline class loads it), LoHa and LoKr in peft's own layout, as for every
+    family."""
+    family = "flux2_klein"
+    train(config(family_model(family), shapes_dir, tmp_path, max_train_steps=1, adapter=adapter), LORA)
+    if adapter == "dora":
+        pipe = load(family_model(family))
+        base = sample(pipe, family)
+        pipe.load_lora_weights(tmp_path)
+        assert np.abs(sample(pipe, family) - base).max() > 0  # DoRA's magnitudes change the weights from step 0
+    else:
+        assert (tmp_path / "transformer" / "adapter_model.safetensors").is_file()
+
+
 NOT_APPLYING = [
     ("qwen_image", {"train_text_encoder": True}, "--train_text_encoder does not apply to qwen_image models"),
     ("qwen_image", {"guidance_scale": 3.5}, "--guidance_scale does not apply to qwen_image models"),
     ("qwen_image", {"snr_gamma": 5.0}, "--snr_gamma does not apply to qwen_image models .QwenImagePipeline, flow"),
     ("qwen_image", {"output_kohya_format": True}, "--output_kohya_format is not written for qwen_image models"),
     ("qwen_image", {"max_sequence_length": 2000}, "--max_sequence_length 2000 is beyond Qwen-Image's limit of 1024"),
+    ("flux2", {"train_text_encoder": True}, "--train_text_encoder does not apply to flux2 models .Flux2Pipeline"),
+    ("flux2", {"prediction_type": "v_prediction"}, "--prediction_type does not apply to flux2 models"),
+    ("flux2_klein", {"guidance_scale": 3.5}, "--guidance_scale does not apply to flux2_klein models"),
+    ("flux2_klein", {"train_text_encoder": True}, "--train_text_encoder does not apply to flux2_klein models"),
+    ("z_image", {"guidance_scale": 3.5}, "--guidance_scale does not apply to z_image models .ZImagePipeline"),
+    ("z_image", {"output_kohya_format": True}, "--output_kohya_format is not written for z_image models"),
+    ("z_image", {"noise_offset": 0.1}, "--noise_offset does not apply to z_image models"),
+    ("chroma", {"train_text_encoder": True}, "--train_text_encoder does not apply to chroma models .ChromaPipeline"),
+    ("chroma", {"guidance_scale": 3.5}, "--guidance_scale does not apply to chroma models"),
+    ("chroma", {"max_sequence_length": 2000}, "--max_sequence_length 2000 is beyond the T5 tokenizer's limit"),
 ]
 
 

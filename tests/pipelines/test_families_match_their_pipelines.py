@@ -36,12 +36,13 @@ def qwen_reference_text(pipe, captions) -> dict:
     return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
 
 
-def qwen_pack(pipe, latents):  # (B, C, h, w) -> the pipeline's packed tokens
+def qwen_pack(pipe, latents):  # (B, C, h, w) -> the pipeline's 2x2-packed tokens (Qwen-Image's and Chroma's)
     return pipe._pack_latents(latents, *latents.shape)
 
 
 def qwen_unpack(pipe, tokens):
-    return pipe._unpack_latents(tokens, SIZE, SIZE, pipe.vae_scale_factor)[:, :, 0]
+    latents = pipe._unpack_latents(tokens, SIZE, SIZE, pipe.vae_scale_factor)
+    return latents[:, :, 0] if latents.ndim == 5 else latents  # Qwen-Image's have a frame axis
 
 
 def qwen_encode_image(pipe, pixels):
@@ -50,8 +51,56 @@ def qwen_encode_image(pipe, pixels):
     return QwenImageImg2ImgPipeline.from_pipe(pipe)._encode_vae_image(pixels[:, :, None], generator=None)[:, :, 0]
 
 
+def flux2_reference_text(pipe, captions) -> dict:
+    embeds, _ = pipe.encode_prompt(captions, device="cpu", max_sequence_length=TEST_MAX_SEQUENCE_LENGTH)
+    return {"encoder_hidden_states": embeds}
+
+
+def flux2_unpack(pipe, tokens):  # (B, h * w, C) -> (B, C, h, w) of patchified latents
+    side = SIZE // pipe.vae_scale_factor // 2
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+
+
+def z_image_reference_text(pipe, captions) -> dict:
+    embeds, _ = pipe.encode_prompt(list(captions), device="cpu", do_classifier_free_guidance=False,
+                                   max_sequence_length=TEST_MAX_SEQUENCE_LENGTH)  # fmt: skip
+    masks = [torch.ones(len(e), dtype=torch.long) for e in embeds]
+    return {"cap_feats": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True),
+            "cap_mask": torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)}  # fmt: skip
+
+
+def z_image_encode_image(pipe, pixels):  # ZImageImg2ImgPipeline.prepare_latents' encoding, the decode's inverse
+    mode = pipe.vae.encode(pixels).latent_dist.mode()
+    return (mode - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+
+def chroma_reference_text(pipe, captions) -> dict:
+    embeds, _, mask, *_ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False,
+                                             max_sequence_length=TEST_MAX_SEQUENCE_LENGTH)  # fmt: skip
+    return {"encoder_hidden_states": embeds, "attention_mask": mask}
+
+
+def chroma_encode_image(pipe, pixels):
+    from diffusers import ChromaImg2ImgPipeline
+
+    return ChromaImg2ImgPipeline.from_pipe(pipe)._encode_vae_image(pixels, generator=None)
+
+
+def same(pipe, latents):
+    return latents
+
+
+def flux2_encode_image(pipe, pixels):
+    return pipe._encode_vae_image(pixels, generator=None)
+
+
+FLUX2 = dict(text=flux2_reference_text, pack=same, unpack=flux2_unpack, encode_image=flux2_encode_image)
 CASES = {
     "qwen_image": dict(text=qwen_reference_text, pack=qwen_pack, unpack=qwen_unpack, encode_image=qwen_encode_image),
+    "flux2": FLUX2,
+    "flux2_klein": FLUX2,
+    "z_image": dict(text=z_image_reference_text, pack=same, unpack=same, encode_image=z_image_encode_image),
+    "chroma": dict(text=chroma_reference_text, pack=qwen_pack, unpack=qwen_unpack, encode_image=chroma_encode_image),
 }
 
 
@@ -113,11 +162,14 @@ def test_one_denoiser_step_matches_the_pipelines_sampling_step(family_model, fam
 @pytest.mark.parametrize("family", FAMILIES)
 def test_validation_images_from_cached_text_are_the_images_of_the_prompts(family_model, family):
     """Without its text encoders (freed after the text pass) a family samples from the cached embeddings, the
-    empty caption's as the negative prompt: the same images as the pipeline makes from the prompts."""
+    empty caption's as the negative prompt of the pipeline's default guidance: the same images as the pipeline
+    makes from the prompts."""
     pipe, fam = load(family_model(family))
     prompts = CAPTIONS[:2]
-    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="np", **sample_kwargs(family))
-    from_prompts = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+    kwargs = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="np",
+                  max_sequence_length=TEST_MAX_SEQUENCE_LENGTH)  # fmt: skip
+    # a copy: ZImagePipeline writes its chat template into the prompt list it is given
+    from_prompts = pipe(prompt=list(prompts), generator=torch.Generator().manual_seed(0), **kwargs).images
     with torch.no_grad():
         fam.text_embeddings = {c: {k: v[0] for k, v in fam.encode_text(fam.tokenize([c])).items()} for c in CAPTIONS}
     fam.parts["text_encoder"] = None
