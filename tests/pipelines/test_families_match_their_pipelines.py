@@ -5,6 +5,8 @@ embeddings (the same images as from the prompts)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,32 @@ def test_validation_images_from_cached_text_are_the_images_of_the_prompts(family
     assert "prompt" not in inputs
     from_cache = pipe(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
     np.testing.assert_allclose(from_cache, from_prompts, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_sigmas_take_the_shift_the_pipeline_samples_with(family_model, family, monkeypatch):
+    """The resolution-dependent shift: the `mu` the pipeline hands its scheduler for a 32 px image, applied to
+    training sigmas, is the family's `shift_sigmas` for that image's latents (unchanged where the scheduler's shift
+    is static)."""
+    pipe, fam = load(family_model(family))
+    seen = {}
+    set_timesteps = pipe.scheduler.set_timesteps
+
+    @functools.wraps(set_timesteps)  # the pipeline reads its signature
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return set_timesteps(*args, **kwargs)
+
+    def stop(pipeline, i, t, tensors):  # the schedule is all this test needs: skip the other 49 steps
+        pipeline._interrupt = True
+        return tensors
+
+    monkeypatch.setattr(pipe.scheduler, "set_timesteps", record)
+    pipe(prompt=CAPTIONS[0], num_inference_steps=50, height=SIZE, width=SIZE, output_type="latent",
+         callback_on_step_end=stop, **sample_kwargs(family))  # fmt: skip
+    sigmas = torch.tensor([0.9, 0.5, 0.1])
+    shape = fam.latents(fam.posterior(torch.zeros(1, 3, SIZE, SIZE)), torch.zeros(1, dtype=torch.long)).shape
+    dynamic = pipe.scheduler.config.get("use_dynamic_shifting", False)
+    expected = pipe.scheduler.time_shift(seen["mu"], 1.0, sigmas) if dynamic else sigmas
+    torch.testing.assert_close(fam.shift_sigmas(sigmas, tuple(shape)), expected)
+    assert dynamic == (family != "z_image")  # Z-Image-Turbo's shift is static, already in the scheduler's sigmas
