@@ -70,12 +70,15 @@ class ModelConfig:
         default=None, resume=REFUSED, card=False, families=("flow",),
     )  # fmt: skip
     guidance_scale: float | None = option(
-        "Guidance-distilled models (Flux.1-dev): the guidance the transformer is conditioned on while training "
-        "(default 3.5).", default=None, resume=REFUSED, card=True, families=("flux",),
+        "Guidance-distilled models (Flux.1-dev, Flux.2 dev): the guidance the transformer is conditioned on while "
+        "training (default: Flux.1 3.5, Flux.2 4.0).", default=None, resume=REFUSED, card=True,
+        families=("flux", "flux2"),
     )  # fmt: skip
+    # Not for the families whose text encoders are LLMs (Qwen-Image, Flux.2, Z-Image) or T5 alone (Chroma).
     train_text_encoder: bool = option(
-        "Also train the text encoder(s) (LoRA script: LoRA on them).", default=False, resume=REFUSED, card=True
-    )
+        "Also train the CLIP text encoder(s) (LoRA script: LoRA on them).", default=False, resume=REFUSED, card=True,
+        families=("sd1", "sd2", "sdxl", "sd3", "flux"),
+    )  # fmt: skip
 
     def validate(self) -> None:
         if not self.pretrained_model_name_or_path:
@@ -86,8 +89,10 @@ class ModelConfig:
             raise UserError("--guidance_scale must not be negative")
 
     def family_options(self) -> dict:
-        """The settings a model family reads while loading (see `pipelines.families.Family.load`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("families")}
+        """The settings a model family reads while loading (see `pipelines.families.Family.load`): those of some
+        families only, but --train_text_encoder, which the task reads (`finetune.tasks`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("families") and f.name != "train_text_encoder"}  # fmt: skip
 
 
 @dataclass

@@ -169,10 +169,29 @@ def assign_buckets(data: DataConfig, images: list[Image.Image], batch_size: int 
     return buckets
 
 
+def cache_dir(cfg) -> Path:
+    """Where the latent and text caches live: --cache_dir, else <output_dir>/.cache."""
+    return Path(cfg.cache.cache_dir or Path(cfg.training.output_dir) / ".cache")
+
+
+def caches_text(cfg, family, trained) -> bool:
+    """Whether `family`'s (a `Family` class or instance) text conditioning is cached: with --cache_latents,
+    captions that never change (no tag shuffling) and none of its text encoders in `trained`."""
+    frozen = not any(name in trained for name in family.text_encoder_names)
+    return cfg.cache.cache_latents and not cfg.data.shuffle_caption and frozen
+
+
+def cache_text(family, captions: list[str], root: Path) -> dict[str, dict]:
+    """The family's text conditioning of each caption and of the empty caption (caption dropout's), from the
+    cache under `root` or the family's text encoders."""
+    fingerprint = "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
+    return encode_captions([*captions, ""], family.encode_text, fingerprint, family.tokenize, root)
+
+
 def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDataset, bool]:
     """The dataset, with latents and text conditioning cached where their encoders are frozen; returns it and
     whether the latents are cached. `trained` names the modules being trained (their outputs are never cached)."""
-    cache_root = Path(cfg.cache.cache_dir or Path(cfg.training.output_dir) / ".cache")
+    cache_root = cache_dir(cfg)
     movable = [can_move(im.size, b) for im, b in zip(data.images, data.buckets, strict=True)]
     cache_images = cfg.cache.cache_latents and (cfg.data.center_crop or not any(movable))
     if cfg.cache.cache_latents and not cache_images:
@@ -188,8 +207,9 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
     if cache_images:
         masks = data.masks if masked else None
         entries = encode_images(
-            data.records, data.images, data.buckets, family.vae, cfg.data.random_flip, cache_root, masks
-        )
+            data.records, data.images, data.buckets, family.vae, cfg.data.random_flip, cache_root, masks,
+            encode=family.posterior,
+        )  # fmt: skip
         for ex, entry in zip(examples, entries, strict=True):
             ex.latents, ex.latents_flipped = entry["params"], entry.get("flipped")
             ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
@@ -199,12 +219,10 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
                 mask = Image.new("L", im.size, 255)
             ex.image, ex.mask_image = im, mask
     text = None
-    encoders_frozen = not any(name in trained for name in family.text_encoders())
-    if cfg.cache.cache_latents and encoders_frozen and not cfg.data.shuffle_caption:
-        fingerprint = (
-            "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
-        )
-        text = encode_captions(data.captions + [""], family.encode_text, fingerprint, family.tokenize, cache_root)
+    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
+        text = family.text_embeddings
+    elif caches_text(cfg, family, trained):
+        text = cache_text(family, data.captions, cache_root)
     aug = Augment(
         cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
         cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,
@@ -307,9 +325,17 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stacks each key (and each key of nested dicts such as `cond`) into a batch tensor."""
+    """Stacks each key (and each key of nested dicts such as `cond`) into a batch tensor. Tensors of different
+    lengths (the text of LLM encoders, tokens or embeddings with their masks) are right-padded with zeros to the
+    longest: the padded mask marks the padding."""
     return {
         key: collate([it[key] for it in items]) if isinstance(items[0][key], dict)
-        else torch.stack([torch.as_tensor(it[key]) for it in items])
+        else _stack([torch.as_tensor(it[key]) for it in items])
         for key in items[0]
     }  # fmt: skip
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len({t.shape for t in tensors}) > 1:
+        return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+    return torch.stack(tensors)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.resume import apply_settings, check_resume, hyperparameters, resume_kinds, run_record
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
+from difftune.finetune.text_pass import run_text_pass, say_uncached_cost, uses_text_pass
 from difftune.finetune.validation import log_validation
 from difftune.finetune.validation_loss import Selection, ValidationLoss, split_validation
 from difftune.pipelines.families import Family, detect, read_model_index
@@ -97,7 +99,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
         ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
     accelerator.wait_for_everyone()
     hub_repo = prepare_hub(cfg, accelerator)
-    family, trainable, weight_dtype = load_models(cfg, task, accelerator)
+    prompts = [*data.captions, *(held_out.captions if held_out else []), *(cfg.validation.validation_prompt or [])]
+    family, trainable, weight_dtype = load_models(cfg, task, accelerator, prompts)
     with accelerator.main_process_first():
         dataset, cached = build_dataset(cfg, data, family, trainable.models)
         validator = ValidationLoss.build(cfg, held_out, family, trainable.models) if held_out else None
@@ -244,8 +247,12 @@ def class_images(cfg: TrainConfig, accelerator: Accelerator) -> list | None:
     return ensure_class_images(cfg, accelerator)
 
 
-def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple[Family, Trainable, torch.dtype]:
-    """The family's components, frozen; the task's part made trainable; everything placed and cast."""
+def load_models(
+    cfg: TrainConfig, task: Task, accelerator: Accelerator, prompts: Sequence[str] = ()
+) -> tuple[Family, Trainable, torch.dtype]:
+    """The family's components, frozen; the task's part made trainable; everything placed and cast. A family with
+    large text encoders first encodes `prompts` (every caption and validation prompt) with them alone, and loads
+    the rest without them (`finetune.text_pass`)."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
@@ -255,8 +262,15 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     task.check(family_cls, cfg)
     cfg.memory.check_model(model, index, family_cls.denoiser_name)
     cfg.memory.check_run(accelerator.num_processes, accelerator.mixed_precision)
+    text = None
+    if uses_text_pass(cfg, family_cls):
+        with accelerator.main_process_first():
+            text = run_text_pass(cfg, family_cls, model, index, list(prompts), accelerator.device, weight_dtype)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
-    family = family_cls.load(model, index, denoiser, cfg.model.family_options())
+    family = family_cls.load(model, index, denoiser, cfg.model.family_options(), text_encoders=text is None)
+    family.text_embeddings = text
+    if family_cls.text_first and text is None:
+        say_uncached_cost(family)
     for module in family.frozen_modules().values():
         module.requires_grad_(False)
         module.eval()

@@ -56,8 +56,9 @@ def log_validation(family, models: dict, accelerator, cfg, step: int, weight_dty
         generator = torch.Generator("cpu").manual_seed(cfg.training.seed)
         with autocast:
             out = pipe(
-                [prompt] * cfg.validation.num_validation_images, num_inference_steps=cfg.validation.validation_inference_steps,
-                height=cfg.data.resolution, width=cfg.data.resolution, generator=generator,
+                **family.prompt_inputs([prompt] * cfg.validation.num_validation_images),
+                num_inference_steps=cfg.validation.validation_inference_steps, height=cfg.data.resolution,
+                width=cfg.data.resolution, generator=generator,
             ).images  # fmt: skip
         for i, image in enumerate(out):
             image.save(folder / f"{p:02d}_{i:02d}.png")

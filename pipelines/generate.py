@@ -1,4 +1,5 @@
-"""Generate images from a saved pipeline (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux), with LoRAs and a named sampler.
+"""Generate images from a saved pipeline (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma),
+with LoRAs and a named sampler.
 
     difftune-generate --model pipelines/tiny_shapes --prompt "a red circle" --sampler dpmpp-2m \\
         --steps 20 --num_images 4 --seed 0 --output_dir out
@@ -9,9 +10,11 @@ Writes one PNG per image, `grid.png`, and `record.json`: everything needed to ma
 image does not depend on which other images share its batch; the record still keeps the batch layout, and
 regeneration re-runs the image's whole batch, because batched matrix products may round differently from
 unbatched ones. Classifier-free guidance is the diffusers pipeline's own: the unconditional and conditional
-halves go through the UNet in one batched call per step (checked in the tests with a forward hook). Flow models
-(SD 3/3.5, Flux) sample with the flow samplers (`flow-euler` by default); a sampler that does not fit the model's
-family, or a LoRA trained for another family, is one line naming both.
+halves go through the UNet in one batched call per step (checked in the tests with a forward hook); `--guidance_scale`
+goes to the argument each pipeline guides with (Qwen-Image's `true_cfg_scale`, the guidance a distilled Flux is
+conditioned on). Flow models (SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma) sample with the flow samplers
+(`flow-euler` by default); a sampler that does not fit the model's family, or a LoRA trained for another family, is
+one line naming both.
 Attention is PyTorch's scaled-dot-product attention (diffusers' default `AttnProcessor2_0`) unless
 `--attention classic` asks for the explicit softmax(QK^T)V processor.
 
@@ -67,7 +70,10 @@ RUN_ONLY = ("from_record", "index")  # how this run was asked for, not what it m
 class GenerateConfig:
     """What to generate and how; the command line and `--config` YAML files fill it (see `core.config`)."""
 
-    model: str | None = option("diffusers pipeline folder or Hub id (SD 1.x/2.x, SDXL, SD 3/3.5, Flux)", None)
+    model: str | None = option(
+        "diffusers pipeline folder or Hub id (SD 1.x/2.x, SDXL, SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma)",
+        None,
+    )
     prompt: list[str] = option("prompt(s): several values, or the flag repeated", [], repeatable=True)
     prompt_file: str | None = option("a text file, one prompt per line (after any --prompt)", None)
     negative_prompt: str | None = option("what to steer away from, for every image", None)
@@ -143,6 +149,10 @@ class GenerateConfig:
             raise UserError(
                 f"--attention classic and --channels_last are for UNet models; {self.model} is {family.name}"
             )
+        if self.negative_prompt is not None and not family.takes_negative_prompt:
+            raise UserError(
+                f"--negative_prompt: {family.pipeline_class_name} takes no negative prompt ({self.model}); drop it"
+            )
         for lora in self.lora:
             check_lora_fits(lora, family, self.model)
         sampler = self.sampler or family.default_sampler
@@ -206,9 +216,11 @@ def prepare_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, type[Famil
 
 def image_size(pipe: DiffusionPipeline, height: int | None, width: int | None) -> tuple[int, int]:
     """The requested size, or the model's default; a size the pipeline cannot make is a `UserError`."""
-    if hasattr(pipe, "default_sample_size"):  # SD3 and Flux pipelines: in latent pixels
+    if hasattr(pipe, "default_sample_size"):  # the transformer pipelines: in latent pixels
         default = pipe.default_sample_size * pipe.vae_scale_factor
-        multiple = pipe.vae_scale_factor * 2  # 2x2 patches (SD3) or packed latents (Flux)
+        multiple = pipe.vae_scale_factor * 2  # 2x2 patches (SD3, Flux.2) or packed latents (Flux, Qwen-Image)
+    elif not hasattr(pipe, "unet"):  # ZImagePipeline: 1024 px unless told, 2x2 patches
+        default, multiple = 1024, pipe.vae_scale_factor * 2
     else:
         unet_config = pipe.unet.config if hasattr(pipe.unet, "config") else pipe.unet._orig_mod.config
         default = unet_config.sample_size * pipe.vae_scale_factor
@@ -226,20 +238,25 @@ def plan_images(prompts: Sequence[str], num_images: int, seed: int) -> list[Imag
 
 
 def generate_batch(
-    pipe: DiffusionPipeline, specs: Sequence[ImageSpec], cfg: GenerateConfig, height: int, width: int
+    pipe: DiffusionPipeline,
+    specs: Sequence[ImageSpec],
+    cfg: GenerateConfig,
+    height: int,
+    width: int,
+    family: type[Family] = Family,
 ) -> list[Image.Image]:
-    """One pipeline call for `specs`; each image's starting noise (and any per-step noise) from its own seed."""
+    """One pipeline call for `specs`; each image's starting noise (and any per-step noise) from its own seed. The
+    guidance and negative prompt take the family's pipeline's argument names (`Family.guidance_inputs`)."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
     negative = [cfg.negative_prompt] * len(specs) if cfg.negative_prompt is not None else None
     with torch.inference_mode():
         out = pipe(
             prompt=[s.prompt for s in specs],
-            negative_prompt=negative,
             num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
             height=height,
             width=width,
             generator=generators,
+            **family.guidance_inputs(cfg.guidance_scale, negative, len(specs)),
         )
     return out.images
 
@@ -265,7 +282,7 @@ def run(cfg: GenerateConfig, only: Sequence[int] | None = None) -> dict:
     written, rows = [], []
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"{cfg.sampler} {cfg.steps} steps")
     for b, batch in enumerate(batches):
-        for spec, image in zip(batch, generate_batch(pipe, batch, cfg, height, width), strict=True):
+        for spec, image in zip(batch, generate_batch(pipe, batch, cfg, height, width, family), strict=True):
             if only is None or spec.index in only:
                 image.save(out / image_name(spec))
                 written.append(image)

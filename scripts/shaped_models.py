@@ -1,9 +1,13 @@
-"""Randomly initialised pipelines of released models' exact shapes (SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev), for
+"""Randomly initialised pipelines of released models' exact shapes (SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev, and
+through `scripts.shaped_families` Qwen-Image, Flux.2 dev and klein 4B, Z-Image and Chroma), for
 `scripts/benchmark_training.py`'s shaped rows: speed and memory do not depend on the weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from difftune.scripts.shaped_families import KINDS as FAMILY_KINDS
+from difftune.scripts.shaped_families import build_family_shaped
 
 # The real architectures of SD 1.5 and SDXL base (diffusers' configs), randomly initialised: speed and memory do not
 # depend on the weights. Text encoders: CLIP ViT-L (both) and OpenCLIP ViT-bigG (SDXL's second); VAE: SD's.
@@ -50,11 +54,15 @@ FLOW_SHAPES = {
 FLOW_VAE = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
 T5_SHAPE = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu")
 SHAPED_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
+DEFAULT_SHAPED = tuple(SHAPED_RESOLUTION)  # what --shaped runs on CUDA unless told: the 2026 families are asked for
+SHAPED_RESOLUTION |= dict.fromkeys(FAMILY_KINDS, 1024)
 
 
 def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
     """A randomly initialised pipeline of `kind`'s shapes saved as a diffusers folder; `overrides` (keys `unet`,
-    `vae`, `text`) narrow it for tests."""
+    `vae`, `text`, `transformer`, `t5`) narrow it for tests. The 2026 families are `scripts.shaped_families`'."""
+    if kind in FAMILY_KINDS:
+        return build_family_shaped(kind, folder, overrides)
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
