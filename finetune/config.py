@@ -67,7 +67,7 @@ class ModelConfig:
     )  # fmt: skip
     guidance_scale: float | None = option(
         "Guidance-distilled models (Flux.1-dev): the guidance the transformer is conditioned on while training "
-        "(default 3.5).", default=None, resume=REFUSED, card=True, families=("flux",),
+        "(default 3.5).", default=None, resume=REFUSED, card=True, families=("flux", "flux-kontext"),
     )  # fmt: skip
     train_text_encoder: bool = option(
         "Also train the text encoder(s) (LoRA script: LoRA on them).", default=False, resume=REFUSED, card=True

@@ -65,6 +65,12 @@ FORMATS: dict[str, ExportFormat] = {
         legacy_lora_keys=False,
         kohya=KohyaFormat(FLUX_KOHYA, text_prefixes={"text_encoder": "lora_te1"}),
     ),
+    # Kontext's transformer is Flux.1's: its LoRAs load in ComfyUI in the same BFL layout.
+    "flux-kontext": ExportFormat(
+        card_tags=("flux", "flux-kontext", "image-to-image"),
+        legacy_lora_keys=False,
+        kohya=KohyaFormat(FLUX_KOHYA, text_prefixes={"text_encoder": "lora_te1"}),
+    ),
 }
 
 

@@ -27,14 +27,14 @@ from difftune.core.config import to_dict
 from difftune.core.errors import UserError
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
-from difftune.finetune.data import build_dataset, collate, read_images
+from difftune.finetune.data import build_dataset, check_pairs_fit, collate, read_images
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
 from difftune.finetune.optim import build_optimizer
 from difftune.finetune.resume import apply_settings, check_resume, hyperparameters, resume_kinds, run_record
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
-from difftune.finetune.validation import log_validation
+from difftune.finetune.validation import edit_inputs, log_validation
 from difftune.finetune.validation_loss import Selection, ValidationLoss, split_validation
 from difftune.pipelines.families import Family, detect, read_model_index
 
@@ -87,6 +87,11 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     data, held_out = split_validation(cfg.selection, cfg.data, cfg.training.seed, data)
     record = run_record(cfg, accelerator.num_processes, data.fingerprint(), len(data.images))
     folder, restart_epoch = find_checkpoint(cfg, record)  # a resume that cannot be honoured stops here
+    model = cfg.model.pretrained_model_name_or_path
+    family_cls = detect(model)
+    check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
+    check_pairs_fit(family_cls, data, model)
+    edits = edit_inputs(cfg, family_cls, held_out)  # an edit model's validation inputs
     hub_repo = prepare_hub(cfg, accelerator)
     family, trainable, weight_dtype = load_models(cfg, task, accelerator)
     with accelerator.main_process_first():
@@ -150,7 +155,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                     save_checkpoint(run, progress)
                 if cfg.validation.validation_prompt and progress.step % cfg.validation.validation_steps == 0:
                     with resident(family, offloaded, accelerator.device):
-                        log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
+                        log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype, edits)
                 if progress.step >= run.max_steps:
                     break
             else:  # the epoch ran out

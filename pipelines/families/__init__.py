@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from difftune.pipelines.families.base import Family, read_model_index, sub_config
 from difftune.pipelines.families.flux import Flux
+from difftune.pipelines.families.flux_kontext import FluxKontext
 from difftune.pipelines.families.sd import StableDiffusion1, StableDiffusion2
 from difftune.pipelines.families.sd3 import StableDiffusion3
 from difftune.pipelines.families.sdxl import StableDiffusionXL
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux)
+FAMILIES: tuple[type[Family], ...] = (
+    StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux, FluxKontext,
+)  # fmt: skip
 
 __all__ = ["FAMILIES", "Family", "by_name", "detect", "read_model_index", "sub_config"]
 
