@@ -130,7 +130,7 @@ def check_lora_fits(lora: str, family: type[Family], model: str) -> None:
     with safe_open(str(resolve_lora_file(lora)), framework="pt") as f:
         target = lora_target(list(f.keys()))
     fits = {"unet": family.denoiser_name == "unet", "transformer": family.denoiser_name == "transformer",
-            "flux": family.name == "flux", None: True}[target]  # fmt: skip
+            "flux": family.name in ("flux", "flux-kontext"), None: True}[target]  # fmt: skip
     if not fits:
         raise UserError(
             f"LoRA {lora} was trained for {TARGET_NAMES[target]}; {model} is {family.name} "
