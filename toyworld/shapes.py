@@ -140,24 +140,26 @@ def write_edit_dataset(
     shapes: Sequence[str] = SHAPES,
     per_class: int = 10,
     seed: int = 0,
+    colour_pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[EditItem]:
-    """Writes an imagefolder of edit pairs and returns its items: for every (input colour, wanted colour, shape),
-    `per_class` shapes drawn once and rendered in both colours, the result as `file_name` and the input as
-    `control/<name>` (the `control_file_name` column), captioned ``make it {colour}``. Deterministic."""
+    """Writes an imagefolder of edit pairs and returns its items: for every (input colour, wanted colour) of
+    `colour_pairs` (default: every input colour with every wanted colour; a pair listed twice is drawn twice as
+    often) and shape, `per_class` shapes drawn once and rendered in both colours, the result as `file_name` and the
+    input as `control/<name>` (the `control_file_name` column), captioned ``make it {colour}``. Deterministic."""
     out = Path(out_dir)
     (out / "control").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    pairs = colour_pairs if colour_pairs is not None else [(a, b) for a in input_colours for b in colours]
     items = []
-    for source in input_colours:
-        for colour in colours:
-            for shape in shapes:
-                for i in range(per_class):
-                    name = f"{source}_to_{colour}_{shape}_{i:04d}.png"
-                    state = rng.bit_generator.state  # the same draw of size and place for both images
-                    render(source, shape, rng).save(out / "control" / name)
-                    rng.bit_generator.state = state
-                    render(colour, shape, rng).save(out / name)
-                    items.append(EditItem(name, f"control/{name}", instruction(colour), source, colour, shape))
+    for source, colour in pairs:
+        for shape in shapes:
+            for _ in range(per_class):
+                name = f"{len(items):05d}_{source}_to_{colour}_{shape}.png"
+                state = rng.bit_generator.state  # the same draw of size and place for both images
+                render(source, shape, rng).save(out / "control" / name)
+                rng.bit_generator.state = state
+                render(colour, shape, rng).save(out / name)
+                items.append(EditItem(name, f"control/{name}", instruction(colour), source, colour, shape))
     with open(out / "metadata.jsonl", "w") as f:
         for item in items:
             f.write(json.dumps(asdict(item)) + "\n")
