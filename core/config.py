@@ -83,6 +83,13 @@ def option(
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def require(checks: Sequence[tuple[bool, str]]) -> None:
+    """A section's `validate()`: (condition, message) pairs; the first that fails is the `UserError`."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def section(cls, help: str = ""):
     """A field holding a sub-config (a dataclass owned by another module); its fields stay flat flags."""
     return dataclasses.field(default_factory=cls, metadata={"section": True, "help": help})
@@ -305,6 +312,12 @@ def _build(cls, path: tuple[str, ...], by_section: dict[tuple[str, ...], dict]):
         if _is_section(f):
             kwargs[f.name] = _build(hints[f.name], (*path, f.name), by_section)
     return cls(**kwargs)
+
+
+def with_settings(cfg, **values):
+    """A copy of the composed `cfg` with some flat settings changed (`with_settings(cfg, max_train_steps=2)`)."""
+    current = {name: value for name, (value, _) in leaves(cfg).items()}
+    return compose(type(cfg), {**current, **values})
 
 
 def from_values(cls, values: dict, where: str = "config"):

@@ -27,6 +27,7 @@ from difftune.core.config import (
     default_of,
     leaves,
     option,
+    require,
     section,
 )
 from difftune.core.errors import UserError
@@ -43,6 +44,8 @@ from difftune.finetune.resume import CheckpointConfig
 from difftune.finetune.speed import SpeedConfig
 from difftune.finetune.validation import ValidationConfig
 from difftune.finetune.validation_loss import SelectionConfig
+
+EMA_DECAY = 0.9999
 
 
 @dataclass
@@ -110,7 +113,7 @@ class TrainingConfig:
         "Keep an EMA of the trained weights (of an adapter: its weights only) and save it as the result.",
         default=False, resume=REFUSED, card=True,
     )  # fmt: skip
-    ema_decay: float = option("EMA decay (with --use_ema).", default=0.9999, resume=REFUSED, card=False)
+    ema_decay: float = option("EMA decay (with --use_ema).", default=EMA_DECAY, resume=REFUSED, card=False)
     report_to: str = option("Tracker.", default="tensorboard", choices=("tensorboard", "none"), resume=PASSIVE,
                             card=False)  # fmt: skip
     logging_dir: str = option("Logs folder inside output_dir.", default="logs", resume=PASSIVE, card=False)
@@ -123,10 +126,10 @@ class TrainingConfig:
             (self.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
             (0 <= self.seed < 2**32, f"--seed {self.seed} must be within [0, 2**32)"),
             (0.0 < self.ema_decay < 1.0, "--ema_decay must be within (0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+            (self.use_ema or self.ema_decay == EMA_DECAY, "--ema_decay only applies with --use_ema; add --use_ema or "
+             "drop --ema_decay"),
+        ]  # fmt: skip
+        require(checks)
         check_output_dir(self.output_dir)
 
 
@@ -148,15 +151,10 @@ class TrainConfig:
     selection: SelectionConfig = section(SelectionConfig)
     hub: HubConfig = section(HubConfig)
 
-    def sections(self) -> list:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
-
     def validate(self) -> None:
-        """Each section's checks, then the combinations across sections; all before any model is loaded."""
-        for part in self.sections():
-            part.validate()
-        if self.training.ema_decay != default_of(_field(TrainingConfig, "ema_decay")) and not self.training.use_ema:
-            raise UserError("--ema_decay only applies with --use_ema; add --use_ema or drop --ema_decay")
+        """Each section's checks (a subclass's sections too), all before any model is loaded."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
 
     def applies_to(self, family_name: str, objective: str) -> list[str]:
         """The flags set away from their defaults that do not apply to this model family (by its name or its
@@ -179,10 +177,6 @@ def check_family(cfg: TrainConfig, family_name: str, pipeline_class_name: str, o
         )
 
 
-def _field(cls, name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
-
-
 @dataclass
 class LoraTrainConfig(TrainConfig):
     """finetune_lora.py: an adapter on the denoiser (and optionally the text encoders) through peft."""
@@ -190,10 +184,6 @@ class LoraTrainConfig(TrainConfig):
     network: AdapterConfig = section(
         AdapterConfig, "The adapter (kohya calls it the network): peft type, rank, targets."
     )
-
-    def validate(self) -> None:
-        super().validate()
-        self.network.validate()
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, option
+from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, option, require
 from difftune.core.controls import check_pairs, control_size, decode_controls
 from difftune.core.errors import UserError
 from difftune.core.imagefolder import Record, check_source, decode_all, decode_masks, read_records
@@ -125,9 +125,7 @@ class DataConfig:
                  f"--resolution {self.resolution} must lie within --min_bucket_reso {self.min_bucket_reso} and "
                  f"--max_bucket_reso {self.max_bucket_reso}"),
             ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        require(checks)
 
 
 @dataclass

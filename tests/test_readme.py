@@ -33,6 +33,7 @@ import pytest
 import torch
 import yaml
 
+from difftune.core.config import with_settings
 from difftune.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,8 +231,7 @@ def run_demo(argv: list[str], local: Local, monkeypatch, capsys) -> None:
     real_train, trained, scored = loop.train, [], []
 
     def short_train(cfg, task):
-        cfg = dataclasses.replace(cfg, max_train_steps=2, checkpointing_steps=2, validation_prompt=None,
-                                  report_to="none")  # fmt: skip
+        cfg = with_settings(cfg, max_train_steps=2, checkpointing_steps=2, validation_prompt=None, report_to="none")
         trained.append(real_train(cfg, task))
         return trained[-1]
 
