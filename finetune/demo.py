@@ -86,16 +86,16 @@ def demo_config(name: str) -> Path:
     return shipped_configs() / DEMOS[name][0]
 
 
-def evaluate(model: str, lora_dir: Path | None, seeds: int, edit: bool = False) -> dict[str, shapes.Accuracy]:
+def evaluate(model: str, lora_dir: Path | None, seeds: int) -> dict[str, shapes.Accuracy]:
     """Purple and base-colour accuracy of `model` (with the LoRA in `lora_dir`): prompts drawn, or, for an edit
     model, held-out input images edited."""
     from difftune.pipelines.loading import load_loras, load_pipeline
     from difftune.toyworld.evaluate import edit_accuracy, held_out_inputs, shapes_accuracy
 
-    pipe, _ = load_pipeline(model)
+    pipe, family = load_pipeline(model)
     if lora_dir is not None:  # generate's loader: without diffusers' "no LoRA keys for the text encoder" warning
         load_loras(pipe, [str(lora_dir)], [1.0])
-    if edit:
+    if family.max_controls:
         inputs = held_out_inputs()
         purple = edit_accuracy(pipe, inputs, (shapes.HELD_OUT_COLOUR,), seeds=seeds)
         return {"purple": purple, "base": edit_accuracy(pipe, inputs, shapes.BASE_COLOURS, seeds=seeds)}
@@ -153,13 +153,12 @@ def run_demo(name: str, work_dir: Path, seeds: int = 4, seed: int | None = None)
     model = values["pretrained_model_name_or_path"]
     cfg = from_values(LoraTrainConfig, values, str(demo_config(name)))
 
-    edit = name == "edit"
-    before = evaluate(model, None, seeds, edit)
+    before = evaluate(model, None, seeds)
     print(f"before: purple prompts {before['purple']}; base prompts {before['base']}")
     start = time.time()
     result = train(cfg, LORA)
     train_seconds = time.time() - start
-    after = evaluate(model, Path(cfg.training.output_dir), seeds, edit)
+    after = evaluate(model, Path(cfg.training.output_dir), seeds)
     print(f"after:  purple prompts {after['purple']}; base prompts {after['base']}")
     met = meets_bar(before, after)
     print(

@@ -5,6 +5,9 @@ and uncached losses agree, pairs stay together through flips and buckets, and ba
 from __future__ import annotations
 
 import json
+import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +26,8 @@ from difftune.pipelines.families import detect, read_model_index
 from difftune.pipelines.families.flux import pack, unpack
 from difftune.toyworld import shapes
 from difftune.toyworld.tiny import save_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +176,34 @@ def test_bad_pairings_are_one_line_before_the_model_loads(kontext, pairs, shapes
         train(config(flux, shapes_dir, tmp_path / "c", control_data_dir=[str(shapes_dir)]), LORA)
     with pytest.raises(UserError, match="--validation_prompt on an edit model needs input images to edit"):
         train(config(kontext, pairs, tmp_path / "d", validation_prompt=["make it green"]), LORA)
+
+
+def guide_commands() -> list[list[str]]:
+    """docs/edit.md's commands, each as argv (its ```bash block, continuation lines joined)."""
+    block = re.search(r"^```bash\n(.*?)^```", (ROOT / "docs" / "edit.md").read_text(), re.S | re.M).group(1)
+    return [shlex.split(line) for line in re.sub(r"\\\n\s*", " ", block).splitlines() if line.strip()]
+
+
+def test_the_guides_commands_run(kontext, pairs, tmp_path):
+    """docs/edit.md's training and editing commands, on the tiny Kontext model and local pairs, shortened by flags
+    appended at the end (later flags win)."""
+    from difftune.finetune import finetune_lora
+    from difftune.pipelines import generate
+
+    photo = next((pairs / "control").glob("*.png"))
+    local = {"black-forest-labs/FLUX.1-Kontext-dev": str(kontext), "my_pairs/": str(pairs), "photo.png": str(photo)}
+
+    def localised(argv: list[str]) -> list[str]:
+        return [local.get(a, str(tmp_path / a) if a.startswith("out/") else a) for a in argv]
+
+    (train_cmd, *train_argv), (generate_cmd, *generate_argv) = guide_commands()
+    assert (train_cmd, generate_cmd) == ("difftune-train-lora", "difftune-generate")
+    finetune_lora.main(localised(train_argv) + [
+        "--resolution", "32", "--max_train_steps", "2", "--validation_steps", "2", "--validation_split", "0.5",
+        "--validation_inference_steps", "2", "--max_sequence_length", "16", "--mixed_precision", "no",
+        "--report_to", "none",
+    ])  # fmt: skip
+    assert (tmp_path / "out" / "kontext-lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert list((tmp_path / "out" / "kontext-lora" / "validation" / "step-2").glob("00_*.png"))
+    record = generate.main(localised(generate_argv) + ["--steps", "2", "--device", "cpu"])
+    assert record["adapters"] and (tmp_path / "out" / "edits" / record["images"][0]["file"]).is_file()
