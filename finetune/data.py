@@ -141,14 +141,19 @@ class Images:
     controls: list[list[Image.Image]]  # each example's control images (edit pairs), [] for none
 
     def fingerprint(self) -> str:
-        """sha256 over each example's pixels, size, caption, kind and control images, in order: an added, removed,
-        edited or reordered image, caption or control image changes it (a resume compares it with the checkpoint's)."""
+        """sha256 over each example's pixels, size, caption, kind, loss mask and control images, in order: an added,
+        removed, edited or reordered image, caption, mask or control image changes it (a resume compares it with the
+        checkpoint's)."""
         digest = hashlib.sha256()
-        for image, caption, prior, controls in zip(self.images, self.captions, self.is_prior, self.controls,
-                                                   strict=True):  # fmt: skip
-            digest.update(f"{image.size}|{caption}|{prior}|{len(controls)}|".encode())
-            for im in (image, *controls):
-                digest.update(hashlib.sha256(im.tobytes()).digest())
+        for image, caption, prior, mask, controls in zip(
+            self.images, self.captions, self.is_prior, self.masks, self.controls, strict=True
+        ):
+            digest.update(f"{image.size}|{caption}|{prior}|".encode())
+            digest.update(hashlib.sha256(image.tobytes()).digest())
+            if mask is not None:
+                digest.update(b"mask|" + hashlib.sha256(mask.tobytes()).digest())
+            for control in controls:
+                digest.update(f"control|{control.size}|".encode() + hashlib.sha256(control.tobytes()).digest())
         return digest.hexdigest()
 
     def num_controls(self) -> int:

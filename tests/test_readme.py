@@ -330,7 +330,10 @@ def run_reproduce_base(argv: list[str], local: Local) -> None:
 def run_reproduce_edit_base(argv: list[str], local: Local) -> None:
     from difftune.scripts.reproduce_tiny_edit import main
 
-    main(argv + ["--no-install", "--size", "test", "--per_class", "1", "--max_train_steps", "2", "--eval_per_class", "1"])
+    main(
+        argv
+        + ["--no-install", "--size", "test", "--per_class", "1", "--max_train_steps", "2", "--eval_per_class", "1"]
+    )
     work = Path(flag_value(argv, "work_dir"))
     assert json.loads((work / "base" / "model_index.json").read_text())["_class_name"] == "FluxKontextPipeline"
     rows = [json.loads(line) for line in (work / "data" / "metadata.jsonl").read_text().splitlines()]
