@@ -8,7 +8,8 @@ are encoded beside it (a run killed mid-cache and resumed ends exactly as an uni
 is encoded again; a write that fails (a full disk) is one line. The cache stores the VAE's posterior (mean and log-variance) and a
 latent is sampled from it each step, exactly as without the cache. Random flips are cached as a second posterior.
 Loss masks are cached with the latents, area-averaged down to the latent grid (and flipped); a mask is part of
-its entry's key, so a changed mask is recomputed.
+its entry's key, so a changed mask is recomputed. An edit pair's control images are cached as training images are
+(same keys: the VAE, the size, the image bytes), each example's beside its own.
 """
 
 from __future__ import annotations
@@ -171,6 +172,27 @@ def encode_images(
                 ones = torch.ones(1, *entry["params"].shape[-2:])
                 entry["mask"], entry["mask_flipped"] = ones, ones
     return out  # type: ignore[return-value]
+
+
+def encode_controls(
+    records: list[Record],
+    controls: list[list[Image.Image]],
+    sizes: list[list[tuple[int, int]]],
+    vae,
+    random_flip: bool,
+    cache_dir: Path,
+) -> list[list[dict[str, torch.Tensor]]]:
+    """Each example's control images' entries (`params`, and `flipped` with `random_flip`), encoded and cached
+    exactly as training images are (`encode_images`), at the sizes they train at."""
+    flat = [
+        (Record(source, "", f"control {k + 1} of {record.name}"), image, size)
+        for record, images, sizes_of in zip(records, controls, sizes, strict=True)
+        for k, (source, image, size) in enumerate(zip(record.controls, images, sizes_of, strict=True))
+    ]
+    if not flat:
+        return [[] for _ in records]
+    entries = iter(encode_images(*(list(column) for column in zip(*flat, strict=True)), vae, random_flip, cache_dir))
+    return [[next(entries) for _ in images] for images in controls]
 
 
 def latent_mask(mask: Image.Image, bucket: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:

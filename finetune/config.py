@@ -70,9 +70,9 @@ class ModelConfig:
         default=None, resume=REFUSED, card=False, families=("flow",),
     )  # fmt: skip
     guidance_scale: float | None = option(
-        "Guidance-distilled models (Flux.1-dev, Flux.2 dev): the guidance the transformer is conditioned on while "
-        "training (default: Flux.1 3.5, Flux.2 4.0).", default=None, resume=REFUSED, card=True,
-        families=("flux", "flux2"),
+        "Guidance-distilled models (Flux.1-dev, Flux.1 Kontext, Flux.2 dev): the guidance the transformer is conditioned "
+        "on while training (default: Flux.1 3.5, Flux.2 4.0).", default=None, resume=REFUSED, card=True,
+        families=("flux", "flux-kontext", "flux2"),
     )  # fmt: skip
     # Not for the families whose text encoders are LLMs (Qwen-Image, Flux.2, Z-Image) or T5 alone (Chroma).
     train_text_encoder: bool = option(

@@ -31,7 +31,7 @@ from difftune.core.errors import UserError
 from difftune.core.files import atomic, reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
-from difftune.finetune.data import build_dataset, collate, read_images
+from difftune.finetune.data import build_dataset, check_pairs_fit, collate, read_images
 from difftune.finetune.memory import apply_memory_options, places_itself
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
@@ -41,7 +41,7 @@ from difftune.finetune.resume import apply_settings, check_resume, hyperparamete
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
 from difftune.finetune.text_pass import run_text_pass, say_uncached_cost, uses_text_pass
-from difftune.finetune.validation import log_validation
+from difftune.finetune.validation import edit_inputs, log_validation
 from difftune.finetune.validation_loss import Selection, ValidationLoss, split_validation
 from difftune.pipelines.families import Family, detect, read_model_index
 
@@ -98,6 +98,11 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     if accelerator.is_main_process:  # checkpoints past the start are another run's: kept aside, never pruned
         ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
     accelerator.wait_for_everyone()
+    model = cfg.model.pretrained_model_name_or_path
+    family_cls = detect(model)
+    check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
+    check_pairs_fit(family_cls, data, model)
+    edits = edit_inputs(cfg, family_cls, held_out)  # an edit model's validation inputs
     hub_repo = prepare_hub(cfg, accelerator)
     prompts = [*data.captions, *(held_out.captions if held_out else []), *(cfg.validation.validation_prompt or [])]
     family, trainable, weight_dtype = load_models(cfg, task, accelerator, prompts)
@@ -171,7 +176,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                     save_checkpoint(run, progress)
                 if cfg.validation.validation_prompt and progress.step % cfg.validation.validation_steps == 0:
                     with resident(family, offloaded, accelerator.device):
-                        log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
+                        log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype, edits)
                 if progress.step >= run.max_steps:
                     break
             else:  # the epoch ran out

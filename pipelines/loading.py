@@ -140,7 +140,7 @@ def _bfl(key: str) -> bool:
     return key.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks"))
 
 
-FLUX1_NAMES, FLUX2_NAMES = ("flux", "chroma"), ("flux2", "flux2_klein")
+FLUX1_NAMES, FLUX2_NAMES = ("flux", "flux-kontext", "chroma"), ("flux2", "flux2_klein")
 # What a LoRA file's keys address, most specific first: (name, description, test of one key, the families it fits;
 # None: every family with that denoiser). diffusers/peft keys (`unet.`, `transformer.`) and kohya/ComfyUI ones
 # (`lora_unet_*`; Flux files name BFL's `double_blocks`/`single_blocks`) are both read.

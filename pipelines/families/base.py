@@ -170,6 +170,10 @@ class Family(ABC):
     text_first: ClassVar[bool] = False
     sample_posterior: ClassVar[bool] = True  # a latent drawn from the VAE posterior; False: its mean
     takes_negative_prompt: ClassVar[bool] = True  # the pipeline's call has a `negative_prompt`
+    # Edit models (Flux Kontext, Qwen-Image-Edit) train on pairs: how many control images one example takes (0: a
+    # text-to-image model), and the multiple their sides are sized to (`core.controls.control_size`).
+    max_controls: ClassVar[int] = 0
+    control_multiple: ClassVar[int] = 16
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
@@ -335,6 +339,19 @@ class Family(ABC):
         """Training sigmas (B,) drawn from the scheduler's schedule, moved as the family's pipeline moves its
         sampling sigmas for latents of `latent_shape` (a resolution-dependent shift); unchanged by default."""
         return sigmas
+
+    def image_latents(self, posterior: torch.Tensor) -> torch.Tensor:
+        """A control image's latents (B, C, h, w) from VAE posterior params (B, 2C, h, w): the posterior's mode,
+        shifted and scaled, as the edit pipelines encode an input image (`retrieve_latents(..., "argmax")`)."""
+        mean = posterior.chunk(2, dim=1)[0]
+        shift = self.vae.config.get("shift_factor", None) or 0.0
+        return (mean - shift) * self.vae.config.scaling_factor
+
+    @classmethod
+    def edit_inputs(cls, pipe, images: list, height: int, width: int, max_sequence_length: int | None) -> dict:
+        """What an edit model's pipeline call takes besides the prompt to edit `images` into a `height` x `width`
+        result (an edit family's own); a text-to-image family takes no images."""
+        raise UserError(f"{cls.pipeline_class_name} is a text-to-image model: it takes no input image")
 
     @abstractmethod
     def predict(
