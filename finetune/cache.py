@@ -94,6 +94,17 @@ def _key(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
+CACHE_BATCH = 16  # images the VAE encodes at once while caching
+
+
+def encode_posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior parameters (B, 2C, h, w), mean and log-variance, of `pixels` (B, 3, H, W).
+
+    One image at a time (as diffusers' VAE slicing does): the encoder's activations grow with the batch, and for
+    a batch of 16 at 1024 px they are tens of GB, more than training itself needs (`finetune.planner` shows it)."""
+    return torch.cat([vae.encode(image).latent_dist.parameters for image in pixels.split(1)])
+
+
 @torch.no_grad()
 def encode_images(
     records: list[Record],
@@ -103,7 +114,7 @@ def encode_images(
     random_flip: bool,
     cache_dir: Path,
     masks: list[Image.Image | None] | None = None,
-    batch_size: int = 16,
+    batch_size: int = CACHE_BATCH,
 ) -> list[dict[str, torch.Tensor]]:
     """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket, from the cache or
     the VAE; with `masks` (None items: no mask, weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
@@ -132,8 +143,8 @@ def encode_images(
     for chunk in chunks:
         pixels = torch.stack([to_tensor(resize_to_bucket(images[i], buckets[i], None)[0]) for i in chunk])
         pixels = pixels.to(device, dtype)  # (B, 3, H, W), one bucket
-        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 2C, h, w)
-        flipped = vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu() if random_flip else None
+        params = encode_posterior(vae, pixels).float().cpu()  # (B, 2C, h, w)
+        flipped = encode_posterior(vae, pixels.flip(-1)).float().cpu() if random_flip else None
         for j, i in enumerate(chunk):
             entry = {"params": params[j]}
             if flipped is not None:

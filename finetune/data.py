@@ -33,6 +33,7 @@ from difftune.core.errors import UserError
 from difftune.core.imagefolder import Record, check_source, decode_all, decode_masks, read_records
 from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
 from difftune.finetune.cache import encode_captions, encode_images, fingerprint_module, mask_tensor, to_tensor
+from difftune.finetune.planner import checks_this_machine
 
 if TYPE_CHECKING:
     from difftune.finetune.dreambooth import DreamBoothConfig
@@ -81,7 +82,8 @@ class DataConfig:
     dataloader_num_workers: int = option("Data loading worker processes.", default=0, resume=PASSIVE, card=False)
 
     def validate(self) -> None:
-        check_source(self.train_data_dir, self.dataset_name)
+        if checks_this_machine() or (self.train_data_dir and self.dataset_name):  # a plan needs no data
+            check_source(self.train_data_dir, self.dataset_name)
         checks = [
             (self.resolution > 0 and self.resolution % 8 == 0, f"--resolution {self.resolution} must be a multiple of 8"),
             (0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be within [0, 1]"),

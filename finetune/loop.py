@@ -41,6 +41,7 @@ from difftune.pipelines.families import Family, detect, read_model_index
 logger = logging.getLogger(__name__)
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
 BEST = "best"  # <output_dir>/best/: the checkpoint of the lowest validation loss (--keep_best_by)
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the frozen weights' dtype by --mixed_precision
 
 
 @dataclass
@@ -228,7 +229,7 @@ def class_images(cfg: TrainConfig, accelerator: Accelerator) -> list | None:
 
 def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple[Family, Trainable, torch.dtype]:
     """The family's components, frozen; the task's part made trainable; everything placed and cast."""
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
@@ -237,6 +238,15 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     task.check(family_cls, cfg)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
     family = family_cls.load(model, index, denoiser, cfg.model.family_options())
+    trainable = place_models(cfg, task, family, accelerator.device, weight_dtype, quantized=denoiser is not None)
+    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
+    return family, trainable, weight_dtype
+
+
+def place_models(cfg: TrainConfig, task: Task, family: Family, device, weight_dtype, quantized: bool) -> Trainable:
+    """Freezes the family's modules, lets the task make its part trainable, and places and casts everything on
+    `device`; `quantized`: the denoiser came quantised (its packed weights are never cast). The memory planner
+    (`finetune.planner`) places its meta-device models through this too."""
     for module in family.frozen_modules().values():
         module.requires_grad_(False)
         module.eval()
@@ -246,19 +256,18 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     if cfg.memory.gradient_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
     for name, module in family.frozen_modules().items():
-        if name == family.denoiser_name and denoiser is not None:  # quantised: never cast packed 4/8-bit weights
+        if name == family.denoiser_name and quantized:  # never cast packed 4/8-bit weights
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         elif any(p.requires_grad for p in module.parameters()):  # trained weights stay fp32 (cast_training_params)
             for p in module.parameters():
                 p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
-            module.to(accelerator.device)
+            module.to(device)
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
-            move(module, accelerator.device, torch.float32 if upcast else weight_dtype)
-    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
-    return family, trainable, weight_dtype
+            move(module, device, torch.float32 if upcast else weight_dtype)
+    return trainable
 
 
 def move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:

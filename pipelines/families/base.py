@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -115,6 +116,7 @@ class Family(ABC):
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     default_sampler: ClassVar[str] = "dpmpp-2m"  # pipelines.generate's default for this family
     passes_sigmas: ClassVar[bool] = False  # the pipeline hands the scheduler custom sigmas (FluxPipeline)
+    guidance_batch: ClassVar[int] = 2  # the pipeline's denoiser batch per image (classifier-free guidance)
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
@@ -144,11 +146,20 @@ class Family(ABC):
         return getattr(importlib.import_module("diffusers"), cls.pipeline_class_name)
 
     @classmethod
-    def load(cls, model: str, index: dict, denoiser: nn.Module | None = None, options: dict | None = None) -> Family:
+    def load(
+        cls,
+        model: str,
+        index: dict,
+        denoiser: nn.Module | None = None,
+        options: dict | None = None,
+        make_part: Callable[[str, type], Any] | None = None,
+    ) -> Family:
         """Every component training needs; `denoiser` replaces the pipeline's (e.g. a quantised one). `options` are
         the training settings a family reads (`prediction_type`, `max_sequence_length`, `guidance_scale`, ...),
         unset ones None or False. Which settings apply to which family is their config fields' metadata; the trainer
-        refuses the others before loading (`finetune.config.check_family`)."""
+        refuses the others before loading (`finetune.config.check_family`). `make_part(name, cls)` makes a
+        component instead of `cls.from_pretrained(model, subfolder=name)` (the memory planner builds them from
+        their configs on the meta device)."""
         options = given(options or {})
         parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **options)}
         absent = [name for name in cls.optional_parts if (index.get(name) or [None])[0] is None]
@@ -160,7 +171,10 @@ class Family(ABC):
             elif name in absent:
                 parts[name] = None
             else:
-                parts[name] = component_class(index, name, model).from_pretrained(model, subfolder=name)
+                part_cls = component_class(index, name, model)
+                parts[name] = (
+                    make_part(name, part_cls) if make_part else part_cls.from_pretrained(model, subfolder=name)
+                )
         family = cls(model, index, parts, options)
         family.check_options()
         return family
