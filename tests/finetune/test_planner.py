@@ -174,3 +174,41 @@ def test_the_cuda_autocast_table_agrees_with_torchs_own_lists():
     assert listed & set(LOW_PRECISION["cuda"]) >= {"linear", "conv2d", "bmm", "matmul", "baddbmm", "addmm"}
     assert {"layer_norm", "group_norm", "softmax", "mse_loss", "rms_norm"} <= listed & set(FP32["cuda"])
     assert not set(LOW_PRECISION["cuda"]) & set(FP32["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- hardware presets
+
+PRESET_PATHS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs" / "hardware").glob("*.yaml")
+                      if p.stem != "cpu")  # fmt: skip
+# The training loop places every part on the device before it caches latents and text: T5-XXL (8.9 GiB in bf16)
+# beside the denoiser does not fit these cards, whatever their other settings.
+OVER_WHILE_CACHING = {"gpu-12gb-sd3", "gpu-16gb-flux", "gpu-24gb-flux"}
+
+
+def _card_case(path: Path):
+    marks = (
+        [pytest.mark.xfail(strict=True, reason="over its card while caching")]
+        if path.stem in OVER_WHILE_CACHING
+        else []
+    )
+    return pytest.param(path, marks=marks, id=path.stem)
+
+
+@pytest.mark.parametrize("path", [_card_case(p) for p in PRESET_PATHS])
+def test_every_preset_states_a_prediction_under_its_card(path):
+    from difftune.scripts.memory_table import preset_target, stated_peak
+
+    stated = stated_peak(path)
+    assert stated is not None, (
+        f"{path.name} states no memory planner prediction (python -m difftune.scripts.memory_table)"
+    )
+    assert stated <= preset_target(path.stem)[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PRESET_PATHS, ids=[p.stem for p in PRESET_PATHS])
+def test_every_preset_states_the_planners_prediction(path, tmp_path):
+    """The planner on the preset's family's real shape (meta device) gives the figure the preset states."""
+    from difftune.scripts.memory_table import preset_plan, stated_peak
+
+    assert abs(preset_plan(path, tmp_path).predicted / planner.GIB - stated_peak(path)) <= 0.01
