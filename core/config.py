@@ -353,11 +353,12 @@ def with_settings(cfg, **values):
     return compose(type(cfg), {**current, **values})
 
 
-def from_values(cls, values: dict, where: str = "config"):
-    """`compose(cls, values)` with choices checked and `validate()` called."""
+def from_values(cls, values: dict, where: str = "config", validate: bool = True):
+    """`compose(cls, values)` with choices checked and (unless `validate=False`: the caller does) `validate()`
+    called."""
     cfg = compose(cls, values, where)
     _check_choices(cfg)
-    if hasattr(cfg, "validate"):
+    if validate and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 
@@ -366,14 +367,22 @@ def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def parse(cls, argv: Sequence[str] | None, description: str = "", base: dict | None = None, prog: str | None = None):
-    """`cls` from its defaults, then `base`, then each --config file, then flags; checked and validated."""
+def parse(
+    cls,
+    argv: Sequence[str] | None,
+    description: str = "",
+    base: dict | None = None,
+    prog: str | None = None,
+    validate: bool = True,
+):
+    """`cls` from its defaults, then `base`, then each --config file, then flags; checked and (unless
+    `validate=False`) validated."""
     args = vars(build_parser(cls, description, prog).parse_args(argv))
     values = dict(base or {})
     for path in args.pop("config"):
         values.update(load_yaml(path, cls))
     values.update(args)
-    return from_values(cls, values)
+    return from_values(cls, values, validate=validate)
 
 
 def to_dict(cfg, exclude: Sequence[str] = ()) -> dict:

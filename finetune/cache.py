@@ -118,6 +118,14 @@ def _key(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
+def encode_posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior parameters (B, 2C, h, w), mean and log-variance, of `pixels` (B, 3, H, W).
+
+    One image at a time (as diffusers' VAE slicing does): the encoder's activations grow with the batch, and for
+    a batch of 16 at 1024 px they are tens of GB, more than training itself needs (`finetune.planner` shows it)."""
+    return torch.cat([vae.encode(image).latent_dist.parameters for image in pixels.split(1)])
+
+
 @torch.no_grad()
 def encode_images(
     records: list[Record],
@@ -132,7 +140,7 @@ def encode_images(
     """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket, from the cache or
     the VAE (`encode(pixels)`, the family's `posterior`; default the VAE's own); with `masks` (None items: no mask,
     weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
-    encode = encode or (lambda pixels: vae.encode(pixels).latent_dist.parameters)
+    encode = encode or (lambda pixels: encode_posterior(vae, pixels))
     cache = EncodeCache(cache_dir / "latents")
     vae_fp = fingerprint_module(vae)
     masks = masks if masks is not None else [None] * len(records)

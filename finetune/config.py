@@ -5,7 +5,7 @@ dataclass declared in the module of its concern: the data (`finetune.data`), cac
 (`finetune.dreambooth`), the objective (`finetune.objective`), the optimizer (`finetune.optim`), memory
 (`finetune.memory`), step speed (`finetune.speed`), checkpoints (`finetune.resume`), validation images
 (`finetune.validation`), held-out selection (`finetune.validation_loss`), the Hub (`finetune.hub`), the adapter
-(`finetune.adapters`); the model and the run itself are declared here. `core.config` fills them from defaults, YAML
+(`finetune.adapters`), the memory planner (`finetune.planner`); the model and the run itself are declared here. `core.config` fills them from defaults, YAML
 files and flags, all flat and named as in diffusers' example scripts (`--resolution`, not `--data.resolution`).
 
 Every setting says in its metadata what a resume may do with it, whether it goes on the model card, and which
@@ -41,6 +41,7 @@ from difftune.finetune.memory import MemoryConfig
 from difftune.finetune.objective import ObjectiveConfig
 from difftune.finetune.optim import OptimizerConfig, optimizer_name
 from difftune.finetune.optimizer_steps import check_step_options
+from difftune.finetune.planner import PlanConfig
 from difftune.finetune.resume import CheckpointConfig
 from difftune.finetune.speed import SpeedConfig
 from difftune.finetune.validation import ValidationConfig
@@ -156,6 +157,7 @@ class TrainConfig:
     validation: ValidationConfig = section(ValidationConfig)
     selection: SelectionConfig = section(SelectionConfig)
     hub: HubConfig = section(HubConfig)
+    plan: PlanConfig = section(PlanConfig)
 
     def validate(self) -> None:
         """Each section's checks (a subclass's sections too), all before any model is loaded."""

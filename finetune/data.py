@@ -47,6 +47,7 @@ from difftune.finetune.cache import (
     mask_tensor,
     to_tensor,
 )
+from difftune.finetune.planner import checks_this_machine
 
 if TYPE_CHECKING:
     from difftune.finetune.dreambooth import DreamBoothConfig
@@ -104,7 +105,8 @@ class DataConfig:
     dataloader_num_workers: int = option("Data loading worker processes.", default=0, resume=PASSIVE, card=False)
 
     def validate(self) -> None:
-        check_source(self.train_data_dir, self.dataset_name)
+        if checks_this_machine() or (self.train_data_dir and self.dataset_name):  # a plan needs no data
+            check_source(self.train_data_dir, self.dataset_name)
         checks = [
             (self.resolution > 0 and self.resolution % 8 == 0,
              f"--resolution {self.resolution} must be a positive multiple of 8"),

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
 BEST = "best"  # <output_dir>/best/: the checkpoint of the lowest validation loss (--keep_best_by)
 PROGRESS = "progress.json"  # <output_dir>/progress.json: step, length, loss and time left, for a watcher (the web app)
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the frozen weights' dtype by --mixed_precision
 
 
 @dataclass
@@ -258,7 +259,7 @@ def load_models(
     """The family's components, frozen; the task's part made trainable; everything placed and cast. A family with
     large text encoders first encodes `prompts` (every caption and validation prompt) with them alone, and loads
     the rest without them (`finetune.text_pass`)."""
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
@@ -276,6 +277,16 @@ def load_models(
     family.text_embeddings = text
     if family_cls.text_first and text is None:
         say_uncached_cost(family)
+    trainable = place_models(cfg, task, family, accelerator.device, weight_dtype, quantized=denoiser is not None)
+    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
+    return family, trainable, weight_dtype
+
+
+def place_models(cfg: TrainConfig, task: Task, family: Family, device, weight_dtype, quantized: bool) -> Trainable:
+    """Freezes the family's modules, lets the task make its part trainable, and places and casts everything on
+    `device`; `quantized`: the denoiser came quantised (its packed weights are never cast). The denoiser is placed
+    by the memory options (`finetune.memory.apply_memory_options`: whole, or with blocks left in CPU memory). The
+    memory planner (`finetune.planner`) places its meta-device models through this too."""
     for module in family.frozen_modules().values():
         module.requires_grad_(False)
         module.eval()
@@ -284,23 +295,22 @@ def load_models(
         module.train()
     trained_dtype = torch.bfloat16 if cfg.memory.full_bf16 else torch.float32
     for name, module in family.frozen_modules().items():
-        if name == family.denoiser_name and denoiser is not None:  # quantised: never cast packed 4/8-bit weights
+        if name == family.denoiser_name and quantized:  # never cast packed 4/8-bit weights
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         elif any(p.requires_grad for p in module.parameters()):  # trained weights stay fp32 (cast_training_params)
             for p in module.parameters():  # or bf16 with --full_bf16 (updates rounded stochastically)
                 p.data = p.data.to(trained_dtype if p.requires_grad else weight_dtype)
-            if name != family.denoiser_name:  # the memory options place the denoiser
-                module.to(accelerator.device)
-        elif name == family.denoiser_name:
-            move(module, torch.device("cpu"), weight_dtype)
+            if name != family.denoiser_name:
+                module.to(device)
+        elif name == family.denoiser_name:  # cast where it was loaded; the memory options place it
+            move(module, next(module.parameters()).device, weight_dtype)
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
-            move(module, accelerator.device, torch.float32 if upcast else weight_dtype)
-    apply_memory_options(family.denoiser, cfg.memory, accelerator.device)
-    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
-    return family, trainable, weight_dtype
+            move(module, device, torch.float32 if upcast else weight_dtype)
+    apply_memory_options(family.denoiser, cfg.memory, device)
+    return trainable
 
 
 def move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:

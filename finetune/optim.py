@@ -20,6 +20,7 @@ import torch
 
 from difftune.core.config import REFUSED, SETTABLE, option, require
 from difftune.core.errors import UserError
+from difftune.finetune.planner import checks_this_machine
 from difftune.finetune.quantize import cuda_available
 
 logger = logging.getLogger(__name__)
@@ -91,13 +92,13 @@ def validate_optim(cfg: OptimizerConfig) -> None:
     name = optimizer_name(cfg)
     if name not in OPTIMIZERS:
         raise UserError(f"--optimizer {name!r}: unknown; choose one of {', '.join(OPTIMIZERS)}")
-    if name == "adamw8bit":
+    if name == "adamw8bit" and checks_this_machine():
         if not cuda_available():
             raise UserError(
                 "--optimizer adamw8bit (--use_8bit_adam) needs a CUDA GPU (bitsandbytes); use --optimizer adamw here"
             )
         _import("bitsandbytes", "--optimizer adamw8bit", "'difftune[bnb]'")
-    if name == "prodigy":
+    if name == "prodigy" and checks_this_machine():
         _import("prodigyopt", "--optimizer prodigy", "prodigyopt")
     if cfg.fused_optimizer and name != "adamw":
         raise UserError(f"--fused_optimizer is torch's AdamW kernel; --optimizer {name} has none: drop one of them")

@@ -17,6 +17,7 @@ import os
 import torch
 
 from difftune.core.errors import UserError
+from difftune.finetune.planner import checks_this_machine
 
 MODES = ("nf4", "int8")
 
@@ -31,6 +32,8 @@ def check_quantize(mode: str) -> None:
     """One-line UserError when `--quantize_base mode` cannot run on this machine."""
     if mode not in MODES:
         raise UserError(f"--quantize_base {mode!r}: unknown; choose one of {', '.join(MODES)}")
+    if not checks_this_machine():
+        return
     if not cuda_available():
         raise UserError(
             f"--quantize_base {mode} needs a CUDA GPU (bitsandbytes' 4/8-bit layers); drop it on this machine"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -174,6 +174,7 @@ class Family(ABC):
     # text-to-image model), and the multiple their sides are sized to (`core.controls.control_size`).
     max_controls: ClassVar[int] = 0
     control_multiple: ClassVar[int] = 16
+    guidance_batch: ClassVar[int] = 2  # the pipeline's denoiser batch per image (classifier-free guidance)
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
@@ -213,12 +214,15 @@ class Family(ABC):
         denoiser: nn.Module | None = None,
         options: dict | None = None,
         text_encoders: bool = True,
+        make_part: Callable[[str, type], Any] | None = None,
     ) -> Family:
         """Every component training needs; `denoiser` replaces the pipeline's (e.g. a quantised one). `options` are
         the training settings a family reads (`prediction_type`, `max_sequence_length`, `guidance_scale`, ...),
         unset ones None or False. Which settings apply to which family is their config fields' metadata; the trainer
         refuses the others before loading (`finetune.config.check_family`). `text_encoders=False` leaves the text
-        encoders out (None): their outputs were computed ahead (`text_first`)."""
+        encoders out (None): their outputs were computed ahead (`text_first`). `make_part(name, cls)`
+        makes a component instead of `cls.from_pretrained(model, subfolder=name)` (the memory planner builds them
+        from their configs on the meta device)."""
         options = given(options or {})
         parts: dict[str, Any] = {
             "noise_scheduler": load_part(model, "scheduler", lambda: cls.load_noise_scheduler(model, **options))
@@ -231,8 +235,13 @@ class Family(ABC):
             elif name in absent or name in skipped:
                 parts[name] = None
             else:
-                cls_ = component_class(index, name, model)
-                parts[name] = load_part(model, name, lambda c=cls_, n=name: c.from_pretrained(model, subfolder=n))
+                part_cls = component_class(index, name, model)
+                if make_part is not None:
+                    parts[name] = make_part(name, part_cls)
+                else:
+                    parts[name] = load_part(
+                        model, name, lambda c=part_cls, n=name: c.from_pretrained(model, subfolder=n)
+                    )
         family = cls(model, index, parts, options)
         family.check_options()
         return family
