@@ -83,6 +83,13 @@ def option(
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def require(checks: Sequence[tuple[bool, str]]) -> None:
+    """A section's `validate()`: (condition, message) pairs; the first that fails is the `UserError`."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def section(cls, help: str = ""):
     """A field holding a sub-config (a dataclass owned by another module); its fields stay flat flags."""
     return dataclasses.field(default_factory=cls, metadata={"section": True, "help": help})
@@ -340,11 +347,18 @@ def _build(cls, path: tuple[str, ...], by_section: dict[tuple[str, ...], dict]):
     return cls(**kwargs)
 
 
-def from_values(cls, values: dict, where: str = "config"):
-    """`compose(cls, values)` with choices checked and `validate()` called."""
+def with_settings(cfg, **values):
+    """A copy of the composed `cfg` with some flat settings changed (`with_settings(cfg, max_train_steps=2)`)."""
+    current = {name: value for name, (value, _) in leaves(cfg).items()}
+    return compose(type(cfg), {**current, **values})
+
+
+def from_values(cls, values: dict, where: str = "config", validate: bool = True):
+    """`compose(cls, values)` with choices checked and (unless `validate=False`: the caller does) `validate()`
+    called."""
     cfg = compose(cls, values, where)
     _check_choices(cfg)
-    if hasattr(cfg, "validate"):
+    if validate and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 
@@ -353,14 +367,22 @@ def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def parse(cls, argv: Sequence[str] | None, description: str = "", base: dict | None = None, prog: str | None = None):
-    """`cls` from its defaults, then `base`, then each --config file, then flags; checked and validated."""
+def parse(
+    cls,
+    argv: Sequence[str] | None,
+    description: str = "",
+    base: dict | None = None,
+    prog: str | None = None,
+    validate: bool = True,
+):
+    """`cls` from its defaults, then `base`, then each --config file, then flags; checked and (unless
+    `validate=False`) validated."""
     args = vars(build_parser(cls, description, prog).parse_args(argv))
     values = dict(base or {})
     for path in args.pop("config"):
         values.update(load_yaml(path, cls))
     values.update(args)
-    return from_values(cls, values)
+    return from_values(cls, values, validate=validate)
 
 
 def to_dict(cfg, exclude: Sequence[str] = ()) -> dict:

@@ -5,7 +5,7 @@ dataclass declared in the module of its concern: the data (`finetune.data`), cac
 (`finetune.dreambooth`), the objective (`finetune.objective`), the optimizer (`finetune.optim`), memory
 (`finetune.memory`), step speed (`finetune.speed`), checkpoints (`finetune.resume`), validation images
 (`finetune.validation`), held-out selection (`finetune.validation_loss`), the Hub (`finetune.hub`), the adapter
-(`finetune.adapters`); the model and the run itself are declared here. `core.config` fills them from defaults, YAML
+(`finetune.adapters`), the memory planner (`finetune.planner`); the model and the run itself are declared here. `core.config` fills them from defaults, YAML
 files and flags, all flat and named as in diffusers' example scripts (`--resolution`, not `--data.resolution`).
 
 Every setting says in its metadata what a resume may do with it, whether it goes on the model card, and which
@@ -27,6 +27,7 @@ from difftune.core.config import (
     default_of,
     leaves,
     option,
+    require,
     section,
 )
 from difftune.core.errors import UserError
@@ -38,11 +39,15 @@ from difftune.finetune.dreambooth import DreamBoothConfig
 from difftune.finetune.hub import HubConfig
 from difftune.finetune.memory import MemoryConfig
 from difftune.finetune.objective import ObjectiveConfig
-from difftune.finetune.optim import OptimizerConfig
+from difftune.finetune.optim import OptimizerConfig, optimizer_name
+from difftune.finetune.optimizer_steps import check_step_options
+from difftune.finetune.planner import PlanConfig
 from difftune.finetune.resume import CheckpointConfig
 from difftune.finetune.speed import SpeedConfig
 from difftune.finetune.validation import ValidationConfig
 from difftune.finetune.validation_loss import SelectionConfig
+
+EMA_DECAY = 0.9999
 
 
 @dataclass
@@ -66,12 +71,15 @@ class ModelConfig:
         default=None, resume=REFUSED, card=False, families=("flow",),
     )  # fmt: skip
     guidance_scale: float | None = option(
-        "Guidance-distilled models (Flux.1-dev): the guidance the transformer is conditioned on while training "
-        "(default 3.5).", default=None, resume=REFUSED, card=True, families=("flux",),
+        "Guidance-distilled models (Flux.1-dev, Flux.1 Kontext, Flux.2 dev): the guidance the transformer is conditioned "
+        "on while training (default: Flux.1 3.5, Flux.2 4.0).", default=None, resume=REFUSED, card=True,
+        families=("flux", "flux-kontext", "flux2"),
     )  # fmt: skip
+    # Not for the families whose text encoders are LLMs (Qwen-Image, Flux.2, Z-Image) or T5 alone (Chroma).
     train_text_encoder: bool = option(
-        "Also train the text encoder(s) (LoRA script: LoRA on them).", default=False, resume=REFUSED, card=True
-    )
+        "Also train the CLIP text encoder(s) (LoRA script: LoRA on them).", default=False, resume=REFUSED, card=True,
+        families=("sd1", "sd2", "sdxl", "sd3", "flux"),
+    )  # fmt: skip
 
     def validate(self) -> None:
         if not self.pretrained_model_name_or_path:
@@ -82,8 +90,10 @@ class ModelConfig:
             raise UserError("--guidance_scale must not be negative")
 
     def family_options(self) -> dict:
-        """The settings a model family reads while loading (see `pipelines.families.Family.load`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("families")}
+        """The settings a model family reads while loading (see `pipelines.families.Family.load`): those of some
+        families only, but --train_text_encoder, which the task reads (`finetune.tasks`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("families") and f.name != "train_text_encoder"}  # fmt: skip
 
 
 @dataclass
@@ -110,7 +120,7 @@ class TrainingConfig:
         "Keep an EMA of the trained weights (of an adapter: its weights only) and save it as the result.",
         default=False, resume=REFUSED, card=True,
     )  # fmt: skip
-    ema_decay: float = option("EMA decay (with --use_ema).", default=0.9999, resume=REFUSED, card=False)
+    ema_decay: float = option("EMA decay (with --use_ema).", default=EMA_DECAY, resume=REFUSED, card=False)
     report_to: str = option("Tracker.", default="tensorboard", choices=("tensorboard", "none"), resume=PASSIVE,
                             card=False)  # fmt: skip
     logging_dir: str = option("Logs folder inside output_dir.", default="logs", resume=PASSIVE, card=False)
@@ -123,10 +133,10 @@ class TrainingConfig:
             (self.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
             (0 <= self.seed < 2**32, f"--seed {self.seed} must be within [0, 2**32)"),
             (0.0 < self.ema_decay < 1.0, "--ema_decay must be within (0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+            (self.use_ema or self.ema_decay == EMA_DECAY, "--ema_decay only applies with --use_ema; add --use_ema or "
+             "drop --ema_decay"),
+        ]  # fmt: skip
+        require(checks)
         check_output_dir(self.output_dir)
 
 
@@ -147,16 +157,17 @@ class TrainConfig:
     validation: ValidationConfig = section(ValidationConfig)
     selection: SelectionConfig = section(SelectionConfig)
     hub: HubConfig = section(HubConfig)
-
-    def sections(self) -> list:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+    plan: PlanConfig = section(PlanConfig)
 
     def validate(self) -> None:
-        """Each section's checks, then the combinations across sections; all before any model is loaded."""
-        for part in self.sections():
-            part.validate()
-        if self.training.ema_decay != default_of(_field(TrainingConfig, "ema_decay")) and not self.training.use_ema:
-            raise UserError("--ema_decay only applies with --use_ema; add --use_ema or drop --ema_decay")
+        """Each section's checks (a subclass's sections too), all before any model is loaded."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.memory.blocks_to_swap and self.speed.compile:
+            raise UserError(
+                "--blocks_to_swap moves weights in hooks around each swapped block, which --compile would trace into "
+                "its graphs; drop one of them"
+            )
 
     def applies_to(self, family_name: str, objective: str) -> list[str]:
         """The flags set away from their defaults that do not apply to this model family (by its name or its
@@ -179,10 +190,6 @@ def check_family(cfg: TrainConfig, family_name: str, pipeline_class_name: str, o
         )
 
 
-def _field(cls, name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
-
-
 @dataclass
 class LoraTrainConfig(TrainConfig):
     """finetune_lora.py: an adapter on the denoiser (and optionally the text encoders) through peft."""
@@ -193,7 +200,15 @@ class LoraTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.network.validate()
+        for flag, on in (
+            ("fused_backward_pass", self.memory.fused_backward_pass),
+            ("full_bf16", self.memory.full_bf16),
+        ):
+            if on:
+                raise UserError(
+                    f"--{flag} is for full fine-tuning (finetune_full.py); a LoRA's weights and gradients are a few MB: "
+                    f"drop --{flag}"
+                )
 
 
 @dataclass
@@ -202,8 +217,13 @@ class FullTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.memory.quantize_base is not None:
-            raise UserError(
-                f"--quantize_base {self.memory.quantize_base} quantises the frozen base; full fine-tuning trains it: "
-                "use finetune_lora.py, or drop --quantize_base"
-            )
+        memory = self.memory
+        frozen_base = (("quantize_base", memory.quantize_base), ("fp8_base", memory.fp8_base),
+                       ("blocks_to_swap", memory.blocks_to_swap))  # fmt: skip
+        check_step_options(memory, self.optim, self.training, optimizer_name(self.optim))
+        for flag, value in frozen_base:
+            if value:
+                raise UserError(
+                    f"--{flag}{'' if value is True else f' {value}'} is for a frozen base; full fine-tuning trains it: "
+                    f"use finetune_lora.py, or drop --{flag}"
+                )

@@ -8,12 +8,20 @@ a `Family` subclass and list it in `FAMILIES` (more specific first).
 from __future__ import annotations
 
 from difftune.pipelines.families.base import Family, read_model_index, sub_config
+from difftune.pipelines.families.chroma import Chroma
 from difftune.pipelines.families.flux import Flux
+from difftune.pipelines.families.flux2 import Flux2, Flux2Klein
+from difftune.pipelines.families.flux_kontext import FluxKontext
+from difftune.pipelines.families.qwen_image import QwenImage
 from difftune.pipelines.families.sd import StableDiffusion1, StableDiffusion2
 from difftune.pipelines.families.sd3 import StableDiffusion3
 from difftune.pipelines.families.sdxl import StableDiffusionXL
+from difftune.pipelines.families.z_image import ZImage
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux)
+FAMILIES: tuple[type[Family], ...] = (
+    StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux, FluxKontext, QwenImage, Flux2,
+    Flux2Klein, ZImage, Chroma,
+)  # fmt: skip
 
 __all__ = ["FAMILIES", "Family", "by_name", "detect", "read_model_index", "sub_config"]
 

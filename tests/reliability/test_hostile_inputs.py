@@ -424,7 +424,7 @@ ROWS = [
     Row("a LoHa adapter in generate", lycoris("loha"), 0, "", lycoris_loaded_as_trained),
     Row("a LoKr adapter in generate", lycoris("lokr"), 0, "", lycoris_loaded_as_trained),
     Row("--adam_beta1 1.5", flags("--adam_beta1", "1.5"), 2, "--adam_beta1 1.5 must be within [0, 1)"),
-    Row("--max_grad_norm 0", flags("--max_grad_norm", "0"), 2, "--max_grad_norm must be positive"),
+    Row("--max_grad_norm -1", flags("--max_grad_norm", "-1"), 2, "--max_grad_norm -1.0 must not be negative"),
     Row("a negative prior loss weight", flags("--with_prior_preservation", "--class_data_dir", "c",
         "--prior_loss_weight", "-1"), 2, "--prior_loss_weight must not be negative"),
     Row("an integer beyond 64 bits", flags("--rank", str(2**70)), 2, f"--rank {2**70} out of range"),
