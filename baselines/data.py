@@ -96,6 +96,8 @@ def load_tensor(
     `shapes=True` renders `n_per_class` images for each base colour and shape (labels ``"colour shape"``);
     otherwise exactly one of `train_data_dir` / `dataset_name` is read through `core.imagefolder`.
     """
+    if resolution < 1:
+        raise UserError(f"--resolution {resolution} must be a positive number of pixels (e.g. 32)")
     if not 1 <= n_bits <= 8:
         raise UserError(f"--n_bits {n_bits} must be between 1 and 8")
     if channels not in (None, 1, 3):

@@ -225,6 +225,28 @@ def _unknown(name: str, known: Sequence[str], where: str) -> UserError:
     return UserError(f"{where}: unknown key {name!r}{hint}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (SafeLoader keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: explicit keys may override merged ones
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path, cls) -> dict:
     """The keys of a YAML config file, each checked against `cls`'s field types; unknown keys are errors."""
     path = Path(path)
@@ -235,7 +257,14 @@ def load_yaml(path: str | Path, cls) -> dict:
     if not path.is_file():
         raise UserError(f"--config {path}: no such file (nor a shipped preset of that name, e.g. gpu-8gb)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"--config {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); save it as "
+            "UTF-8"
+        ) from None
+    except _DuplicateKey as err:
+        raise UserError(f"--config {path}: {err}") from None
     except yaml.YAMLError as err:
         raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(data, dict):

@@ -155,6 +155,11 @@ class TrainConfig:
         """Each section's checks (a subclass's sections too), all before any model is loaded."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.memory.blocks_to_swap and self.speed.compile:
+            raise UserError(
+                "--blocks_to_swap moves weights in hooks around each swapped block, which --compile would trace into "
+                "its graphs; drop one of them"
+            )
 
     def applies_to(self, family_name: str, objective: str) -> list[str]:
         """The flags set away from their defaults that do not apply to this model family (by its name or its
@@ -192,8 +197,12 @@ class FullTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.memory.quantize_base is not None:
-            raise UserError(
-                f"--quantize_base {self.memory.quantize_base} quantises the frozen base; full fine-tuning trains it: "
-                "use finetune_lora.py, or drop --quantize_base"
-            )
+        memory = self.memory
+        frozen_base = (("quantize_base", memory.quantize_base), ("fp8_base", memory.fp8_base),
+                       ("blocks_to_swap", memory.blocks_to_swap))  # fmt: skip
+        for flag, value in frozen_base:
+            if value:
+                raise UserError(
+                    f"--{flag}{'' if value is True else f' {value}'} is for a frozen base; full fine-tuning trains it: "
+                    f"use finetune_lora.py, or drop --{flag}"
+                )

@@ -20,14 +20,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from difftune.core import checkpoint as ckpt
 from difftune.core.config import to_dict
 from difftune.core.errors import UserError
+from difftune.core.files import reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import build_dataset, check_pairs_fit, collate, read_images
+from difftune.finetune.memory import apply_memory_options, places_itself
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
 from difftune.finetune.optim import build_optimizer
@@ -92,6 +95,9 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     check_pairs_fit(family_cls, data, model)
     edits = edit_inputs(cfg, family_cls, held_out)  # an edit model's validation inputs
+    if accelerator.is_main_process:  # checkpoints past the start are another run's: kept aside, never pruned
+        ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
+    accelerator.wait_for_everyone()
     hub_repo = prepare_hub(cfg, accelerator)
     family, trainable, weight_dtype = load_models(cfg, task, accelerator)
     with accelerator.main_process_first():
@@ -108,6 +114,11 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     run, loader = prepare_optimization(cfg, accelerator, family, trainable, loader, weight_dtype)
     run.record, run.hub_repo = record, hub_repo
     progress = resume(run, folder, restart_epoch)
+    if validator is not None and cfg.validation.validation_steps > run.max_steps and accelerator.is_main_process:
+        logger.warning(
+            "--validation_steps %d is more than the %d steps this run trains: the validation loss on the held-out "
+            "images is computed once, at the last step", cfg.validation.validation_steps, run.max_steps,
+        )  # fmt: skip
     objective = Objective.from_config(cfg.objective, family.noise_scheduler)
     logger.info(
         "training %s (%s): %d examples, %d steps, batch %d x %d accumulation x %d processes, cache %s",
@@ -148,7 +159,9 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
-                if validator is not None and progress.step % cfg.validation.validation_steps == 0:
+                if validator is not None and (
+                    progress.step % cfg.validation.validation_steps == 0 or progress.step == run.max_steps
+                ):
                     if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
                         run.max_steps = progress.step
                 if progress.step % cfg.checkpoints.checkpointing_steps == 0 or progress.step == run.max_steps:
@@ -237,9 +250,11 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
-    # a flag the family cannot honour fails before loading
+    # a flag the family, the architecture or the launch cannot honour fails before loading
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     task.check(family_cls, cfg)
+    cfg.memory.check_model(model, index, family_cls.denoiser_name)
+    cfg.memory.check_run(accelerator.num_processes)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
     family = family_cls.load(model, index, denoiser, cfg.model.family_options())
     for module in family.frozen_modules().values():
@@ -248,8 +263,6 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     trainable = task.setup(family, cfg)
     for module in trainable.models.values():
         module.train()
-    if cfg.memory.gradient_checkpointing:
-        family.denoiser.enable_gradient_checkpointing()
     for name, module in family.frozen_modules().items():
         if name == family.denoiser_name and denoiser is not None:  # quantised: never cast packed 4/8-bit weights
             for p in module.parameters():
@@ -258,10 +271,14 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
         elif any(p.requires_grad for p in module.parameters()):  # trained weights stay fp32 (cast_training_params)
             for p in module.parameters():
                 p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
-            module.to(accelerator.device)
+            if name != family.denoiser_name:  # the memory options place the denoiser
+                module.to(accelerator.device)
+        elif name == family.denoiser_name:
+            move(module, torch.device("cpu"), weight_dtype)
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
             move(module, accelerator.device, torch.float32 if upcast else weight_dtype)
+    apply_memory_options(family.denoiser, cfg.memory, accelerator.device)
     speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
     return family, trainable, weight_dtype
 
@@ -289,8 +306,9 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
         num_training_steps=max_steps * accelerator.num_processes,
     )  # fmt: skip
     names = list(trainable.models)
+    placement = [not places_itself(m) for m in trainable.models.values()]  # a swapped denoiser stays split
     *prepared, optimizer, loader, lr_scheduler = accelerator.prepare(
-        *trainable.models.values(), optimizer, loader, lr_scheduler
+        *trainable.models.values(), optimizer, loader, lr_scheduler, device_placement=[*placement, None, None, None]
     )
     ema = None
     if trainable.ema_decay is not None:
@@ -389,18 +407,18 @@ def finish(run: Run, task: Task) -> None:
     if accelerator.is_main_process:
         for name, model in run.models.items():
             run.family.parts[name] = accelerator.unwrap_model(model)
-        if run.ema is not None:
-            if task.raw_beside_ema:
-                task.save(run.family, run.cfg, output_dir / RAW)
-            run.ema.copy_to(run.params)
         try:
+            if run.ema is not None:
+                if task.raw_beside_ema:
+                    task.save(run.family, run.cfg, output_dir / RAW)
+                run.ema.copy_to(run.params)
             task.save(run.family, run.cfg, output_dir)
-        except OSError as err:  # a full disk at the very end: the last checkpoint holds the trained weights
+        except (OSError, SafetensorError) as err:  # a full disk at the very end: the last checkpoint holds the weights
             last = ckpt.list_checkpoints(output_dir)
             raise UserError(
-                f"could not save the result in {output_dir} ({err.strerror or err}); the trained weights are in "
-                f"{last[-1] if last else 'no checkpoint'}: free space and rerun with --resume_from_checkpoint latest "
-                "(it saves the result without training again)"
+                f"could not save the result in {output_dir} ({reason(err)}); nothing half-written was kept, the "
+                f"trained weights are in {last[-1] if last else 'no checkpoint'}: free space and rerun with "
+                "--resume_from_checkpoint latest (it saves the result without training again)"
             ) from None
         if run.cfg.hub.push_to_hub:
             from difftune.finetune.hub import push_to_hub

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 
 
-def _looks_like_hub_id(model: str) -> bool:
+def is_hub_id(model: str) -> bool:
+    """Whether `model` names a Hub repository (`org/name`) rather than a local folder."""
     return model.count("/") == 1 and not model.startswith((".", "/", "~")) and not Path(model).exists()
 
 
@@ -49,7 +50,7 @@ def read_model_index(model: str) -> dict:
         if not index.is_file():
             raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
         return json.loads(index.read_text())
-    if not _looks_like_hub_id(model):
+    if not is_hub_id(model):
         raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
     return json.loads(Path(_hub_file(model, "model_index.json")).read_text())
 
@@ -119,6 +120,7 @@ class Family(ABC):
     # text-to-image model), and the multiple their sides are sized to (`core.controls.control_size`).
     max_controls: ClassVar[int] = 0
     control_multiple: ClassVar[int] = 16
+    lora_families: ClassVar[tuple[str, ...]] = ()  # other families whose LoRAs fit this one's denoiser
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
@@ -259,6 +261,11 @@ class Family(ABC):
         parts = {name: module for name, module in self.parts.items() if name != "noise_scheduler"}
         parts.update(overrides)
         return self.pipeline_class()(**parts, scheduler=scheduler, **self.pipeline_extras())
+
+    def stand_ins(self) -> dict:
+        """Components to save in place of absent ones, so that plain `DiffusionPipeline.from_pretrained` loads the
+        saved folder (SD 3 without T5); none by default."""
+        return {}
 
     def pipeline_extras(self) -> dict:
         """What the pipeline class's constructor needs besides the components (e.g. no safety checker)."""
