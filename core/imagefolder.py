@@ -242,8 +242,7 @@ def _mask_source(value, root: str) -> str | bytes | None:
         return value["bytes"] if value.get("bytes") is not None else value["path"]
     if isinstance(value, Image.Image):
         return png_bytes(value)
-    path = Path(root) / str(value)
-    return str(path if path.exists() else value)
+    return str(Path(root) / str(value))  # named with its folder in messages, whether or not it exists
 
 
 def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image.Image | None]:
@@ -256,7 +255,11 @@ def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image
         name = record.mask if isinstance(record.mask, str) else f"the mask of {record.name}"
         try:
             mask = to_weights(_open(record.mask))
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        except FileNotFoundError:
+            raise UserError(f"{name}: no such mask file; add it or remove the image's mask entry") from None
+        except UnidentifiedImageError:
+            raise UserError(f"{name}: not an image file; fix or remove the mask") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise UserError(
                 f"{name}: not a readable mask image ({str(err).splitlines()[0]}); fix or remove it"
             ) from err

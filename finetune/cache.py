@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,14 @@ def _key(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
+def encode_posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior parameters (B, 2C, h, w), mean and log-variance, of `pixels` (B, 3, H, W).
+
+    One image at a time (as diffusers' VAE slicing does): the encoder's activations grow with the batch, and for
+    a batch of 16 at 1024 px they are tens of GB, more than training itself needs (`finetune.planner` shows it)."""
+    return torch.cat([vae.encode(image).latent_dist.parameters for image in pixels.split(1)])
+
+
 @torch.no_grad()
 def encode_images(
     records: list[Record],
@@ -126,9 +135,12 @@ def encode_images(
     random_flip: bool,
     cache_dir: Path,
     masks: list[Image.Image | None] | None = None,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket, from the cache or
-    the VAE; with `masks` (None items: no mask, weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
+    the VAE (`encode(pixels)`, the family's `posterior`; default the VAE's own); with `masks` (None items: no mask,
+    weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
+    encode = encode or (lambda pixels: encode_posterior(vae, pixels))
     cache = EncodeCache(cache_dir / "latents")
     vae_fp = fingerprint_module(vae)
     masks = masks if masks is not None else [None] * len(records)
@@ -152,10 +164,10 @@ def encode_images(
     # beside it, is bit-identical to the first encoding.
     for i in todo:
         pixels = to_tensor(resize_to_bucket(images[i], buckets[i], None)[0])[None].to(device, dtype)  # (1, 3, H, W)
-        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (1, 2C, h, w)
+        params = encode(pixels).float().cpu()  # (1, 2C, h, w)
         entry = {"params": params[0]}
         if random_flip:
-            entry["flipped"] = vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu()[0]
+            entry["flipped"] = encode(pixels.flip(-1)).float().cpu()[0]
         if masks[i] is not None:
             entry["mask"] = latent_mask(masks[i], buckets[i], tuple(params.shape[-2:]))
             entry["mask_flipped"] = entry["mask"].flip(-1)

@@ -47,6 +47,7 @@ from difftune.finetune.cache import (
     mask_tensor,
     to_tensor,
 )
+from difftune.finetune.planner import checks_this_machine
 
 if TYPE_CHECKING:
     from difftune.finetune.dreambooth import DreamBoothConfig
@@ -104,9 +105,13 @@ class DataConfig:
     dataloader_num_workers: int = option("Data loading worker processes.", default=0, resume=PASSIVE, card=False)
 
     def validate(self) -> None:
-        check_source(self.train_data_dir, self.dataset_name)
+        if checks_this_machine() or (self.train_data_dir and self.dataset_name):  # a plan needs no data
+            check_source(self.train_data_dir, self.dataset_name)
         checks = [
-            (self.resolution > 0 and self.resolution % 8 == 0, f"--resolution {self.resolution} must be a multiple of 8"),
+            (self.resolution > 0 and self.resolution % 8 == 0,
+             f"--resolution {self.resolution} must be a positive multiple of 8"),
+            (self.caption_extension.startswith(".") and len(self.caption_extension) > 1,
+             f"--caption_extension {self.caption_extension!r} must be a file extension such as .txt"),
             (0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be within [0, 1]"),
             (self.repeats >= 1, "--repeats must be at least 1"),
             (self.keep_tokens >= 0, "--keep_tokens must not be negative"),
@@ -228,10 +233,29 @@ def assign_buckets(data: DataConfig, images: list[Image.Image], batch_size: int 
     return buckets
 
 
+def cache_dir(cfg) -> Path:
+    """Where the latent and text caches live: --cache_dir, else <output_dir>/.cache."""
+    return Path(cfg.cache.cache_dir or Path(cfg.training.output_dir) / ".cache")
+
+
+def caches_text(cfg, family, trained) -> bool:
+    """Whether `family`'s (a `Family` class or instance) text conditioning is cached: with --cache_latents,
+    captions that never change (no tag shuffling) and none of its text encoders in `trained`."""
+    frozen = not any(name in trained for name in family.text_encoder_names)
+    return cfg.cache.cache_latents and not cfg.data.shuffle_caption and frozen
+
+
+def cache_text(family, captions: list[str], root: Path) -> dict[str, dict]:
+    """The family's text conditioning of each caption and of the empty caption (caption dropout's), from the
+    cache under `root` or the family's text encoders."""
+    fingerprint = "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
+    return encode_captions([*captions, ""], family.encode_text, fingerprint, family.tokenize, root)
+
+
 def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDataset, bool]:
     """The dataset, with latents and text conditioning cached where their encoders are frozen; returns it and
     whether the latents are cached. `trained` names the modules being trained (their outputs are never cached)."""
-    cache_root = Path(cfg.cache.cache_dir or Path(cfg.training.output_dir) / ".cache")
+    cache_root = cache_dir(cfg)
     sizes = [
         [control_size(c.size, im.size, bucket, family.control_multiple) for c in controls]
         for im, bucket, controls in zip(data.images, data.buckets, data.controls, strict=True)
@@ -256,8 +280,9 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
     if cache_images:
         masks = data.masks if masked else None
         entries = encode_images(
-            data.records, data.images, data.buckets, family.vae, cfg.data.random_flip, cache_root, masks
-        )
+            data.records, data.images, data.buckets, family.vae, cfg.data.random_flip, cache_root, masks,
+            encode=family.posterior,
+        )  # fmt: skip
         for ex, entry in zip(examples, entries, strict=True):
             ex.latents, ex.latents_flipped = entry["params"], entry.get("flipped")
             ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
@@ -270,12 +295,10 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
                 mask = Image.new("L", im.size, 255)
             ex.image, ex.mask_image, ex.controls = im, mask, controls
     text = None
-    encoders_frozen = not any(name in trained for name in family.text_encoders())
-    if cfg.cache.cache_latents and encoders_frozen and not cfg.data.shuffle_caption:
-        fingerprint = (
-            "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
-        )
-        text = encode_captions(data.captions + [""], family.encode_text, fingerprint, family.tokenize, cache_root)
+    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
+        text = family.text_embeddings
+    elif caches_text(cfg, family, trained):
+        text = cache_text(family, data.captions, cache_root)
     aug = Augment(
         cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
         cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,
@@ -388,9 +411,17 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stacks each key (and each key of nested dicts such as `cond`) into a batch tensor."""
+    """Stacks each key (and each key of nested dicts such as `cond`) into a batch tensor. Tensors of different
+    lengths (the text of LLM encoders, tokens or embeddings with their masks) are right-padded with zeros to the
+    longest: the padded mask marks the padding."""
     return {
         key: collate([it[key] for it in items]) if isinstance(items[0][key], dict)
-        else torch.stack([torch.as_tensor(it[key]) for it in items])
+        else _stack([torch.as_tensor(it[key]) for it in items])
         for key in items[0]
     }  # fmt: skip
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len({t.shape for t in tensors}) > 1:
+        return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+    return torch.stack(tensors)

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from difftune.core.config import leaves
+from difftune.core.errors import UserError
 from difftune.core.files import atomic
 from difftune.finetune.adapters import ADAPTER_NAME as ADAPTER
 from difftune.finetune.export_formats import export_format, kohya_format
@@ -219,3 +220,36 @@ def save_peft_adapters(
             model.peft_config[ADAPTER].save_pretrained(tmp)
         written.append(folder)
     return written
+
+
+def export_checkpoint(folder: Path, output_dir: Path) -> Path:
+    """A LoRA training checkpoint (`checkpoint-N/`, `best/`) saved as a result in `output_dir`, the files `--lora`
+    loads: the base comes from the settings the checkpoint records, the adapter is attached as training attached it
+    and its trained weights (their EMA, with --use_ema) are loaded. Returns `output_dir`."""
+    from difftune.core import checkpoint as ckpt
+    from difftune.core.config import compose, leaf_fields
+    from difftune.finetune.config import LoraTrainConfig
+    from difftune.finetune.tasks import LORA
+    from difftune.pipelines.families import detect, read_model_index
+
+    record = ckpt.stored_config(folder)
+    if not record:
+        raise UserError(f"{folder}: no run settings recorded in its state.json; it cannot be exported")
+    known = leaf_fields(LoraTrainConfig)
+    cfg = compose(LoraTrainConfig, {k: v for k, v in record["settings"].items() if k in known})
+    model = cfg.model.pretrained_model_name_or_path
+    index = read_model_index(model)
+    family_cls = detect(model, index)
+    denoiser = LORA.load_denoiser(family_cls, cfg, torch.float32)
+    family = family_cls.load(model, index, denoiser, cfg.model.family_options())
+    trainable = LORA.setup(family, cfg)
+    ckpt.load_weights(folder, trainable.models)
+    if trainable.ema_decay is not None:  # the EMA is what training saves as its result
+        from diffusers.training_utils import EMAModel
+
+        params = [p for m in trainable.models.values() for p in m.parameters() if p.requires_grad]
+        ema = EMAModel(params, decay=trainable.ema_decay)
+        ema.load_state_dict(ckpt.load_tree(folder, "extra")["ema"])
+        ema.copy_to(params)
+    LORA.save(family, cfg, Path(output_dir))
+    return Path(output_dir)

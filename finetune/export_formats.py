@@ -16,7 +16,7 @@ import torch
 
 from difftune.core.errors import UserError
 from difftune.finetune.adapters import ADAPTER_NAME
-from difftune.finetune.kohya_flux import flux_kohya_layers
+from difftune.finetune.kohya_flux import FLUX2, flux_kohya_layers
 from difftune.finetune.lora_keys import kohya_layers
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class ExportFormat:
 # layout, as ComfyUI loads it.
 UNET_KOHYA = partial(kohya_layers, prefix="unet")
 FLUX_KOHYA = partial(flux_kohya_layers, adapter=ADAPTER_NAME)
+FLUX2_KOHYA = partial(flux_kohya_layers, adapter=ADAPTER_NAME, layout=FLUX2)
 
 SD = ExportFormat(
     card_tags=("stable-diffusion",),
@@ -65,6 +66,16 @@ FORMATS: dict[str, ExportFormat] = {
         legacy_lora_keys=False,
         kohya=KohyaFormat(FLUX_KOHYA, text_prefixes={"text_encoder": "lora_te1"}),
     ),
+    # ComfyUI maps Qwen-Image and Z-Image LoRAs in diffusers' keys onto its own modules: no second file.
+    "qwen_image": ExportFormat(card_tags=("qwen-image",), legacy_lora_keys=False, kohya=None),
+    "z_image": ExportFormat(card_tags=("z-image",), legacy_lora_keys=False, kohya=None),
+    # ComfyUI's Flux.2 loads BFL's names only for Flux.2's feed-forward and single-block linears.
+    "flux2": ExportFormat(card_tags=("flux2",), legacy_lora_keys=False, kohya=KohyaFormat(FLUX2_KOHYA, {})),
+    "flux2_klein": ExportFormat(
+        card_tags=("flux2", "flux2-klein"), legacy_lora_keys=False, kohya=KohyaFormat(FLUX2_KOHYA, {})
+    ),  # fmt: skip
+    # Chroma's blocks are Flux.1's: ComfyUI loads either layout, A1111-style tools BFL's.
+    "chroma": ExportFormat(card_tags=("chroma",), legacy_lora_keys=False, kohya=KohyaFormat(FLUX_KOHYA, {})),
     # Kontext's transformer is Flux.1's: its LoRAs load in ComfyUI in the same BFL layout.
     "flux-kontext": ExportFormat(
         card_tags=("flux", "flux-kontext", "image-to-image"),
@@ -85,8 +96,9 @@ def kohya_format(family: type[Family]) -> KohyaFormat:
     """`family`'s kohya file format; a `UserError` for a family that has none."""
     kohya = export_format(family).kohya
     if kohya is None:
+        written = ", ".join(name for name, fmt in FORMATS.items() if fmt.kohya is not None)
         raise UserError(
-            f"--output_kohya_format is not written for {family.name} models (SD 1.x/2.x/SDXL/Flux only); drop it: "
-            "ComfyUI loads this family's LoRAs in diffusers' format"
+            f"--output_kohya_format is not written for {family.name} models (only {written}); drop it: ComfyUI "
+            "loads this family's LoRAs in diffusers' format"
         )
     return kohya

@@ -10,10 +10,12 @@ by name here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from difftune.core import checkpoint as ckpt
 from difftune.core.config import to_dict
 from difftune.core.errors import UserError
-from difftune.core.files import reason
+from difftune.core.files import atomic, reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import build_dataset, check_pairs_fit, collate, read_images
@@ -34,9 +36,11 @@ from difftune.finetune.memory import apply_memory_options, places_itself
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
 from difftune.finetune.optim import build_optimizer
+from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.resume import apply_settings, check_resume, hyperparameters, resume_kinds, run_record
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
+from difftune.finetune.text_pass import run_text_pass, say_uncached_cost, uses_text_pass
 from difftune.finetune.validation import edit_inputs, log_validation
 from difftune.finetune.validation_loss import Selection, ValidationLoss, split_validation
 from difftune.pipelines.families import Family, detect, read_model_index
@@ -44,6 +48,8 @@ from difftune.pipelines.families import Family, detect, read_model_index
 logger = logging.getLogger(__name__)
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
 BEST = "best"  # <output_dir>/best/: the checkpoint of the lowest validation loss (--keep_best_by)
+PROGRESS = "progress.json"  # <output_dir>/progress.json: step, length, loss and time left, for a watcher (the web app)
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the frozen weights' dtype by --mixed_precision
 
 
 @dataclass
@@ -99,7 +105,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
         ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
     accelerator.wait_for_everyone()
     hub_repo = prepare_hub(cfg, accelerator)
-    family, trainable, weight_dtype = load_models(cfg, task, accelerator)
+    prompts = [*data.captions, *(held_out.captions if held_out else []), *(cfg.validation.validation_prompt or [])]
+    family, trainable, weight_dtype = load_models(cfg, task, accelerator, prompts)
     with accelerator.main_process_first():
         dataset, cached = build_dataset(cfg, data, family, trainable.models)
         validator = ValidationLoss.build(cfg, held_out, family, trainable.models) if held_out else None
@@ -139,7 +146,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 with accelerator.accumulate(*run.models.values()):
                     loss = batch_loss(family, run.models, batch, objective, weight_dtype)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:  # 0: no clipping
                         accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
                     run.optimizer.step()
                     run.lr_scheduler.step()
@@ -159,6 +166,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
+                if accelerator.is_main_process:
+                    write_progress(Path(cfg.training.output_dir), progress.step, run.max_steps, step_loss, result)
                 if validator is not None and (
                     progress.step % cfg.validation.validation_steps == 0 or progress.step == run.max_steps
                 ):
@@ -244,9 +253,13 @@ def class_images(cfg: TrainConfig, accelerator: Accelerator) -> list | None:
     return ensure_class_images(cfg, accelerator)
 
 
-def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple[Family, Trainable, torch.dtype]:
-    """The family's components, frozen; the task's part made trainable; everything placed and cast."""
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+def load_models(
+    cfg: TrainConfig, task: Task, accelerator: Accelerator, prompts: Sequence[str] = ()
+) -> tuple[Family, Trainable, torch.dtype]:
+    """The family's components, frozen; the task's part made trainable; everything placed and cast. A family with
+    large text encoders first encodes `prompts` (every caption and validation prompt) with them alone, and loads
+    the rest without them (`finetune.text_pass`)."""
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
@@ -254,33 +267,50 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     task.check(family_cls, cfg)
     cfg.memory.check_model(model, index, family_cls.denoiser_name)
-    cfg.memory.check_run(accelerator.num_processes)
+    cfg.memory.check_run(accelerator.num_processes, accelerator.mixed_precision)
+    text = None
+    if uses_text_pass(cfg, family_cls):
+        with accelerator.main_process_first():
+            text = run_text_pass(cfg, family_cls, model, index, list(prompts), accelerator.device, weight_dtype)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
-    family = family_cls.load(model, index, denoiser, cfg.model.family_options())
+    family = family_cls.load(model, index, denoiser, cfg.model.family_options(), text_encoders=text is None)
+    family.text_embeddings = text
+    if family_cls.text_first and text is None:
+        say_uncached_cost(family)
+    trainable = place_models(cfg, task, family, accelerator.device, weight_dtype, quantized=denoiser is not None)
+    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
+    return family, trainable, weight_dtype
+
+
+def place_models(cfg: TrainConfig, task: Task, family: Family, device, weight_dtype, quantized: bool) -> Trainable:
+    """Freezes the family's modules, lets the task make its part trainable, and places and casts everything on
+    `device`; `quantized`: the denoiser came quantised (its packed weights are never cast). The denoiser is placed
+    by the memory options (`finetune.memory.apply_memory_options`: whole, or with blocks left in CPU memory). The
+    memory planner (`finetune.planner`) places its meta-device models through this too."""
     for module in family.frozen_modules().values():
         module.requires_grad_(False)
         module.eval()
     trainable = task.setup(family, cfg)
     for module in trainable.models.values():
         module.train()
+    trained_dtype = torch.bfloat16 if cfg.memory.full_bf16 else torch.float32
     for name, module in family.frozen_modules().items():
-        if name == family.denoiser_name and denoiser is not None:  # quantised: never cast packed 4/8-bit weights
+        if name == family.denoiser_name and quantized:  # never cast packed 4/8-bit weights
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         elif any(p.requires_grad for p in module.parameters()):  # trained weights stay fp32 (cast_training_params)
-            for p in module.parameters():
-                p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
-            if name != family.denoiser_name:  # the memory options place the denoiser
-                module.to(accelerator.device)
-        elif name == family.denoiser_name:
-            move(module, torch.device("cpu"), weight_dtype)
+            for p in module.parameters():  # or bf16 with --full_bf16 (updates rounded stochastically)
+                p.data = p.data.to(trained_dtype if p.requires_grad else weight_dtype)
+            if name != family.denoiser_name:
+                module.to(device)
+        elif name == family.denoiser_name:  # cast where it was loaded; the memory options place it
+            move(module, next(module.parameters()).device, weight_dtype)
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
-            move(module, accelerator.device, torch.float32 if upcast else weight_dtype)
-    apply_memory_options(family.denoiser, cfg.memory, accelerator.device)
-    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
-    return family, trainable, weight_dtype
+            move(module, device, torch.float32 if upcast else weight_dtype)
+    apply_memory_options(family.denoiser, cfg.memory, device)
+    return trainable
 
 
 def move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -299,6 +329,7 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
     if cfg.optim.scale_lr:
         lr *= cfg.training.gradient_accumulation_steps * cfg.training.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(cfg.optim, params, lr)
+    apply_step_options(optimizer, cfg.memory.fused_backward_pass, cfg.memory.full_bf16, cfg.training.seed)
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.training.gradient_accumulation_steps)
     max_steps = cfg.training.max_train_steps or cfg.training.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(
@@ -354,12 +385,22 @@ def finite_loss(run: Run, loss: torch.Tensor, step: int) -> float:
     """The step's loss averaged over processes; a non-finite one stops the run, naming the last good checkpoint."""
     value = run.accelerator.gather(loss.detach()).mean().item()
     if not math.isfinite(value):
-        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir))
+        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir), verify=True)
         raise UserError(
             f"loss became {value} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}. "
             "Lower --learning_rate or check the data"
         )
     return value
+
+
+def write_progress(output_dir: Path, step: int, max_steps: int, loss: float, result: TrainResult) -> None:
+    """`<output_dir>/progress.json`, replaced atomically every step: what a watcher cannot read from the tensorboard
+    logs, the run's length in steps and the time left at the pace of this process's last 20 steps."""
+    recent = result.step_seconds[-20:]
+    left = (max_steps - step) * sum(recent) / len(recent)
+    data = {"step": step, "max_steps": max_steps, "loss": loss, "seconds_left": round(left, 1)}
+    with atomic(output_dir / PROGRESS) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def save_checkpoint(run: Run, progress: Progress, name: str | None = None, notes: dict | None = None) -> None:

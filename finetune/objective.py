@@ -8,7 +8,8 @@
   train it: x_t = (1 - sigma) x_0 + sigma eps, target eps - x_0 (or, with `--precondition_outputs 1`, the output
   mapped back to x_0), sigma drawn by `compute_density_for_timestep_sampling` and looked up in the scheduler's
   (shifted) sigmas, loss weights by `compute_loss_weighting_for_sd3`; kohya's `--timestep_sampling
-  uniform|sigmoid|shift|flux_shift` draw sigma directly.
+  uniform|sigmoid|shift|flux_shift` draw sigma directly. A family whose pipeline shifts its sampling sigmas by the
+  image size (Qwen-Image, Flux.2, Chroma) moves the drawn sigma the same way (`Family.shift_sigmas`).
 Every draw of a sample comes from its own seed, so it does not depend on the batch or process it lands in.
 A loss mask (B, 1, h, w) on the latent grid weighs each element before the mean, as kohya's masked loss does (not
 renormalised: a half mask halves the sample's loss), so a zero region gives no gradient.
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 # model loads, and `--help` should not wait for diffusers.
 FLOW_WEIGHTING = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")  # diffusers' compute_density/weighting
 DDPM, FLOW = ("ddpm",), ("flow",)
+# (sigmas, latent shape) -> sigmas: a family's resolution-dependent shift of the scheduler's sigmas
+SigmaShift = Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
 
 
 @dataclass
@@ -175,10 +178,11 @@ def diffusion_loss(
     seeds: torch.Tensor,
     objective: Objective,
     mask: torch.Tensor | None = None,
+    shift: SigmaShift | None = None,
 ) -> torch.Tensor:
     """Per-sample losses (B,) of latents (B, C, h, w) under a DDPM schedule; `predict(noisy, timesteps)` calls the
     denoiser. The target is epsilon or v, as the scheduler's `prediction_type` says; `mask` (B, 1, h, w) weighs
-    each element."""
+    each element. (`shift` is the flow objective's: DDPM timesteps are the scheduler's own.)"""
     noise, noise_in, timesteps = draw_noise(
         seeds, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps, objective.noise_offset,
         objective.input_perturbation, objective.timestep_weights,
@@ -205,8 +209,11 @@ def diffusion_loss(
     return per_sample
 
 
-def flow_sigma(objective: Objective, scheduler, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """One sample's sigma (1,) in (0, 1], drawn from generator `g`."""
+def flow_sigma(
+    objective: Objective, scheduler, shape: tuple[int, ...], g: torch.Generator, shift: SigmaShift | None = None
+) -> torch.Tensor:
+    """One sample's sigma (1,) in (0, 1], drawn from generator `g`; `shift` moves the scheduler's sigmas as the
+    family's pipeline does for latents of `shape` (a resolution-dependent shift)."""
     n = scheduler.config.num_train_timesteps
     if objective.timestep_sampling == "sigma":  # diffusers: a density over the scheduler's (shifted) sigmas
         from diffusers.training_utils import compute_density_for_timestep_sampling
@@ -214,7 +221,8 @@ def flow_sigma(objective: Objective, scheduler, shape: tuple[int, ...], g: torch
         u = compute_density_for_timestep_sampling(
             objective.weighting_scheme, 1, objective.logit_mean, objective.logit_std, objective.mode_scale, generator=g
         )
-        return scheduler.sigmas[(u * n).long().clamp(0, n - 1)].float()
+        sigma = scheduler.sigmas[(u * n).long().clamp(0, n - 1)].float()
+        return shift(sigma, shape) if shift is not None else sigma
     if objective.timestep_sampling == "uniform":
         return torch.rand(1, generator=g)
     t = torch.sigmoid(objective.sigmoid_scale * torch.randn(1, generator=g))
@@ -239,14 +247,16 @@ def flow_loss(
     seeds: torch.Tensor,
     objective: Objective,
     mask: torch.Tensor | None = None,
+    shift: SigmaShift | None = None,
 ) -> torch.Tensor:
     """Per-sample rectified-flow losses (B,) of latents (B, C, h, w); `predict(noisy, timesteps)` calls the
-    denoiser with timesteps sigma x num_train_timesteps; `mask` (B, 1, h, w) weighs each element."""
+    denoiser with timesteps sigma x num_train_timesteps; `mask` (B, 1, h, w) weighs each element; `shift` moves
+    the scheduler's sigmas (see `flow_sigma`)."""
     noises, sigmas = [], []
     for seed in seeds.tolist():
         g = torch.Generator().manual_seed(int(seed))
         noises.append(torch.randn(tuple(latents.shape[1:]), generator=g))
-        sigmas.append(flow_sigma(objective, scheduler, tuple(latents.shape), g))
+        sigmas.append(flow_sigma(objective, scheduler, tuple(latents.shape), g, shift))
     noise = torch.stack(noises).to(latents)
     sigma = torch.cat(sigmas).to(latents.device)  # (B,)
     s = sigma.view(-1, 1, 1, 1).to(latents.dtype)
@@ -290,7 +300,7 @@ def batch_loss(family, models: dict, batch: dict, objective: Objective, dtype: t
     if "latents" in batch:
         posterior = batch["latents"]
     else:
-        posterior = family.vae.encode(batch["pixels"].to(family.vae.dtype)).latent_dist.parameters
+        posterior = family.posterior(batch["pixels"].to(family.vae.dtype))
     latents = family.latents(posterior.float(), seeds).to(dtype)
     if "cond" in batch:
         cond = batch["cond"]
@@ -307,5 +317,7 @@ def batch_loss(family, models: dict, batch: dict, objective: Objective, dtype: t
     mask = batch.get("mask")
     if mask is not None:  # pixel-sized (uncached) or already latent-sized (cached): area-averaged to the latents
         mask = F.adaptive_avg_pool2d(mask.float(), tuple(latents.shape[-2:])).to(latents.device)
-    per_sample = LOSSES[family.objective](predict, family.noise_scheduler, latents, seeds, objective, mask)
+    per_sample = LOSSES[family.objective](
+        predict, family.noise_scheduler, latents, seeds, objective, mask, shift=family.shift_sigmas
+    )
     return (per_sample * batch["weight"].to(per_sample)).mean()

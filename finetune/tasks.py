@@ -56,7 +56,7 @@ def _no_check(family_cls, cfg) -> None:
 
 
 def lora_setup(family: Family, cfg: LoraTrainConfig) -> Trainable:
-    targets = cfg.network.target_modules or list(family.lora_targets)
+    targets = cfg.network.target_modules or family.default_lora_targets()
     add_adapter(family.denoiser, adapter_config(cfg.network, targets))
     models = {family.denoiser_name: family.denoiser}
     if cfg.model.train_text_encoder:
@@ -120,7 +120,8 @@ def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
 
     from difftune.finetune.export import write_model_card
 
-    parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
+    # Parts not loaded (text encoders whose outputs were computed ahead) come from the base folder.
+    parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler" and module is not None}
     kwargs = {**family.from_pretrained_kwargs(family.index), **parts, **family.stand_ins()}  # the trained modules win
     pipe = DiffusionPipeline.from_pretrained(cfg.model.pretrained_model_name_or_path, **kwargs)
     # Written into a temporary folder beside the output, then each component moved in (renames need no space): a

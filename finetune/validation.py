@@ -40,8 +40,9 @@ class ValidationConfig:
     )  # fmt: skip
 
     def validate(self) -> None:
-        if self.validation_steps < 1:
-            raise UserError("--validation_steps must be at least 1")
+        for name in ("validation_steps", "num_validation_images", "validation_inference_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
         for path in self.validation_image or []:
             if not Path(path).is_file():
                 raise UserError(f"--validation_image {path} not found")
@@ -96,8 +97,8 @@ def log_validation(
                 ]  # fmt: skip
             else:
                 out = pipe(
-                    [prompt] * cfg.validation.num_validation_images, num_inference_steps=steps, height=size,
-                    width=size, generator=generator,
+                    **family.prompt_inputs([prompt] * cfg.validation.num_validation_images),
+                    num_inference_steps=steps, height=size, width=size, generator=generator,
                 ).images  # fmt: skip
         for i, image in enumerate(out):
             image.save(folder / f"{p:02d}_{i:02d}.png")

@@ -1,5 +1,5 @@
-"""Generate images from a saved pipeline (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux), with LoRAs and a named sampler, or
-edit an image with an edit model (Flux Kontext).
+"""Generate images from a saved pipeline (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma),
+with LoRAs and a named sampler, or edit an image with an edit model (Flux Kontext).
 
     difftune-generate --model pipelines/tiny_shapes --prompt "a red circle" --sampler dpmpp-2m \\
         --steps 20 --num_images 4 --seed 0 --output_dir out
@@ -11,11 +11,12 @@ Writes one PNG per image, `grid.png`, and `record.json`: everything needed to ma
 image does not depend on which other images share its batch; the record still keeps the batch layout, and
 regeneration re-runs the image's whole batch, because batched matrix products may round differently from
 unbatched ones. Classifier-free guidance is the diffusers pipeline's own: the unconditional and conditional
-halves go through the UNet in one batched call per step (checked in the tests with a forward hook). Flow models
-(SD 3/3.5, Flux) sample with the flow samplers (`flow-euler` by default); a sampler that does not fit the model's
-family, or a LoRA trained for another family, is one line naming both. An edit model edits `--image` (every prompt
-applies to it; the result has its size unless `--height`/`--width` say otherwise) and needs one; a text-to-image
-model refuses one.
+halves go through the UNet in one batched call per step (checked in the tests with a forward hook); `--guidance_scale`
+goes to the argument each pipeline guides with (Qwen-Image's `true_cfg_scale`, the guidance a distilled Flux is
+conditioned on). Flow models (SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma) sample with the flow samplers
+(`flow-euler` by default); a sampler that does not fit the model's family, or a LoRA trained for another family, is
+one line naming both. An edit model edits `--image` (every prompt applies to it; the result has its size unless
+`--height`/`--width` say otherwise) and needs one; a text-to-image model refuses one.
 Attention is PyTorch's scaled-dot-product attention (diffusers' default `AttnProcessor2_0`) unless
 `--attention classic` asks for the explicit softmax(QK^T)V processor.
 
@@ -72,7 +73,11 @@ RUN_ONLY = ("from_record", "index")  # how this run was asked for, not what it m
 class GenerateConfig:
     """What to generate and how; the command line and `--config` YAML files fill it (see `core.config`)."""
 
-    model: str | None = option("diffusers pipeline folder or Hub id (SD 1.x/2.x, SDXL, SD 3/3.5, Flux, Kontext)", None)
+    model: str | None = option(
+        "diffusers pipeline folder or Hub id (SD 1.x/2.x, SDXL, SD 3/3.5, Flux, Kontext, Flux.2, Qwen-Image, Z-Image, "
+        "Chroma)",
+        None,
+    )
     prompt: list[str] = option("prompt(s): several values, or the flag repeated", [], repeatable=True)
     image: list[str] = option("edit models: the input image every prompt edits (several: references)", [],
                               repeatable=True)  # fmt: skip
@@ -150,6 +155,10 @@ class GenerateConfig:
         if family.denoiser_name != "unet" and (self.attention != "sdpa" or self.channels_last):
             raise UserError(
                 f"--attention classic and --channels_last are for UNet models; {self.model} is {family.name}"
+            )
+        if self.negative_prompt is not None and not family.takes_negative_prompt:
+            raise UserError(
+                f"--negative_prompt: {family.pipeline_class_name} takes no negative prompt ({self.model}); drop it"
             )
         for lora in self.lora:
             check_lora_fits(lora, family, self.model)
@@ -242,7 +251,9 @@ def image_size(
         width = width or max(multiple, default[0] // multiple * multiple)
     if hasattr(pipe, "default_sample_size"):  # SD3 and Flux pipelines: in latent pixels
         default = pipe.default_sample_size * pipe.vae_scale_factor
-        multiple = pipe.vae_scale_factor * 2  # 2x2 patches (SD3) or packed latents (Flux)
+        multiple = pipe.vae_scale_factor * 2  # 2x2 patches (SD3, Flux.2) or packed latents (Flux, Qwen-Image)
+    elif not hasattr(pipe, "unet"):  # ZImagePipeline: 1024 px unless told, 2x2 patches
+        default, multiple = 1024, pipe.vae_scale_factor * 2
     else:
         unet_config = pipe.unet.config if hasattr(pipe.unet, "config") else pipe.unet._orig_mod.config
         default = unet_config.sample_size * pipe.vae_scale_factor
@@ -265,21 +276,22 @@ def generate_batch(
     cfg: GenerateConfig,
     height: int,
     width: int,
+    family: type[Family] = Family,
     edit: dict | None = None,
 ) -> list[Image.Image]:
-    """One pipeline call for `specs`; each image's starting noise (and any per-step noise) from its own seed. `edit`:
-    an edit model's inputs (`Family.edit_inputs`), which also say the size."""
+    """One pipeline call for `specs`; each image's starting noise (and any per-step noise) from its own seed. The
+    guidance and negative prompt take the family's pipeline's argument names (`Family.guidance_inputs`); `edit`: an
+    edit model's inputs (`Family.edit_inputs`), which also say the size."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
     negative = [cfg.negative_prompt] * len(specs) if cfg.negative_prompt is not None else None
     size = edit if edit is not None else {"height": height, "width": width}
     with torch.inference_mode():
         out = pipe(
             prompt=[s.prompt for s in specs],
-            negative_prompt=negative,
             num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
             generator=generators,
             **size,
+            **family.guidance_inputs(cfg.guidance_scale, negative, len(specs)),
         )
     return out.images
 
@@ -307,7 +319,7 @@ def run(cfg: GenerateConfig, only: Sequence[int] | None = None) -> dict:
     written, rows = [], []
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"{cfg.sampler} {cfg.steps} steps")
     for b, batch in enumerate(batches):
-        for spec, image in zip(batch, generate_batch(pipe, batch, cfg, height, width, edit), strict=True):
+        for spec, image in zip(batch, generate_batch(pipe, batch, cfg, height, width, family, edit), strict=True):
             if only is None or spec.index in only:
                 image.save(out / image_name(spec))
                 written.append(image)

@@ -58,13 +58,16 @@ def is_kohya_flux(keys: list[str]) -> bool:
 
 
 def _transformer_names(transformer: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """BFL module name (without `lora_unet_`) -> the transformer's diffusers modules it fuses."""
+    """BFL module name (without `lora_unet_`) -> the transformer's diffusers modules it fuses; only the names whose
+    modules this transformer has (Flux.2 and Chroma name some of Flux.1's differently, or lack them: the rest of
+    such a file is left to diffusers' own converter)."""
+    modules = dict(transformer.named_modules())
     names = {bfl: (module,) for bfl, module in TOP.items()}
     for blocks, (bfl_blocks, layout) in BLOCKS.items():
         for index in range(len(getattr(transformer, blocks, ()))):
             for bfl, parts in layout.items():
                 names[f"{bfl_blocks}_{index}_{bfl}"] = tuple(f"{blocks}.{index}.{part}" for part in parts)
-    return names
+    return {bfl: parts for bfl, parts in names.items() if all(part in modules for part in parts)}
 
 
 def _text_names(text_encoder: torch.nn.Module | None) -> dict[str, str]:

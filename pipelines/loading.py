@@ -1,6 +1,6 @@
 """Loading a pipeline (folder or Hub id) and LoRA adapters onto it, with one-line errors.
 
-The family (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux) comes from `pipelines.families.detect`, the detection training uses too; the
+The family (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma) comes from `pipelines.families.detect`, the detection training uses too; the
 family names the diffusers pipeline class and its `from_pretrained` options (no safety checker for SD 1/2).
 LoRA files are loaded by diffusers' `load_lora_weights`, which reads the diffusers/peft key format
 (`unet.`/`text_encoder.` + `lora_A`/`lora_B`) and converts kohya files (`lora_unet_*`, `lora_te_*`,
@@ -11,6 +11,7 @@ LoRA files are loaded by diffusers' `load_lora_weights`, which reads the diffuse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,21 +136,47 @@ def check_lora_file(lora: str) -> Path:
     return Path(lora) if peft_folders(lora) else resolve_lora_file(lora)
 
 
+def _bfl(key: str) -> bool:
+    return key.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks"))
+
+
+FLUX1_NAMES, FLUX2_NAMES = ("flux", "flux-kontext", "chroma"), ("flux2", "flux2_klein")
+# What a LoRA file's keys address, most specific first: (name, description, test of one key, the families it fits;
+# None: every family with that denoiser). diffusers/peft keys (`unet.`, `transformer.`) and kohya/ComfyUI ones
+# (`lora_unet_*`; Flux files name BFL's `double_blocks`/`single_blocks`) are both read.
+TARGETS: tuple[tuple[str, str, Callable[[str], bool], tuple[str, ...] | None], ...] = (
+    ("flux2", "a Flux.2 model", lambda k: any(p in k for p in ("to_qkv_mlp_proj", "ff.linear_", "ff_context.linear_")),
+     FLUX2_NAMES),
+    ("qwen_image", "a Qwen-Image model", lambda k: any(p in k for p in ("img_mlp.", "txt_mlp.", "img_mod.", "txt_mod.")),
+     ("qwen_image",)),
+    ("z_image", "a Z-Image model", lambda k: any(p in k for p in (".attention.to_", ".feed_forward.w", "refiner.")),
+     ("z_image",)),
+    ("flux", "a Flux.1/Chroma model", lambda k: "single_transformer_blocks" in k, FLUX1_NAMES),
+    ("bfl", "a Flux model (Black Forest Labs' keys)", _bfl, FLUX1_NAMES + FLUX2_NAMES),
+    ("transformer", "a transformer model (SD 3/3.5, Flux, ...)", lambda k: k.startswith(("transformer.", "lora_transformer_")),
+     None),
+    ("unet", "an SD 1.x/2.x/SDXL model", lambda k: k.startswith(("unet.", "lora_unet_")), None),
+)  # fmt: skip
+
+
 def lora_target(keys: list[str]) -> str | None:
-    """Which denoiser a LoRA file's keys address: "flux", "transformer" (SD3 or Flux), "unet", or None (text
-    encoders only). diffusers/peft keys (`unet.`, `transformer.`) and kohya/ComfyUI ones (`lora_unet_*`, whose Flux
-    files name `double_blocks`/`single_blocks`) are both read."""
-    if any("single_transformer_blocks" in k or k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks"))
-           for k in keys):  # fmt: skip
-        return "flux"
-    if any(k.startswith(("transformer.", "lora_transformer_")) for k in keys):
-        return "transformer"
-    if any(k.startswith(("unet.", "lora_unet_")) for k in keys):
-        return "unet"
+    """Which kind of denoiser a LoRA file's keys address (a `TARGETS` name), or None (text encoders only)."""
+    for name, _, addresses, _ in TARGETS:
+        if any(addresses(k) for k in keys):
+            return name
     return None
 
 
-TARGET_NAMES = {"flux": "a Flux model", "transformer": "an SD 3/3.5 or Flux model", "unet": "an SD 1.x/2.x/SDXL model"}
+def fits(target: str | None, family: type[Family]) -> bool:
+    """Whether a LoRA addressing `target` can load into `family`'s pipeline."""
+    if target is None:
+        return True
+    _, _, _, families = next(t for t in TARGETS if t[0] == target)
+    if families is not None:
+        return family.name in families
+    return family.denoiser_name == target  # "transformer" or "unet"
+
+
 # What other trainers write in the metadata: kohya's `ss_base_model_version` and the modelspec `architecture`
 # (prefixes), as our family names.
 FOREIGN_FAMILY_KEYS = {
@@ -190,12 +217,11 @@ def check_lora_fits(lora: str, family: type[Family], model: str) -> None:
                 f"({family.pipeline_class_name}): give a LoRA of this model's family"
             )
         target = lora_target(keys)
-        fits = {"unet": family.denoiser_name == "unet", "transformer": family.denoiser_name == "transformer",
-                "flux": "flux" in (family.name, *family.lora_families), None: True}[target]  # fmt: skip
-        if not fits:
+        if not fits(target, family):
+            description = next(t[1] for t in TARGETS if t[0] == target)
             raise UserError(
-                f"LoRA {lora} was trained for {TARGET_NAMES[target]}; {model} is {family.name} "
-                f"({family.pipeline_class_name}): give a LoRA of this model's family"
+                f"LoRA {lora} was trained for {description}; {model} is {family.name} ({family.pipeline_class_name}): "
+                "give a LoRA of this model's family"
             )
 
 
@@ -286,11 +312,9 @@ def load_peft_adapters(pipe: DiffusionPipeline, folders: dict[str, Path], name: 
         config = PeftConfig.from_pretrained(str(folder))
         inject_adapter_in_model(config, module, adapter_name=name)
         result = set_peft_model_state_dict(module, load_file(folder / PEFT_WEIGHTS), adapter_name=name)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k or ".default" not in k]
-        if unexpected:
-            raise ValueError(
-                f"{folder / PEFT_WEIGHTS}: {len(unexpected)} tensors fit no module (first: {unexpected[0]})"
-            )
+        misfit = [*result.unexpected_keys, *(k for k in result.missing_keys if f".{name}" in k)]
+        if misfit:
+            raise ValueError(f"{folder / PEFT_WEIGHTS}: {len(misfit)} adapter tensors do not fit (first: {misfit[0]})")
         module.peft_config = {**(getattr(module, "peft_config", None) or {}), name: config}
         module._hf_peft_config_loaded = True
 

@@ -52,7 +52,8 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     ),
     "dpmpp-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
-    # Flow-matching models (SD 3/3.5, Flux): the flow's own Euler and Heun, and DPM-Solver++/UniPC on flow sigmas.
+    # Flow-matching models (SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma): the flow's own Euler and Heun, and
+    # DPM-Solver++/UniPC on flow sigmas.
     "flow-euler": (FlowMatchEulerDiscreteScheduler, {}),
     "flow-heun": (FlowMatchHeunDiscreteScheduler, {}),
     "flow-dpmpp-2m": (
@@ -75,7 +76,11 @@ def sampler_names(kind: str | None = None) -> list[str]:
 def fitting_samplers(family) -> list[str]:
     """The samplers that fit the family: the flow ones for flow models, the others for UNet models."""
     flow = family.objective == "flow"
-    return [n for n in SAMPLERS if (n in FLOW_SAMPLERS) == flow and takes_sigmas(n, family)]
+    return [
+        n
+        for n in SAMPLERS
+        if (n in FLOW_SAMPLERS) == flow and takes_sigmas(n, family) and n not in family.unfit_samplers
+    ]
 
 
 def check_sampler(name: str, family) -> None:
@@ -88,6 +93,11 @@ def check_sampler(name: str, family) -> None:
             f"sampler {name} is for {kind} models; {family.name} models ({family.pipeline_class_name}) sample with: "
             f"{', '.join(fitting)}"
         )
+    if name in family.unfit_samplers:
+        raise UserError(
+            f"sampler {name} does not run with {family.pipeline_class_name}: {family.unfit_samplers[name]}; use one "
+            f"of: {', '.join(fitting_samplers(family))}"
+        )
     if not takes_sigmas(name, family):
         fitting = [n for n in FLOW_SAMPLERS if takes_sigmas(n, family)]
         raise UserError(
@@ -97,8 +107,12 @@ def check_sampler(name: str, family) -> None:
 
 
 def takes_sigmas(name: str, family) -> bool:
-    """Whether the sampler's scheduler accepts what the family's pipeline hands `set_timesteps`."""
-    return not family.passes_sigmas or "sigmas" in inspect.signature(SAMPLERS[name][0].set_timesteps).parameters
+    """Whether the sampler's scheduler accepts what the family's pipeline hands `set_timesteps` (Flux2Pipeline
+    hands none to a scheduler on flow sigmas: it sets its own)."""
+    cls, overrides = SAMPLERS[name]
+    if not family.passes_sigmas or (family.flow_sigmas_set_own and overrides.get("use_flow_sigmas")):
+        return True
+    return "sigmas" in inspect.signature(cls.set_timesteps).parameters
 
 
 def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:

@@ -17,7 +17,10 @@ Each setting runs in its own process (so peak memory is its own), on the embedde
   encoders, trained by the product's own loop (`finetune.loop.train`, the LoRA task, rank `--rank`, the family's
   default targets) on random images, one row per preset: the SD 1.x presets at 512 px, the `-sdxl`, `-sd3` and
   `-flux` ones at 1024 px, with each preset's batch, accumulation, precision, checkpointing, optimizer and
-  quantised base. Latents and text embeddings are cached as in any run, and the cached-away VAE and text
+  quantised base. `--shaped qwen_image,flux2,flux2_klein,z_image,chroma` adds the 2026 families
+  (`scripts/shaped_families.py`: Qwen-Image 20B, Flux.2 dev 32B, Flux.2 klein 4B, Z-Image 6B, Chroma 8.9B, in bf16;
+  their LLM text encoders at the width the transformer reads, cached and freed before it loads), one row each at
+  1024 px in bf16 with gradient checkpointing, batch 1 (no presets yet). Latents and text embeddings are cached as in any run, and the cached-away VAE and text
   encoders wait in CPU memory (`finetune/offload.py`). T5-XXL is built at its real width (4096, what the
   transformer reads) but 2 layers deep: it only fills the text cache before the timed steps and is never
   resident while training, so its depth changes no figure of the table. The targets: SD 1.5 at 512 px under 6 GB
@@ -54,7 +57,7 @@ from pathlib import Path
 from difftune.core.config import option, parse
 from difftune.core.errors import UserError, run_main
 from difftune.core.paths import shipped_configs
-from difftune.scripts.shaped_models import SHAPED_RESOLUTION, build_shaped_pipeline
+from difftune.scripts.shaped_models import DEFAULT_SHAPED, SHAPED_RESOLUTION, build_shaped_pipeline
 
 PRESETS = shipped_configs() / "hardware"
 
@@ -156,6 +159,19 @@ def write_images(folder: Path, count: int, resolution: int) -> Path:
     return folder
 
 
+def fit_swap(values: dict, model: str) -> str:
+    """Caps the preset's `blocks_to_swap` at the model's block count (narrowed test models); says what changed."""
+    from difftune.finetune.block_swap import repeated_blocks
+    from difftune.finetune.memory import meta_denoiser
+    from difftune.pipelines.families import detect, read_model_index
+
+    index = read_model_index(model)
+    count = len(repeated_blocks(meta_denoiser(model, index, detect(model, index).denoiser_name)))
+    asked = values["blocks_to_swap"]
+    values["blocks_to_swap"] = min(asked, count)
+    return f"blocks_to_swap {asked} -> {values['blocks_to_swap']} (narrowed model)"
+
+
 def shaped_child(settings: dict) -> dict:
     """Times `finetune.loop.train` (the product's loop, LoRA task) on a randomly initialised SD 1.5- or SDXL-shaped
     pipeline under one preset: steps after the warm-up are timed; peak memory covers the whole run."""
@@ -169,9 +185,11 @@ def shaped_child(settings: dict) -> dict:
 
     kind, on_cuda = settings["kind"], torch.cuda.is_available()
     work = Path(settings["output_dir"])
-    values: dict = {}
+    values: dict = {} if settings["presets"] else dict(FAMILY_ROW)
     swapped = layer_presets(values, settings["presets"], on_cuda)
     model = build_shaped_pipeline(kind, work / "model", settings.get("overrides", {}))
+    if values.get("blocks_to_swap") and settings.get("overrides"):  # a narrowed model has fewer blocks to swap
+        swapped.append(fit_swap(values, str(model)))
     per_step = values.get("train_batch_size", 1) * values.get("gradient_accumulation_steps", 1)
     values.update(
         pretrained_model_name_or_path=str(model), output_dir=str(work / "out"), resolution=settings["resolution"],
@@ -188,7 +206,7 @@ def shaped_child(settings: dict) -> dict:
     moved = sum(v.float().norm().item() ** 2 for k, v in lora.items() if "lora_B" in k or "lora.up" in k) ** 0.5
     timed = result.step_seconds[settings["warmup"] :]
     return {
-        "name": f"{kind} {settings['resolution']}px, {Path(settings['presets'][0]).stem}",
+        "name": f"{kind} {settings['resolution']}px, {settings['name'].removeprefix(kind + ' ')}",
         "kind": kind,
         "lora_parameters": sum(v.numel() for v in lora.values()),
         "lora_change": moved,
@@ -240,17 +258,20 @@ def preset_kind(stem: str) -> str | None:
 
 
 def shaped_settings(kinds: list[str], steps: int, rank: int) -> list[dict]:
-    """One setting per preset that fits each kind: SD 1.x presets for sd15, `-sdxl` ones for sdxl, and so on."""
+    """One setting per preset that fits each kind: SD 1.x presets for sd15, `-sdxl` ones for sdxl, and so on; a kind
+    without presets (the 2026 families) gets one row of `FAMILY_ROW`'s settings."""
     out = []
     for kind in kinds:
-        for preset in sorted(PRESETS.glob("*.yaml")):
-            if preset_kind(preset.stem) != kind:
-                continue
-            out.append({"shaped": True, "kind": kind, "presets": [str(preset)], "resolution": SHAPED_RESOLUTION[kind],
-                        "steps": steps, "warmup": 2, "rank": rank, "name": f"{kind} {preset.stem}"})  # fmt: skip
+        presets = [str(p) for p in sorted(PRESETS.glob("*.yaml")) if preset_kind(p.stem) == kind] or [None]
+        for preset in presets:
+            name = f"{kind} {Path(preset).stem if preset else 'bf16, checkpointing'}"
+            out.append({"shaped": True, "kind": kind, "presets": [preset] if preset else [], "steps": steps,
+                        "resolution": SHAPED_RESOLUTION[kind], "warmup": 2, "rank": rank, "name": name})  # fmt: skip
     return out
 
 
+# The settings of a shaped row of a family without presets: bf16 weights and activations, gradient checkpointing.
+FAMILY_ROW = dict(mixed_precision="bf16", gradient_checkpointing=True, train_batch_size=1)
 # diffusers' own SD test components (StableDiffusionPipelineFastTests.get_dummy_components) in SD 1.5's layout.
 TINY_SD15 = dict(
     unet=dict(sample_size=32, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -395,7 +416,10 @@ class BenchmarkConfig:
     steps: int = option("Timed steps of the demo and preset rows.", default=30)
     preset: list[str] = option("Hardware preset YAML(s) layered on the demo rows.", default=[])
     each_preset: bool = option("Also one row per preset in configs/hardware/.", default=False)
-    shaped: str | None = option("sd15,sdxl,sd35,flux: pipelines of those shapes (default on CUDA: all).", default=None)
+    shaped: str | None = option(
+        "sd15,sdxl,sd35,flux (the default on CUDA), qwen_image,flux2,flux2_klein,z_image,chroma: pipelines of those "
+        "shapes.", default=None,
+    )  # fmt: skip
     tiny_flow: bool = option("Rows for the tiny SD 3 and Flux pipelines, cache on and off (CPU).", default=False)
     shaped_steps: int = option("Timed steps per shaped row (after 2 warm-up).", default=10)
     rank: int = option("LoRA rank of the shaped rows.", default=16)
@@ -436,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for cache in (True, False)
     ] if not args.skip_demo else []  # fmt: skip
     shaped = (
-        args.shaped if args.shaped is not None else (",".join(SHAPED_RESOLUTION) if torch.cuda.is_available() else "")
+        args.shaped if args.shaped is not None else (",".join(DEFAULT_SHAPED) if torch.cuda.is_available() else "")
     )
     kinds = [k for k in shaped.split(",") if k]
     if unknown := sorted(set(kinds) - set(SHAPED_RESOLUTION)):

@@ -1,9 +1,13 @@
-"""Randomly initialised pipelines of released models' exact shapes (SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev), for
+"""Randomly initialised pipelines of released models' exact shapes (SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev, and
+through `scripts.shaped_families` Qwen-Image, Flux.2 dev and klein 4B, Z-Image and Chroma), for
 `scripts/benchmark_training.py`'s shaped rows: speed and memory do not depend on the weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from difftune.scripts.shaped_families import KINDS as FAMILY_KINDS
+from difftune.scripts.shaped_families import build_family_shaped
 
 # The real architectures of SD 1.5 and SDXL base (diffusers' configs), randomly initialised: speed and memory do not
 # depend on the weights. Text encoders: CLIP ViT-L (both) and OpenCLIP ViT-bigG (SDXL's second); VAE: SD's.
@@ -50,11 +54,15 @@ FLOW_SHAPES = {
 FLOW_VAE = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
 T5_SHAPE = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu")
 SHAPED_RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
+DEFAULT_SHAPED = tuple(SHAPED_RESOLUTION)  # what --shaped runs on CUDA unless told: the 2026 families are asked for
+SHAPED_RESOLUTION |= dict.fromkeys(FAMILY_KINDS, 1024)
 
 
 def build_shaped_pipeline(kind: str, folder: Path, overrides: dict) -> Path:
     """A randomly initialised pipeline of `kind`'s shapes saved as a diffusers folder; `overrides` (keys `unet`,
-    `vae`, `text`) narrow it for tests."""
+    `vae`, `text`, `transformer`, `t5`) narrow it for tests. The 2026 families are `scripts.shaped_families`'."""
+    if kind in FAMILY_KINDS:
+        return build_family_shaped(kind, folder, overrides)
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -125,3 +133,82 @@ def flow_pipeline(kind: str, parts: dict, text_encoder, folder: Path, overrides:
         text_encoder_2=text_encoder("clip-g", CLIPTextModelWithProjection), tokenizer_2=parts["tokenizer"],
         text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- configs only
+
+CLIP_IDS = dict(vocab_size=49408, max_position_embeddings=77)
+T5_XXL = dict(T5_SHAPE, num_layers=24, vocab_size=32128)  # the released T5-XXL encoder (SD 3/3.5, Flux.1)
+SHAPED_FAMILIES = ("sd15", "sdxl", "sd35", "flux")
+
+
+def shaped_parts(kind: str, overrides: dict | None = None) -> dict:
+    """`kind`'s pipeline (SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev) as its components' (library, class, config)
+    by name, with the released models' shapes (T5-XXL at its full 24 layers); `overrides` (keys `unet`,
+    `transformer`, `vae`, `text`, `t5`) narrow them. No module is built."""
+    overrides = overrides or {}
+    text = overrides.get("text", {})
+
+    def clip(shape: str, cls: str) -> tuple:
+        return ("transformers", cls, {**CLIP_IDS, **TEXT_SHAPES[shape], **text})
+
+    t5 = ("transformers", "T5EncoderModel", {**T5_XXL, **overrides.get("t5", {})})
+    if kind in FLOW_SHAPES:
+        vae = ("diffusers", "AutoencoderKL", {**VAE_SHAPE, **FLOW_VAE, **overrides.get("vae", {})})
+        transformer = {**FLOW_SHAPES[kind], **overrides.get("transformer", {})}
+        if kind == "flux":
+            return dict(
+                transformer=("diffusers", "FluxTransformer2DModel", transformer), vae=vae,
+                text_encoder=clip("clip-l", "CLIPTextModel"), text_encoder_2=t5,
+                tokenizer=("transformers", "CLIPTokenizer", None), tokenizer_2=("transformers", "T5TokenizerFast", None),
+                scheduler=("diffusers", "FlowMatchEulerDiscreteScheduler", dict(
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                    max_image_seq_len=4096)),
+            )  # fmt: skip
+        return dict(
+            transformer=("diffusers", "SD3Transformer2DModel", transformer), vae=vae,
+            text_encoder=clip("clip-l", "CLIPTextModelWithProjection"),
+            text_encoder_2=clip("clip-g", "CLIPTextModelWithProjection"), text_encoder_3=t5,
+            tokenizer=("transformers", "CLIPTokenizer", None), tokenizer_2=("transformers", "CLIPTokenizer", None),
+            tokenizer_3=("transformers", "T5TokenizerFast", None),
+            scheduler=("diffusers", "FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+        )  # fmt: skip
+    parts = dict(
+        unet=("diffusers", "UNet2DConditionModel", {**UNET_SHAPES[kind], **overrides.get("unet", {})}),
+        vae=("diffusers", "AutoencoderKL", {**VAE_SHAPE, **overrides.get("vae", {})}),
+        text_encoder=clip("clip-l", "CLIPTextModel"), tokenizer=("transformers", "CLIPTokenizer", None),
+        scheduler=("diffusers", "DDPMScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                      beta_end=0.012, num_train_timesteps=1000)),
+    )  # fmt: skip
+    if kind == "sdxl":
+        parts.update(text_encoder_2=clip("clip-g", "CLIPTextModelWithProjection"),
+                     tokenizer_2=("transformers", "CLIPTokenizer", None))  # fmt: skip
+    return parts
+
+
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd35": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # fmt: skip
+
+
+def write_shaped_configs(kind: str, folder: Path, overrides: dict | None = None) -> Path:
+    """A pipeline folder of `kind` holding configs only (`model_index.json`, `<part>/config.json`, the scheduler's):
+    what the memory planner reads. No weights, nothing built."""
+    import json
+
+    import diffusers
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": PIPELINES[kind], "_diffusers_version": diffusers.__version__}
+    for name, (library, cls_name, config) in shaped_parts(kind, overrides).items():
+        index[name] = [library, cls_name]
+        if config is None:  # tokenizers: the planner reads the text encoders' lengths
+            continue
+        (folder / name).mkdir(exist_ok=True)
+        if library == "transformers":
+            cls = getattr(transformers, cls_name)
+            config = cls.config_class(**config).to_dict()
+        filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+        (folder / name / filename).write_text(json.dumps({"_class_name": cls_name, **config}, indent=1))
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder

@@ -88,3 +88,19 @@ class TinyDenoisers:
 @pytest.fixture
 def denoisers():
     return TinyDenoisers
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """A function: the folder of `toyworld.tiny_families`' tiny pipeline of a family, saved once per session."""
+    from difftune.toyworld.tiny_families import save_family_pipeline
+
+    root = tmp_path_factory.mktemp("families")
+    saved = {}
+
+    def folder(family: str):
+        if family not in saved:
+            saved[family] = save_family_pipeline(root / family, family)
+        return saved[family]
+
+    return folder

@@ -200,6 +200,10 @@ def check_launch(cmd: Command) -> None:
 def run_training(cmd: Command, argv: list[str], main) -> None:
     if cmd.launch is not None:
         check_launch(cmd)
+    if "--plan" in argv or "--fit" in argv:  # the memory planner: a plan is printed (tests/finetune/test_planner.py)
+        main(argv)
+        assert not Path(flag_value(argv, "output_dir")).exists(), "a plan trains nothing"
+        return
     preset = config_values(argv)
     needs_cuda = preset.get("optimizer") == "adamw8bit" or preset.get("use_8bit_adam") or preset.get("quantize_base")
     if needs_cuda and not torch.cuda.is_available():  # an 8 GB preset on this CPU: the promised one-line error
@@ -353,7 +357,7 @@ def check_make(cmd: Command) -> None:
 
 def check_pip(cmd: Command) -> None:
     """`pip install .` installs this checkout's `difftune` with the console commands the README uses; the extra a
-    `difftune[...]` line names exists and brings bitsandbytes, as the README says."""
+    `difftune[...]` line names exists and brings what the README says (`EXTRAS`)."""
     from packaging.requirements import Requirement
 
     dist = distribution("difftune")
@@ -371,7 +375,40 @@ def check_pip(cmd: Command) -> None:
     for extra in wanted.extras:
         assert extra in dist.metadata.get_all("Provides-Extra")
         brings = {Requirement(r).name for r in dist.requires if "extra ==" in r and Requirement(r).marker.evaluate({"extra": extra})}  # fmt: skip
-        assert "bitsandbytes" in brings, brings
+        assert EXTRAS[extra] <= brings, brings
+
+
+EXTRAS = {"bnb": {"bitsandbytes"}, "ui": {"fastapi", "uvicorn"}}  # what the README says each extra adds
+
+
+def run_ui(argv: list[str], local: Local) -> None:
+    """`difftune-ui` as a user starts it, in a process of its own (a server does not return): on a free port, until
+    its page answers; then Ctrl+C (SIGINT) ends it cleanly."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [*argv, "--port", str(port)]
+    server = subprocess.Popen([sys.executable, "-m", "difftune.app.ui", *argv], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline, page = time.monotonic() + 120, b""
+        while not page and time.monotonic() < deadline and server.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+            except OSError:
+                time.sleep(0.5)
+        assert b"<title>difftune</title>" in page
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode == 0 and f"open http://127.0.0.1:{port}/" in out
+    assert Path(flag_value(argv, "output_root")).is_dir()
 
 
 CHECKS = {"make demo": check_make, "make test": check_make, "pip install": check_pip}
@@ -382,6 +419,7 @@ RUNNERS = {
     "difftune.pipelines.generate": "generate",
     "difftune.baselines.train": "baseline",
     "difftune.baselines.compare": "compare",
+    "difftune.app.ui": "ui",
 }
 REPRODUCE_RUNNERS = {
     "difftune.scripts.train_tiny_vae": run_train_tiny_vae,
@@ -402,7 +440,7 @@ def test_every_readme_command_is_covered():
         assert parse_command(command).module in REPRODUCE_RUNNERS, (
             f"no way to run this docs/benchmarks.md command: {command}"
         )
-    assert len(REPRODUCE) == 5
+    assert len(REPRODUCE) == 4
     # every fenced block is one this file runs: bash commands, the one my_run.yaml, the one Python example
     languages = re.findall(r"^```(\w*)\n.*?^```", README, re.S | re.M)
     assert set(languages) <= {"bash", "yaml", "python", ""}, languages
@@ -431,6 +469,8 @@ def test_readme_command_runs(command, local, monkeypatch, capsys, own_process):
         run_generate(argv, local)
     elif kind == "baseline":
         run_baseline_train(argv, local)
+    elif kind == "ui":
+        run_ui(argv, local)
     else:
         run_compare(argv, local)
 

@@ -4,8 +4,11 @@ A family is one module (`pipelines/families/<name>.py`) defining a `Family` subc
 class: a subclass sets the class data (`name`, `pipeline_class_name`, and whichever defaults it differs in) and
 implements the abstract methods: how to recognise its pipelines from `model_index.json` (`matches`), its training
 noise scheduler (`load_noise_scheduler`), how text becomes the denoiser's conditioning (`encode_text`) and how the
-denoiser is called (`predict`). Everything else (loading the components, tokenizing, VAE latents, building a
-diffusers pipeline, the options `from_pretrained` needs) has a default a family overrides where it differs. The
+denoiser is called (`predict`). Everything else (loading the components, tokenizing, the VAE posterior and latent
+normalisation, a resolution-dependent shift of the training sigmas, building a diffusers pipeline and its text
+arguments from precomputed embeddings, the options `from_pretrained` needs) has a default a family overrides where
+it differs. Text conditioning may vary in length (LLM encoders): tensors (B, L, ...) with a mask, right-padded with
+zeros (`pad_sequences`). The
 training objective a family uses (`objective`: "ddpm" for epsilon/v UNets, "flow" for rectified-flow transformers)
 is data, looked up in `finetune.objective`. How a family's LoRA files are exported (model card tags, kohya keys)
 is the export side's data (`finetune.export_formats`).
@@ -18,23 +21,26 @@ is ever run.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import SafetensorError
 from torch import nn
 
 from difftune.core.errors import UserError
+from difftune.core.files import read_json
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SchedulerMixin
 
 logger = logging.getLogger(__name__)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
+DAMAGED = "the pipeline folder is incomplete or damaged: restore it from its source"
 
 
 def is_hub_id(model: str) -> bool:
@@ -49,10 +55,14 @@ def read_model_index(model: str) -> dict:
         index = path / "model_index.json"
         if not index.is_file():
             raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-        return json.loads(index.read_text())
-    if not is_hub_id(model):
+    elif not is_hub_id(model):
         raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
-    return json.loads(Path(_hub_file(model, "model_index.json")).read_text())
+    else:
+        index = Path(_hub_file(model, "model_index.json"))
+    data = read_json(index, DAMAGED)
+    if not isinstance(data, dict):
+        raise UserError(f"{index}: not a pipeline's model_index.json (a mapping of components); {DAMAGED}")
+    return data
 
 
 def _hub_file(model: str, filename: str) -> str:
@@ -70,14 +80,30 @@ def _hub_file(model: str, filename: str) -> str:
 def sub_config(model: str, subfolder: str, name: str = "config.json") -> dict:
     """A component's config (e.g. `scheduler/scheduler_config.json`); {} when the pipeline has none."""
     path = Path(model) / subfolder / name
-    if path.is_file():
-        return json.loads(path.read_text())
-    if Path(model).is_dir():
-        return {}
+    if not path.is_file():
+        if Path(model).is_dir():
+            return {}
+        try:
+            path = Path(_hub_file(model, f"{subfolder}/{name}"))
+        except UserError:
+            return {}
+    data = read_json(path, DAMAGED)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a config (a mapping of settings); {DAMAGED}")
+    return data
+
+
+def load_part(model: str, name: str, load):
+    """`load()` (a component's `from_pretrained`), its failure one line naming the component and the folder. A local
+    pipeline's component folder must exist (a tokenizer `from_pretrained` finds no files in loads empty, and fails
+    only later, inside training)."""
+    if Path(model).is_dir() and not (Path(model) / name).is_dir():
+        raise UserError(f"{model}: has no {name}/ folder, which model_index.json lists; {DAMAGED}")
     try:
-        return json.loads(Path(_hub_file(model, f"{subfolder}/{name}")).read_text())
-    except UserError:
-        return {}
+        return load()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"{model}: could not load its {name} ({first}); {DAMAGED}") from err
 
 
 def component_class(index: dict, name: str, model: str) -> type:
@@ -89,6 +115,26 @@ def component_class(index: dict, name: str, model: str) -> type:
     if library not in TRUSTED_LIBRARIES:
         raise UserError(f"{model}: component {name} comes from {library!r}; only diffusers/transformers are loaded")
     return getattr(importlib.import_module(library), cls_name)
+
+
+def pad_sequences(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors (L_i, ...) stacked into (B, max L_i, ...), each right-padded with zeros: variable-length text
+    conditioning, whose mask (padded alike) marks the padding."""
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+
+
+def dynamic_shift(scheduler, sigmas: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+    """`sigmas` moved by the resolution-dependent shift the Flux-style pipelines' `calculate_shift` gives for
+    `image_seq_len` image tokens, when the scheduler config enables dynamic shifting (unchanged otherwise: a static
+    shift is already in the scheduler's sigmas)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    if not config.get("use_dynamic_shifting", False):
+        return sigmas
+    mu = calculate_shift(image_seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                         config.max_shift)  # fmt: skip
+    return scheduler.time_shift(mu, 1.0, sigmas)
 
 
 def given(options: dict) -> dict:
@@ -116,17 +162,29 @@ class Family(ABC):
     text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     default_sampler: ClassVar[str] = "dpmpp-2m"  # pipelines.generate's default for this family
     passes_sigmas: ClassVar[bool] = False  # the pipeline hands the scheduler custom sigmas (FluxPipeline)
+    # ... except to a scheduler configured with `use_flow_sigmas` (Flux2Pipeline), which then sets its own
+    flow_sigmas_set_own: ClassVar[bool] = False
+    unfit_samplers: ClassVar[dict[str, str]] = {}  # sampler -> why this family's pipeline cannot run it
+    # Large (LLM) text encoders: with their outputs cached they are loaded alone, before the denoiser, to encode
+    # every caption, then freed (`finetune.text_pass`); validation images then take the cached embeddings.
+    text_first: ClassVar[bool] = False
+    sample_posterior: ClassVar[bool] = True  # a latent drawn from the VAE posterior; False: its mean
+    takes_negative_prompt: ClassVar[bool] = True  # the pipeline's call has a `negative_prompt`
     # Edit models (Flux Kontext, Qwen-Image-Edit) train on pairs: how many control images one example takes (0: a
     # text-to-image model), and the multiple their sides are sized to (`core.controls.control_size`).
     max_controls: ClassVar[int] = 0
     control_multiple: ClassVar[int] = 16
     lora_families: ClassVar[tuple[str, ...]] = ()  # other families whose LoRAs fit this one's denoiser
+    guidance_batch: ClassVar[int] = 2  # the pipeline's denoiser batch per image (classifier-free guidance)
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
         self.index = index
         self.parts = parts
         self.options = options or {}
+        # The text conditioning of prompts computed ahead (caption -> `encode_text` output without the batch
+        # dimension), for validation images when the text encoders are not loaded (`text_first`).
+        self.text_embeddings: Mapping[str, dict] | None = None
 
     # --- detection and loading -------------------------------------------------------------------------
 
@@ -150,26 +208,65 @@ class Family(ABC):
         return getattr(importlib.import_module("diffusers"), cls.pipeline_class_name)
 
     @classmethod
-    def load(cls, model: str, index: dict, denoiser: nn.Module | None = None, options: dict | None = None) -> Family:
+    def load(
+        cls,
+        model: str,
+        index: dict,
+        denoiser: nn.Module | None = None,
+        options: dict | None = None,
+        text_encoders: bool = True,
+        make_part: Callable[[str, type], Any] | None = None,
+    ) -> Family:
         """Every component training needs; `denoiser` replaces the pipeline's (e.g. a quantised one). `options` are
         the training settings a family reads (`prediction_type`, `max_sequence_length`, `guidance_scale`, ...),
         unset ones None or False. Which settings apply to which family is their config fields' metadata; the trainer
-        refuses the others before loading (`finetune.config.check_family`)."""
+        refuses the others before loading (`finetune.config.check_family`). `text_encoders=False` leaves the text
+        encoders out (None): their outputs were computed ahead (`text_first`). `make_part(name, cls)`
+        makes a component instead of `cls.from_pretrained(model, subfolder=name)` (the memory planner builds them
+        from their configs on the meta device)."""
         options = given(options or {})
-        parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **options)}
-        absent = [name for name in cls.optional_parts if (index.get(name) or [None])[0] is None]
-        if absent:
-            logger.warning("%s has no %s: training without them, as its pipeline runs", model, " or ".join(absent))
+        parts: dict[str, Any] = {
+            "noise_scheduler": load_part(model, "scheduler", lambda: cls.load_noise_scheduler(model, **options))
+        }
+        absent = cls._absent(index, model)
+        skipped = () if text_encoders else cls.text_encoder_names
         for name in ("vae", cls.denoiser_name, *cls.text_encoder_names, *cls.tokenizer_names):
             if name == cls.denoiser_name and denoiser is not None:
                 parts[name] = denoiser
-            elif name in absent:
+            elif name in absent or name in skipped:
                 parts[name] = None
             else:
-                parts[name] = component_class(index, name, model).from_pretrained(model, subfolder=name)
+                part_cls = component_class(index, name, model)
+                if make_part is not None:
+                    parts[name] = make_part(name, part_cls)
+                else:
+                    parts[name] = load_part(
+                        model, name, lambda c=part_cls, n=name: c.from_pretrained(model, subfolder=n)
+                    )
         family = cls(model, index, parts, options)
         family.check_options()
         return family
+
+    @classmethod
+    def load_text(
+        cls, model: str, index: dict, options: dict | None = None, dtype: torch.dtype | None = None
+    ) -> Family:
+        """Only the tokenizers and text encoders (in CPU memory, `dtype`): enough for `tokenize` and `encode_text`."""
+        absent = cls._absent(index, model)
+        parts: dict[str, Any] = {}
+        for name in (*cls.text_encoder_names, *cls.tokenizer_names):
+            kwargs = {"dtype": dtype} if name in cls.text_encoder_names and dtype is not None else {}
+            load = component_class(index, name, model).from_pretrained
+            parts[name] = None if name in absent else load(model, subfolder=name, **kwargs)
+        return cls(model, index, parts, given(options or {}))
+
+    @classmethod
+    def _absent(cls, index: dict, model: str) -> list[str]:
+        """The optional parts this pipeline lacks, said once."""
+        absent = [name for name in cls.optional_parts if (index.get(name) or [None])[0] is None]
+        if absent:
+            logger.warning("%s has no %s: training without them, as its pipeline runs", model, " or ".join(absent))
+        return absent
 
     def check_options(self) -> None:
         """Checks of options against the loaded components (e.g. guidance on a model without guidance embeddings);
@@ -192,6 +289,10 @@ class Family(ABC):
 
     def text_encoders(self) -> dict[str, nn.Module]:
         return {name: self.parts[name] for name in self.text_encoder_names if self.parts.get(name) is not None}
+
+    def default_lora_targets(self) -> list[str]:
+        """The denoiser modules a LoRA adapts unless `--target_modules` says otherwise."""
+        return list(self.lora_targets)
 
     def trainable_text_encoders(self) -> dict[str, nn.Module]:
         """The text encoders `--train_text_encoder` trains (the CLIP ones; T5 is never trained)."""
@@ -224,22 +325,36 @@ class Family(ABC):
 
     # --- images and the denoiser -------------------------------------------------------------------------
 
+    def posterior(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (B, 2C, h, w), mean then log-variance, of images (B, 3, H, W) in [-1, 1]."""
+        return self.vae.encode(pixels).latent_dist.parameters
+
     def latents(self, posterior: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) drawn from VAE posterior params (B, 2C, h, w), each sample from its own seed,
-        scaled (and shifted, where the VAE has a shift factor) as the denoiser sees them."""
+        """Latents (B, C, h, w) drawn from VAE posterior params (B, 2C, h, w), each sample from its own seed (or
+        the posterior mean, without `sample_posterior`), normalised as the denoiser sees them (`normalize`)."""
         mean, logvar = posterior.chunk(2, dim=1)
+        if not self.sample_posterior:
+            return self.normalize(mean)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         generators = [torch.Generator().manual_seed(int(s) ^ 0x5EED) for s in seeds]
         eps = randn_tensor(tuple(mean.shape), generator=generators, dtype=torch.float32).to(mean)
+        return self.normalize(mean + std * eps)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, C, h, w) as the denoiser sees them: shifted (where the VAE has a shift factor), scaled."""
         shift = self.vae.config.get("shift_factor", None) or 0.0
-        return (mean + std * eps - shift) * self.vae.config.scaling_factor
+        return (z - shift) * self.vae.config.scaling_factor
+
+    def shift_sigmas(self, sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Training sigmas (B,) drawn from the scheduler's schedule, moved as the family's pipeline moves its
+        sampling sigmas for latents of `latent_shape` (a resolution-dependent shift); unchanged by default."""
+        return sigmas
 
     def image_latents(self, posterior: torch.Tensor) -> torch.Tensor:
         """A control image's latents (B, C, h, w) from VAE posterior params (B, 2C, h, w): the posterior's mode,
-        shifted and scaled, as the edit pipelines encode an input image (`retrieve_latents(..., "argmax")`)."""
-        mean = posterior.chunk(2, dim=1)[0]
-        shift = self.vae.config.get("shift_factor", None) or 0.0
-        return (mean - shift) * self.vae.config.scaling_factor
+        normalised as the denoiser sees latents, as the edit pipelines encode an input image
+        (`retrieve_latents(..., "argmax")`)."""
+        return self.normalize(posterior.chunk(2, dim=1)[0])
 
     @classmethod
     def edit_inputs(cls, pipe, images: list, height: int, width: int, max_sequence_length: int | None) -> dict:
@@ -270,6 +385,27 @@ class Family(ABC):
     def pipeline_extras(self) -> dict:
         """What the pipeline class's constructor needs besides the components (e.g. no safety checker)."""
         return {}
+
+    @classmethod
+    def guidance_inputs(cls, scale: float, negative_prompts: list[str] | None, count: int) -> dict:
+        """The pipeline call's guidance arguments for generating `count` images: classifier-free guidance `scale`
+        (or, for a guidance-distilled model, the guidance it is conditioned on) and the negative prompts, if any."""
+        return {"guidance_scale": scale, "negative_prompt": negative_prompts}
+
+    def prompt_inputs(self, prompts: list[str]) -> dict:
+        """The pipeline call's text arguments for `prompts`: the prompts themselves, or, when the text encoders are
+        not loaded, their conditioning from `text_embeddings` (`embedding_inputs`)."""
+        if self.text_encoders() or self.text_embeddings is None:
+            return {"prompt": prompts}
+        missing = [p for p in prompts if p not in self.text_embeddings]
+        if missing:
+            raise UserError(f"no text embedding computed ahead for the prompt {missing[0]!r}")
+        return self.embedding_inputs([self.text_embeddings[p] for p in prompts], self.text_embeddings.get(""))
+
+    def embedding_inputs(self, conds: list[dict], empty: dict | None) -> dict:
+        """The pipeline call's arguments from precomputed conditioning: `conds` per prompt (`encode_text`'s output
+        without the batch dimension) and `empty`, the empty prompt's (the negative of classifier-free guidance)."""
+        raise NotImplementedError(f"{type(self).__name__} does not sample from precomputed text embeddings")
 
     def sampling_scheduler(self) -> SchedulerMixin:
         """The scheduler validation images are drawn with (DPM-Solver++ for DDPM families, the flow's own Euler)."""

@@ -28,6 +28,7 @@ class Flux(StableDiffusion3):
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     optional_parts: ClassVar[tuple[str, ...]] = ()
     passes_sigmas: ClassVar[bool] = True
+    guidance_batch: ClassVar[int] = 1  # guidance-distilled: one denoiser call per image, no negative batch
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # CLIP, not T5
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *FEED_FORWARD)
     default_max_sequence_length: ClassVar[int] = 512  # diffusers' Flux training scripts

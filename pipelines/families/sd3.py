@@ -63,13 +63,13 @@ class StableDiffusion3(Family):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)
 
     @classmethod
-    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None):
+    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None, text_encoders: bool = True):
         """As `Family.load`, with `--max_sequence_length` checked against the T5 tokenizer's config first."""
         limit = None
         if (index.get(cls.tokenizer_names[-1]) or [None])[0] is not None:
             limit = sub_config(model, cls.tokenizer_names[-1], "tokenizer_config.json").get("model_max_length")
         cls.sequence_length((options or {}).get("max_sequence_length"), limit)
-        return super().load(model, index, denoiser, options)
+        return super().load(model, index, denoiser, options, text_encoders)
 
     @classmethod
     def sequence_length(cls, wanted: int | None, limit: int | float | None) -> int:

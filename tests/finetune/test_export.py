@@ -1,4 +1,6 @@
-"""Exported LoRA files load back to the same images (diffusers and kohya keys, alpha != rank); the model card."""
+"""Exported LoRA files load back to the same images (diffusers and kohya keys, alpha != rank), for every family whose
+pipeline class loads them (the 2026 families' diffusers files; the BFL layout ComfyUI wants for Flux.2 and Chroma);
+the model card."""
 
 import json
 
@@ -25,8 +27,9 @@ from difftune.finetune.export import (
 )
 from difftune.finetune.export_formats import export_format
 from difftune.finetune.kohya_flux import flux_kohya_layers
-from difftune.pipelines.families import FAMILIES, Flux, StableDiffusion1, StableDiffusionXL
+from difftune.pipelines.families import FAMILIES, Flux, StableDiffusion1, StableDiffusionXL, by_name
 from difftune.toyworld.tiny import build_pipeline
+from difftune.toyworld.tiny_families import build_family_pipeline, sample_kwargs
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -270,3 +273,59 @@ def test_model_card_inherits_the_base_models_licence(tmp_path):
     assert "flux" in meta["tags"]
     (base / "README.md").unlink()  # no card: no licence claimed
     assert "license" not in front_matter(write_model_card(tmp_path / "out", cfg, "lora", Flux).read_text())
+
+
+# Every linear BFL's layout names, per family (diffusers' Flux.1 converter back hard-codes Flux.1's single-block
+# widths, so Chroma's single blocks are left out: their keys are Flux.1's, checked in test_export).
+FAMILY_TARGETS = {
+    "flux2": r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+             r"|ff\.linear_(in|out)|ff_context\.linear_(in|out))"
+             r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))",
+    "chroma": r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+              r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))",
+}  # fmt: skip
+FAMILY_TARGETS["flux2_klein"] = FAMILY_TARGETS["flux2"]
+BFL_MODULES = {"flux2": (8, 2), "flux2_klein": (8, 2), "chroma": (8, 0)}  # BFL modules per (double, single) block
+
+
+def family_images(pipe, family: str) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0), **sample_kwargs(family)).images  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux2_klein", "chroma"])
+def test_kohya_file_loads_back_in_diffusers_to_the_same_images(tmp_path, family):
+    pipe = build_family_pipeline(family)
+    attach_random_lora(pipe.transformer, FAMILY_TARGETS[family], seed=1, r=2, alpha=3)
+    save_lora_kohya(by_name(family), {"transformer": pipe.transformer}, tmp_path)
+    kohya = load_file(tmp_path / KOHYA_FILE)
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 6  # q, k, v fused: 3 x 2
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == 6.0
+    double, single = BFL_MODULES[family]
+    modules = {k.split(".")[0] for k in kohya}
+    assert len(modules) == double * len(pipe.transformer.transformer_blocks) + single * len(
+        pipe.transformer.single_transformer_blocks
+    )
+    live = family_images(pipe, family)
+    base = build_family_pipeline(family)
+    base_images = family_images(base, family)
+    base.load_lora_weights(tmp_path, weight_name=KOHYA_FILE)
+    assert np.abs(live - base_images).max() > 1e-3  # the adapter matters
+    np.testing.assert_allclose(family_images(base, family), live, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "flux2", "flux2_klein", "z_image", "chroma"])
+def test_diffusers_file_loads_in_the_pipeline_class_to_the_same_images(tmp_path, family):
+    """The default targets (attention and feed-forward of both streams) in diffusers' file, with peft's config in
+    its metadata (alpha != rank), load into the family's pipeline class and give the live model's images."""
+    pipe = build_family_pipeline(family)
+    fam = by_name(family)
+    targets = fam.default_lora_targets(fam(str(tmp_path), {}, {"transformer": pipe.transformer}))
+    attach_random_lora(pipe.transformer, targets, seed=2, r=2, alpha=3)
+    save_lora(fam, {"transformer": pipe.transformer}, tmp_path)
+    assert all(k.startswith("transformer.") for k in load_file(tmp_path / LORA_FILE))
+    live = family_images(pipe, family)
+    base = build_family_pipeline(family)
+    base.load_lora_weights(tmp_path)
+    np.testing.assert_allclose(family_images(base, family), live, atol=1e-5)

@@ -69,9 +69,9 @@ def test_a_lora_of_another_family_names_both(flow_models, tiny_sd1, tmp_path):
     save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": zeros(2, 8)}, flux_lora)
     unet_lora = tmp_path / "unet_lora.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": zeros(2, 8)}, unet_lora)
-    with pytest.raises(UserError, match=r"trained for a Flux model; .* is sd1 \(StableDiffusionPipeline\)"):
+    with pytest.raises(UserError, match=r"trained for a Flux.1/Chroma model; .* is sd1 \(StableDiffusionPipeline\)"):
         generate.main(args(tiny_sd1, tmp_path / "o", "--lora", str(flux_lora)))
     with pytest.raises(UserError, match=r"trained for an SD 1.x/2.x/SDXL model; .* is flux \(FluxPipeline\)"):
         generate.main(args(flow_models["flux"], tmp_path / "o", "--lora", str(unet_lora)))
-    with pytest.raises(UserError, match=r"trained for a Flux model; .* is sd3"):
+    with pytest.raises(UserError, match=r"trained for a Flux.1/Chroma model; .* is sd3"):
         generate.main(args(flow_models["sd3"], tmp_path / "o", "--lora", str(flux_lora)))

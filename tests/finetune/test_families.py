@@ -1,0 +1,181 @@
+"""Training the 2026 families on tiny pipelines built with plain diffusers (`toyworld.tiny_families`): a LoRA through
+`accelerate launch` that the family's diffusers pipeline class loads and that changes its output, full fine-tuning
+to a folder `DiffusionPipeline.from_pretrained` loads, bit-exact resume, the same losses with and without the text
+cache (caption dropout included, the empty caption's embedding cached with its mask), and one-line refusals of the
+settings that do not apply, before the model loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from difftune.core.config import from_values
+from difftune.core.errors import UserError
+from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
+from difftune.finetune.export_formats import export_format
+from difftune.finetune.loop import train
+from difftune.finetune.tasks import FULL, LORA
+from difftune.pipelines.families import Family, by_name, detect
+from difftune.toyworld.tiny_families import FAMILIES, TEST_MAX_SEQUENCE_LENGTH, sample_kwargs
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def config(model, data, out, cls=LoraTrainConfig, **kw):
+    base = dict(
+        pretrained_model_name_or_path=str(model), train_data_dir=str(data), output_dir=str(out), resolution=32,
+        center_crop=True, train_batch_size=2, max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3,
+        report_to="none", seed=1, max_sequence_length=TEST_MAX_SEQUENCE_LENGTH,
+    )  # fmt: skip
+    return from_values(cls, {**base, **kw})
+
+
+def sample(pipe, family: str) -> np.ndarray:
+    return pipe(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0), **sample_kwargs(family)).images  # fmt: skip
+
+
+def load(folder) -> DiffusionPipeline:
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_under_accelerate_launch_loads_in_the_pipeline_class_and_changes_its_output(
+    family_model, shapes_dir, tmp_path, family
+):
+    model, out = family_model(family), tmp_path / "lora"
+    kohya = ["--output_kohya_format"] if export_format(by_name(family)).kohya else []  # Flux.2's and Chroma's BFL keys
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    proc = subprocess.run(
+        [*accelerate, "finetune/finetune_lora.py", "--pretrained_model_name_or_path", str(model), "--train_data_dir",
+         str(shapes_dir), "--output_dir", str(out), "--resolution", "32", "--max_train_steps", "2",
+         "--train_batch_size", "2", "--learning_rate", "1e-2", "--max_sequence_length", str(TEST_MAX_SEQUENCE_LENGTH),
+         "--report_to", "none", "--proportion_empty_prompts", "0.5", *kohya],
+        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "pytorch_lora_weights_kohya.safetensors").is_file() == bool(kohya)
+    keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    pipe_class = detect(str(model)).pipeline_class()
+    pipe = pipe_class.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    base = sample(pipe, family)
+    pipe.load_lora_weights(out)
+    assert np.abs(sample(pipe, family) - base).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_fine_tuning_saves_a_pipeline_diffusers_loads(family_model, shapes_dir, tmp_path, family):
+    model = family_model(family)
+    result = train(config(model, shapes_dir, tmp_path, FullTrainConfig, max_train_steps=2, learning_rate=1e-2), FULL)
+    assert result.global_step == 2 and all(np.isfinite(result.losses))
+    tuned, base = load(tmp_path), load(model)
+    assert type(tuned) is type(base)
+    assert (
+        np.abs(sample(tuned, family) - sample(base, family)).max() > 1e-4
+    )  # the trained transformer, the rest the base's
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_is_bit_exact_and_uncached_text_gives_the_same_losses(
+    family_model, shapes_dir, tmp_path, family, caplog
+):
+    """Half of the captions dropped: the empty caption's cached embedding (and mask) stands in for the encoder's.
+    Without the cache, one line says what keeping the text encoder costs."""
+    model, dropout = family_model(family), {"proportion_empty_prompts": 0.5}
+    straight = train(config(model, shapes_dir, tmp_path / "a", **dropout), LORA)
+    train(config(model, shapes_dir, tmp_path / "b", max_train_steps=2, **dropout), LORA)
+    resumed = train(config(model, shapes_dir, tmp_path / "b", resume_from_checkpoint="latest", **dropout), LORA)
+    assert resumed.losses == straight.losses[2:]
+    a, b = (load_file(tmp_path / d / "checkpoint-4" / "model.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    uncached = train(config(model, shapes_dir, tmp_path / "c", cache_latents=False, **dropout), LORA)
+    assert straight.cached and not uncached.cached
+    assert uncached.losses == pytest.approx(straight.losses, rel=1e-4)
+    (line,) = [r.getMessage() for r in caplog.records if "text caching is off" in r.getMessage()]
+    assert f"the {family} text encoder" in line and "stays loaded beside the transformer" in line
+
+
+def test_the_text_encoder_is_freed_before_the_transformer_loads(family_model, shapes_dir, tmp_path, monkeypatch):
+    """With cached text an LLM family encodes every caption (and the validation prompt) with its text encoder
+    alone, before the transformer loads; the family that trains holds no text encoder, and validation images come
+    from the cached embeddings."""
+    from difftune.finetune import loop
+
+    events, loaded = [], []
+    load_text, load_all = Family.load_text.__func__, Family.load.__func__
+
+    def text_only(cls, *args, **kwargs):
+        events.append("text encoder")
+        return load_text(cls, *args, **kwargs)
+
+    def the_rest(cls, *args, **kwargs):
+        events.append("transformer")
+        loaded.append(load_all(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(Family, "load_text", classmethod(text_only))
+    monkeypatch.setattr(Family, "load", classmethod(the_rest))
+    assert loop.Family is Family
+    cfg = config(family_model(FAMILIES[0]), shapes_dir, tmp_path, max_train_steps=1, validation_prompt=["a blue square"],
+                 validation_steps=1, num_validation_images=1, validation_inference_steps=1)  # fmt: skip
+    train(cfg, LORA)
+    assert events == ["text encoder", "transformer"]
+    (family,) = loaded
+    assert family.text_encoders() == {} and family.parts["text_encoder"] is None
+    assert {"a blue square", ""} <= set(family.text_embeddings)
+    assert (tmp_path / "validation" / "step-1" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
+def test_the_other_adapters_train_and_save(family_model, shapes_dir, tmp_path, adapter):
+    """DoRA in diffusers' file (the pipeline class loads it), LoHa and LoKr in peft's own layout, as for every
+    family."""
+    family = "flux2_klein"
+    train(config(family_model(family), shapes_dir, tmp_path, max_train_steps=1, adapter=adapter), LORA)
+    if adapter == "dora":
+        pipe = load(family_model(family))
+        base = sample(pipe, family)
+        pipe.load_lora_weights(tmp_path)
+        assert np.abs(sample(pipe, family) - base).max() > 0  # DoRA's magnitudes change the weights from step 0
+    else:
+        assert (tmp_path / "transformer" / "adapter_model.safetensors").is_file()
+
+
+NOT_APPLYING = [
+    ("qwen_image", {"train_text_encoder": True}, "--train_text_encoder does not apply to qwen_image models"),
+    ("qwen_image", {"guidance_scale": 3.5}, "--guidance_scale does not apply to qwen_image models"),
+    ("qwen_image", {"snr_gamma": 5.0}, "--snr_gamma does not apply to qwen_image models .QwenImagePipeline, flow"),
+    ("qwen_image", {"output_kohya_format": True}, "--output_kohya_format is not written for qwen_image models"),
+    ("qwen_image", {"max_sequence_length": 2000}, "--max_sequence_length 2000 is beyond Qwen-Image's limit of 1024"),
+    ("flux2", {"train_text_encoder": True}, "--train_text_encoder does not apply to flux2 models .Flux2Pipeline"),
+    ("flux2", {"prediction_type": "v_prediction"}, "--prediction_type does not apply to flux2 models"),
+    ("flux2_klein", {"guidance_scale": 3.5}, "--guidance_scale does not apply to flux2_klein models"),
+    ("flux2_klein", {"train_text_encoder": True}, "--train_text_encoder does not apply to flux2_klein models"),
+    ("z_image", {"guidance_scale": 3.5}, "--guidance_scale does not apply to z_image models .ZImagePipeline"),
+    ("z_image", {"output_kohya_format": True}, "--output_kohya_format is not written for z_image models"),
+    ("z_image", {"noise_offset": 0.1}, "--noise_offset does not apply to z_image models"),
+    ("chroma", {"train_text_encoder": True}, "--train_text_encoder does not apply to chroma models .ChromaPipeline"),
+    ("chroma", {"guidance_scale": 3.5}, "--guidance_scale does not apply to chroma models"),
+    ("chroma", {"max_sequence_length": 2000}, "--max_sequence_length 2000 is beyond the T5 tokenizer's limit"),
+]
+
+
+@pytest.mark.parametrize("family, settings, message", NOT_APPLYING)
+def test_settings_that_do_not_apply_are_one_line(family_model, shapes_dir, tmp_path, family, settings, message):
+    with pytest.raises(UserError, match=message) as err:
+        train(config(family_model(family), shapes_dir, tmp_path, **settings), LORA)
+    assert "\n" not in str(err.value)
