@@ -189,9 +189,10 @@ def encode_controls(
     vae,
     random_flip: bool,
     cache_dir: Path,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[dict[str, torch.Tensor]]]:
-    """Each example's control images' entries (`params`, and `flipped` with `random_flip`), encoded and cached
-    exactly as training images are (`encode_images`), at the sizes they train at."""
+    """Each example's control images' entries (`params`, and `flipped` with `random_flip`), encoded (`encode`, the
+    family's posterior) and cached exactly as training images are (`encode_images`), at the sizes they train at."""
     flat = [
         (Record(source, "", f"control {k + 1} of {record.name}"), image, size)
         for record, images, sizes_of in zip(records, controls, sizes, strict=True)
@@ -199,7 +200,8 @@ def encode_controls(
     ]
     if not flat:
         return [[] for _ in records]
-    entries = iter(encode_images(*(list(column) for column in zip(*flat, strict=True)), vae, random_flip, cache_dir))
+    columns = [list(column) for column in zip(*flat, strict=True)]
+    entries = iter(encode_images(*columns, vae, random_flip, cache_dir, encode=encode))
     return [[next(entries) for _ in images] for images in controls]
 
 

@@ -286,7 +286,9 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
         for ex, entry in zip(examples, entries, strict=True):
             ex.latents, ex.latents_flipped = entry["params"], entry.get("flipped")
             ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
-        controls = encode_controls(data.records, data.controls, sizes, family.vae, cfg.data.random_flip, cache_root)
+        controls = encode_controls(
+            data.records, data.controls, sizes, family.vae, cfg.data.random_flip, cache_root, family.posterior
+        )
         for ex, entries in zip(examples, controls, strict=True):
             ex.control_latents = [(e["params"], e.get("flipped")) for e in entries]
     else:

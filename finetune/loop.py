@@ -96,14 +96,14 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     data, held_out = split_validation(cfg.selection, cfg.data, cfg.training.seed, data)
     record = run_record(cfg, accelerator.num_processes, data.fingerprint(), len(data.images))
     folder, restart_epoch = find_checkpoint(cfg, record)  # a resume that cannot be honoured stops here
-    if accelerator.is_main_process:  # checkpoints past the start are another run's: kept aside, never pruned
-        ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
-    accelerator.wait_for_everyone()
     model = cfg.model.pretrained_model_name_or_path
     family_cls = detect(model)
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     check_pairs_fit(family_cls, data, model)
     edits = edit_inputs(cfg, family_cls, held_out)  # an edit model's validation inputs
+    if accelerator.is_main_process:  # checkpoints past the start are another run's: kept aside, never pruned
+        ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
+    accelerator.wait_for_everyone()
     hub_repo = prepare_hub(cfg, accelerator)
     prompts = [*data.captions, *(held_out.captions if held_out else []), *(cfg.validation.validation_prompt or [])]
     family, trainable, weight_dtype = load_models(cfg, task, accelerator, prompts)

@@ -284,8 +284,7 @@ def control_latents(family, batch: dict, dtype: torch.dtype) -> list[torch.Tenso
         posteriors = [batch["control_latents"][k] for k in sorted(batch["control_latents"], key=int)]
     else:
         pixels = batch.get("control_pixels", {})
-        vae = family.vae
-        posteriors = [vae.encode(pixels[k].to(vae.dtype)).latent_dist.parameters for k in sorted(pixels, key=int)]
+        posteriors = [family.posterior(pixels[k].to(family.vae.dtype)) for k in sorted(pixels, key=int)]
     return [family.image_latents(p.float()).to(dtype) for p in posteriors]
 
 

@@ -211,7 +211,7 @@ def check_lora_fits(lora: str, family: type[Family], model: str) -> None:
     for path in weight_files(lora):
         keys, metadata = _open(lora, path)
         named = trained_family(metadata)
-        if named is not None and named != family.name:
+        if named is not None and named not in (family.name, *family.lora_families):
             raise UserError(
                 f"LoRA {lora} was trained on an {named} model (its file says so); {model} is {family.name} "
                 f"({family.pipeline_class_name}): give a LoRA of this model's family"

@@ -174,6 +174,7 @@ class Family(ABC):
     # text-to-image model), and the multiple their sides are sized to (`core.controls.control_size`).
     max_controls: ClassVar[int] = 0
     control_multiple: ClassVar[int] = 16
+    lora_families: ClassVar[tuple[str, ...]] = ()  # other families whose LoRAs fit this one's denoiser
     guidance_batch: ClassVar[int] = 2  # the pipeline's denoiser batch per image (classifier-free guidance)
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
@@ -351,10 +352,9 @@ class Family(ABC):
 
     def image_latents(self, posterior: torch.Tensor) -> torch.Tensor:
         """A control image's latents (B, C, h, w) from VAE posterior params (B, 2C, h, w): the posterior's mode,
-        shifted and scaled, as the edit pipelines encode an input image (`retrieve_latents(..., "argmax")`)."""
-        mean = posterior.chunk(2, dim=1)[0]
-        shift = self.vae.config.get("shift_factor", None) or 0.0
-        return (mean - shift) * self.vae.config.scaling_factor
+        normalised as the denoiser sees latents, as the edit pipelines encode an input image
+        (`retrieve_latents(..., "argmax")`)."""
+        return self.normalize(posterior.chunk(2, dim=1)[0])
 
     @classmethod
     def edit_inputs(cls, pipe, images: list, height: int, width: int, max_sequence_length: int | None) -> dict:

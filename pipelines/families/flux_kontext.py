@@ -29,6 +29,7 @@ class FluxKontext(Flux):
     pipeline_class_name: ClassVar[str] = "FluxKontextPipeline"
     max_controls: ClassVar[int] = 1  # the pipeline takes one input image
     control_multiple: ClassVar[int] = 16  # VAE x8 and 2x2 packing (the pipeline's `multiple_of`)
+    lora_families: ClassVar[tuple[str, ...]] = ("flux",)  # Flux.1's transformer: its LoRAs load here too
 
     def predict(self, denoiser, noisy, timesteps, cond, batch):
         _, _, h, w = noisy.shape
