@@ -50,7 +50,21 @@ def load(folder) -> DiffusionPipeline:
     return pipe
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# A launched process pays two interpreter starts and imports (~13 s of CPU each here): two families in the default
+# run (an LLM with a template and mask; a guidance-distilled one with a BFL export), every family under `-m slow`.
+LAUNCHED = [f if f in ("qwen_image", "flux2") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+
+
+def lora_changes_the_pipeline(model, lora, family: str) -> bool:
+    """Whether the LoRA in `lora` loads into the family's own diffusers pipeline class and changes its images."""
+    pipe = detect(str(model)).pipeline_class().from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    base = sample(pipe, family)
+    pipe.load_lora_weights(lora)
+    return np.abs(sample(pipe, family) - base).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", LAUNCHED)
 def test_lora_under_accelerate_launch_loads_in_the_pipeline_class_and_changes_its_output(
     family_model, shapes_dir, tmp_path, family
 ):
@@ -69,12 +83,7 @@ def test_lora_under_accelerate_launch_loads_in_the_pipeline_class_and_changes_it
     assert (out / "pytorch_lora_weights_kohya.safetensors").is_file() == bool(kohya)
     keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
     assert keys and all(k.startswith("transformer.") for k in keys)
-    pipe_class = detect(str(model)).pipeline_class()
-    pipe = pipe_class.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    base = sample(pipe, family)
-    pipe.load_lora_weights(out)
-    assert np.abs(sample(pipe, family) - base).max() > 1e-4
+    assert lora_changes_the_pipeline(model, out, family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -90,13 +99,15 @@ def test_full_fine_tuning_saves_a_pipeline_diffusers_loads(family_model, shapes_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_resume_is_bit_exact_and_uncached_text_gives_the_same_losses(
+def test_lora_resumes_bit_exactly_and_uncached_text_gives_the_same_losses(
     family_model, shapes_dir, tmp_path, family, caplog
 ):
-    """Half of the captions dropped: the empty caption's cached embedding (and mask) stands in for the encoder's.
-    Without the cache, one line says what keeping the text encoder costs."""
+    """The LoRA loads into the pipeline class and changes its images; resuming continues bit-exactly; half of the
+    captions dropped, the empty caption's cached embedding (and mask) stands in for the encoder's. Without the cache,
+    one line says what keeping the text encoder costs."""
     model, dropout = family_model(family), {"proportion_empty_prompts": 0.5}
     straight = train(config(model, shapes_dir, tmp_path / "a", **dropout), LORA)
+    assert lora_changes_the_pipeline(model, tmp_path / "a", family)
     train(config(model, shapes_dir, tmp_path / "b", max_train_steps=2, **dropout), LORA)
     resumed = train(config(model, shapes_dir, tmp_path / "b", resume_from_checkpoint="latest", **dropout), LORA)
     assert resumed.losses == straight.losses[2:]
@@ -138,6 +149,19 @@ def test_the_text_encoder_is_freed_before_the_transformer_loads(family_model, sh
     assert family.text_encoders() == {} and family.parts["text_encoder"] is None
     assert {"a blue square", ""} <= set(family.text_embeddings)
     assert (tmp_path / "validation" / "step-1" / "grid.png").is_file()
+
+
+def test_the_text_pass_runs_on_the_cpu_when_the_encoder_does_not_fit_the_gpu(monkeypatch, caplog):
+    from difftune.finetune.text_pass import text_device
+
+    encoder = [torch.nn.Linear(1024, 1024)]  # 4 MiB of fp32 weights
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (64 * 2**20, 80 * 2**20))
+    assert text_device(encoder, cuda) == cuda
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 2**20, 80 * 2**20))
+    assert text_device(encoder, cuda) == torch.device("cpu")
+    assert "encoding the captions on the CPU" in caplog.text
+    assert text_device(encoder, torch.device("cpu")) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
