@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from difftune.core.config import from_values
@@ -199,7 +200,54 @@ NOT_APPLYING = [
 
 
 @pytest.mark.parametrize("family, settings, message", NOT_APPLYING)
-def test_settings_that_do_not_apply_are_one_line(family_model, shapes_dir, tmp_path, family, settings, message):
+def test_settings_that_do_not_apply_are_one_line_before_loading(
+    family_model, shapes_dir, tmp_path, family, settings, message, monkeypatch
+):
+    def loading(*args, **kwargs):
+        raise AssertionError("a component was loaded before the settings were checked")
+
+    model = family_model(family)
+    monkeypatch.setattr(Family, "load", classmethod(loading))
+    monkeypatch.setattr(Family, "load_text", classmethod(loading))
     with pytest.raises(UserError, match=message) as err:
-        train(config(family_model(family), shapes_dir, tmp_path, **settings), LORA)
+        train(config(model, shapes_dir, tmp_path, **settings), LORA)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_overfit_on_one_image_brings_samples_to_it(family_model, tmp_path, family):
+    """300 steps on one image pull the samples of its caption toward its latents. Measured on the latents the
+    pipeline samples: the tiny VAE is random and cannot reconstruct an image, so pixels could not show it, while the
+    random tiny transformer itself is pulled (no trained base needed, unlike the pixel test of the SD 3 base)."""
+    import json
+
+    from difftune.finetune.cache import to_tensor
+    from difftune.pipelines.families import read_model_index
+    from difftune.toyworld import shapes
+    from difftune.toyworld.tiny_families import unpack_latents
+
+    data, model = tmp_path / "one", family_model(family)
+    shapes.write_dataset(data, ("yellow",), ("square",), per_class=1, seed=5)
+    cfg = config(model, data, tmp_path / "lora", train_batch_size=1, max_train_steps=300, learning_rate=3e-3, rank=16,
+                 lora_alpha=16, checkpointing_steps=1000)  # fmt: skip
+    train(cfg, LORA)
+    caption = json.loads((data / "metadata.jsonl").read_text().splitlines()[0])["text"]
+    pixels = to_tensor(Image.open(next(data.glob("*.png"))).convert("RGB").resize((32, 32)))[None]
+    fam = detect(str(model)).load(str(model), read_model_index(str(model)),
+                                  options={"max_sequence_length": TEST_MAX_SEQUENCE_LENGTH})  # fmt: skip
+    with torch.no_grad():
+        target = fam.normalize(fam.posterior(pixels).chunk(2, dim=1)[0])  # the image's latents (posterior mean)
+    pipe = load(model)
+
+    def distance() -> float:
+        latents = [pipe(prompt=caption, num_inference_steps=20, height=32, width=32, output_type="latent",
+                        generator=torch.Generator().manual_seed(s), **sample_kwargs(family)).images for s in range(3)]  # fmt: skip
+        return float(
+            np.mean([((unpack_latents(family, x, tuple(target.shape)) - target) ** 2).mean() for x in latents])
+        )
+
+    before = distance()
+    pipe.load_lora_weights(tmp_path / "lora")
+    after = distance()
+    assert after <= 0.75 * before, (before, after)
