@@ -55,16 +55,16 @@ class RunStore:
             if not isinstance(stored, dict):
                 raise UserError(f"{stored_path}: not a comparison's settings; {REDO}")
             differ = [k for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
-            if DATA_KEY in differ:
-                raise UserError(
-                    f"{out} holds results of a comparison on other data (the images or labels differ from those "
-                    "its runs were trained on); pass --overwrite to replace them, or choose another --output_dir"
-                )
-            if differ:
-                key = differ[0]
+            if differ and differ != [DATA_KEY]:  # a setting first: it names the cause when it changes the data too
+                key = next(k for k in differ if k != DATA_KEY)
                 raise UserError(
                     f"{out} holds results of another comparison ({key}: {stored.get(key)!r} there, "
                     f"{settings.get(key)!r} here); pass --overwrite to replace them, or choose another --output_dir"
+                )
+            if differ:
+                raise UserError(
+                    f"{out} holds results of a comparison on other data (the images or labels differ from those "
+                    "its runs were trained on); pass --overwrite to replace them, or choose another --output_dir"
                 )
         else:
             _atomic_write(stored_path, lambda p: p.write_text(json.dumps(settings, indent=1)))

@@ -103,6 +103,8 @@ def load_tensor(
     if channels not in (None, 1, 3):
         raise UserError(f"--channels {channels} must be 1 or 3")
     if shapes:
+        if n_per_class < 1:
+            raise UserError(f"--n_per_class {n_per_class} must be at least 1")
         if train_data_dir is not None or dataset_name is not None:
             raise UserError("give one of --shapes, --train_data_dir or --dataset_name, not several")
         pixels, labels = _shapes_tensor(resolution, channels or 3, n_per_class, seed)

@@ -375,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         None, cfg.image_column, cfg.caption_column, n_per_class=cfg.n_per_class, seed=cfg.seed,
     )  # fmt: skip
     channels = data.shape[1]
+    torch.manual_seed(cfg.seed)  # the initial weights: the same command makes the same model
     model = build_model(cfg.family, cfg.resolution, channels, cfg.n_bits, **cfg.overrides())
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=output_dir)
     if accelerator.num_processes > 1:

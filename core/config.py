@@ -156,11 +156,13 @@ def _scalar(value, tp, name: str):
     if tp is int:
         if isinstance(value, str):
             try:
-                return int(value)
+                value = int(value)
             except ValueError:
                 raise UserError(f"{name} must be an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{name} must be an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # nothing downstream (torch, numpy) takes more than 64 bits
+            raise UserError(f"{name} {value} out of range: more than 64 bits")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string; the command line gives strings
@@ -254,6 +256,8 @@ def load_yaml(path: str | Path, cls) -> dict:
         from difftune.core.paths import shipped_config
 
         path = shipped_config(str(path)) or path
+    if path.is_dir():
+        raise UserError(f"--config {path}: a folder, not a YAML file")
     if not path.is_file():
         raise UserError(f"--config {path}: no such file (nor a shipped preset of that name, e.g. gpu-8gb)")
     try:
@@ -349,11 +353,12 @@ def with_settings(cfg, **values):
     return compose(type(cfg), {**current, **values})
 
 
-def from_values(cls, values: dict, where: str = "config"):
-    """`compose(cls, values)` with choices checked and `validate()` called."""
+def from_values(cls, values: dict, where: str = "config", validate: bool = True):
+    """`compose(cls, values)` with choices checked and (unless `validate=False`: the caller does) `validate()`
+    called."""
     cfg = compose(cls, values, where)
     _check_choices(cfg)
-    if hasattr(cfg, "validate"):
+    if validate and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 
@@ -362,14 +367,22 @@ def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def parse(cls, argv: Sequence[str] | None, description: str = "", base: dict | None = None, prog: str | None = None):
-    """`cls` from its defaults, then `base`, then each --config file, then flags; checked and validated."""
+def parse(
+    cls,
+    argv: Sequence[str] | None,
+    description: str = "",
+    base: dict | None = None,
+    prog: str | None = None,
+    validate: bool = True,
+):
+    """`cls` from its defaults, then `base`, then each --config file, then flags; checked and (unless
+    `validate=False`) validated."""
     args = vars(build_parser(cls, description, prog).parse_args(argv))
     values = dict(base or {})
     for path in args.pop("config"):
         values.update(load_yaml(path, cls))
     values.update(args)
-    return from_values(cls, values)
+    return from_values(cls, values, validate=validate)
 
 
 def to_dict(cfg, exclude: Sequence[str] = ()) -> dict:

@@ -13,6 +13,9 @@ A loss mask per image (masked loss: train on a subject's region only) is `<image
 white 1, black 0 (16-bit masks rescaled; a mask whose alpha channel is not all opaque is read from its alpha). A mask
 that is black everywhere is an error: its image would train nothing. Mask files are never read as training images.
 
+An edit pair's control (input) images come with each record too: from a folder of the same file names, a
+`control_file_name` metadata column or a dataset column (`core.controls`).
+
 Images are kept encoded (path or bytes) until `decode_all`, which opens each one, applies its EXIF
 orientation, converts any PIL mode to RGB and skips corrupt files with one warning that counts them.
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from difftune.core.controls import control_columns, in_folders, inside, is_control_column, sources_of
 from difftune.core.errors import UserError
 from difftune.core.files import read_text
 
@@ -47,6 +51,7 @@ class Record:
     name: str  # shown in messages: a file name or "dataset[i]"
     extra: dict = field(default_factory=dict)
     mask: str | bytes | None = None  # the loss mask's file path or encoded bytes, if the image has one
+    controls: list[str | bytes] = field(default_factory=list)  # an edit pair's control images (paths or bytes)
 
     def image_bytes(self) -> bytes:
         return _raw(self.source)
@@ -64,7 +69,7 @@ def _open(source: str | bytes) -> Image.Image:
         return ImageOps.exif_transpose(image)
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -94,9 +99,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_source(source: str | bytes) -> Image.Image:
+    """Decodes an image file or encoded bytes to RGB; raises OSError/ValueError (UnidentifiedImageError included)
+    for corrupt data, FileNotFoundError for a missing file."""
+    return to_rgb(_open(source))
+
+
 def open_rgb(record: Record) -> Image.Image:
-    """Decodes one record; raises OSError/ValueError (UnidentifiedImageError included) for corrupt data."""
-    return to_rgb(_open(record.source))
+    """Decodes one record's image."""
+    return open_source(record.source)
 
 
 def _shown(names: list[str]) -> str:
@@ -135,16 +146,30 @@ def read_records(
     cache_dir: str | None = None,
     require_captions: bool = True,
     flag: str = "--train_data_dir",
+    control_data_dir: list[str] | None = None,
+    control_column: list[str] | None = None,
 ) -> list[Record]:
     """Records of a folder or a `datasets` dataset, in a stable order. Raises UserError naming the flag/file;
-    `flag` is the folder's flag (`--validation_data_dir` for a held-out folder read the same way)."""
+    `flag` is the folder's flag (`--validation_data_dir` for a held-out folder read the same way). Control images
+    come from `control_data_dir` folders (same file names), a metadata file's control columns, or a dataset's
+    `control_column`s (`core.controls`)."""
     check_source(train_data_dir, dataset_name, flag)
+    folders = list(control_data_dir or [])
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise UserError(f"--control_data_dir {folder} is not a folder")
     if train_data_dir is not None:
-        records = _read_folder(Path(train_data_dir), caption_column, caption_extension, require_captions, flag)
+        root = Path(train_data_dir)
+        records = _read_folder(root, caption_column, caption_extension, require_captions, flag, folders)
+        for record in records if folders else []:
+            if not isinstance(record.source, str):
+                raise UserError(f"--control_data_dir pairs images by file name; {record.name} has none")
+            record.controls += in_folders(Path(record.source), root, folders)
     else:
         records = _read_dataset(
-            dataset_name, dataset_config_name, split, image_column, caption_column, cache_dir, require_captions
-        )
+            dataset_name, dataset_config_name, split, image_column, caption_column, cache_dir, require_captions,
+            list(control_column or []),
+        )  # fmt: skip
     if not records:
         where = f"{flag} {train_data_dir}" if train_data_dir else f"--dataset_name {dataset_name}"
         raise UserError(f"{where} holds no images; expected {', '.join(IMAGE_EXTENSIONS)} files")
@@ -158,15 +183,19 @@ def check_source(train_data_dir: str | None, dataset_name: str | None, flag: str
 
 
 def _read_folder(
-    root: Path, caption_column: str, caption_extension: str, require_captions: bool, flag: str
-) -> list[Record]:
+    root: Path, caption_column: str, caption_extension: str, require_captions: bool, flag: str,
+    control_folders: list[str] = (),
+) -> list[Record]:  # fmt: skip
     if not root.is_dir():
         raise UserError(f"{flag} {root} is not a folder")
     for meta_name in ("metadata.jsonl", "metadata.csv"):
         if (root / meta_name).exists():
-            check_metadata(root, root / meta_name)
+            check_metadata(root, root / meta_name, control_folders)
             return _read_imagefolder(root, root / meta_name, caption_column)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not inside(p, control_folders)
+    )  # fmt: skip
     stems = {(p.parent, p.stem) for p in files}  # `x_mask.png` is a mask when an image `x.*` lies beside it
     masks = {p for p in files if p.stem.endswith(MASK_SUFFIX) and (p.parent, p.stem[: -len(MASK_SUFFIX)]) in stems}
     records, missing = [], []
@@ -212,9 +241,8 @@ def _mask_source(value, root: str) -> str | bytes | None:
     if isinstance(value, dict):  # datasets.Image(decode=False)
         return value["bytes"] if value.get("bytes") is not None else value["path"]
     if isinstance(value, Image.Image):
-        return _png_bytes(value)
-    path = Path(root) / str(value)
-    return str(path if path.exists() else value)
+        return png_bytes(value)
+    return str(Path(root) / str(value))  # named with its folder in messages, whether or not it exists
 
 
 def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image.Image | None]:
@@ -227,7 +255,11 @@ def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image
         name = record.mask if isinstance(record.mask, str) else f"the mask of {record.name}"
         try:
             mask = to_weights(_open(record.mask))
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        except FileNotFoundError:
+            raise UserError(f"{name}: no such mask file; add it or remove the image's mask entry") from None
+        except UnidentifiedImageError:
+            raise UserError(f"{name}: not an image file; fix or remove the mask") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise UserError(
                 f"{name}: not a readable mask image ({str(err).splitlines()[0]}); fix or remove it"
             ) from err
@@ -257,18 +289,29 @@ def to_weights(mask: Image.Image) -> Image.Image:
     return mask.convert("L")
 
 
-def _listed_files(meta: Path) -> list[str]:
-    """The `file_name` of each entry of metadata.jsonl / metadata.csv, as written."""
+def _metadata_rows(meta: Path) -> list[dict]:
+    """The entries of metadata.jsonl / metadata.csv, as written."""
     text = read_text(meta)
     if meta.suffix == ".csv":
-        return [row.get("file_name", "") for row in csv.DictReader(io.StringIO(text))]
-    names = []
+        return list(csv.DictReader(io.StringIO(text)))
+    rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                names.append(json.loads(line).get("file_name", ""))
+                row = json.loads(line)
+                row.get("file_name")
             except (ValueError, AttributeError):
                 raise UserError(f"{meta} line {number} is not a JSON object: {line[:80]!r}") from None
+            rows.append(row)
+    return rows
+
+
+def _control_names(row: dict) -> list[str]:
+    """The control image paths an entry lists (`control_file_name`, `control_file_name_2`, lists of them)."""
+    names = []
+    for key, value in row.items():
+        if is_control_column(key) or (key.startswith("control") and key.endswith("_file_name")):
+            names += [str(v) for v in (value if isinstance(value, list) else [value]) if v]
     return names
 
 
@@ -283,10 +326,12 @@ def _own_metadata(folder: Path, root: Path) -> Path | None:
     return None
 
 
-def check_metadata(root: Path, meta: Path) -> None:
+def check_metadata(root: Path, meta: Path, control_folders: list[str] = ()) -> None:
     """What `datasets`' imagefolder passes over without a word: an empty metadata file (an error), a file listed
-    more than once (it trains once per entry) and images in the folder that no entry lists (left out)."""
-    listed = _listed_files(meta)
+    more than once (it trains once per entry) and images in the folder that no entry lists (left out; control
+    images, listed or in a control folder, are not training images)."""
+    rows = _metadata_rows(meta)
+    listed = [row.get("file_name", "") for row in rows]
     if not listed:
         raise UserError(
             f'{meta} lists no images; add lines of {{"file_name": ..., "text": ...}} (one per image) or remove it '
@@ -296,12 +341,13 @@ def check_metadata(root: Path, meta: Path) -> None:
     if repeated:
         logger.warning("%s lists %d file(s) more than once (%s): each entry trains as its own example; remove the "
                        "repeats or use --repeats", meta, len(repeated), _shown(repeated))  # fmt: skip
-    names = {Path(name).as_posix() for name in listed}
+    names = {Path(name).as_posix() for name in listed + [c for row in rows for c in _control_names(row)]}
     unlisted = sorted(
         p.relative_to(root).as_posix() for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and p.relative_to(root).as_posix() not in names
         and _own_metadata(p.parent, root) is None  # a subfolder with its own metadata file lists its images there
         and not p.stem.endswith(MASK_SUFFIX)  # loss masks are found beside their images
+        and not inside(p, control_folders)
     )  # fmt: skip
     if unlisted:
         logger.warning("%d image(s) in %s have no entry in %s and are left out (%s)", len(unlisted), root, meta.name,
@@ -329,10 +375,25 @@ def _read_imagefolder(root: Path, meta: Path, caption_column: str) -> list[Recor
             "set --caption_column"
         )
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    return _records_of(ds, "image", caption_column, str(root))
+    controls = control_columns(ds.column_names)
+    return _records_of(_undecoded(ds, controls), "image", caption_column, str(root), controls)
 
 
-def _read_dataset(name, config_name, split, image_column, caption_column, cache_dir, require_captions) -> list[Record]:
+def _undecoded(ds, columns: list[str]):
+    """`ds` with its image `columns` (single or lists) read as paths/bytes, decoded later by our own reader."""
+    datasets = _quiet_datasets()
+    for column in columns:
+        feature = ds.features[column]
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):
+            ds = ds.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return ds
+
+
+def _read_dataset(
+    name, config_name, split, image_column, caption_column, cache_dir, require_captions, control_column=()
+) -> list[Record]:
     datasets = _quiet_datasets()
 
     path = Path(name)
@@ -344,7 +405,7 @@ def _read_dataset(name, config_name, split, image_column, caption_column, cache_
             ds = datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
     except Exception as err:
         raise UserError(f"--dataset_name {name} could not be loaded: {str(err).splitlines()[0]}") from err
-    required = [("--image_column", image_column)]
+    required = [("--image_column", image_column), *(("--control_column", c) for c in control_column)]
     if require_captions:
         required.append(("--caption_column", caption_column))
     for flag, column in required:
@@ -352,10 +413,10 @@ def _read_dataset(name, config_name, split, image_column, caption_column, cache_
             raise UserError(f"{flag} {column!r} is not a column of {name} (columns: {', '.join(ds.column_names)})")
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    return _records_of(ds, image_column, caption_column, name)
+    return _records_of(_undecoded(ds, list(control_column)), image_column, caption_column, name, list(control_column))
 
 
-def _records_of(ds, image_column: str, caption_column: str, origin: str) -> list[Record]:
+def _records_of(ds, image_column: str, caption_column: str, origin: str, controls: list[str] = ()) -> list[Record]:
     records = []
     for i, row in enumerate(ds):
         image = row[image_column]
@@ -363,15 +424,16 @@ def _records_of(ds, image_column: str, caption_column: str, origin: str) -> list
             source = image["bytes"] if image.get("bytes") is not None else image["path"]
             name = image.get("path") or f"{origin}[{i}]"
         elif isinstance(image, Image.Image):
-            source, name = _png_bytes(image), f"{origin}[{i}]"
+            source, name = png_bytes(image), f"{origin}[{i}]"
         else:
             source, name = str(image), str(image)
         caption = row.get(caption_column, "")
         if isinstance(caption, list):  # datasets with several captions per image: take the first
             caption = caption[0] if caption else ""
-        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column, "mask")}
+        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column, "mask", *controls)}
         mask = _mask_source(row.get("mask"), origin)
         if mask is None and isinstance(source, str) and Path(source).is_file():
             mask = sibling_mask(Path(source))
-        records.append(Record(source, "" if caption is None else str(caption), str(name), extra, mask))
+        control = [s for column in controls for s in sources_of(row[column], origin)]
+        records.append(Record(source, "" if caption is None else str(caption), str(name), extra, mask, control))
     return records

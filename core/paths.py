@@ -33,7 +33,7 @@ def _package_dir(package: str) -> Path:
 
 
 def embedded_base(name: str) -> Path:
-    """An embedded tiny base shipped as package data (`tiny_shapes`, `tiny_flow_shapes`)."""
+    """An embedded tiny base shipped as package data (`tiny_shapes`, `tiny_flow_shapes`, `tiny_edit_shapes`)."""
     return _package_dir("difftune.pipelines") / name
 
 

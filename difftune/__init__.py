@@ -42,7 +42,7 @@ def load_config(kind: str, *config_files: str, **settings: Any) -> LoraTrainConf
     return from_values(cls, values, "train_" + kind)
 
 
-def _train(kind: str, config, settings: dict[str, Any]) -> TrainResult:
+def _train(kind: str, config, settings: dict[str, Any]) -> TrainResult | None:
     from difftune.core.startup import quiet_start
     from difftune.finetune.loop import train
     from difftune.finetune.tasks import task_named
@@ -50,7 +50,13 @@ def _train(kind: str, config, settings: dict[str, Any]) -> TrainResult:
     if config is not None and settings:
         raise TypeError(f"train_{kind}: give a config or settings, not both")
     quiet_start()
-    return train(config if config is not None else load_config(kind, **settings), task_named(kind))
+    config = config if config is not None else load_config(kind, **settings)
+    if config.plan.requested:  # plan=True or fit=GB: the memory plan is printed, nothing trains
+        from difftune.finetune.planner import run_plan
+
+        run_plan(config, task_named(kind))
+        return None
+    return train(config, task_named(kind))
 
 
 def train_lora(config: LoraTrainConfig | None = None, /, **settings: Any) -> TrainResult:

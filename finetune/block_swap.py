@@ -82,7 +82,7 @@ def in_backward() -> bool:
 class BlockSwap:
     """Keeps `swapped` blocks' frozen tensors in CPU memory and moves them to `device` around their use."""
 
-    def __init__(self, denoiser: nn.Module, swapped: list[nn.Module], device: torch.device, timing: bool = False):
+    def __init__(self, swapped: list[nn.Module], device: torch.device, timing: bool = False):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -114,7 +114,7 @@ class BlockSwap:
         checkpoint function that recomputes blocks (gradient checkpointing)."""
         check_count(denoiser, n)
         blocks = repeated_blocks(denoiser)
-        swap = cls(denoiser, [blocks[i] for i in spread(len(blocks), n)], device, timing)
+        swap = cls([blocks[i] for i in spread(len(blocks), n)], device, timing)
         _place_except(denoiser, swap.device, {(id(m), name) for slots in swap.slots for m, name, _ in slots})
         denoiser.enable_gradient_checkpointing(swap.checkpoint)
         logger.info("block swap: %d of %d %s blocks in CPU memory (%.2f GB)", n, len(blocks), type(denoiser).__name__,
@@ -127,10 +127,11 @@ class BlockSwap:
         return sum(t.numel() * t.element_size() for host in self.host for t in host)
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "meta":
-            return tensor
-        host = tensor.detach().to("cpu")
-        return host.pin_memory() if self.cuda else host
+        """The CPU copy a swapped tensor rests in: pinned for asynchronous copies on CUDA; the tensor itself where
+        it already is in CPU memory (or on the meta device) and nothing copies it."""
+        if not self.cuda:
+            return tensor.detach() if self.device.type == "meta" else tensor.detach().to("cpu")
+        return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor.detach())
 
     # --- the checkpoint function ------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ are encoded beside it (a run killed mid-cache and resumed ends exactly as an uni
 is encoded again; a write that fails (a full disk) is one line. The cache stores the VAE's posterior (mean and log-variance) and a
 latent is sampled from it each step, exactly as without the cache. Random flips are cached as a second posterior.
 Loss masks are cached with the latents, area-averaged down to the latent grid (and flipped); a mask is part of
-its entry's key, so a changed mask is recomputed.
+its entry's key, so a changed mask is recomputed. An edit pair's control images are cached as training images are
+(same keys: the VAE, the size, the image bytes), each example's beside its own.
 """
 
 from __future__ import annotations
@@ -117,6 +118,14 @@ def _key(*parts: bytes | str) -> str:
     return digest.hexdigest()
 
 
+def encode_posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior parameters (B, 2C, h, w), mean and log-variance, of `pixels` (B, 3, H, W).
+
+    One image at a time (as diffusers' VAE slicing does): the encoder's activations grow with the batch, and for
+    a batch of 16 at 1024 px they are tens of GB, more than training itself needs (`finetune.planner` shows it)."""
+    return torch.cat([vae.encode(image).latent_dist.parameters for image in pixels.split(1)])
+
+
 @torch.no_grad()
 def encode_images(
     records: list[Record],
@@ -131,7 +140,7 @@ def encode_images(
     """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket, from the cache or
     the VAE (`encode(pixels)`, the family's `posterior`; default the VAE's own); with `masks` (None items: no mask,
     weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
-    encode = encode or (lambda pixels: vae.encode(pixels).latent_dist.parameters)
+    encode = encode or (lambda pixels: encode_posterior(vae, pixels))
     cache = EncodeCache(cache_dir / "latents")
     vae_fp = fingerprint_module(vae)
     masks = masks if masks is not None else [None] * len(records)
@@ -171,6 +180,27 @@ def encode_images(
                 ones = torch.ones(1, *entry["params"].shape[-2:])
                 entry["mask"], entry["mask_flipped"] = ones, ones
     return out  # type: ignore[return-value]
+
+
+def encode_controls(
+    records: list[Record],
+    controls: list[list[Image.Image]],
+    sizes: list[list[tuple[int, int]]],
+    vae,
+    random_flip: bool,
+    cache_dir: Path,
+) -> list[list[dict[str, torch.Tensor]]]:
+    """Each example's control images' entries (`params`, and `flipped` with `random_flip`), encoded and cached
+    exactly as training images are (`encode_images`), at the sizes they train at."""
+    flat = [
+        (Record(source, "", f"control {k + 1} of {record.name}"), image, size)
+        for record, images, sizes_of in zip(records, controls, sizes, strict=True)
+        for k, (source, image, size) in enumerate(zip(record.controls, images, sizes_of, strict=True))
+    ]
+    if not flat:
+        return [[] for _ in records]
+    entries = iter(encode_images(*(list(column) for column in zip(*flat, strict=True)), vae, random_flip, cache_dir))
+    return [[next(entries) for _ in images] for images in controls]
 
 
 def latent_mask(mask: Image.Image, bucket: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:

@@ -5,7 +5,7 @@ dataclass declared in the module of its concern: the data (`finetune.data`), cac
 (`finetune.dreambooth`), the objective (`finetune.objective`), the optimizer (`finetune.optim`), memory
 (`finetune.memory`), step speed (`finetune.speed`), checkpoints (`finetune.resume`), validation images
 (`finetune.validation`), held-out selection (`finetune.validation_loss`), the Hub (`finetune.hub`), the adapter
-(`finetune.adapters`); the model and the run itself are declared here. `core.config` fills them from defaults, YAML
+(`finetune.adapters`), the memory planner (`finetune.planner`); the model and the run itself are declared here. `core.config` fills them from defaults, YAML
 files and flags, all flat and named as in diffusers' example scripts (`--resolution`, not `--data.resolution`).
 
 Every setting says in its metadata what a resume may do with it, whether it goes on the model card, and which
@@ -39,7 +39,9 @@ from difftune.finetune.dreambooth import DreamBoothConfig
 from difftune.finetune.hub import HubConfig
 from difftune.finetune.memory import MemoryConfig
 from difftune.finetune.objective import ObjectiveConfig
-from difftune.finetune.optim import OptimizerConfig
+from difftune.finetune.optim import OptimizerConfig, optimizer_name
+from difftune.finetune.optimizer_steps import check_step_options
+from difftune.finetune.planner import PlanConfig
 from difftune.finetune.resume import CheckpointConfig
 from difftune.finetune.speed import SpeedConfig
 from difftune.finetune.validation import ValidationConfig
@@ -69,9 +71,9 @@ class ModelConfig:
         default=None, resume=REFUSED, card=False, families=("flow",),
     )  # fmt: skip
     guidance_scale: float | None = option(
-        "Guidance-distilled models (Flux.1-dev, Flux.2 dev): the guidance the transformer is conditioned on while "
-        "training (default: Flux.1 3.5, Flux.2 4.0).", default=None, resume=REFUSED, card=True,
-        families=("flux", "flux2"),
+        "Guidance-distilled models (Flux.1-dev, Flux.1 Kontext, Flux.2 dev): the guidance the transformer is conditioned "
+        "on while training (default: Flux.1 3.5, Flux.2 4.0).", default=None, resume=REFUSED, card=True,
+        families=("flux", "flux-kontext", "flux2"),
     )  # fmt: skip
     # Not for the families whose text encoders are LLMs (Qwen-Image, Flux.2, Z-Image) or T5 alone (Chroma).
     train_text_encoder: bool = option(
@@ -155,6 +157,7 @@ class TrainConfig:
     validation: ValidationConfig = section(ValidationConfig)
     selection: SelectionConfig = section(SelectionConfig)
     hub: HubConfig = section(HubConfig)
+    plan: PlanConfig = section(PlanConfig)
 
     def validate(self) -> None:
         """Each section's checks (a subclass's sections too), all before any model is loaded."""
@@ -195,6 +198,18 @@ class LoraTrainConfig(TrainConfig):
         AdapterConfig, "The adapter (kohya calls it the network): peft type, rank, targets."
     )
 
+    def validate(self) -> None:
+        super().validate()
+        for flag, on in (
+            ("fused_backward_pass", self.memory.fused_backward_pass),
+            ("full_bf16", self.memory.full_bf16),
+        ):
+            if on:
+                raise UserError(
+                    f"--{flag} is for full fine-tuning (finetune_full.py); a LoRA's weights and gradients are a few MB: "
+                    f"drop --{flag}"
+                )
+
 
 @dataclass
 class FullTrainConfig(TrainConfig):
@@ -205,6 +220,7 @@ class FullTrainConfig(TrainConfig):
         memory = self.memory
         frozen_base = (("quantize_base", memory.quantize_base), ("fp8_base", memory.fp8_base),
                        ("blocks_to_swap", memory.blocks_to_swap))  # fmt: skip
+        check_step_options(memory, self.optim, self.training, optimizer_name(self.optim))
         for flag, value in frozen_base:
             if value:
                 raise UserError(

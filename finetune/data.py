@@ -9,6 +9,12 @@ A loss mask is cropped and flipped with its image: cached, it is stored with the
 (area-averaged); uncached, it comes at pixel resolution and `finetune.objective.batch_loss` averages it down.
 Images without a mask in a dataset that has some weigh 1 everywhere.
 
+An edit pair's control images (`core.controls`) travel with their image: resized to the target's bucket when they
+share its aspect ratio (cropped by the same window, flipped with it), otherwise to their own aspect ratio at the
+bucket's area, as the edit pipelines size an input image (`core.controls.control_size`); batches group pairs of
+equal sizes. A batch then holds `control_latents` (cached posteriors, keyed "0", "1", ... by reference) or
+`control_pixels`; the family turns them into the tokens its transformer is given beside the noisy ones.
+
 Every random choice of a sample (flip, crop, caption dropout and shuffle, and the noise and timestep drawn by the
 objective) comes from a seed of (run seed, epoch, sample index): results do not depend on batch composition,
 process count or where a run was resumed. A random crop of a non-square image cannot be cached, so the latent
@@ -20,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,15 +35,26 @@ import torch
 from PIL import Image
 
 from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, option, require
+from difftune.core.controls import check_pairs, control_size, decode_controls
 from difftune.core.errors import UserError
 from difftune.core.imagefolder import Record, check_source, decode_all, decode_masks, read_records
 from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
-from difftune.finetune.cache import encode_captions, encode_images, fingerprint_module, mask_tensor, to_tensor
+from difftune.finetune.cache import (
+    encode_captions,
+    encode_controls,
+    encode_images,
+    fingerprint_module,
+    mask_tensor,
+    to_tensor,
+)
+from difftune.finetune.planner import checks_this_machine
 
 if TYPE_CHECKING:
     from difftune.finetune.dreambooth import DreamBoothConfig
 
 logger = logging.getLogger(__name__)
+# The edit families, which train on pairs (a control image, an instruction, the wanted result).
+EDIT = ("flux-kontext", "qwen-image-edit", "qwen-image-edit-plus")
 
 
 @dataclass
@@ -55,6 +72,13 @@ class DataConfig:
     caption_column: str = option("Caption column of the dataset or metadata.jsonl.", default="text", resume=PASSIVE,
                                  card=False)  # fmt: skip
     caption_extension: str = option("Caption sidecar extension.", default=".txt", resume=PASSIVE, card=False)
+    control_data_dir: list[str] | None = option(
+        "Edit pairs: folder(s) of control (input) images named as the training images (several: several references).",
+        default=None, resume=PASSIVE, card=False, families=EDIT,
+    )  # fmt: skip
+    control_column: list[str] | None = option(
+        "Edit pairs: the dataset's control image column(s).", default=None, resume=PASSIVE, card=False, families=EDIT
+    )  # the data fingerprint covers the control images
     resolution: int = option("Training resolution in pixels (square).", default=512, resume=REFUSED_RESTARTS_EPOCH,
                              card=True)  # fmt: skip
     center_crop: bool = option("Crop the centre rather than a random window.", default=False, resume=REFUSED,
@@ -81,14 +105,23 @@ class DataConfig:
     dataloader_num_workers: int = option("Data loading worker processes.", default=0, resume=PASSIVE, card=False)
 
     def validate(self) -> None:
-        check_source(self.train_data_dir, self.dataset_name)
+        if checks_this_machine() or (self.train_data_dir and self.dataset_name):  # a plan needs no data
+            check_source(self.train_data_dir, self.dataset_name)
         checks = [
-            (self.resolution > 0 and self.resolution % 8 == 0, f"--resolution {self.resolution} must be a multiple of 8"),
+            (self.resolution > 0 and self.resolution % 8 == 0,
+             f"--resolution {self.resolution} must be a positive multiple of 8"),
+            (self.caption_extension.startswith(".") and len(self.caption_extension) > 1,
+             f"--caption_extension {self.caption_extension!r} must be a file extension such as .txt"),
             (0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be within [0, 1]"),
             (self.repeats >= 1, "--repeats must be at least 1"),
             (self.keep_tokens >= 0, "--keep_tokens must not be negative"),
             (not self.keep_tokens or self.shuffle_caption, "--keep_tokens only applies with --shuffle_caption"),
             (self.dataloader_num_workers >= 0, "--dataloader_num_workers must not be negative"),
+            (not self.control_data_dir or self.train_data_dir is not None,
+             "--control_data_dir pairs images by file name: it goes with --train_data_dir (a dataset has --control_column)"),
+            (not self.control_column or self.dataset_name is not None,
+             "--control_column names a column of --dataset_name (a folder pairs by --control_data_dir or a "
+             "control_file_name metadata column)"),
         ]  # fmt: skip
         if self.enable_bucket:
             checks += [
@@ -110,17 +143,26 @@ class Images:
     buckets: list[tuple[int, int]]
     is_prior: list[bool]
     masks: list[Image.Image | None]  # loss masks (grey, the image's size), None where an image has none
+    controls: list[list[Image.Image]]  # each example's control images (edit pairs), [] for none
 
     def fingerprint(self) -> str:
-        """sha256 over each example's pixels, size, caption, kind and loss mask, in order: an added, removed, edited
-        or reordered image, caption or mask changes it (a resume compares it with the checkpoint's)."""
+        """sha256 over each example's pixels, size, caption, kind, loss mask and control images, in order: an added,
+        removed, edited or reordered image, caption, mask or control image changes it (a resume compares it with the
+        checkpoint's)."""
         digest = hashlib.sha256()
-        for image, caption, prior, mask in zip(self.images, self.captions, self.is_prior, self.masks, strict=True):
+        for image, caption, prior, mask, controls in zip(
+            self.images, self.captions, self.is_prior, self.masks, self.controls, strict=True
+        ):
             digest.update(f"{image.size}|{caption}|{prior}|".encode())
             digest.update(hashlib.sha256(image.tobytes()).digest())
             if mask is not None:
                 digest.update(b"mask|" + hashlib.sha256(mask.tobytes()).digest())
+            for control in controls:
+                digest.update(f"control|{control.size}|".encode() + hashlib.sha256(control.tobytes()).digest())
         return digest.hexdigest()
+
+    def num_controls(self) -> int:
+        return len(self.controls[0]) if self.controls else 0
 
 
 def read_images(
@@ -136,6 +178,7 @@ def read_images(
     records = read_records(
         data.train_data_dir, data.dataset_name, data.image_column, data.caption_column, data.caption_extension,
         data.dataset_config_name, require_captions=instance_prompt is None, flag=flag,
+        control_data_dir=data.control_data_dir, control_column=data.control_column,
     )  # fmt: skip
     images, records = decode_all(records)
     captions = [instance_prompt or r.caption for r in records]
@@ -145,8 +188,32 @@ def read_images(
         records, images = records + class_records, images + class_images
         captions += [r.caption or dreambooth.class_prompt for r in class_records]
         is_prior += [True] * len(class_records)
+    check_pairs(records)
     buckets = assign_buckets(data, images, batch_size)
-    return Images(records, images, captions, buckets, is_prior, decode_masks(records, images))
+    return Images(
+        records, images, captions, buckets, is_prior, decode_masks(records, images), decode_controls(records)
+    )
+
+
+def check_pairs_fit(family_cls, data: Images, model: str) -> None:
+    """Pairs for an edit model, single images for a text-to-image one: one line otherwise, before the model loads."""
+    given, takes = data.num_controls(), family_cls.max_controls
+    if given and not takes:
+        raise UserError(
+            f"the training data has control images (edit pairs) but {model} is a text-to-image model "
+            f"({family_cls.pipeline_class_name}): train an edit model (FluxKontextPipeline, QwenImageEditPipeline), or "
+            "drop the control images"
+        )
+    if takes and not given:
+        raise UserError(
+            f"{model} is an edit model ({family_cls.pipeline_class_name}): it trains on pairs; give each image its "
+            "control (input) image: --control_data_dir DIR (the same file names), a control_file_name metadata column, "
+            "or --control_column"
+        )
+    if given > takes:
+        raise UserError(
+            f"{family_cls.pipeline_class_name} takes {takes} control image(s) per example; the data has {given}"
+        )
 
 
 def assign_buckets(data: DataConfig, images: list[Image.Image], batch_size: int | None) -> list[tuple[int, int]]:
@@ -189,7 +256,14 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
     """The dataset, with latents and text conditioning cached where their encoders are frozen; returns it and
     whether the latents are cached. `trained` names the modules being trained (their outputs are never cached)."""
     cache_root = cache_dir(cfg)
-    movable = [can_move(im.size, b) for im, b in zip(data.images, data.buckets, strict=True)]
+    sizes = [
+        [control_size(c.size, im.size, bucket, family.control_multiple) for c in controls]
+        for im, bucket, controls in zip(data.images, data.buckets, data.controls, strict=True)
+    ]
+    movable = [
+        can_move(im.size, b) or any(can_move(c.size, s) for c, s in zip(cs, ss, strict=True))
+        for im, b, cs, ss in zip(data.images, data.buckets, data.controls, sizes, strict=True)
+    ]
     cache_images = cfg.cache.cache_latents and (cfg.data.center_crop or not any(movable))
     if cfg.cache.cache_latents and not cache_images:
         logger.warning(
@@ -197,8 +271,10 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
             "epoch (use --center_crop to cache)", sum(movable), len(movable),
         )  # fmt: skip
     examples = [
-        Example(caption, im.size, bucket, is_prior=prior)
-        for im, caption, bucket, prior in zip(data.images, data.captions, data.buckets, data.is_prior, strict=True)
+        Example(caption, im.size, bucket, is_prior=prior, control_sizes=ss)
+        for im, caption, bucket, prior, ss in zip(
+            data.images, data.captions, data.buckets, data.is_prior, sizes, strict=True
+        )  # fmt: skip
     ]
     masked = any(m is not None for m in data.masks)
     if cache_images:
@@ -210,11 +286,14 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
         for ex, entry in zip(examples, entries, strict=True):
             ex.latents, ex.latents_flipped = entry["params"], entry.get("flipped")
             ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
+        controls = encode_controls(data.records, data.controls, sizes, family.vae, cfg.data.random_flip, cache_root)
+        for ex, entries in zip(examples, controls, strict=True):
+            ex.control_latents = [(e["params"], e.get("flipped")) for e in entries]
     else:
-        for ex, im, mask in zip(examples, data.images, data.masks, strict=True):
+        for ex, im, mask, controls in zip(examples, data.images, data.masks, data.controls, strict=True):
             if mask is None and masked:  # an image without a mask among masked ones weighs 1 everywhere
                 mask = Image.new("L", im.size, 255)
-            ex.image, ex.mask_image = im, mask
+            ex.image, ex.mask_image, ex.controls = im, mask, controls
     text = None
     if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
         text = family.text_embeddings
@@ -250,6 +329,9 @@ class Example:
     mask_image: Image.Image | None = None  # the loss mask, kept when latents are not cached
     mask: torch.Tensor | None = None  # (1, h, w) the loss mask on the latent grid, cached with the latents
     mask_flipped: torch.Tensor | None = None
+    control_sizes: list[tuple[int, int]] = field(default_factory=list)  # (w, h) each control image trains at
+    controls: list[Image.Image] = field(default_factory=list)  # control images, kept when latents are not cached
+    control_latents: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # (params, flipped)
 
 
 @dataclass
@@ -281,8 +363,9 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples) * self.repeats
 
-    def buckets(self) -> list[tuple[int, int]]:
-        return [ex.bucket for ex in self.examples] * self.repeats
+    def buckets(self) -> list[tuple]:
+        """Each sample's batch group: its bucket, and its control images' sizes (a batch stacks equal shapes)."""
+        return [(ex.bucket, *ex.control_sizes) for ex in self.examples] * self.repeats
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index % len(self.examples)]
@@ -303,6 +386,8 @@ class TrainDataset(torch.utils.data.Dataset):
             _, crop_top_left = resize_to_bucket(Image.new("1", ex.size), ex.bucket, None)
             if ex.mask is not None:
                 item["mask"] = ex.mask_flipped if flip else ex.mask
+            if ex.control_latents:  # flipped with the image or not at all
+                item["control_latents"] = {str(k): f if flip else p for k, (p, f) in enumerate(ex.control_latents)}
         else:
             crop = None if aug.center_crop else (float(rng.random()), float(rng.random()))
             image, crop_top_left = resize_to_bucket(ex.image, ex.bucket, crop)
@@ -311,6 +396,10 @@ class TrainDataset(torch.utils.data.Dataset):
             if ex.mask_image is not None:  # the same window as the image's
                 mask = mask_tensor(resize_to_bucket(ex.mask_image, ex.bucket, crop)[0])
                 item["mask"] = mask.flip(-1) if flip else mask
+            if ex.controls:  # the same window (where the control has the image's shape) and the same flip
+                pixels = [to_tensor(resize_to_bucket(c, s, crop)[0]) for c, s in zip(ex.controls, ex.control_sizes,
+                                                                                       strict=True)]  # fmt: skip
+                item["control_pixels"] = {str(k): x.flip(-1) if flip else x for k, x in enumerate(pixels)}
         # SDXL micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
         w, h = ex.size
         item["time_ids"] = torch.tensor([h, w, *crop_top_left, bh, bw], dtype=torch.float32)

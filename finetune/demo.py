@@ -1,9 +1,11 @@
 """The embedded demos: a tiny base learns the colour purple through a LoRA, measured before and after.
 
-`difftune-demo` (`make demo`) runs the UNet demo; `difftune-demo --demo flow` the flow one. Two bases ship as
-package data: `pipelines/tiny_shapes` (an SD 1.x UNet, `configs/demo_lora.yaml`) and `pipelines/tiny_flow_shapes`
-(an SD 3 transformer trained with rectified flow, `configs/demo_flow_lora.yaml`). Each is held to the same bar:
-purple learned, and the base's colours and shapes kept with the adapter loaded.
+`difftune-demo` (`make demo`) runs the UNet demo; `difftune-demo --demo flow` the flow one, `--demo edit` the edit
+one. Three bases ship as package data: `pipelines/tiny_shapes` (an SD 1.x UNet, `configs/demo_lora.yaml`),
+`pipelines/tiny_flow_shapes` (an SD 3 transformer trained with rectified flow, `configs/demo_flow_lora.yaml`) and
+`pipelines/tiny_edit_shapes` (a Flux Kontext edit model that recolours a shape on ``make it {colour}``,
+`configs/demo_edit_lora.yaml`). Each is held to the same bar: purple learned, and the base's colours and shapes
+kept with the adapter loaded.
 
 Two imagefolders are rendered into `<work_dir>/data/` and read through the same data path as user data:
 the purple set (`a purple {circle,square,triangle}`, the training data) and a regularisation set of the base's
@@ -13,6 +15,11 @@ for new concepts; the flow demo's adapts the joint attention's text-stream keys 
 projection. Each config's comments say what the alternatives measured; the README gives both demos' figures per
 training seed. Accuracy is measured by `toyworld.evaluate` (the base's own protocol: DPM-Solver++ for the UNet,
 flow Euler for the transformer; 20 steps, guidance 7.5).
+
+The edit demo teaches ``make it purple`` from pairs (a shape in a base colour, the same shape purple) mixed with
+pairs among the base colours (the edits the base already makes: its regularisation), all in one imagefolder with a
+`control_file_name` column; it is scored on held-out input images by `toyworld.evaluate.edit_accuracy` (the asked
+colour, the input's shape kept).
 """
 
 from __future__ import annotations
@@ -32,9 +39,16 @@ from difftune.toyworld import shapes
 # the adapter loaded.
 PURPLE_BEFORE_MAX, PURPLE_AFTER_MIN, BASE_AFTER_MIN, SHAPES_AFTER_MIN = 0.10, 0.80, 0.85, 0.85
 # demo name -> (its training config, its embedded base)
-DEMOS = {"unet": ("demo_lora.yaml", "tiny_shapes"), "flow": ("demo_flow_lora.yaml", "tiny_flow_shapes")}
+DEMOS = {
+    "unet": ("demo_lora.yaml", "tiny_shapes"),
+    "flow": ("demo_flow_lora.yaml", "tiny_flow_shapes"),
+    "edit": ("demo_edit_lora.yaml", "tiny_edit_shapes"),
+}
 PURPLE_PER_SHAPE = 80  # 240 training images
 REG_PER_CLASS = 20  # 240 regularisation images: 4 base colours x 3 shapes
+# The edit demo's pairs: each base colour to purple, listed EDIT_PURPLE_WEIGHT times, and every base colour to
+# every base colour once; EDIT_PER_CLASS shapes of each per listing.
+EDIT_PURPLE_WEIGHT, EDIT_PER_CLASS = 3, 10  # 360 purple pairs, 480 base-colour pairs
 
 
 def purple_prompts() -> list[str]:
@@ -73,15 +87,32 @@ def demo_config(name: str) -> Path:
 
 
 def evaluate(model: str, lora_dir: Path | None, seeds: int) -> dict[str, shapes.Accuracy]:
+    """Purple and base-colour accuracy of `model` (with the LoRA in `lora_dir`): prompts drawn, or, for an edit
+    model, held-out input images edited."""
     from difftune.pipelines.loading import load_loras, load_pipeline
-    from difftune.toyworld.evaluate import shapes_accuracy
+    from difftune.toyworld.evaluate import edit_accuracy, held_out_inputs, shapes_accuracy
 
-    pipe, _ = load_pipeline(model)
+    pipe, family = load_pipeline(model)
     if lora_dir is not None:  # generate's loader: without diffusers' "no LoRA keys for the text encoder" warning
         load_loras(pipe, [str(lora_dir)], [1.0])
+    if family.max_controls:
+        inputs = held_out_inputs()
+        purple = edit_accuracy(pipe, inputs, (shapes.HELD_OUT_COLOUR,), seeds=seeds)
+        return {"purple": purple, "base": edit_accuracy(pipe, inputs, shapes.BASE_COLOURS, seeds=seeds)}
     purple, _ = shapes_accuracy(pipe, purple_prompts(), seeds=seeds)
     base, _ = shapes_accuracy(pipe, shapes.prompts(), seeds=seeds)
     return {"purple": purple, "base": base}
+
+
+def ensure_edit_set(folder: Path) -> Path:
+    """The edit demo's pairs, rendered unless a complete set is already there (rendering is deterministic)."""
+    pairs = [(c, shapes.HELD_OUT_COLOUR) for c in shapes.BASE_COLOURS] * EDIT_PURPLE_WEIGHT
+    pairs += [(a, b) for a in shapes.BASE_COLOURS for b in shapes.BASE_COLOURS]
+    metadata = folder / "metadata.jsonl"
+    expected = len(pairs) * len(shapes.SHAPES) * EDIT_PER_CLASS
+    if not metadata.exists() or len(metadata.read_text().splitlines()) != expected:
+        shapes.write_edit_dataset(folder, per_class=EDIT_PER_CLASS, seed=1, colour_pairs=pairs)
+    return folder
 
 
 def demo_values(name: str, work_dir: Path) -> dict:
@@ -92,6 +123,12 @@ def demo_values(name: str, work_dir: Path) -> dict:
     if not (Path(model) / "model_index.json").exists():
         raise UserError(f"{model} is missing: the embedded base ships with the package; reinstall difftune")
     data_root = Path(work_dir) / "data"
+    if name == "edit":
+        folder = ensure_edit_set(data_root / values["train_data_dir"])
+        values.update(
+            pretrained_model_name_or_path=model, train_data_dir=str(folder), output_dir=str(Path(work_dir) / "out")
+        )
+        return values
     values.update(
         pretrained_model_name_or_path=model,
         train_data_dir=str(ensure_set(data_root / values["train_data_dir"], (shapes.HELD_OUT_COLOUR,),

@@ -76,6 +76,12 @@ FORMATS: dict[str, ExportFormat] = {
     ),  # fmt: skip
     # Chroma's blocks are Flux.1's: ComfyUI loads either layout, A1111-style tools BFL's.
     "chroma": ExportFormat(card_tags=("chroma",), legacy_lora_keys=False, kohya=KohyaFormat(FLUX_KOHYA, {})),
+    # Kontext's transformer is Flux.1's: its LoRAs load in ComfyUI in the same BFL layout.
+    "flux-kontext": ExportFormat(
+        card_tags=("flux", "flux-kontext", "image-to-image"),
+        legacy_lora_keys=False,
+        kohya=KohyaFormat(FLUX_KOHYA, text_prefixes={"text_encoder": "lora_te1"}),
+    ),
 }
 
 

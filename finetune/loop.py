@@ -31,16 +31,17 @@ from difftune.core.errors import UserError
 from difftune.core.files import atomic, reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
-from difftune.finetune.data import build_dataset, collate, read_images
+from difftune.finetune.data import build_dataset, check_pairs_fit, collate, read_images
 from difftune.finetune.memory import apply_memory_options, places_itself
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
 from difftune.finetune.optim import build_optimizer
+from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.resume import apply_settings, check_resume, hyperparameters, resume_kinds, run_record
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
 from difftune.finetune.text_pass import run_text_pass, say_uncached_cost, uses_text_pass
-from difftune.finetune.validation import log_validation
+from difftune.finetune.validation import edit_inputs, log_validation
 from difftune.finetune.validation_loss import Selection, ValidationLoss, split_validation
 from difftune.pipelines.families import Family, detect, read_model_index
 from difftune.pipelines.families.base import given
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
 BEST = "best"  # <output_dir>/best/: the checkpoint of the lowest validation loss (--keep_best_by)
 PROGRESS = "progress.json"  # <output_dir>/progress.json: step, length, loss and time left, for a watcher (the web app)
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the frozen weights' dtype by --mixed_precision
 
 
 @dataclass
@@ -98,6 +100,11 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     if accelerator.is_main_process:  # checkpoints past the start are another run's: kept aside, never pruned
         ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
     accelerator.wait_for_everyone()
+    model = cfg.model.pretrained_model_name_or_path
+    family_cls = detect(model)
+    check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
+    check_pairs_fit(family_cls, data, model)
+    edits = edit_inputs(cfg, family_cls, held_out)  # an edit model's validation inputs
     hub_repo = prepare_hub(cfg, accelerator)
     prompts = [*data.captions, *(held_out.captions if held_out else []), *(cfg.validation.validation_prompt or [])]
     family, trainable, weight_dtype = load_models(cfg, task, accelerator, prompts)
@@ -140,7 +147,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 with accelerator.accumulate(*run.models.values()):
                     loss = batch_loss(family, run.models, batch, objective, weight_dtype)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:  # 0: no clipping
                         accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
                     run.optimizer.step()
                     run.lr_scheduler.step()
@@ -171,7 +178,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                     save_checkpoint(run, progress)
                 if cfg.validation.validation_prompt and progress.step % cfg.validation.validation_steps == 0:
                     with resident(family, offloaded, accelerator.device):
-                        log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype)
+                        log_validation(family, run.models, accelerator, cfg, progress.step, weight_dtype, edits)
                 if progress.step >= run.max_steps:
                     break
             else:  # the epoch ran out
@@ -253,7 +260,7 @@ def load_models(
     """The family's components, frozen; the task's part made trainable; everything placed and cast. A family with
     large text encoders first encodes `prompts` (every caption and validation prompt) with them alone, and loads
     the rest without them (`finetune.text_pass`)."""
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
@@ -261,7 +268,7 @@ def load_models(
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     task.check(family_cls, cfg)
     cfg.memory.check_model(model, index, family_cls.denoiser_name)
-    cfg.memory.check_run(accelerator.num_processes)
+    cfg.memory.check_run(accelerator.num_processes, accelerator.mixed_precision)
     family_cls.check_settings(model, index, given(cfg.model.family_options()))
     text = None
     if uses_text_pass(cfg, family_cls):
@@ -272,30 +279,40 @@ def load_models(
     family.text_embeddings = text
     if family_cls.text_first and text is None:
         say_uncached_cost(family)
+    trainable = place_models(cfg, task, family, accelerator.device, weight_dtype, quantized=denoiser is not None)
+    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
+    return family, trainable, weight_dtype
+
+
+def place_models(cfg: TrainConfig, task: Task, family: Family, device, weight_dtype, quantized: bool) -> Trainable:
+    """Freezes the family's modules, lets the task make its part trainable, and places and casts everything on
+    `device`; `quantized`: the denoiser came quantised (its packed weights are never cast). The denoiser is placed
+    by the memory options (`finetune.memory.apply_memory_options`: whole, or with blocks left in CPU memory). The
+    memory planner (`finetune.planner`) places its meta-device models through this too."""
     for module in family.frozen_modules().values():
         module.requires_grad_(False)
         module.eval()
     trainable = task.setup(family, cfg)
     for module in trainable.models.values():
         module.train()
+    trained_dtype = torch.bfloat16 if cfg.memory.full_bf16 else torch.float32
     for name, module in family.frozen_modules().items():
-        if name == family.denoiser_name and denoiser is not None:  # quantised: never cast packed 4/8-bit weights
+        if name == family.denoiser_name and quantized:  # never cast packed 4/8-bit weights
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         elif any(p.requires_grad for p in module.parameters()):  # trained weights stay fp32 (cast_training_params)
-            for p in module.parameters():
-                p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
-            if name != family.denoiser_name:  # the memory options place the denoiser
-                module.to(accelerator.device)
-        elif name == family.denoiser_name:
-            move(module, torch.device("cpu"), weight_dtype)
+            for p in module.parameters():  # or bf16 with --full_bf16 (updates rounded stochastically)
+                p.data = p.data.to(trained_dtype if p.requires_grad else weight_dtype)
+            if name != family.denoiser_name:
+                module.to(device)
+        elif name == family.denoiser_name:  # cast where it was loaded; the memory options place it
+            move(module, next(module.parameters()).device, weight_dtype)
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
-            move(module, accelerator.device, torch.float32 if upcast else weight_dtype)
-    apply_memory_options(family.denoiser, cfg.memory, accelerator.device)
-    speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
-    return family, trainable, weight_dtype
+            move(module, device, torch.float32 if upcast else weight_dtype)
+    apply_memory_options(family.denoiser, cfg.memory, device)
+    return trainable
 
 
 def move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -314,6 +331,7 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
     if cfg.optim.scale_lr:
         lr *= cfg.training.gradient_accumulation_steps * cfg.training.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(cfg.optim, params, lr)
+    apply_step_options(optimizer, cfg.memory.fused_backward_pass, cfg.memory.full_bf16, cfg.training.seed)
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.training.gradient_accumulation_steps)
     max_steps = cfg.training.max_train_steps or cfg.training.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(
@@ -369,7 +387,7 @@ def finite_loss(run: Run, loss: torch.Tensor, step: int) -> float:
     """The step's loss averaged over processes; a non-finite one stops the run, naming the last good checkpoint."""
     value = run.accelerator.gather(loss.detach()).mean().item()
     if not math.isfinite(value):
-        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir))
+        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir), verify=True)
         raise UserError(
             f"loss became {value} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}. "
             "Lower --learning_rate or check the data"

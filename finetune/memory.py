@@ -8,6 +8,8 @@
   the compute precision.
 - `--blocks_to_swap N` (`finetune.block_swap`): N of the denoiser's repeated blocks wait in CPU memory and come
   onto the accelerator for their forward and their recomputation.
+- Full fine-tuning (`finetune.optimizer_steps`): `--fused_backward_pass` steps each parameter as its gradient is
+  ready and frees it; `--full_bf16` keeps the trained weights in bf16 with stochastically rounded updates.
 
 `apply_memory_options` is the one call the loop makes: after the adapter is attached and the weights are cast, it
 applies these to the denoiser and places it on the device. The memory planner and the hardware presets
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from difftune.core.config import PASSIVE, REFUSED, option
+from difftune.core.config import PASSIVE, REFUSED, option, require
 from difftune.core.errors import UserError
 from difftune.finetune.quantize import MODES, check_quantize
 
@@ -49,25 +51,29 @@ class MemoryConfig:
         "and its recomputation (needs --gradient_checkpointing; LoRA only).", default=0, resume=PASSIVE, card=False,
     )  # fmt: skip
 
+    fused_backward_pass: bool = option(
+        "Full fine-tuning: step each parameter as soon as its gradient is ready and free the gradient (AdamW or "
+        "Adafactor; no accumulation, --max_grad_norm 0).", default=False, resume=PASSIVE, card=False,
+    )  # fmt: skip
+    full_bf16: bool = option(
+        "Full fine-tuning: trained weights and gradients in bf16, each update rounded into them stochastically "
+        "(needs --mixed_precision bf16).", default=False, resume=REFUSED, card=True,
+    )  # fmt: skip
+
     def validate(self) -> None:
         if self.quantize_base is not None:
             check_quantize(self.quantize_base)
-        if self.blocks_to_swap < 0:
-            raise UserError(f"--blocks_to_swap {self.blocks_to_swap} must not be negative")
-        if self.blocks_to_swap and not self.gradient_checkpointing:
-            raise UserError(
-                f"--blocks_to_swap {self.blocks_to_swap} needs --gradient_checkpointing (a swapped block's forward "
-                "runs again in the backward pass): add it"
-            )
-        if self.fp8_base and self.quantize_base is not None:
-            raise UserError(
-                f"--fp8_base and --quantize_base {self.quantize_base} both set the base's storage; drop one"
-            )
-        if self.blocks_to_swap and self.quantize_base is not None:
-            raise UserError(
-                f"--blocks_to_swap cannot move bitsandbytes' packed weights (--quantize_base {self.quantize_base}); "
-                "drop one of them"
-            )
+        n, quantized = self.blocks_to_swap, self.quantize_base
+        require([
+            (n >= 0, f"--blocks_to_swap {n} must not be negative"),
+            (not n or self.gradient_checkpointing,
+             f"--blocks_to_swap {n} needs --gradient_checkpointing (a swapped block's forward runs again in the "
+             "backward pass): add it"),
+            (not (self.fp8_base and quantized), f"--fp8_base and --quantize_base {quantized} both set the base's "
+             "storage; drop one"),
+            (not (n and quantized), f"--blocks_to_swap cannot move bitsandbytes' packed weights (--quantize_base "
+             f"{quantized}); drop one of them"),
+        ])  # fmt: skip
 
     def check_model(self, model: str, index: dict, denoiser_name: str) -> None:
         """The checks that need the denoiser's architecture (its config, not its weights), before loading."""
@@ -76,13 +82,15 @@ class MemoryConfig:
 
             check_count(meta_denoiser(model, index, denoiser_name), self.blocks_to_swap)
 
-    def check_run(self, num_processes: int) -> None:
-        """The checks that need the launched run (its processes), before loading."""
-        if self.blocks_to_swap and num_processes > 1:
-            raise UserError(
-                f"--blocks_to_swap runs on one process ({num_processes} launched): distributed wrappers place every "
-                "weight on the device; drop it or launch one process"
-            )
+    def check_run(self, num_processes: int, mixed_precision: str | None) -> None:
+        """The checks that need the launched run (its processes, accelerate's precision), before loading."""
+        from difftune.finetune.optimizer_steps import check_precision
+
+        single = (("--blocks_to_swap", self.blocks_to_swap), ("--fused_backward_pass", self.fused_backward_pass))
+        for flag, on in single:
+            if on and num_processes > 1:  # DDP's wrapper places every weight and reduces gradients after the hooks
+                raise UserError(f"{flag} runs on one process ({num_processes} launched): drop it or launch one")
+        check_precision(self, mixed_precision)
 
 
 def meta_denoiser(model: str, index: dict, denoiser_name: str) -> nn.Module:
@@ -117,3 +125,13 @@ def apply_memory_options(denoiser: nn.Module, memory: MemoryConfig, device: torc
 def places_itself(module: nn.Module) -> bool:
     """Whether `module`'s placement is the memory options' (accelerate must not move it to the device whole)."""
     return getattr(module, SWAP_ATTRIBUTE, None) is not None
+
+
+def resident_bytes(denoiser: nn.Module) -> int:
+    """Bytes of the denoiser's weights and buffers that stay on the accelerator between uses: all of them but the
+    swapped blocks' frozen tensors. For a tracer on meta tensors (the memory planner), where nothing says which
+    tensors are in CPU memory."""
+    tensors = {id(t): t for t in [*denoiser.parameters(), *denoiser.buffers()]}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    swap = getattr(denoiser, SWAP_ATTRIBUTE, None)
+    return total - (swap.host_bytes if swap is not None else 0)

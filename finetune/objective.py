@@ -277,6 +277,18 @@ def masked_mean(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (loss if mask is None else loss * mask).mean(dim=(1, 2, 3))
 
 
+def control_latents(family, batch: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each control image's latents (B, C, h, w), in reference order, from cached posteriors or from the pixels
+    through the frozen VAE; [] for a batch without control images."""
+    if "control_latents" in batch:
+        posteriors = [batch["control_latents"][k] for k in sorted(batch["control_latents"], key=int)]
+    else:
+        pixels = batch.get("control_pixels", {})
+        vae = family.vae
+        posteriors = [vae.encode(pixels[k].to(vae.dtype)).latent_dist.parameters for k in sorted(pixels, key=int)]
+    return [family.image_latents(p.float()).to(dtype) for p in posteriors]
+
+
 # The loss of each family's `objective`.
 LOSSES = {"ddpm": diffusion_loss, "flow": flow_loss}
 
@@ -294,6 +306,9 @@ def batch_loss(family, models: dict, batch: dict, objective: Objective, dtype: t
         cond = batch["cond"]
     else:
         cond = family.encode_text(batch["ids"], {**family.text_encoders(), **models})
+    controls = control_latents(family, batch, dtype)
+    if controls:  # an edit pair: the family gives the control images' latents to the denoiser beside the noisy ones
+        cond = {**cond, "control": controls}
     denoiser = models.get(family.denoiser_name, family.denoiser)
 
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

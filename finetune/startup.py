@@ -10,12 +10,19 @@ if TYPE_CHECKING:
     from difftune.finetune.tasks import Task
 
 
-def run_task(argv: Sequence[str] | None, task: Task, description: str, prog: str | None = None) -> TrainResult:
+def run_task(argv: Sequence[str] | None, task: Task, description: str, prog: str | None = None) -> TrainResult | None:
     """An entry script's whole `main`: flags and --config files, then training; the main process reports. `prog`
-    (the name in usage and errors) defaults to how the program was started: `difftune-train-lora`, `finetune_lora.py`."""
+    (the name in usage and errors) defaults to how the program was started: `difftune-train-lora`, `finetune_lora.py`.
+    With `--plan` or `--fit` it prints the memory plan instead (`finetune.planner`) and returns None."""
     from difftune.core.config import parse
 
-    cfg = parse(task.config_class, argv, description, prog=prog)
+    cfg = parse(task.config_class, argv, description, prog=prog, validate=False)
+    if cfg.plan.requested:  # validated for the machine it plans for
+        from difftune.finetune.planner import run_plan
+
+        run_plan(cfg, task)
+        return None
+    cfg.validate()
     from difftune.finetune.loop import train
 
     result = train(cfg, task)

@@ -1,8 +1,9 @@
 """Generate images from a saved pipeline (SD 1.x, 2.x, SDXL, SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma),
-with LoRAs and a named sampler.
+with LoRAs and a named sampler, or edit an image with an edit model (Flux Kontext).
 
     difftune-generate --model pipelines/tiny_shapes --prompt "a red circle" --sampler dpmpp-2m \\
         --steps 20 --num_images 4 --seed 0 --output_dir out
+    difftune-generate --model pipelines/tiny_edit_shapes --image in.png --prompt "make it green" --output_dir out
     difftune-generate --from_record out/record.json --index 2 --output_dir again
 
 Writes one PNG per image, `grid.png`, and `record.json`: everything needed to make any image again, exactly
@@ -14,7 +15,8 @@ halves go through the UNet in one batched call per step (checked in the tests wi
 goes to the argument each pipeline guides with (Qwen-Image's `true_cfg_scale`, the guidance a distilled Flux is
 conditioned on). Flow models (SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma) sample with the flow samplers
 (`flow-euler` by default); a sampler that does not fit the model's family, or a LoRA trained for another family, is
-one line naming both.
+one line naming both. An edit model edits `--image` (every prompt applies to it; the result has its size unless
+`--height`/`--width` say otherwise) and needs one; a text-to-image model refuses one.
 Attention is PyTorch's scaled-dot-product attention (diffusers' default `AttnProcessor2_0`) unless
 `--attention classic` asks for the explicit softmax(QK^T)V processor.
 
@@ -43,6 +45,7 @@ from tqdm import tqdm
 from difftune.core.config import from_values, option, parse, to_dict
 from difftune.core.errors import UserError, command
 from difftune.core.files import read_text
+from difftune.core.imagefolder import open_source
 from difftune.core.images import make_grid
 from difftune.core.paths import check_output_dir
 from difftune.pipelines.families import Family, detect, sub_config
@@ -71,10 +74,13 @@ class GenerateConfig:
     """What to generate and how; the command line and `--config` YAML files fill it (see `core.config`)."""
 
     model: str | None = option(
-        "diffusers pipeline folder or Hub id (SD 1.x/2.x, SDXL, SD 3/3.5, Flux, Flux.2, Qwen-Image, Z-Image, Chroma)",
+        "diffusers pipeline folder or Hub id (SD 1.x/2.x, SDXL, SD 3/3.5, Flux, Kontext, Flux.2, Qwen-Image, Z-Image, "
+        "Chroma)",
         None,
     )
     prompt: list[str] = option("prompt(s): several values, or the flag repeated", [], repeatable=True)
+    image: list[str] = option("edit models: the input image every prompt edits (several: references)", [],
+                              repeatable=True)  # fmt: skip
     prompt_file: str | None = option("a text file, one prompt per line (after any --prompt)", None)
     negative_prompt: str | None = option("what to steer away from, for every image", None)
     lora: list[str] = option("LoRA file(s) or training output folder(s), diffusers or kohya keys", [], repeatable=True)
@@ -145,6 +151,7 @@ class GenerateConfig:
         check_output_dir(self.output_dir)
         check_device(self.device, self.dtype)
         family = detect(self.model)  # a missing model or an unsupported pipeline class is one line here
+        check_images(self.image, family, self.model)
         if family.denoiser_name != "unet" and (self.attention != "sdpa" or self.channels_last):
             raise UserError(
                 f"--attention classic and --channels_last are for UNet models; {self.model} is {family.name}"
@@ -194,6 +201,7 @@ def resolved(cfg: GenerateConfig) -> GenerateConfig:
         prompt=cfg.prompts(),
         prompt_file=None,
         lora=[_absolute_if_local(x) for x in cfg.lora],
+        image=[_absolute_if_local(x) for x in cfg.image],
     )
 
 
@@ -214,9 +222,34 @@ def prepare_pipeline(cfg: GenerateConfig) -> tuple[DiffusionPipeline, type[Famil
     return pipe, family, adapters
 
 
-def image_size(pipe: DiffusionPipeline, height: int | None, width: int | None) -> tuple[int, int]:
-    """The requested size, or the model's default; a size the pipeline cannot make is a `UserError`."""
-    if hasattr(pipe, "default_sample_size"):  # the transformer pipelines: in latent pixels
+def check_images(images: list[str], family: type[Family], model: str) -> None:
+    """An edit model gets its input image(s), a text-to-image model none; each one opens."""
+    kind = f"{model} ({family.pipeline_class_name})"
+    if family.max_controls and not images:
+        raise UserError(f"{kind} is an edit model: give the image to edit with --image FILE")
+    if images and not family.max_controls:
+        raise UserError(f"--image: {kind} is a text-to-image model and takes no input image; drop --image")
+    if len(images) > family.max_controls:
+        raise UserError(f"--image given {len(images)} times; {kind} takes {family.max_controls} input image(s)")
+    for path in images:
+        try:
+            open_source(path)
+        except FileNotFoundError:
+            raise UserError(f"--image {path} not found") from None
+        except (OSError, ValueError) as err:
+            raise UserError(f"--image {path} is not a readable image ({str(err).splitlines()[0]})") from None
+
+
+def image_size(
+    pipe: DiffusionPipeline, height: int | None, width: int | None, default: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """The requested size, or `default` (w, h; an edit's input image, rounded down to a size the model makes), or
+    the model's default; a size the pipeline cannot make is a `UserError`."""
+    if default is not None and hasattr(pipe, "vae_scale_factor"):
+        multiple = pipe.vae_scale_factor * 2
+        height = height or max(multiple, default[1] // multiple * multiple)
+        width = width or max(multiple, default[0] // multiple * multiple)
+    if hasattr(pipe, "default_sample_size"):  # SD3 and Flux pipelines: in latent pixels
         default = pipe.default_sample_size * pipe.vae_scale_factor
         multiple = pipe.vae_scale_factor * 2  # 2x2 patches (SD3, Flux.2) or packed latents (Flux, Qwen-Image)
     elif not hasattr(pipe, "unet"):  # ZImagePipeline: 1024 px unless told, 2x2 patches
@@ -244,18 +277,20 @@ def generate_batch(
     height: int,
     width: int,
     family: type[Family] = Family,
+    edit: dict | None = None,
 ) -> list[Image.Image]:
     """One pipeline call for `specs`; each image's starting noise (and any per-step noise) from its own seed. The
-    guidance and negative prompt take the family's pipeline's argument names (`Family.guidance_inputs`)."""
+    guidance and negative prompt take the family's pipeline's argument names (`Family.guidance_inputs`); `edit`: an
+    edit model's inputs (`Family.edit_inputs`), which also say the size."""
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
     negative = [cfg.negative_prompt] * len(specs) if cfg.negative_prompt is not None else None
+    size = edit if edit is not None else {"height": height, "width": width}
     with torch.inference_mode():
         out = pipe(
             prompt=[s.prompt for s in specs],
             num_inference_steps=cfg.steps,
-            height=height,
-            width=width,
             generator=generators,
+            **size,
             **family.guidance_inputs(cfg.guidance_scale, negative, len(specs)),
         )
     return out.images
@@ -269,7 +304,9 @@ def run(cfg: GenerateConfig, only: Sequence[int] | None = None) -> dict:
     """Generates every planned image (or the batches holding `only`), writes PNGs, grid and record; returns it."""
     cfg = resolved(cfg)
     pipe, family, adapters = prepare_pipeline(cfg)
-    height, width = image_size(pipe, cfg.height, cfg.width)
+    inputs = [open_source(path) for path in cfg.image]
+    height, width = image_size(pipe, cfg.height, cfg.width, inputs[0].size if inputs else None)
+    edit = family.edit_inputs(pipe, inputs, height, width, None) if inputs else None
     specs = plan_images(cfg.prompt, cfg.num_images, cfg.seed)
     batches = [specs[i : i + cfg.batch_size] for i in range(0, len(specs), cfg.batch_size)]
     if only is not None:
@@ -282,7 +319,7 @@ def run(cfg: GenerateConfig, only: Sequence[int] | None = None) -> dict:
     written, rows = [], []
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"{cfg.sampler} {cfg.steps} steps")
     for b, batch in enumerate(batches):
-        for spec, image in zip(batch, generate_batch(pipe, batch, cfg, height, width, family), strict=True):
+        for spec, image in zip(batch, generate_batch(pipe, batch, cfg, height, width, family, edit), strict=True):
             if only is None or spec.index in only:
                 image.save(out / image_name(spec))
                 written.append(image)

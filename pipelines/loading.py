@@ -140,7 +140,7 @@ def _bfl(key: str) -> bool:
     return key.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks"))
 
 
-FLUX1_NAMES, FLUX2_NAMES = ("flux", "chroma"), ("flux2", "flux2_klein")
+FLUX1_NAMES, FLUX2_NAMES = ("flux", "flux-kontext", "chroma"), ("flux2", "flux2_klein")
 # What a LoRA file's keys address, most specific first: (name, description, test of one key, the families it fits;
 # None: every family with that denoiser). diffusers/peft keys (`unet.`, `transformer.`) and kohya/ComfyUI ones
 # (`lora_unet_*`; Flux files name BFL's `double_blocks`/`single_blocks`) are both read.
@@ -312,11 +312,9 @@ def load_peft_adapters(pipe: DiffusionPipeline, folders: dict[str, Path], name: 
         config = PeftConfig.from_pretrained(str(folder))
         inject_adapter_in_model(config, module, adapter_name=name)
         result = set_peft_model_state_dict(module, load_file(folder / PEFT_WEIGHTS), adapter_name=name)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k or ".default" not in k]
-        if unexpected:
-            raise ValueError(
-                f"{folder / PEFT_WEIGHTS}: {len(unexpected)} tensors fit no module (first: {unexpected[0]})"
-            )
+        misfit = [*result.unexpected_keys, *(k for k in result.missing_keys if f".{name}" in k)]
+        if misfit:
+            raise ValueError(f"{folder / PEFT_WEIGHTS}: {len(misfit)} adapter tensors do not fit (first: {misfit[0]})")
         module.peft_config = {**(getattr(module, "peft_config", None) or {}), name: config}
         module._hf_peft_config_loaded = True
 

@@ -160,7 +160,9 @@ def install(work: Path, target: Path) -> None:
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, target / part)
     for name in ("vocab.json", "merges.txt"):  # transformers 4.x's slow CLIPTokenizer reads these
         for tokenizer in ("tokenizer", "tokenizer_2"):
-            if (target / tokenizer).is_dir() and (work / "init" / "tokenizer" / name).exists():
+            config = target / tokenizer / "tokenizer_config.json"
+            clip = config.is_file() and '"CLIPTokenizer"' in config.read_text()  # not a T5 tokenizer_2
+            if clip and (work / "init" / "tokenizer" / name).exists():
                 shutil.copy2(work / "init" / "tokenizer" / name, target / tokenizer / name)
     halve_weights(target / "transformer")
     print(f"installed in {target}")

@@ -133,3 +133,82 @@ def flow_pipeline(kind: str, parts: dict, text_encoder, folder: Path, overrides:
         text_encoder_2=text_encoder("clip-g", CLIPTextModelWithProjection), tokenizer_2=parts["tokenizer"],
         text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- configs only
+
+CLIP_IDS = dict(vocab_size=49408, max_position_embeddings=77)
+T5_XXL = dict(T5_SHAPE, num_layers=24, vocab_size=32128)  # the released T5-XXL encoder (SD 3/3.5, Flux.1)
+SHAPED_FAMILIES = ("sd15", "sdxl", "sd35", "flux")
+
+
+def shaped_parts(kind: str, overrides: dict | None = None) -> dict:
+    """`kind`'s pipeline (SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev) as its components' (library, class, config)
+    by name, with the released models' shapes (T5-XXL at its full 24 layers); `overrides` (keys `unet`,
+    `transformer`, `vae`, `text`, `t5`) narrow them. No module is built."""
+    overrides = overrides or {}
+    text = overrides.get("text", {})
+
+    def clip(shape: str, cls: str) -> tuple:
+        return ("transformers", cls, {**CLIP_IDS, **TEXT_SHAPES[shape], **text})
+
+    t5 = ("transformers", "T5EncoderModel", {**T5_XXL, **overrides.get("t5", {})})
+    if kind in FLOW_SHAPES:
+        vae = ("diffusers", "AutoencoderKL", {**VAE_SHAPE, **FLOW_VAE, **overrides.get("vae", {})})
+        transformer = {**FLOW_SHAPES[kind], **overrides.get("transformer", {})}
+        if kind == "flux":
+            return dict(
+                transformer=("diffusers", "FluxTransformer2DModel", transformer), vae=vae,
+                text_encoder=clip("clip-l", "CLIPTextModel"), text_encoder_2=t5,
+                tokenizer=("transformers", "CLIPTokenizer", None), tokenizer_2=("transformers", "T5TokenizerFast", None),
+                scheduler=("diffusers", "FlowMatchEulerDiscreteScheduler", dict(
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                    max_image_seq_len=4096)),
+            )  # fmt: skip
+        return dict(
+            transformer=("diffusers", "SD3Transformer2DModel", transformer), vae=vae,
+            text_encoder=clip("clip-l", "CLIPTextModelWithProjection"),
+            text_encoder_2=clip("clip-g", "CLIPTextModelWithProjection"), text_encoder_3=t5,
+            tokenizer=("transformers", "CLIPTokenizer", None), tokenizer_2=("transformers", "CLIPTokenizer", None),
+            tokenizer_3=("transformers", "T5TokenizerFast", None),
+            scheduler=("diffusers", "FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+        )  # fmt: skip
+    parts = dict(
+        unet=("diffusers", "UNet2DConditionModel", {**UNET_SHAPES[kind], **overrides.get("unet", {})}),
+        vae=("diffusers", "AutoencoderKL", {**VAE_SHAPE, **overrides.get("vae", {})}),
+        text_encoder=clip("clip-l", "CLIPTextModel"), tokenizer=("transformers", "CLIPTokenizer", None),
+        scheduler=("diffusers", "DDPMScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                      beta_end=0.012, num_train_timesteps=1000)),
+    )  # fmt: skip
+    if kind == "sdxl":
+        parts.update(text_encoder_2=clip("clip-g", "CLIPTextModelWithProjection"),
+                     tokenizer_2=("transformers", "CLIPTokenizer", None))  # fmt: skip
+    return parts
+
+
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd35": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # fmt: skip
+
+
+def write_shaped_configs(kind: str, folder: Path, overrides: dict | None = None) -> Path:
+    """A pipeline folder of `kind` holding configs only (`model_index.json`, `<part>/config.json`, the scheduler's):
+    what the memory planner reads. No weights, nothing built."""
+    import json
+
+    import diffusers
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": PIPELINES[kind], "_diffusers_version": diffusers.__version__}
+    for name, (library, cls_name, config) in shaped_parts(kind, overrides).items():
+        index[name] = [library, cls_name]
+        if config is None:  # tokenizers: the planner reads the text encoders' lengths
+            continue
+        (folder / name).mkdir(exist_ok=True)
+        if library == "transformers":
+            cls = getattr(transformers, cls_name)
+            config = cls.config_class(**config).to_dict()
+        filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+        (folder / name / filename).write_text(json.dumps({"_class_name": cls_name, **config}, indent=1))
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder

@@ -200,6 +200,10 @@ def check_launch(cmd: Command) -> None:
 def run_training(cmd: Command, argv: list[str], main) -> None:
     if cmd.launch is not None:
         check_launch(cmd)
+    if "--plan" in argv or "--fit" in argv:  # the memory planner: a plan is printed (tests/finetune/test_planner.py)
+        main(argv)
+        assert not Path(flag_value(argv, "output_dir")).exists(), "a plan trains nothing"
+        return
     preset = config_values(argv)
     needs_cuda = preset.get("optimizer") == "adamw8bit" or preset.get("use_8bit_adam") or preset.get("quantize_base")
     if needs_cuda and not torch.cuda.is_available():  # an 8 GB preset on this CPU: the promised one-line error
@@ -327,6 +331,19 @@ def run_reproduce_base(argv: list[str], local: Local) -> None:
     assert "purple" not in data and data.count("\n") == 12
 
 
+def run_reproduce_edit_base(argv: list[str], local: Local) -> None:
+    from difftune.scripts.reproduce_tiny_edit import main
+
+    main(
+        argv
+        + ["--no-install", "--size", "test", "--per_class", "1", "--max_train_steps", "2", "--eval_per_class", "1"]
+    )
+    work = Path(flag_value(argv, "work_dir"))
+    assert json.loads((work / "base" / "model_index.json").read_text())["_class_name"] == "FluxKontextPipeline"
+    rows = [json.loads(line) for line in (work / "data" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 48 and not any("purple" in r["text"] or r["input_colour"] == "purple" for r in rows)
+
+
 def check_make(cmd: Command) -> None:
     """`make demo` runs `difftune-demo` (the demo itself runs in tests/finetune/test_demo.py); `make test` is this
     suite."""
@@ -407,6 +424,7 @@ RUNNERS = {
 REPRODUCE_RUNNERS = {
     "difftune.scripts.train_tiny_vae": run_train_tiny_vae,
     "difftune.scripts.reproduce_tiny_shapes": run_reproduce_base,
+    "difftune.scripts.reproduce_tiny_edit": run_reproduce_edit_base,
     "difftune.scripts.demo_overtraining": run_demo_overtraining,
 }
 COMMANDS = bash_commands(README)
@@ -422,7 +440,7 @@ def test_every_readme_command_is_covered():
         assert parse_command(command).module in REPRODUCE_RUNNERS, (
             f"no way to run this docs/benchmarks.md command: {command}"
         )
-    assert len(REPRODUCE) == 4
+    assert len(REPRODUCE) == 5
     # every fenced block is one this file runs: bash commands, the one my_run.yaml, the one Python example
     languages = re.findall(r"^```(\w*)\n.*?^```", README, re.S | re.M)
     assert set(languages) <= {"bash", "yaml", "python", ""}, languages

@@ -4,6 +4,9 @@ Each image is 64x64 RGB on white with exactly one filled shape (circle, axis-ali
 triangle) in one of five fixed colours, captioned ``a {colour} {shape}``. Purple never appears in the base
 training set: it is the new concept the LoRA demo teaches.
 
+Edit pairs (`write_edit_dataset`) show one shape twice, at the same place and size in two colours: the control
+(input) image and the result of the instruction ``make it {colour}``.
+
 The scorer measures an image without any learned model: the shape's pixels are those far from white, their
 median colour is matched to the palette, and the shape is classified from two scale-free features of the
 largest blob: its fill ratio inside the bounding box (square 1, circle pi/4, triangle 1/2) and the share of
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +115,54 @@ def write_dataset(
             row = {"file_name": item.file_name, "text": item.text, "colour": item.colour, "shape": item.shape}
             row["label"] = f"{item.colour} {item.shape}"
             f.write(json.dumps(row) + "\n")
+    return items
+
+
+def instruction(colour: str) -> str:
+    """The edit instruction that recolours the shape."""
+    return f"make it {colour}"
+
+
+@dataclass(frozen=True)
+class EditItem:
+    file_name: str  # the result
+    control_file_name: str  # the input
+    text: str
+    input_colour: str
+    colour: str
+    shape: str
+
+
+def write_edit_dataset(
+    out_dir: str | Path,
+    input_colours: Sequence[str] = BASE_COLOURS,
+    colours: Sequence[str] = BASE_COLOURS,
+    shapes: Sequence[str] = SHAPES,
+    per_class: int = 10,
+    seed: int = 0,
+    colour_pairs: Sequence[tuple[str, str]] | None = None,
+) -> list[EditItem]:
+    """Writes an imagefolder of edit pairs and returns its items: for every (input colour, wanted colour) of
+    `colour_pairs` (default: every input colour with every wanted colour; a pair listed twice is drawn twice as
+    often) and shape, `per_class` shapes drawn once and rendered in both colours, the result as `file_name` and the
+    input as `control/<name>` (the `control_file_name` column), captioned ``make it {colour}``. Deterministic."""
+    out = Path(out_dir)
+    (out / "control").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pairs = colour_pairs if colour_pairs is not None else [(a, b) for a in input_colours for b in colours]
+    items = []
+    for source, colour in pairs:
+        for shape in shapes:
+            for _ in range(per_class):
+                name = f"{len(items):05d}_{source}_to_{colour}_{shape}.png"
+                state = rng.bit_generator.state  # the same draw of size and place for both images
+                render(source, shape, rng).save(out / "control" / name)
+                rng.bit_generator.state = state
+                render(colour, shape, rng).save(out / name)
+                items.append(EditItem(name, f"control/{name}", instruction(colour), source, colour, shape))
+    with open(out / "metadata.jsonl", "w") as f:
+        for item in items:
+            f.write(json.dumps(asdict(item)) + "\n")
     return items
 
 

@@ -25,7 +25,7 @@ from difftune.toyworld.tiny_parts import (
 )
 
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")
-FLOW_FAMILIES = ("sd3", "sd35", "flux", "flux-schnell")
+FLOW_FAMILIES = ("sd3", "sd35", "flux", "flux-schnell", "flux-kontext")
 
 
 def build_pipeline(
@@ -38,7 +38,8 @@ def build_pipeline(
     """A randomly initialised tiny pipeline of `family`.
 
     Families: ``sd1``, ``sd2`` (v-prediction), ``sdxl``, and the flow-matching ``sd3``, ``sd35``, ``flux``
-    (guidance-distilled, like Flux.1-dev) and ``flux-schnell`` (see `toyworld.tiny_flow`). `tokenizer_dir` is where
+    (guidance-distilled, like Flux.1-dev), ``flux-schnell`` and the edit model ``flux-kontext`` (see
+    `toyworld.tiny_flow`). `tokenizer_dir` is where
     the CLIP tokenizer is read from, or written to when absent. `t5=False` leaves out SD 3's T5 encoder.
     """
     if family not in UNET_FAMILIES + FLOW_FAMILIES:

@@ -13,6 +13,8 @@ library): one "▁word" piece per word of the project's vocabulary, single chara
   scale is a transformer input) and Flux.1-schnell (timestep-distilled, no guidance input): a double- then
   single-stream transformer over 2x2-packed latents with 3-axis RoPE, CLIP's pooled output, T5's sequence, and the
   scheduler config each ships (dev: resolution-dependent "dynamic" shift; schnell: no shift).
+- ``flux-kontext``: `FluxKontextPipeline` (Flux.1 Kontext dev, an edit model): Flux.1-dev's components, the input
+  image's latents appended to the noisy ones as tokens of image index 1.
 
 Sizes: ``test`` (tens of thousands of parameters, 32-64 px on CPU) and ``base`` (a ~2M-parameter transformer for
 an embedded flow model trained on the 64x64 shapes world: 16x16x4 latents, 8x8 patches). The CLIP encoders and the
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -186,7 +189,7 @@ def flux_scheduler(schnell: bool) -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def flux_pipeline(size: FlowSize, family: str, tokenizer: CLIPTokenizer) -> FluxPipeline:
+def flux_pipeline(size: FlowSize, family: str, tokenizer: CLIPTokenizer) -> FluxPipeline | FluxKontextPipeline:
     parts = SIZES[size.parts]
     if sum(size.rope_axes) != size.head_dim or any(axis % 2 for axis in size.rope_axes):
         raise ValueError(f"rope_axes {size.rope_axes} must be even and sum to head_dim {size.head_dim}")
@@ -199,13 +202,14 @@ def flux_pipeline(size: FlowSize, family: str, tokenizer: CLIPTokenizer) -> Flux
         num_attention_heads=size.heads,
         joint_attention_dim=size.t5_hidden,
         pooled_projection_dim=parts.text_hidden,  # CLIPTextModel's pooled output
-        guidance_embeds=family == "flux",
+        guidance_embeds=family in ("flux", "flux-kontext"),
         axes_dims_rope=size.rope_axes,
     )
     text_encoder = tiny_text_encoder(parts, len(tokenizer.get_vocab()))
     tokenizer_2 = load_t5_tokenizer()
     text_encoder_2 = tiny_t5(size, len(tokenizer_2))
-    return FluxPipeline(
+    pipeline_class = FluxKontextPipeline if family == "flux-kontext" else FluxPipeline
+    return pipeline_class(
         scheduler=flux_scheduler(schnell=family == "flux-schnell"),
         vae=tiny_vae(parts, **FLUX_VAE),
         text_encoder=text_encoder,
@@ -218,19 +222,20 @@ def flux_pipeline(size: FlowSize, family: str, tokenizer: CLIPTokenizer) -> Flux
 
 def build_flow_pipeline(
     size: str, family: str, tokenizer: CLIPTokenizer, seed: int = 0, t5: bool = True
-) -> StableDiffusion3Pipeline | FluxPipeline:
-    """A randomly initialised tiny ``sd3``, ``sd35``, ``flux`` or ``flux-schnell`` pipeline with `tokenizer` as its
-    CLIP tokenizer(s). `t5=False` (SD 3 only) leaves out text_encoder_3 / tokenizer_3; SD 3 then feeds zeros. Such
-    a saved folder loads with ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None,
-    tokenizer_3=None)``: diffusers records them as [null, null] but does not count them optional."""
+) -> StableDiffusion3Pipeline | FluxPipeline | FluxKontextPipeline:
+    """A randomly initialised tiny ``sd3``, ``sd35``, ``flux``, ``flux-schnell`` or ``flux-kontext`` pipeline with
+    `tokenizer` as its CLIP tokenizer(s). `t5=False` (SD 3 only) leaves out text_encoder_3 / tokenizer_3; SD 3 then
+    feeds zeros. Such a saved folder loads with ``StableDiffusion3Pipeline.from_pretrained(folder,
+    text_encoder_3=None, tokenizer_3=None)``: diffusers records them as [null, null] but does not count them
+    optional."""
     if size not in FLOW_SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(FLOW_SIZES)}")
     spec = FLOW_SIZES[size]
     torch.manual_seed(seed)
     if family in ("sd3", "sd35"):
         return sd3_pipeline(spec, family, tokenizer, t5)
-    if family in ("flux", "flux-schnell"):
+    if family in ("flux", "flux-schnell", "flux-kontext"):
         if not t5:
             raise ValueError("Flux cannot run without its T5 encoder")
         return flux_pipeline(spec, family, tokenizer)
-    raise ValueError(f"unknown flow family {family!r}; choose sd3, sd35, flux or flux-schnell")
+    raise ValueError(f"unknown flow family {family!r}; choose sd3, sd35, flux, flux-schnell or flux-kontext")

@@ -11,6 +11,7 @@ from difftune.pipelines.families.base import Family, read_model_index, sub_confi
 from difftune.pipelines.families.chroma import Chroma
 from difftune.pipelines.families.flux import Flux
 from difftune.pipelines.families.flux2 import Flux2, Flux2Klein
+from difftune.pipelines.families.flux_kontext import FluxKontext
 from difftune.pipelines.families.qwen_image import QwenImage
 from difftune.pipelines.families.sd import StableDiffusion1, StableDiffusion2
 from difftune.pipelines.families.sd3 import StableDiffusion3
@@ -18,8 +19,8 @@ from difftune.pipelines.families.sdxl import StableDiffusionXL
 from difftune.pipelines.families.z_image import ZImage
 
 FAMILIES: tuple[type[Family], ...] = (
-    StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux, QwenImage, Flux2, Flux2Klein,
-    ZImage, Chroma,
+    StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux, FluxKontext, QwenImage, Flux2,
+    Flux2Klein, ZImage, Chroma,
 )  # fmt: skip
 
 __all__ = ["FAMILIES", "Family", "by_name", "detect", "read_model_index", "sub_config"]
@@ -33,7 +34,7 @@ def detect(model: str, index: dict | None = None) -> type[Family]:
     for family in FAMILIES:
         if family.matches(index, model):
             return family
-    names = ", ".join(f.pipeline_class_name for f in FAMILIES[::-1])
+    names = ", ".join(dict.fromkeys(f.pipeline_class_name for f in FAMILIES[::-1]))
     raise UserError(f"{model} is a {index.get('_class_name', 'pipeline of unknown class')}; supported: {names}")
 
 

@@ -21,24 +21,26 @@ is ever run.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import SafetensorError
 from torch import nn
 
 from difftune.core.errors import UserError
+from difftune.core.files import read_json
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SchedulerMixin
 
 logger = logging.getLogger(__name__)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
+DAMAGED = "the pipeline folder is incomplete or damaged: restore it from its source"
 
 
 def is_hub_id(model: str) -> bool:
@@ -53,10 +55,14 @@ def read_model_index(model: str) -> dict:
         index = path / "model_index.json"
         if not index.is_file():
             raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-        return json.loads(index.read_text())
-    if not is_hub_id(model):
+    elif not is_hub_id(model):
         raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
-    return json.loads(Path(_hub_file(model, "model_index.json")).read_text())
+    else:
+        index = Path(_hub_file(model, "model_index.json"))
+    data = read_json(index, DAMAGED)
+    if not isinstance(data, dict):
+        raise UserError(f"{index}: not a pipeline's model_index.json (a mapping of components); {DAMAGED}")
+    return data
 
 
 def _hub_file(model: str, filename: str) -> str:
@@ -74,14 +80,30 @@ def _hub_file(model: str, filename: str) -> str:
 def sub_config(model: str, subfolder: str, name: str = "config.json") -> dict:
     """A component's config (e.g. `scheduler/scheduler_config.json`); {} when the pipeline has none."""
     path = Path(model) / subfolder / name
-    if path.is_file():
-        return json.loads(path.read_text())
-    if Path(model).is_dir():
-        return {}
+    if not path.is_file():
+        if Path(model).is_dir():
+            return {}
+        try:
+            path = Path(_hub_file(model, f"{subfolder}/{name}"))
+        except UserError:
+            return {}
+    data = read_json(path, DAMAGED)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a config (a mapping of settings); {DAMAGED}")
+    return data
+
+
+def load_part(model: str, name: str, load):
+    """`load()` (a component's `from_pretrained`), its failure one line naming the component and the folder. A local
+    pipeline's component folder must exist (a tokenizer `from_pretrained` finds no files in loads empty, and fails
+    only later, inside training)."""
+    if Path(model).is_dir() and not (Path(model) / name).is_dir():
+        raise UserError(f"{model}: has no {name}/ folder, which model_index.json lists; {DAMAGED}")
     try:
-        return json.loads(Path(_hub_file(model, f"{subfolder}/{name}")).read_text())
-    except UserError:
-        return {}
+        return load()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"{model}: could not load its {name} ({first}); {DAMAGED}") from err
 
 
 def component_class(index: dict, name: str, model: str) -> type:
@@ -148,6 +170,11 @@ class Family(ABC):
     text_first: ClassVar[bool] = False
     sample_posterior: ClassVar[bool] = True  # a latent drawn from the VAE posterior; False: its mean
     takes_negative_prompt: ClassVar[bool] = True  # the pipeline's call has a `negative_prompt`
+    # Edit models (Flux Kontext, Qwen-Image-Edit) train on pairs: how many control images one example takes (0: a
+    # text-to-image model), and the multiple their sides are sized to (`core.controls.control_size`).
+    max_controls: ClassVar[int] = 0
+    control_multiple: ClassVar[int] = 16
+    guidance_batch: ClassVar[int] = 2  # the pipeline's denoiser batch per image (classifier-free guidance)
 
     def __init__(self, model: str, index: dict, parts: dict[str, Any], options: dict | None = None):
         self.model = model
@@ -187,14 +214,19 @@ class Family(ABC):
         denoiser: nn.Module | None = None,
         options: dict | None = None,
         text_encoders: bool = True,
+        make_part: Callable[[str, type], Any] | None = None,
     ) -> Family:
         """Every component training needs; `denoiser` replaces the pipeline's (e.g. a quantised one). `options` are
         the training settings a family reads (`prediction_type`, `max_sequence_length`, `guidance_scale`, ...),
         unset ones None or False. Which settings apply to which family is their config fields' metadata; the trainer
         refuses the others before loading (`finetune.config.check_family`). `text_encoders=False` leaves the text
-        encoders out (None): their outputs were computed ahead (`text_first`)."""
+        encoders out (None): their outputs were computed ahead (`text_first`). `make_part(name, cls)`
+        makes a component instead of `cls.from_pretrained(model, subfolder=name)` (the memory planner builds them
+        from their configs on the meta device)."""
         options = given(options or {})
-        parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **options)}
+        parts: dict[str, Any] = {
+            "noise_scheduler": load_part(model, "scheduler", lambda: cls.load_noise_scheduler(model, **options))
+        }
         absent = cls._absent(index, model)
         skipped = () if text_encoders else cls.text_encoder_names
         for name in ("vae", cls.denoiser_name, *cls.text_encoder_names, *cls.tokenizer_names):
@@ -203,7 +235,13 @@ class Family(ABC):
             elif name in absent or name in skipped:
                 parts[name] = None
             else:
-                parts[name] = component_class(index, name, model).from_pretrained(model, subfolder=name)
+                part_cls = component_class(index, name, model)
+                if make_part is not None:
+                    parts[name] = make_part(name, part_cls)
+                else:
+                    parts[name] = load_part(
+                        model, name, lambda c=part_cls, n=name: c.from_pretrained(model, subfolder=n)
+                    )
         family = cls(model, index, parts, options)
         family.check_options()
         return family
@@ -316,6 +354,19 @@ class Family(ABC):
         """Training sigmas (B,) drawn from the scheduler's schedule, moved as the family's pipeline moves its
         sampling sigmas for latents of `latent_shape` (a resolution-dependent shift); unchanged by default."""
         return sigmas
+
+    def image_latents(self, posterior: torch.Tensor) -> torch.Tensor:
+        """A control image's latents (B, C, h, w) from VAE posterior params (B, 2C, h, w): the posterior's mode,
+        shifted and scaled, as the edit pipelines encode an input image (`retrieve_latents(..., "argmax")`)."""
+        mean = posterior.chunk(2, dim=1)[0]
+        shift = self.vae.config.get("shift_factor", None) or 0.0
+        return (mean - shift) * self.vae.config.scaling_factor
+
+    @classmethod
+    def edit_inputs(cls, pipe, images: list, height: int, width: int, max_sequence_length: int | None) -> dict:
+        """What an edit model's pipeline call takes besides the prompt to edit `images` into a `height` x `width`
+        result (an edit family's own); a text-to-image family takes no images."""
+        raise UserError(f"{cls.pipeline_class_name} is a text-to-image model: it takes no input image")
 
     @abstractmethod
     def predict(

@@ -28,6 +28,7 @@ class Flux(StableDiffusion3):
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     optional_parts: ClassVar[tuple[str, ...]] = ()
     passes_sigmas: ClassVar[bool] = True
+    guidance_batch: ClassVar[int] = 1  # guidance-distilled: one denoiser call per image, no negative batch
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # CLIP, not T5
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *FEED_FORWARD)
     default_max_sequence_length: ClassVar[int] = 512  # diffusers' Flux training scripts
@@ -60,19 +61,39 @@ class Flux(StableDiffusion3):
         return {"encoder_hidden_states": sequence, "pooled_projections": pooled}  # (B, L, D_T5), (B, D_CLIP)
 
     def predict(self, denoiser, noisy, timesteps, cond, batch):
-        b, c, h, w = noisy.shape
-        tokens = rearrange(noisy, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)  # FluxPipeline._pack_latents
-        img_ids = torch.zeros(h // 2, w // 2, 3, device=noisy.device, dtype=noisy.dtype)
-        img_ids[..., 1] += torch.arange(h // 2, device=noisy.device)[:, None]
-        img_ids[..., 2] += torch.arange(w // 2, device=noisy.device)[None, :]
-        text = cond["encoder_hidden_states"].to(noisy.dtype)
+        _, _, h, w = noisy.shape
+        out = self.run_transformer(denoiser, pack(noisy), latent_ids(h // 2, w // 2, noisy), timesteps, cond)
+        return unpack(out, h, w)
+
+    def run_transformer(self, denoiser, tokens, img_ids, timesteps, cond) -> torch.Tensor:
+        """The transformer's output tokens (B, N, 4C) for packed image tokens (B, N, 4C) and their ids (N, 3)."""
+        text = cond["encoder_hidden_states"].to(tokens.dtype)
         guidance = None
         if self.denoiser.config.get("guidance_embeds", False):  # the family's own (unwrapped) module
             value = self.options.get("guidance_scale") or DEFAULT_GUIDANCE
-            guidance = torch.full((b,), float(value), device=noisy.device, dtype=torch.float32)
-        out = denoiser(
-            hidden_states=tokens, timestep=timesteps.to(noisy.dtype) / 1000, guidance=guidance,
-            pooled_projections=cond["pooled_projections"].to(noisy.dtype), encoder_hidden_states=text,
-            txt_ids=text.new_zeros(text.shape[1], 3), img_ids=img_ids.reshape(-1, 3), return_dict=False,
+            guidance = torch.full((tokens.shape[0],), float(value), device=tokens.device, dtype=torch.float32)
+        return denoiser(
+            hidden_states=tokens, timestep=timesteps.to(tokens.dtype) / 1000, guidance=guidance,
+            pooled_projections=cond["pooled_projections"].to(tokens.dtype), encoder_hidden_states=text,
+            txt_ids=text.new_zeros(text.shape[1], 3), img_ids=img_ids, return_dict=False,
         )[0]  # fmt: skip
-        return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h // 2, w=w // 2, ph=2, pw=2)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents as (B, h/2 * w/2, 4C) tokens of 2x2 patches (`FluxPipeline._pack_latents`)."""
+    return rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) tokens back to (B, C, h, w) latents."""
+    return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h // 2, w=w // 2, ph=2, pw=2)
+
+
+def latent_ids(rows: int, cols: int, like: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """(rows * cols, 3) position ids (index, row, column) of a packed image (`_prepare_latent_image_ids`); Kontext
+    gives its input image index 1."""
+    ids = torch.zeros(rows, cols, 3, device=like.device, dtype=like.dtype)
+    ids[..., 0] = index
+    ids[..., 1] += torch.arange(rows, device=like.device)[:, None]
+    ids[..., 2] += torch.arange(cols, device=like.device)[None, :]
+    return ids.reshape(-1, 3)

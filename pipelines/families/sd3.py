@@ -63,10 +63,11 @@ class StableDiffusion3(Family):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)
 
     @classmethod
-    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None, text_encoders: bool = True):
+    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None, text_encoders: bool = True,
+             make_part=None):  # fmt: skip
         """As `Family.load`, with `--max_sequence_length` checked against the T5 tokenizer's config first."""
         cls.check_settings(model, index, options or {})
-        return super().load(model, index, denoiser, options, text_encoders)
+        return super().load(model, index, denoiser, options, text_encoders, make_part)
 
     @classmethod
     def check_settings(cls, model: str, index: dict, options: dict) -> None:

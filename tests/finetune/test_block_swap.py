@@ -13,7 +13,7 @@ from difftune.core.errors import UserError
 from difftune.finetune.block_swap import BlockSwap, in_backward, repeated_blocks, spread
 from difftune.finetune.config import FullTrainConfig, LoraTrainConfig
 from difftune.finetune.loop import train
-from difftune.finetune.memory import meta_denoiser
+from difftune.finetune.memory import MemoryConfig, apply_memory_options, meta_denoiser, resident_bytes
 from difftune.finetune.tasks import LORA
 from difftune.pipelines.families import read_model_index
 from difftune.toyworld.tiny import save_tiny_pipeline
@@ -170,7 +170,7 @@ def test_full_fine_tuning_refuses_block_swap():
 def test_more_than_one_process_is_refused():
     cfg = compose(LoraTrainConfig, dict(pretrained_model_name_or_path="m", blocks_to_swap=1))
     with pytest.raises(UserError, match="runs on one process"):
-        cfg.memory.check_run(2)
+        cfg.memory.check_run(2, None)
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +207,21 @@ def test_training_with_swap_matches_training_without_and_resumes(tiny_flux, shap
     resumed = run(tiny_flux, shapes_dir, tmp_path / "resumed", adapter="dora", blocks_to_swap=2,
                   resume_from_checkpoint="latest")  # fmt: skip
     assert resumed.losses == pytest.approx(plain.losses[2:], rel=1e-5)
+
+
+def test_the_memory_options_run_on_the_meta_device_and_say_what_stays_resident(denoisers):
+    """What the memory planner traces: fp8 and block swap applied to a meta-device model, one step, and the bytes
+    that stay on the accelerator between uses."""
+    from difftune.finetune.adapters import AdapterConfig, adapter_config, add_adapter
+    from difftune.toyworld.tiny_denoisers import example_loss
+
+    with torch.device("meta"):
+        model = flux().requires_grad_(False)
+    add_adapter(model, adapter_config(AdapterConfig(rank=2), denoisers.ATTENTION))
+    everything = resident_bytes(model)
+    memory = MemoryConfig(gradient_checkpointing=True, fp8_base=True, blocks_to_swap=3)
+    apply_memory_options(model, memory, torch.device("meta"))
+    fp8 = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert 0 < resident_bytes(model) < fp8 < everything
+    example_loss("flux", model, device="meta").backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -13,23 +13,38 @@ from difftune.core.errors import UserError
 from difftune.finetune import demo
 
 
-# The flow demo is held to the same bar but costs another two to three minutes, which the CI budget does not have:
-# `make test-slow` runs it.
+# The flow and edit demos are held to the same bar but cost another few minutes each, which the CI budget does not
+# have: `make test-slow` runs them.
 @pytest.mark.parametrize(
-    "name", [pytest.param("unet", marks=pytest.mark.long), pytest.param("flow", marks=pytest.mark.slow)]
-)
+    "name",
+    [pytest.param("unet", marks=pytest.mark.long), pytest.param("flow", marks=pytest.mark.slow),
+     pytest.param("edit", marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_demo_meets_its_bar(name, tmp_path, capsys):
     result = demo.run_demo(name, tmp_path, seeds=4)
     out = capsys.readouterr().out
     assert "bar (" in out and "met" in out
     before, after = result["before"], result["after"]
-    assert before["purple"].n == 12 and before["base"].n == 48  # 3 and 12 prompts x 4 seeds
+    if name == "edit":  # 24 held-out inputs, edited to purple and to each base colour, x 4 seeds
+        assert before["purple"].n == 96 and before["base"].n == 384
+    else:
+        assert before["purple"].n == 12 and before["base"].n == 48  # 3 and 12 prompts x 4 seeds
     assert after["purple"].colour >= demo.PURPLE_AFTER_MIN
     assert after["base"].colour >= demo.BASE_AFTER_MIN
     assert min(after["base"].shape, after["purple"].shape) >= demo.SHAPES_AFTER_MIN  # the adapter kept shapes
     assert before["purple"].colour <= demo.PURPLE_BEFORE_MAX  # the base has never seen purple
     assert result["met"]
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    if name == "edit":
+        rows = [
+            json.loads(line) for line in (tmp_path / "data" / "edit_pairs" / "metadata.jsonl").read_text().splitlines()
+        ]
+        purple = [r for r in rows if r["text"] == "make it purple"]
+        assert (
+            len(purple) == 3 * 4 * 3 * demo.EDIT_PER_CLASS and len(rows) - len(purple) == 16 * 3 * demo.EDIT_PER_CLASS
+        )
+        assert not any(r["input_colour"] == "purple" for r in rows)  # purple is asked for, never given
+        return
 
     def captions(folder):
         lines = (folder / "metadata.jsonl").read_text().splitlines()
@@ -49,7 +64,7 @@ def test_every_demo_has_a_shipped_config():
 def test_unknown_demo_is_one_line():
     with pytest.raises(UserError, match="--demo sdxl: unknown"):
         parse(demo.DemoConfig, ["--demo", "sdxl"])
-    with pytest.raises(UserError, match="--demo sdxl: no such demo; choose one of unet, flow"):
+    with pytest.raises(UserError, match="--demo sdxl: no such demo; choose one of unet, flow, edit"):
         demo.demo_config("sdxl")
 
 

@@ -62,7 +62,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], list[str]]]:
     empty_lora_dir.mkdir()
     limit, huge = str(2**63 - 1), str(10**20)
     return [
-        (["--seed", huge], [f"--seed {huge} out of range", "0.." + limit]),
+        (["--seed", huge], [f"--seed {huge} out of range"]),
         (["--seed", "-1"], ["--seed -1 out of range"]),
         (["--seed", limit, "--num_images", "2"], ["seeds up to " + str(2**63), "use a smaller --seed"]),
         (["--guidance_scale", "nan"], ["--guidance_scale must be a finite number, got nan"]),

@@ -33,6 +33,7 @@ from difftune.pipelines import generate
 from difftune.toyworld.tiny import save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
+SMALL = ("--height", "32", "--width", "32")  # the tiny Flux samples 256 px by default
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -169,6 +170,22 @@ def compare_store(w: World, tmp: Path, data_dir: Path | None = None) -> tuple[li
     return argv, tmp / "cmp" / "runs"
 
 
+def compare_settings_changed(w: World, tmp: Path, mp) -> tuple:
+    argv, _ = compare_store(w, tmp)
+    return compare.main, [*argv, "--n_bits", "5"]  # other data too (quantised coarser): the setting is named
+
+
+def baseline_twice(w: World, tmp: Path, mp) -> tuple:
+    main, argv = baseline_resolution("vae", "8")(w, tmp, mp)
+    assert run(main, argv) == 0
+    return main, [*argv[:-1], str(tmp / "again")]
+
+
+def same_baseline(w: World, tmp: Path) -> None:
+    a, b = (load_file(tmp / name / "model.safetensors") for name in ("o", "again"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # --seed seeds the initial weights
+
+
 def compare_config_damaged(w: World, tmp: Path, mp) -> tuple:
     argv, runs = compare_store(w, tmp)
     (runs / "config.json").write_text('{"resolution": 8,')
@@ -253,7 +270,7 @@ def flux_kohya_lora(w: World, tmp: Path, mp) -> tuple:
     assert run(finetune_lora.main, train_args(w.flux, w.data, lora, "--output_kohya_format")) == 0
     return generate.main, ["--model", str(w.flux), "--lora", str(lora / "pytorch_lora_weights_kohya.safetensors"),
                            "--prompt", "a red circle", "--steps", "2", "--output_dir", str(tmp / "g"), "--device",
-                           "cpu", "--guidance_scale", "1"]  # fmt: skip
+                           "cpu", "--guidance_scale", "1", *SMALL]  # fmt: skip
 
 
 def lycoris(adapter: str) -> Callable:
@@ -263,6 +280,23 @@ def lycoris(adapter: str) -> Callable:
                                                   "--train_text_encoder")) == 0  # fmt: skip
         return generate.main, ["--model", str(w.sd1), "--lora", str(lora), "--prompt", "a red circle", "--steps", "2",
                                 "--output_dir", str(tmp / "g"), "--device", "cpu"]  # fmt: skip
+
+    return row
+
+
+def flags(*extra: str) -> Callable:
+    def row(w: World, tmp: Path, mp) -> tuple:
+        return finetune_lora.main, train_args(w.sd1, w.data, tmp / "o", *extra)
+
+    return row
+
+
+def damaged_model(edit: Callable[[Path], None]) -> Callable:
+    def row(w: World, tmp: Path, mp) -> tuple:
+        model = tmp / "model"
+        shutil.copytree(w.sd1, model)
+        edit(model)
+        return finetune_lora.main, train_args(model, w.data, tmp / "o")
 
     return row
 
@@ -310,10 +344,10 @@ def validated_at_the_end(w: World, tmp: Path) -> None:
 def flux_kohya_matches_diffusers_file(w: World, tmp: Path) -> None:
     kohya = generated(tmp / "g")
     argv = ["--model", str(w.flux), "--lora", str(tmp / "flux_lora" / "pytorch_lora_weights.safetensors"), "--prompt",
-            "a red circle", "--steps", "2", "--output_dir", str(tmp / "d"), "--device", "cpu", "--guidance_scale", "1"]  # fmt: skip
+            "a red circle", "--steps", "2", "--output_dir", str(tmp / "d"), "--device", "cpu", "--guidance_scale", "1", *SMALL]  # fmt: skip
     assert run(generate.main, argv) == 0
     assert np.abs(kohya - generated(tmp / "d")).max() <= 1  # the same adapter (float rounding of the fused form)
-    assert np.abs(kohya - base_image(w.flux, tmp, "--guidance_scale", "1")).max() > 1
+    assert np.abs(kohya - base_image(w.flux, tmp, "--guidance_scale", "1", *SMALL)).max() > 1
 
 
 def lycoris_loaded_as_trained(w: World, tmp: Path) -> None:
@@ -366,6 +400,10 @@ ROWS = [
     Row("baseline vae --resolution 0", baseline_resolution("vae", "0"), 2, "--resolution 0 must be a positive"),
     Row("baseline pixelcnn --resolution 0", baseline_resolution("pixelcnn", "0"), 2, "--resolution 0 must be"),
     Row("baseline ddpm --resolution -8", baseline_resolution("ddpm", "-8"), 2, "--resolution -8 must be a positive"),
+    Row("baseline --n_per_class 0", lambda w, t, mp: (baseline_train.main, [*baseline_resolution("vae", "8")(w, t, mp)[1],
+        "--n_per_class", "0"]), 2, "--n_per_class 0 must be at least 1"),
+    Row("a baseline run twice", baseline_twice, 0, "", same_baseline),
+    Row("compare with another setting", compare_settings_changed, 2, "another comparison (n_bits: 8 there, 5 here)"),
     Row("a damaged runs/config.json", compare_config_damaged, 2, "runs/config.json: not valid JSON"),
     Row("a damaged per-run JSON", compare_run_damaged, 2, "runs/vae-seed0.json: not valid JSON"),
     Row("compare after the images changed", compare_images_changed, 2, "holds results of a comparison on other data"),
@@ -385,6 +423,15 @@ ROWS = [
     Row("a Flux LoRA in kohya keys on a narrow Flux", flux_kohya_lora, 0, "", flux_kohya_matches_diffusers_file),
     Row("a LoHa adapter in generate", lycoris("loha"), 0, "", lycoris_loaded_as_trained),
     Row("a LoKr adapter in generate", lycoris("lokr"), 0, "", lycoris_loaded_as_trained),
+    Row("--adam_beta1 1.5", flags("--adam_beta1", "1.5"), 2, "--adam_beta1 1.5 must be within [0, 1)"),
+    Row("--max_grad_norm -1", flags("--max_grad_norm", "-1"), 2, "--max_grad_norm -1.0 must not be negative"),
+    Row("a negative prior loss weight", flags("--with_prior_preservation", "--class_data_dir", "c",
+        "--prior_loss_weight", "-1"), 2, "--prior_loss_weight must not be negative"),
+    Row("an integer beyond 64 bits", flags("--rank", str(2**70)), 2, f"--rank {2**70} out of range"),
+    Row("a damaged model_index.json", damaged_model(lambda m: (m / "model_index.json").write_text("{")), 2,
+        "model_index.json: not valid JSON"),
+    Row("a pipeline without its UNet weights", damaged_model(lambda m: [p.unlink() for p in (m / "unet").iterdir()
+        if p.suffix == ".safetensors"]), 2, "could not load its unet"),
     Row("the model card of a local base", lambda w, t, mp: (lambda argv: None, []), 0, "", card_names_no_local_path),
 ]  # fmt: skip
 
