@@ -252,16 +252,22 @@ def flags(settings: dict) -> str:
 
 
 def run_plan(cfg, task) -> Plan:
-    """`--plan` / `--fit`: validates `cfg` for the planned machine, prints the plan (and the flags --fit chose)."""
-    logging.getLogger("difftune").setLevel(logging.WARNING)
-    with planning():
-        cfg.validate()
-    if cfg.plan.fit is not None:
-        settings, plan = fit(cfg, task, cfg.plan.fit)
-        print(f"--fit {cfg.plan.fit:g}: " + (f"add {flags(settings)}" if settings else "the settings given fit"))
-        plan = predict(plan.cfg, task)  # with the detail the search left out
-    else:
-        plan = predict(cfg, task)
+    """`--plan` / `--fit`: validates `cfg` for the planned machine, prints the plan (and the flags --fit chose).
+    The trainer's own INFO lines (caching, loading) are held back while it plans, and come back after."""
+    logger = logging.getLogger("difftune")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with planning():
+            cfg.validate()
+        if cfg.plan.fit is not None:
+            settings, plan = fit(cfg, task, cfg.plan.fit)
+            print(f"--fit {cfg.plan.fit:g}: " + (f"add {flags(settings)}" if settings else "the settings given fit"))
+            plan = predict(plan.cfg, task)  # with the detail the search left out
+        else:
+            plan = predict(cfg, task)
+    finally:
+        logger.setLevel(level)
     print(report(plan))
     return plan
 

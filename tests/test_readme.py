@@ -440,7 +440,7 @@ def test_every_readme_command_is_covered():
         assert parse_command(command).module in REPRODUCE_RUNNERS, (
             f"no way to run this docs/benchmarks.md command: {command}"
         )
-    assert len(REPRODUCE) == 5
+    assert len(REPRODUCE) == 4
     # every fenced block is one this file runs: bash commands, the one my_run.yaml, the one Python example
     languages = re.findall(r"^```(\w*)\n.*?^```", README, re.S | re.M)
     assert set(languages) <= {"bash", "yaml", "python", ""}, languages
