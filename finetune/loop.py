@@ -44,6 +44,7 @@ from difftune.finetune.text_pass import run_text_pass, say_uncached_cost, uses_t
 from difftune.finetune.validation import edit_inputs, log_validation
 from difftune.finetune.validation_loss import Selection, ValidationLoss, split_validation
 from difftune.pipelines.families import Family, detect, read_model_index
+from difftune.pipelines.families.base import given
 
 logger = logging.getLogger(__name__)
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
@@ -268,6 +269,7 @@ def load_models(
     task.check(family_cls, cfg)
     cfg.memory.check_model(model, index, family_cls.denoiser_name)
     cfg.memory.check_run(accelerator.num_processes, accelerator.mixed_precision)
+    family_cls.check_settings(model, index, given(cfg.model.family_options()))
     text = None
     if uses_text_pass(cfg, family_cls):
         with accelerator.main_process_first():

@@ -40,6 +40,7 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from einops import rearrange
 from transformers import T5TokenizerFast
 
 from difftune.toyworld.tiny_flow import FLOW_SIZES, FLUX_VAE, flux_scheduler, tiny_t5, write_t5_tokenizer
@@ -182,6 +183,17 @@ def build_family_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
     return BUILDERS[family]()
+
+
+def unpack_latents(family: str, latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A pipeline's latents (`output_type="latent"`: packed tokens for Qwen-Image, Flux.2 and Chroma) in the family's
+    training layout `shape` (B, C, h, w), the layout `Family.latents` gives an image in."""
+    if latents.ndim == 4:  # Z-Image's
+        return latents
+    if family.startswith("flux2"):  # row-major tokens of the patchified latents
+        return latents.transpose(1, 2).reshape(shape)
+    h, w = shape[-2] // 2, shape[-1] // 2  # 2x2-packed (Qwen-Image's and Chroma's `_pack_latents`)
+    return rearrange(latents, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
 
 
 def save_family_pipeline(out_dir: str | Path, family: str, seed: int = 0) -> Path:

@@ -268,6 +268,12 @@ class Family(ABC):
             logger.warning("%s has no %s: training without them, as its pipeline runs", model, " or ".join(absent))
         return absent
 
+    @classmethod
+    def check_settings(cls, model: str, index: dict, options: dict) -> None:
+        """Checks of the training settings (`options`, as in `load`) that need no weights, e.g. a text length beyond
+        the family's limit: the trainer calls it before anything loads. None by default."""
+        return None
+
     def check_options(self) -> None:
         """Checks of options against the loaded components (e.g. guidance on a model without guidance embeddings);
         none by default."""

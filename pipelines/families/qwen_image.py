@@ -84,18 +84,26 @@ class QwenImage(Family):
     def sampling_scheduler(self):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)
 
+    @classmethod
+    def check_settings(cls, model: str, index: dict, options: dict) -> None:
+        cls.sequence_length(options.get("max_sequence_length"))
+
     def check_options(self) -> None:
         if self.denoiser.config.get("guidance_embeds", False):
             raise UserError(f"{self.model}: a guidance-distilled Qwen-Image transformer is not supported for training")
-        self.max_sequence_length()
 
-    def max_sequence_length(self) -> int:
-        """Text tokens after the template: `--max_sequence_length`, else the pipeline's default; at most its 1024."""
-        wanted = self.options.get("max_sequence_length") or self.default_max_sequence_length
+    @classmethod
+    def sequence_length(cls, wanted: int | None) -> int:
+        """Text tokens after the template: `wanted` (`--max_sequence_length`), else the pipeline's default; at most
+        the pipeline's 1024."""
+        wanted = wanted or cls.default_max_sequence_length
         limit = prompt_template()[2]
         if wanted > limit:
             raise UserError(f"--max_sequence_length {wanted} is beyond Qwen-Image's limit of {limit} text tokens")
         return wanted
+
+    def max_sequence_length(self) -> int:
+        return self.sequence_length(self.options.get("max_sequence_length"))
 
     # --- text ------------------------------------------------------------------------------------------
 

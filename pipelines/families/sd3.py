@@ -63,13 +63,19 @@ class StableDiffusion3(Family):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)
 
     @classmethod
-    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None, text_encoders: bool = True):
+    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None, text_encoders: bool = True,
+             make_part=None):  # fmt: skip
         """As `Family.load`, with `--max_sequence_length` checked against the T5 tokenizer's config first."""
+        cls.check_settings(model, index, options or {})
+        return super().load(model, index, denoiser, options, text_encoders, make_part)
+
+    @classmethod
+    def check_settings(cls, model: str, index: dict, options: dict) -> None:
+        """`--max_sequence_length` against the T5 tokenizer's config."""
         limit = None
         if (index.get(cls.tokenizer_names[-1]) or [None])[0] is not None:
             limit = sub_config(model, cls.tokenizer_names[-1], "tokenizer_config.json").get("model_max_length")
-        cls.sequence_length((options or {}).get("max_sequence_length"), limit)
-        return super().load(model, index, denoiser, options, text_encoders)
+        cls.sequence_length(options.get("max_sequence_length"), limit)
 
     @classmethod
     def sequence_length(cls, wanted: int | None, limit: int | float | None) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from difftune.core.config import from_values
@@ -50,7 +51,21 @@ def load(folder) -> DiffusionPipeline:
     return pipe
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# A launched process pays two interpreter starts and imports (~13 s of CPU each here): two families in the default
+# run (an LLM with a template and mask; a guidance-distilled one with a BFL export), every family under `-m slow`.
+LAUNCHED = [f if f in ("qwen_image", "flux2") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+
+
+def lora_changes_the_pipeline(model, lora, family: str) -> bool:
+    """Whether the LoRA in `lora` loads into the family's own diffusers pipeline class and changes its images."""
+    pipe = detect(str(model)).pipeline_class().from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    base = sample(pipe, family)
+    pipe.load_lora_weights(lora)
+    return np.abs(sample(pipe, family) - base).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", LAUNCHED)
 def test_lora_under_accelerate_launch_loads_in_the_pipeline_class_and_changes_its_output(
     family_model, shapes_dir, tmp_path, family
 ):
@@ -69,12 +84,7 @@ def test_lora_under_accelerate_launch_loads_in_the_pipeline_class_and_changes_it
     assert (out / "pytorch_lora_weights_kohya.safetensors").is_file() == bool(kohya)
     keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
     assert keys and all(k.startswith("transformer.") for k in keys)
-    pipe_class = detect(str(model)).pipeline_class()
-    pipe = pipe_class.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    base = sample(pipe, family)
-    pipe.load_lora_weights(out)
-    assert np.abs(sample(pipe, family) - base).max() > 1e-4
+    assert lora_changes_the_pipeline(model, out, family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -90,13 +100,15 @@ def test_full_fine_tuning_saves_a_pipeline_diffusers_loads(family_model, shapes_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_resume_is_bit_exact_and_uncached_text_gives_the_same_losses(
+def test_lora_resumes_bit_exactly_and_uncached_text_gives_the_same_losses(
     family_model, shapes_dir, tmp_path, family, caplog
 ):
-    """Half of the captions dropped: the empty caption's cached embedding (and mask) stands in for the encoder's.
-    Without the cache, one line says what keeping the text encoder costs."""
+    """The LoRA loads into the pipeline class and changes its images; resuming continues bit-exactly; half of the
+    captions dropped, the empty caption's cached embedding (and mask) stands in for the encoder's. Without the cache,
+    one line says what keeping the text encoder costs."""
     model, dropout = family_model(family), {"proportion_empty_prompts": 0.5}
     straight = train(config(model, shapes_dir, tmp_path / "a", **dropout), LORA)
+    assert lora_changes_the_pipeline(model, tmp_path / "a", family)
     train(config(model, shapes_dir, tmp_path / "b", max_train_steps=2, **dropout), LORA)
     resumed = train(config(model, shapes_dir, tmp_path / "b", resume_from_checkpoint="latest", **dropout), LORA)
     assert resumed.losses == straight.losses[2:]
@@ -140,6 +152,19 @@ def test_the_text_encoder_is_freed_before_the_transformer_loads(family_model, sh
     assert (tmp_path / "validation" / "step-1" / "grid.png").is_file()
 
 
+def test_the_text_pass_runs_on_the_cpu_when_the_encoder_does_not_fit_the_gpu(monkeypatch, caplog):
+    from difftune.finetune.text_pass import text_device
+
+    encoder = [torch.nn.Linear(1024, 1024)]  # 4 MiB of fp32 weights
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (64 * 2**20, 80 * 2**20))
+    assert text_device(encoder, cuda) == cuda
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 2**20, 80 * 2**20))
+    assert text_device(encoder, cuda) == torch.device("cpu")
+    assert "encoding the captions on the CPU" in caplog.text
+    assert text_device(encoder, torch.device("cpu")) == torch.device("cpu")
+
+
 @pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
 def test_the_other_adapters_train_and_save(family_model, shapes_dir, tmp_path, adapter):
     """DoRA in diffusers' file (the pipeline class loads it), LoHa and LoKr in peft's own layout, as for every
@@ -175,7 +200,61 @@ NOT_APPLYING = [
 
 
 @pytest.mark.parametrize("family, settings, message", NOT_APPLYING)
-def test_settings_that_do_not_apply_are_one_line(family_model, shapes_dir, tmp_path, family, settings, message):
+def test_settings_that_do_not_apply_are_one_line_before_loading(
+    family_model, shapes_dir, tmp_path, family, settings, message, monkeypatch
+):
+    def loading(*args, **kwargs):
+        raise AssertionError("a component was loaded before the settings were checked")
+
+    model = family_model(family)
+    monkeypatch.setattr(Family, "load", classmethod(loading))
+    monkeypatch.setattr(Family, "load_text", classmethod(loading))
     with pytest.raises(UserError, match=message) as err:
-        train(config(family_model(family), shapes_dir, tmp_path, **settings), LORA)
+        train(config(model, shapes_dir, tmp_path, **settings), LORA)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_overfit_on_one_image_brings_samples_to_it(family_model, tmp_path, family):
+    """300 steps on one image pull the samples of its caption toward its latents. Measured on the latents the
+    pipeline samples: the tiny VAE is random and cannot reconstruct an image, so pixels could not show it, while the
+    random tiny transformer itself is pulled (no trained base needed, unlike the pixel test of the SD 3 base)."""
+    import json
+
+    from difftune.finetune.cache import to_tensor
+    from difftune.pipelines.families import read_model_index
+    from difftune.toyworld import shapes
+    from difftune.toyworld.tiny_families import unpack_latents
+
+    data, model = tmp_path / "one", family_model(family)
+    shapes.write_dataset(data, ("yellow",), ("square",), per_class=1, seed=5)
+    cfg = config(model, data, tmp_path / "lora", train_batch_size=1, max_train_steps=300, learning_rate=3e-3, rank=16,
+                 lora_alpha=16, checkpointing_steps=1000)  # fmt: skip
+    train(cfg, LORA)
+    caption = json.loads((data / "metadata.jsonl").read_text().splitlines()[0])["text"]
+    pixels = to_tensor(Image.open(next(data.glob("*.png"))).convert("RGB").resize((32, 32)))[None]
+    fam = detect(str(model)).load(str(model), read_model_index(str(model)),
+                                  options={"max_sequence_length": TEST_MAX_SEQUENCE_LENGTH})  # fmt: skip
+    with torch.no_grad():
+        target = fam.normalize(fam.posterior(pixels).chunk(2, dim=1)[0])  # the image's latents (posterior mean)
+    pipe = load(model)
+
+    def sampled(seed: int) -> torch.Tensor:  # the last step's latents, in every pipeline's own layout
+        seen = {}
+
+        def keep(pipeline, i, t, tensors):
+            seen["latents"] = tensors["latents"]
+            return tensors
+
+        pipe(prompt=caption, num_inference_steps=20, height=32, width=32, output_type="latent", callback_on_step_end=keep,
+             generator=torch.Generator().manual_seed(seed), **sample_kwargs(family))  # fmt: skip
+        return unpack_latents(family, seen["latents"], tuple(target.shape))
+
+    def distance() -> float:
+        return float(np.mean([((sampled(seed) - target) ** 2).mean() for seed in range(3)]))
+
+    before = distance()
+    pipe.load_lora_weights(tmp_path / "lora")
+    after = distance()
+    assert after <= 0.75 * before, (before, after)

@@ -15,7 +15,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from difftune.finetune.data import collate
 from difftune.pipelines.families import detect, read_model_index
-from difftune.toyworld.tiny_families import FAMILIES, TEST_MAX_SEQUENCE_LENGTH, sample_kwargs
+from difftune.toyworld.tiny_families import FAMILIES, TEST_MAX_SEQUENCE_LENGTH, sample_kwargs, unpack_latents
 
 CAPTIONS = ["a red circle", "a small blue square on the left of a large green triangle", ""]
 SIZE = 32  # pixels
@@ -42,9 +42,9 @@ def qwen_pack(pipe, latents):  # (B, C, h, w) -> the pipeline's 2x2-packed token
     return pipe._pack_latents(latents, *latents.shape)
 
 
-def qwen_unpack(pipe, tokens):
+def qwen_unpack(pipe, tokens):  # the pipeline's own unpacking (Qwen-Image's latents have a frame axis)
     latents = pipe._unpack_latents(tokens, SIZE, SIZE, pipe.vae_scale_factor)
-    return latents[:, :, 0] if latents.ndim == 5 else latents  # Qwen-Image's have a frame axis
+    return latents[:, :, 0] if latents.ndim == 5 else latents
 
 
 def qwen_encode_image(pipe, pixels):
@@ -159,6 +159,7 @@ def test_one_denoiser_step_matches_the_pipelines_sampling_step(family_model, fam
         velocity = fam.predict(fam.denoiser, noise, 1000 * sigma.view(1), cond, {})
     torch.testing.assert_close(case["unpack"](pipe, seen["latents"]), noise + (after - sigma) * velocity,
                                atol=1e-4, rtol=1e-4)  # fmt: skip
+    assert torch.equal(unpack_latents(family, seen["latents"], tuple(shape)), case["unpack"](pipe, seen["latents"]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
