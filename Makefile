@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch is pinned first: an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-faults test-slow lint venv clean
+.PHONY: demo test test-faults test-slow test-ui lint venv clean
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-faults: venv
 # End-to-end runs too long for CI's budget: the flow demo against its bar.
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow tests
+
+# The web app in a real headless browser: Debian's chromium and chromedriver (apt-get install chromium chromium-driver),
+# driven by selenium. Screenshots of each page go to $UI_SCREENSHOTS, else tests/artifacts/ui/.
+test-ui: venv
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m ui tests/app
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

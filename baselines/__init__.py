@@ -25,6 +25,8 @@ def build_model(family: str, resolution: int = 32, channels: int = 3, n_bits: in
     """Builds a family's model; unknown families, options or incompatible sizes raise UserError."""
     if family not in FAMILIES:
         raise UserError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if resolution < 1:
+        raise UserError(f"--resolution {resolution} must be a positive number of pixels (e.g. 32)")
     module = importlib.import_module(f"difftune.baselines.{family}")
     return module.build(resolution=resolution, channels=channels, n_bits=n_bits, **overrides)
 

@@ -26,6 +26,8 @@ is complete, `--overwrite` starts over.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -191,6 +193,16 @@ def load_data(config: CompareConfig) -> Data:
     index = {label: i for i, label in enumerate(classes)}
     y = torch.tensor([index[label] for label in labels])
     return Data(x[train_idx], x[held_idx], y[train_idx], y[held_idx], classes, source)
+
+
+def data_fingerprint(data: Data) -> str:
+    """sha256 of the training and held-out images, their labels and the modes: what stored runs were made on."""
+    digest = hashlib.sha256(json.dumps(data.classes).encode())
+    for tensor in (data.train, data.heldout, data.y_train, data.y_heldout):
+        if tensor is not None:
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -432,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = accelerator.device
     data = load_data(config)
     out.mkdir(parents=True, exist_ok=True)
-    store = RunStore(out, dataclasses.asdict(config), config.overwrite)
+    store = RunStore(out, dataclasses.asdict(config), config.overwrite, data_fingerprint(data))
     notes = []
     if data.y_train is None:
         notes.append(

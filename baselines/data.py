@@ -96,11 +96,15 @@ def load_tensor(
     `shapes=True` renders `n_per_class` images for each base colour and shape (labels ``"colour shape"``);
     otherwise exactly one of `train_data_dir` / `dataset_name` is read through `core.imagefolder`.
     """
+    if resolution < 1:
+        raise UserError(f"--resolution {resolution} must be a positive number of pixels (e.g. 32)")
     if not 1 <= n_bits <= 8:
         raise UserError(f"--n_bits {n_bits} must be between 1 and 8")
     if channels not in (None, 1, 3):
         raise UserError(f"--channels {channels} must be 1 or 3")
     if shapes:
+        if n_per_class < 1:
+            raise UserError(f"--n_per_class {n_per_class} must be at least 1")
         if train_data_dir is not None or dataset_name is not None:
             raise UserError("give one of --shapes, --train_data_dir or --dataset_name, not several")
         pixels, labels = _shapes_tensor(resolution, channels or 3, n_per_class, seed)

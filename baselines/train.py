@@ -353,7 +353,7 @@ def _resume(cfg: TrainConfig, model: nn.Module, state: TrainState, accelerator) 
         return
     # Checked before loading, so that the error names the setting rather than a tensor of another shape.
     # state.json is core.checkpoint's documented record of the run's config.
-    saved = json.loads((folder / "state.json").read_text()).get("config") or {}
+    saved = checkpoint.stored_config(folder) or {}
     differ = [k for k in MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if differ:
         raise UserError(
@@ -375,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         None, cfg.image_column, cfg.caption_column, n_per_class=cfg.n_per_class, seed=cfg.seed,
     )  # fmt: skip
     channels = data.shape[1]
+    torch.manual_seed(cfg.seed)  # the initial weights: the same command makes the same model
     model = build_model(cfg.family, cfg.resolution, channels, cfg.n_bits, **cfg.overrides())
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=output_dir)
     if accelerator.num_processes > 1:
@@ -384,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = make_state(model, cfg.learning_rate)
     if cfg.resume_from_checkpoint:
         _resume(cfg, model, state, accelerator)
+    checkpoint.set_aside_later(output_dir, state.step)  # another run's later checkpoints: kept, never pruned
     bar = tqdm(total=cfg.max_train_steps, initial=state.step, disable=not accelerator.is_local_main_process)
 
     def on_log(step: int, terms: dict[str, float]) -> None:

@@ -6,11 +6,14 @@ A checkpoint `checkpoint-N/` holds
 - `optimizer.safetensors` + `optimizer.json`: each optimizer's *full* state, keyed by parameter path;
 - `extra.safetensors` + `extra.json`: the trainer's own state (EMA weights, RNG states);
 - `state.json`: progress (step, epoch, ...), LR schedulers, and the resolved config the run was trained with;
-- `manifest.json`, written last: every file and its size. A folder without a matching manifest is incomplete.
+- `manifest.json`, written last: every file, its size and its sha256. A folder without a matching manifest is
+  incomplete; sizes are checked wherever checkpoints are listed, checksums when a run resumes from one (a file
+  damaged without changing its size is named, never loaded).
 
 `best/` (the lowest validation loss so far, `--keep_best_by`) is the same kind of folder, replaced when a better one
 comes. It is written into `checkpoint-N.tmp/` and renamed into place, so a crash mid-save never leaves a half-written
-`checkpoint-N`; `--checkpoints_total_limit` prunes only after the new checkpoint is complete.
+`checkpoint-N`; `--checkpoints_total_limit` prunes only after the new checkpoint is complete, and only checkpoints up to the
+step just saved: a run that starts at step N first moves checkpoints saved after N aside (`set_aside_later`).
 
 Engines. The optimizer state is read through torch's `torch.distributed.checkpoint.state_dict` API
 (`get_optimizer_state_dict` with `full_state_dict=True`), which gathers the shards under FSDP and is the plain
@@ -24,9 +27,11 @@ because it pickles optimizer, scheduler and RNG states, and difftune writes noth
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from difftune.core.errors import UserError
+from difftune.core.files import reason, remove, stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +197,12 @@ def save(
             shutil.rmtree(tmp, ignore_errors=True)
             last = list_checkpoints(output_dir)
             raise UserError(
-                f"could not write {final.name} in {output_dir} ({getattr(err, 'strerror', None) or err}); nothing half-written was "
+                f"could not write {final.name} in {output_dir} ({reason(err)}); nothing half-written was "
                 f"kept, the last complete checkpoint is {last[-1] if last else 'none'}: free space and resume with "
                 "--resume_from_checkpoint latest"
             ) from None
         if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+            prune(output_dir, total_limit, final)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return final
@@ -216,7 +221,7 @@ def _write(
     for file_name, content in (notes or {}).items():
         (tmp / file_name).write_text(json.dumps(content, indent=2))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
+    manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: its presence means complete
     if final.exists():  # the same step saved again after a resume, or a better `best`
         old = final.with_name(f"{final.name}.old")
@@ -235,29 +240,42 @@ def _step(folder: Path) -> int | None:
     return int(suffix) if folder.name.startswith(PREFIX) and suffix.isdigit() else None
 
 
-def damage(folder: Path) -> str | None:
-    """Why `folder` is not a complete checkpoint (naming the file), or None when the manifest matches its files."""
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def damage(folder: Path, verify: bool = False) -> str | None:
+    """Why `folder` is not a complete checkpoint (naming the file), or None when the manifest matches its files:
+    each file's size, and with `verify` its sha256 too (a file damaged without changing its size)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except OSError:
         return f"no {MANIFEST} (an interrupted save, or not a checkpoint)"
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         return f"{MANIFEST} is not valid JSON"
-    for name, size in manifest.items():
+    if not isinstance(manifest, dict) or not all(
+        isinstance(entry, dict) and {"size", "sha256"} <= set(entry) for entry in manifest.values()
+    ):
+        return f"{MANIFEST} lists no size and sha256 per file (not a checkpoint of this version)"
+    for name, entry in manifest.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} when saved (truncated or overwritten)"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {entry['size']} when saved (truncated or overwritten)"
+        if verify and _sha256(path) != entry["sha256"]:
+            return f"{name} differs from the file saved (sha256 mismatch: damaged on disk or overwritten)"
     return None
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; incomplete `checkpoint-N` folders are skipped with a warning."""
+def list_checkpoints(output_dir: Path, verify: bool = False) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete `checkpoint-N` folders are skipped with a warning. `verify`
+    checks every file's sha256 too (reading all of them), as a resume does."""
     found = sorted((p for p in Path(output_dir).glob(f"{PREFIX}*") if p.is_dir() and _step(p) is not None), key=_step)
     complete = []
     for folder in found:
-        reason = damage(folder)
+        reason = damage(folder, verify)
         if reason is None:
             complete.append(folder)
         else:
@@ -265,9 +283,53 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return complete
 
 
+def step_of(folder: Path) -> int:
+    """The step a complete checkpoint (`checkpoint-N` or `best`) was saved at."""
+    info = _load_json(Path(folder) / "state.json")
+    return int(info["step"]) if isinstance(info, dict) and isinstance(info.get("step"), int) else 0
+
+
+def set_aside_later(output_dir: Path, step: int) -> Path | None:
+    """Moves the checkpoints of `output_dir` saved after `step` (and a `best/` saved after it) into
+    `abandoned-<date>-<time>/`: a run that starts at `step` (a rewind to an earlier checkpoint, or a new run in a
+    folder that holds one) must neither prune them as its own nor resume from them later, and they are another
+    run's work, kept. Returns the folder they went to, or None when there were none. Main process only."""
+    output_dir = Path(output_dir)
+    later = [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir() and (_step(p) or 0) > step]
+    best = output_dir / "best"
+    if best.is_dir() and (damage(best) is not None or step_of(best) > step):
+        later.append(best)
+    if not later:
+        return None
+    aside = output_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = output_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    aside.mkdir()
+    for folder in later:
+        folder.rename(aside / folder.name)
+    names = ", ".join(sorted(p.name for p in later))
+    logger.warning("%s held checkpoints saved after step %d (%s), of a run this one does not continue: moved to %s",
+                   output_dir, step, names, aside)  # fmt: skip
+    return aside
+
+
+def prune(output_dir: Path, keep: int, current: Path) -> None:
+    """Deletes all but the newest `keep` complete checkpoints up to `current` (just saved), never `current` itself
+    nor any saved after it (see `set_aside_later`)."""
+    limit = _step(current)
+    if limit is None:
+        return
+    mine = [p for p in list_checkpoints(output_dir) if _step(p) <= limit and p != current]
+    for old in mine[: max(0, len(mine) - (keep - 1))]:
+        shutil.rmtree(old)
+
+
 def remove_stale(output_dir: Path) -> None:
-    """Deletes `checkpoint-N.tmp` and `best.tmp` folders left by an interrupted save (main process, at start), and
-    puts back a `best` that a save replacing it was interrupted while moving aside."""
+    """Deletes `checkpoint-N.tmp` and `best.tmp` folders left by an interrupted save (main process, at start), and the
+    temporaries of result files (`core.files.atomic`), and puts back a `best` that a save replacing it was
+    interrupted while moving aside."""
     for old in (p for p in Path(output_dir).glob("*.old") if p.is_dir()):
         final = old.with_suffix("")
         if final.exists():
@@ -277,17 +339,27 @@ def remove_stale(output_dir: Path) -> None:
     for tmp in [*Path(output_dir).glob(f"{PREFIX}*.tmp"), *Path(output_dir).glob("best.tmp")]:
         logger.warning("removing %s, left by an interrupted save", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in stale_temporaries(Path(output_dir)):  # a result file or folder whose writer was killed
+        logger.warning("removing %s, left by an interrupted save", tmp)
+        remove(tmp)
 
 
 def resolve(resume: str, output_dir: Path) -> Path | None:
-    """The folder `--resume_from_checkpoint` names; None for 'latest' when there is no complete one yet."""
+    """The folder `--resume_from_checkpoint` names, every file checked against its manifest's size and sha256;
+    None for 'latest' when there is no intact one yet. 'latest' skips a damaged checkpoint, naming the file (a
+    warning); a damaged one named explicitly is an error."""
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        for folder in reversed(found):
+            reason = damage(folder, verify=True)
+            if reason is None:
+                return folder
+            logger.warning("skipping %s: incomplete or damaged (%s)", folder, reason)
+        return None
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no state.json)")
-    reason = damage(path)
+    reason = damage(path, verify=True)
     if reason is not None:
         raise UserError(f"--resume_from_checkpoint {resume}: incomplete or damaged ({reason}); resume from another")
     return path

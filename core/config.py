@@ -83,6 +83,13 @@ def option(
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def require(checks: Sequence[tuple[bool, str]]) -> None:
+    """A section's `validate()`: (condition, message) pairs; the first that fails is the `UserError`."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def section(cls, help: str = ""):
     """A field holding a sub-config (a dataclass owned by another module); its fields stay flat flags."""
     return dataclasses.field(default_factory=cls, metadata={"section": True, "help": help})
@@ -149,11 +156,13 @@ def _scalar(value, tp, name: str):
     if tp is int:
         if isinstance(value, str):
             try:
-                return int(value)
+                value = int(value)
             except ValueError:
                 raise UserError(f"{name} must be an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{name} must be an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # nothing downstream (torch, numpy) takes more than 64 bits
+            raise UserError(f"{name} {value} out of range: more than 64 bits")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string; the command line gives strings
@@ -218,6 +227,28 @@ def _unknown(name: str, known: Sequence[str], where: str) -> UserError:
     return UserError(f"{where}: unknown key {name!r}{hint}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (SafeLoader keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: explicit keys may override merged ones
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path, cls) -> dict:
     """The keys of a YAML config file, each checked against `cls`'s field types; unknown keys are errors."""
     path = Path(path)
@@ -225,10 +256,19 @@ def load_yaml(path: str | Path, cls) -> dict:
         from difftune.core.paths import shipped_config
 
         path = shipped_config(str(path)) or path
+    if path.is_dir():
+        raise UserError(f"--config {path}: a folder, not a YAML file")
     if not path.is_file():
         raise UserError(f"--config {path}: no such file (nor a shipped preset of that name, e.g. gpu-8gb)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"--config {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); save it as "
+            "UTF-8"
+        ) from None
+    except _DuplicateKey as err:
+        raise UserError(f"--config {path}: {err}") from None
     except yaml.YAMLError as err:
         raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(data, dict):
@@ -305,6 +345,12 @@ def _build(cls, path: tuple[str, ...], by_section: dict[tuple[str, ...], dict]):
         if _is_section(f):
             kwargs[f.name] = _build(hints[f.name], (*path, f.name), by_section)
     return cls(**kwargs)
+
+
+def with_settings(cfg, **values):
+    """A copy of the composed `cfg` with some flat settings changed (`with_settings(cfg, max_train_steps=2)`)."""
+    current = {name: value for name, (value, _) in leaves(cfg).items()}
+    return compose(type(cfg), {**current, **values})
 
 
 def from_values(cls, values: dict, where: str = "config", validate: bool = True):

@@ -10,7 +10,8 @@ Sources, in the conventions users already have:
 
 A loss mask per image (masked loss: train on a subject's region only) is `<image>_mask.png` beside the image, or a
 `mask` column (a file name relative to the folder, or an image column of a dataset): grey levels are loss weights,
-white 1, black 0. Mask files are never read as training images.
+white 1, black 0 (16-bit masks rescaled; a mask whose alpha channel is not all opaque is read from its alpha). A mask
+that is black everywhere is an error: its image would train nothing. Mask files are never read as training images.
 
 Images are kept encoded (path or bytes) until `decode_all`, which opens each one, applies its EXIF
 orientation, converts any PIL mode to RGB and skips corrupt files with one warning that counts them.
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from difftune.core.errors import UserError
+from difftune.core.files import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +70,22 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: EXIF rotation applied, transparency composited on white, 16-bit rescaled."""
-    image = ImageOps.exif_transpose(image)  # idempotent: `_open` applied it already
+def _grey_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float grey images rescaled to 8-bit grey ("L"), not clipped (PIL's `convert`
+    clips a 16-bit 50% grey to white); any other image as it is."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
+        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":
         arr = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8))
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: EXIF rotation applied, transparency composited on white, 16-bit rescaled."""
+    image = _grey_8bit(ImageOps.exif_transpose(image))  # idempotent: `_open` applied the rotation already
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -165,7 +173,7 @@ def _read_folder(
     for path in (p for p in files if p not in masks):
         sidecar = path.with_suffix(caption_extension)
         if sidecar.exists():
-            caption = sidecar.read_text(encoding="utf-8").strip()
+            caption = read_text(sidecar).strip()
         elif require_captions:
             missing.append(path)
             continue
@@ -205,8 +213,7 @@ def _mask_source(value, root: str) -> str | bytes | None:
         return value["bytes"] if value.get("bytes") is not None else value["path"]
     if isinstance(value, Image.Image):
         return _png_bytes(value)
-    path = Path(root) / str(value)
-    return str(path if path.exists() else value)
+    return str(Path(root) / str(value))  # named with its folder in messages, whether or not it exists
 
 
 def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image.Image | None]:
@@ -218,21 +225,44 @@ def decode_masks(records: list[Record], images: list[Image.Image]) -> list[Image
             continue
         name = record.mask if isinstance(record.mask, str) else f"the mask of {record.name}"
         try:
-            mask = _open(record.mask).convert("L")
-        except (OSError, ValueError, UnidentifiedImageError) as err:
+            mask = to_weights(_open(record.mask))
+        except FileNotFoundError:
+            raise UserError(f"{name}: no such mask file; add it or remove the image's mask entry") from None
+        except UnidentifiedImageError:
+            raise UserError(f"{name}: not an image file; fix or remove the mask") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise UserError(
                 f"{name}: not a readable mask image ({str(err).splitlines()[0]}); fix or remove it"
             ) from err
         if mask.size != image.size:
             raise UserError(f"{name}: mask is {mask.size[0]}x{mask.size[1]}, its image {record.name} is "
                             f"{image.size[0]}x{image.size[1]}; save the mask at the image's size")  # fmt: skip
+        if mask.getextrema()[1] == 0:
+            raise UserError(
+                f"{name}: every pixel is black (weight 0), so {record.name} would train nothing; white marks what "
+                "trains: fix the mask or remove it"
+            )
         masks.append(mask)
     return masks
 
 
+def to_weights(mask: Image.Image) -> Image.Image:
+    """A mask image as 8-bit grey loss weights (white 1, black 0). A mask with an alpha channel that is not all
+    opaque is read from its alpha (a cut-out drawn in transparency); otherwise from its grey level (colour as
+    luminance). 16-bit masks are rescaled, so a 16-bit 50% grey weighs 0.5."""
+    mask = _grey_8bit(mask)
+    if mask.mode == "P":  # a palette, possibly with a transparent entry
+        mask = mask.convert("RGBA")
+    if mask.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = mask.getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha
+    return mask.convert("L")
+
+
 def _listed_files(meta: Path) -> list[str]:
     """The `file_name` of each entry of metadata.jsonl / metadata.csv, as written."""
-    text = meta.read_text(encoding="utf-8")
+    text = read_text(meta)
     if meta.suffix == ".csv":
         return [row.get("file_name", "") for row in csv.DictReader(io.StringIO(text))]
     names = []

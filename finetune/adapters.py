@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difftune.core.config import PASSIVE, REFUSED, option
+from difftune.core.config import PASSIVE, REFUSED, option, require
 from difftune.core.errors import UserError
 
 ADAPTER_NAME = "default"  # peft's adapter name; diffusers' add_adapter uses it when none is given
@@ -40,9 +40,7 @@ class AdapterConfig:
             (not self.output_kohya_format or self.adapter == "lora",
              f"--output_kohya_format writes plain LoRA only; --adapter {self.adapter} has no kohya key format"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        require(checks)
 
 
 def adapter_config(cfg: AdapterConfig, target_modules: list[str]):

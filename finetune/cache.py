@@ -3,7 +3,9 @@
 The VAE and a text encoder that is not trained are frozen, so their outputs are constants: they are encoded once
 and kept as safetensors (`<cache_dir>/latents|text/<sha256>.safetensors`). The key of an entry is a fingerprint of
 the encoder's weights, the resolution and crop, and the image bytes (or caption), so a changed input is
-re-encoded and an unchanged one never is. The cache stores the VAE's posterior (mean and log-variance) and a
+re-encoded and an unchanged one never is. Each image is encoded alone, so an entry is the same bits whichever images
+are encoded beside it (a run killed mid-cache and resumed ends exactly as an uninterrupted one); an unreadable entry
+is encoded again; a write that fails (a full disk) is one line. The cache stores the VAE's posterior (mean and log-variance) and a
 latent is sampled from it each step, exactly as without the cache. Random flips are cached as a second posterior.
 Loss masks are cached with the latents, area-averaged down to the latent grid (and flipped); a mask is part of
 its entry's key, so a changed mask is recomputed.
@@ -19,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from difftune.core.config import PASSIVE, SETTABLE, option
+from difftune.core.errors import UserError
+from difftune.core.files import atomic, reason, stale_temporaries
 from difftune.core.imagefolder import Record
 from difftune.finetune.buckets import resize_to_bucket
 
@@ -62,11 +67,17 @@ def fingerprint_module(module: torch.nn.Module) -> str:
 
 
 class EncodeCache:
-    """Safetensors files under `root`, one per key; writes are atomic (temporary file, then rename)."""
+    """Safetensors files under `root`, one per key; writes are atomic (temporary file, then rename), and the
+    temporaries of a killed run are removed when the cache is opened again."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--cache_dir: cannot create {root} ({reason(err)}); choose another --cache_dir") from None
+        for tmp in stale_temporaries(self.root):
+            tmp.unlink(missing_ok=True)
         self.hits = self.misses = 0
 
     def path(self, key: str) -> Path:
@@ -77,13 +88,24 @@ class EncodeCache:
         if not path.exists():
             self.misses += 1
             return None
+        try:
+            entry = load_file(path)
+        except (SafetensorError, OSError) as err:  # damaged on disk: encoded again, replaced
+            logger.warning("latent cache: %s is unreadable (%s); encoding it again", path, reason(err))
+            self.misses += 1
+            return None
         self.hits += 1
-        return load_file(path)
+        return entry
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.path(key).with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-        tmp.replace(self.path(key))
+        try:
+            with atomic(self.path(key)) as tmp:
+                save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+        except (OSError, SafetensorError) as err:  # a full disk, a quota: the temporary is removed
+            raise UserError(
+                f"could not write the cache entry {self.path(key)} ({reason(err)}); nothing half-written was kept: "
+                "free space (or set --cache_dir elsewhere) and run again: entries already written are reused"
+            ) from None
 
 
 def _key(*parts: bytes | str) -> str:
@@ -92,17 +114,6 @@ def _key(*parts: bytes | str) -> str:
         digest.update(part if isinstance(part, bytes) else part.encode())
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-CACHE_BATCH = 16  # images the VAE encodes at once while caching
-
-
-def encode_posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """The VAE's posterior parameters (B, 2C, h, w), mean and log-variance, of `pixels` (B, 3, H, W).
-
-    One image at a time (as diffusers' VAE slicing does): the encoder's activations grow with the batch, and for
-    a batch of 16 at 1024 px they are tens of GB, more than training itself needs (`finetune.planner` shows it)."""
-    return torch.cat([vae.encode(image).latent_dist.parameters for image in pixels.split(1)])
 
 
 @torch.no_grad()
@@ -114,7 +125,6 @@ def encode_images(
     random_flip: bool,
     cache_dir: Path,
     masks: list[Image.Image | None] | None = None,
-    batch_size: int = CACHE_BATCH,
 ) -> list[dict[str, torch.Tensor]]:
     """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket, from the cache or
     the VAE; with `masks` (None items: no mask, weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
@@ -136,24 +146,20 @@ def encode_images(
             todo.append(i)
     dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
-    by_bucket: dict[tuple[int, int], list[int]] = {}
+    # One image per VAE call: an entry then never depends on which other images shared its batch (kernels may round
+    # a batch of 16 differently from a batch of 1), so an entry encoded again after a kill, or with other data
+    # beside it, is bit-identical to the first encoding.
     for i in todo:
-        by_bucket.setdefault(buckets[i], []).append(i)
-    chunks = [ids[k : k + batch_size] for ids in by_bucket.values() for k in range(0, len(ids), batch_size)]
-    for chunk in chunks:
-        pixels = torch.stack([to_tensor(resize_to_bucket(images[i], buckets[i], None)[0]) for i in chunk])
-        pixels = pixels.to(device, dtype)  # (B, 3, H, W), one bucket
-        params = encode_posterior(vae, pixels).float().cpu()  # (B, 2C, h, w)
-        flipped = encode_posterior(vae, pixels.flip(-1)).float().cpu() if random_flip else None
-        for j, i in enumerate(chunk):
-            entry = {"params": params[j]}
-            if flipped is not None:
-                entry["flipped"] = flipped[j]
-            if masks[i] is not None:
-                entry["mask"] = latent_mask(masks[i], buckets[i], tuple(params.shape[-2:]))
-                entry["mask_flipped"] = entry["mask"].flip(-1)
-            cache.put(keys[i], entry)
-            out[i] = entry
+        pixels = to_tensor(resize_to_bucket(images[i], buckets[i], None)[0])[None].to(device, dtype)  # (1, 3, H, W)
+        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (1, 2C, h, w)
+        entry = {"params": params[0]}
+        if random_flip:
+            entry["flipped"] = vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu()[0]
+        if masks[i] is not None:
+            entry["mask"] = latent_mask(masks[i], buckets[i], tuple(params.shape[-2:]))
+            entry["mask_flipped"] = entry["mask"].flip(-1)
+        cache.put(keys[i], entry)
+        out[i] = entry
     logger.info("latent cache: %d reused, %d encoded (%s)", len(records) - len(todo), len(todo), cache.root)
     if masked:  # images without a mask weigh 1 everywhere
         for entry in out:

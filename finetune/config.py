@@ -27,6 +27,7 @@ from difftune.core.config import (
     default_of,
     leaves,
     option,
+    require,
     section,
 )
 from difftune.core.errors import UserError
@@ -38,12 +39,15 @@ from difftune.finetune.dreambooth import DreamBoothConfig
 from difftune.finetune.hub import HubConfig
 from difftune.finetune.memory import MemoryConfig
 from difftune.finetune.objective import ObjectiveConfig
-from difftune.finetune.optim import OptimizerConfig
+from difftune.finetune.optim import OptimizerConfig, optimizer_name
+from difftune.finetune.optimizer_steps import check_step_options
 from difftune.finetune.planner import PlanConfig
 from difftune.finetune.resume import CheckpointConfig
 from difftune.finetune.speed import SpeedConfig
 from difftune.finetune.validation import ValidationConfig
 from difftune.finetune.validation_loss import SelectionConfig
+
+EMA_DECAY = 0.9999
 
 
 @dataclass
@@ -111,7 +115,7 @@ class TrainingConfig:
         "Keep an EMA of the trained weights (of an adapter: its weights only) and save it as the result.",
         default=False, resume=REFUSED, card=True,
     )  # fmt: skip
-    ema_decay: float = option("EMA decay (with --use_ema).", default=0.9999, resume=REFUSED, card=False)
+    ema_decay: float = option("EMA decay (with --use_ema).", default=EMA_DECAY, resume=REFUSED, card=False)
     report_to: str = option("Tracker.", default="tensorboard", choices=("tensorboard", "none"), resume=PASSIVE,
                             card=False)  # fmt: skip
     logging_dir: str = option("Logs folder inside output_dir.", default="logs", resume=PASSIVE, card=False)
@@ -124,10 +128,10 @@ class TrainingConfig:
             (self.num_train_epochs >= 1, "--num_train_epochs must be at least 1"),
             (0 <= self.seed < 2**32, f"--seed {self.seed} must be within [0, 2**32)"),
             (0.0 < self.ema_decay < 1.0, "--ema_decay must be within (0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+            (self.use_ema or self.ema_decay == EMA_DECAY, "--ema_decay only applies with --use_ema; add --use_ema or "
+             "drop --ema_decay"),
+        ]  # fmt: skip
+        require(checks)
         check_output_dir(self.output_dir)
 
 
@@ -150,15 +154,15 @@ class TrainConfig:
     hub: HubConfig = section(HubConfig)
     plan: PlanConfig = section(PlanConfig)
 
-    def sections(self) -> list:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
-
     def validate(self) -> None:
-        """Each section's checks, then the combinations across sections; all before any model is loaded."""
-        for part in self.sections():
-            part.validate()
-        if self.training.ema_decay != default_of(_field(TrainingConfig, "ema_decay")) and not self.training.use_ema:
-            raise UserError("--ema_decay only applies with --use_ema; add --use_ema or drop --ema_decay")
+        """Each section's checks (a subclass's sections too), all before any model is loaded."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.memory.blocks_to_swap and self.speed.compile:
+            raise UserError(
+                "--blocks_to_swap moves weights in hooks around each swapped block, which --compile would trace into "
+                "its graphs; drop one of them"
+            )
 
     def applies_to(self, family_name: str, objective: str) -> list[str]:
         """The flags set away from their defaults that do not apply to this model family (by its name or its
@@ -181,10 +185,6 @@ def check_family(cfg: TrainConfig, family_name: str, pipeline_class_name: str, o
         )
 
 
-def _field(cls, name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
-
-
 @dataclass
 class LoraTrainConfig(TrainConfig):
     """finetune_lora.py: an adapter on the denoiser (and optionally the text encoders) through peft."""
@@ -195,7 +195,15 @@ class LoraTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.network.validate()
+        for flag, on in (
+            ("fused_backward_pass", self.memory.fused_backward_pass),
+            ("full_bf16", self.memory.full_bf16),
+        ):
+            if on:
+                raise UserError(
+                    f"--{flag} is for full fine-tuning (finetune_full.py); a LoRA's weights and gradients are a few MB: "
+                    f"drop --{flag}"
+                )
 
 
 @dataclass
@@ -204,8 +212,13 @@ class FullTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.memory.quantize_base is not None:
-            raise UserError(
-                f"--quantize_base {self.memory.quantize_base} quantises the frozen base; full fine-tuning trains it: "
-                "use finetune_lora.py, or drop --quantize_base"
-            )
+        memory = self.memory
+        frozen_base = (("quantize_base", memory.quantize_base), ("fp8_base", memory.fp8_base),
+                       ("blocks_to_swap", memory.blocks_to_swap))  # fmt: skip
+        check_step_options(memory, self.optim, self.training, optimizer_name(self.optim))
+        for flag, value in frozen_base:
+            if value:
+                raise UserError(
+                    f"--{flag}{'' if value is True else f' {value}'} is for a frozen base; full fine-tuning trains it: "
+                    f"use finetune_lora.py, or drop --{flag}"
+                )

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, option
+from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, option, require
 from difftune.core.errors import UserError
 from difftune.core.imagefolder import Record, check_source, decode_all, decode_masks, read_records
 from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
@@ -85,7 +85,10 @@ class DataConfig:
         if checks_this_machine() or (self.train_data_dir and self.dataset_name):  # a plan needs no data
             check_source(self.train_data_dir, self.dataset_name)
         checks = [
-            (self.resolution > 0 and self.resolution % 8 == 0, f"--resolution {self.resolution} must be a multiple of 8"),
+            (self.resolution > 0 and self.resolution % 8 == 0,
+             f"--resolution {self.resolution} must be a positive multiple of 8"),
+            (self.caption_extension.startswith(".") and len(self.caption_extension) > 1,
+             f"--caption_extension {self.caption_extension!r} must be a file extension such as .txt"),
             (0.0 <= self.proportion_empty_prompts <= 1.0, "--proportion_empty_prompts must be within [0, 1]"),
             (self.repeats >= 1, "--repeats must be at least 1"),
             (self.keep_tokens >= 0, "--keep_tokens must not be negative"),
@@ -99,9 +102,7 @@ class DataConfig:
                  f"--resolution {self.resolution} must lie within --min_bucket_reso {self.min_bucket_reso} and "
                  f"--max_bucket_reso {self.max_bucket_reso}"),
             ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        require(checks)
 
 
 @dataclass
@@ -116,12 +117,14 @@ class Images:
     masks: list[Image.Image | None]  # loss masks (grey, the image's size), None where an image has none
 
     def fingerprint(self) -> str:
-        """sha256 over each example's pixels, size, caption and kind, in order: an added, removed, edited or
-        reordered image or caption changes it (a resume compares it with the checkpoint's)."""
+        """sha256 over each example's pixels, size, caption, kind and loss mask, in order: an added, removed, edited
+        or reordered image, caption or mask changes it (a resume compares it with the checkpoint's)."""
         digest = hashlib.sha256()
-        for image, caption, prior in zip(self.images, self.captions, self.is_prior, strict=True):
+        for image, caption, prior, mask in zip(self.images, self.captions, self.is_prior, self.masks, strict=True):
             digest.update(f"{image.size}|{caption}|{prior}|".encode())
             digest.update(hashlib.sha256(image.tobytes()).digest())
+            if mask is not None:
+                digest.update(b"mask|" + hashlib.sha256(mask.tobytes()).digest())
         return digest.hexdigest()
 
 

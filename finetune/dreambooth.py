@@ -46,6 +46,8 @@ class DreamBoothConfig:
             raise UserError("--with_prior_preservation needs --class_data_dir")
         if self.num_class_images < 1:
             raise UserError("--num_class_images must be at least 1")
+        if self.prior_loss_weight < 0:
+            raise UserError("--prior_loss_weight must not be negative")
 
 
 def is_captioned(folder: Path, caption_extension: str) -> bool:

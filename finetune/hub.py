@@ -80,6 +80,7 @@ def repo_name(output_dir: Path, cfg: HubConfig) -> str:
 def result_patterns(output_dir: Path) -> list[str]:
     """The files that make up the result: a pipeline folder's components, or the LoRA files; card and samples."""
     from difftune.finetune.export import CARD_FILE, KOHYA_FILE, LORA_FILE, SAMPLES_FILE
+    from difftune.pipelines.loading import peft_folders
 
     output_dir = Path(output_dir)
     index = output_dir / "model_index.json"
@@ -89,6 +90,8 @@ def result_patterns(output_dir: Path) -> list[str]:
         weights = ["model_index.json", *(f"{name}/" for name in components)]
     elif (output_dir / LORA_FILE).exists():
         weights = [LORA_FILE, KOHYA_FILE]
+    elif peft_folders(str(output_dir)):  # LoHa/LoKr: peft's layout, one folder per component
+        weights = [f"{name}/" for name in peft_folders(str(output_dir))]
     else:
         raise UserError(f"--push_to_hub: {output_dir} holds no result ({LORA_FILE} or model_index.json)")
     return [*weights, CARD_FILE, SAMPLES_FILE]

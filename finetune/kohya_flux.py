@@ -3,8 +3,9 @@
 `lora_up` and `alpha` per module.
 
 diffusers splits some of BFL's fused linears into several modules: a double block's `img_attn.qkv` is
-`attn.to_q/to_k/to_v`, a single block's `linear1` is `attn.to_q/to_k/to_v` plus `proj_mlp`. diffusers converts
-such files to its layout (`_convert_kohya_flux_lora_to_diffusers`) but not back, so the reverse is written here.
+`attn.to_q/to_k/to_v`, a single block's `linear1` is `attn.to_q/to_k/to_v` plus `proj_mlp` (the table is
+`pipelines.kohya_flux`, which reads such files back). diffusers converts such files to its layout but not back, so
+the writing direction is here.
 Separate LoRAs (A_i, B_i, scale s_i) on the parts of a fused linear are one LoRA on the fused weight, exactly:
 down = [A_1; A_2; ...] stacked, up = the block-diagonal of s_i B_i (rows of an unadapted part stay zero), alpha =
 the fused rank (scale 1). The result is the same weight delta, so the same images.
@@ -16,37 +17,7 @@ import torch
 
 from difftune.core.errors import UserError
 from difftune.finetune.lora_keys import check_plain_lora
-
-# BFL name -> the diffusers modules it fuses, in the order of the fused weight's rows.
-DOUBLE = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "img_mod_lin": ("norm1.linear",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
-    "txt_mod_lin": ("norm1_context.linear",),
-}
-SINGLE = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation_lin": ("norm.linear",),
-}
-TOP = {  # outside the blocks (kohya's --train_blocks all / ai-toolkit's "everything")
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer_linear": "proj_out",
-}
-BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE), "single_transformer_blocks": ("single_blocks", SINGLE)}
+from difftune.pipelines.kohya_flux import BLOCKS, TOP
 
 
 def flux_kohya_layers(transformer: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:

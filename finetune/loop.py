@@ -10,6 +10,7 @@ by name here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -20,17 +21,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from difftune.core import checkpoint as ckpt
 from difftune.core.config import to_dict
 from difftune.core.errors import UserError
+from difftune.core.files import atomic, reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import build_dataset, collate, read_images
+from difftune.finetune.memory import apply_memory_options, places_itself
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
 from difftune.finetune.optim import build_optimizer
+from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.resume import apply_settings, check_resume, hyperparameters, resume_kinds, run_record
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
@@ -42,6 +47,7 @@ logger = logging.getLogger(__name__)
 RAW = "raw"  # <output_dir>/raw/: an adapter's own weights when its EMA is the output (--use_ema)
 BEST = "best"  # <output_dir>/best/: the checkpoint of the lowest validation loss (--keep_best_by)
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the frozen weights' dtype by --mixed_precision
+PROGRESS = "progress.json"  # <output_dir>/progress.json: step, length, loss and time left, for a watcher (the web app)
 
 
 @dataclass
@@ -88,6 +94,9 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     data, held_out = split_validation(cfg.selection, cfg.data, cfg.training.seed, data)
     record = run_record(cfg, accelerator.num_processes, data.fingerprint(), len(data.images))
     folder, restart_epoch = find_checkpoint(cfg, record)  # a resume that cannot be honoured stops here
+    if accelerator.is_main_process:  # checkpoints past the start are another run's: kept aside, never pruned
+        ckpt.set_aside_later(Path(cfg.training.output_dir), ckpt.step_of(folder) if folder is not None else 0)
+    accelerator.wait_for_everyone()
     hub_repo = prepare_hub(cfg, accelerator)
     family, trainable, weight_dtype = load_models(cfg, task, accelerator)
     with accelerator.main_process_first():
@@ -104,6 +113,11 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     run, loader = prepare_optimization(cfg, accelerator, family, trainable, loader, weight_dtype)
     run.record, run.hub_repo = record, hub_repo
     progress = resume(run, folder, restart_epoch)
+    if validator is not None and cfg.validation.validation_steps > run.max_steps and accelerator.is_main_process:
+        logger.warning(
+            "--validation_steps %d is more than the %d steps this run trains: the validation loss on the held-out "
+            "images is computed once, at the last step", cfg.validation.validation_steps, run.max_steps,
+        )  # fmt: skip
     objective = Objective.from_config(cfg.objective, family.noise_scheduler)
     logger.info(
         "training %s (%s): %d examples, %d steps, batch %d x %d accumulation x %d processes, cache %s",
@@ -124,7 +138,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 with accelerator.accumulate(*run.models.values()):
                     loss = batch_loss(family, run.models, batch, objective, weight_dtype)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:  # 0: no clipping
                         accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
                     run.optimizer.step()
                     run.lr_scheduler.step()
@@ -144,7 +158,11 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.step)
-                if validator is not None and progress.step % cfg.validation.validation_steps == 0:
+                if accelerator.is_main_process:
+                    write_progress(Path(cfg.training.output_dir), progress.step, run.max_steps, step_loss, result)
+                if validator is not None and (
+                    progress.step % cfg.validation.validation_steps == 0 or progress.step == run.max_steps
+                ):
                     if validate_loss(run, validator, objective, progress, result):  # patience ran out: stop here
                         run.max_steps = progress.step
                 if progress.step % cfg.checkpoints.checkpointing_steps == 0 or progress.step == run.max_steps:
@@ -233,9 +251,11 @@ def load_models(cfg: TrainConfig, task: Task, accelerator: Accelerator) -> tuple
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
-    # a flag the family cannot honour fails before loading
+    # a flag the family, the architecture or the launch cannot honour fails before loading
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     task.check(family_cls, cfg)
+    cfg.memory.check_model(model, index, family_cls.denoiser_name)
+    cfg.memory.check_run(accelerator.num_processes, accelerator.mixed_precision)
     denoiser = task.load_denoiser(family_cls, cfg, weight_dtype)
     family = family_cls.load(model, index, denoiser, cfg.model.family_options())
     trainable = place_models(cfg, task, family, accelerator.device, weight_dtype, quantized=denoiser is not None)
@@ -253,20 +273,23 @@ def place_models(cfg: TrainConfig, task: Task, family: Family, device, weight_dt
     trainable = task.setup(family, cfg)
     for module in trainable.models.values():
         module.train()
-    if cfg.memory.gradient_checkpointing:
-        family.denoiser.enable_gradient_checkpointing()
+    trained_dtype = torch.bfloat16 if cfg.memory.full_bf16 else torch.float32
     for name, module in family.frozen_modules().items():
         if name == family.denoiser_name and quantized:  # never cast packed 4/8-bit weights
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         elif any(p.requires_grad for p in module.parameters()):  # trained weights stay fp32 (cast_training_params)
-            for p in module.parameters():
-                p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
-            module.to(device)
+            for p in module.parameters():  # or bf16 with --full_bf16 (updates rounded stochastically)
+                p.data = p.data.to(trained_dtype if p.requires_grad else weight_dtype)
+            if name != family.denoiser_name:  # the memory options place the denoiser
+                module.to(device)
+        elif name == family.denoiser_name:  # waits in CPU memory (on the planner's meta device: there) until then
+            move(module, device if device.type == "meta" else torch.device("cpu"), weight_dtype)
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
             move(module, device, torch.float32 if upcast else weight_dtype)
+    apply_memory_options(family.denoiser, cfg.memory, device)
     return trainable
 
 
@@ -286,6 +309,7 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
     if cfg.optim.scale_lr:
         lr *= cfg.training.gradient_accumulation_steps * cfg.training.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(cfg.optim, params, lr)
+    apply_step_options(optimizer, cfg.memory.fused_backward_pass, cfg.memory.full_bf16, cfg.training.seed)
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / cfg.training.gradient_accumulation_steps)
     max_steps = cfg.training.max_train_steps or cfg.training.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(
@@ -293,8 +317,9 @@ def prepare_optimization(cfg, accelerator, family, trainable: Trainable, loader,
         num_training_steps=max_steps * accelerator.num_processes,
     )  # fmt: skip
     names = list(trainable.models)
+    placement = [not places_itself(m) for m in trainable.models.values()]  # a swapped denoiser stays split
     *prepared, optimizer, loader, lr_scheduler = accelerator.prepare(
-        *trainable.models.values(), optimizer, loader, lr_scheduler
+        *trainable.models.values(), optimizer, loader, lr_scheduler, device_placement=[*placement, None, None, None]
     )
     ema = None
     if trainable.ema_decay is not None:
@@ -340,12 +365,22 @@ def finite_loss(run: Run, loss: torch.Tensor, step: int) -> float:
     """The step's loss averaged over processes; a non-finite one stops the run, naming the last good checkpoint."""
     value = run.accelerator.gather(loss.detach()).mean().item()
     if not math.isfinite(value):
-        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir))
+        last = ckpt.list_checkpoints(Path(run.cfg.training.output_dir), verify=True)
         raise UserError(
             f"loss became {value} at step {step}; stopped. Last good checkpoint: {last[-1] if last else 'none'}. "
             "Lower --learning_rate or check the data"
         )
     return value
+
+
+def write_progress(output_dir: Path, step: int, max_steps: int, loss: float, result: TrainResult) -> None:
+    """`<output_dir>/progress.json`, replaced atomically every step: what a watcher cannot read from the tensorboard
+    logs, the run's length in steps and the time left at the pace of this process's last 20 steps."""
+    recent = result.step_seconds[-20:]
+    left = (max_steps - step) * sum(recent) / len(recent)
+    data = {"step": step, "max_steps": max_steps, "loss": loss, "seconds_left": round(left, 1)}
+    with atomic(output_dir / PROGRESS) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def save_checkpoint(run: Run, progress: Progress, name: str | None = None, notes: dict | None = None) -> None:
@@ -393,18 +428,18 @@ def finish(run: Run, task: Task) -> None:
     if accelerator.is_main_process:
         for name, model in run.models.items():
             run.family.parts[name] = accelerator.unwrap_model(model)
-        if run.ema is not None:
-            if task.raw_beside_ema:
-                task.save(run.family, run.cfg, output_dir / RAW)
-            run.ema.copy_to(run.params)
         try:
+            if run.ema is not None:
+                if task.raw_beside_ema:
+                    task.save(run.family, run.cfg, output_dir / RAW)
+                run.ema.copy_to(run.params)
             task.save(run.family, run.cfg, output_dir)
-        except OSError as err:  # a full disk at the very end: the last checkpoint holds the trained weights
+        except (OSError, SafetensorError) as err:  # a full disk at the very end: the last checkpoint holds the weights
             last = ckpt.list_checkpoints(output_dir)
             raise UserError(
-                f"could not save the result in {output_dir} ({err.strerror or err}); the trained weights are in "
-                f"{last[-1] if last else 'no checkpoint'}: free space and rerun with --resume_from_checkpoint latest "
-                "(it saves the result without training again)"
+                f"could not save the result in {output_dir} ({reason(err)}); nothing half-written was kept, the "
+                f"trained weights are in {last[-1] if last else 'no checkpoint'}: free space and rerun with "
+                "--resume_from_checkpoint latest (it saves the result without training again)"
             ) from None
         if run.cfg.hub.push_to_hub:
             from difftune.finetune.hub import push_to_hub

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from difftune.core.config import REFUSED, option
+from difftune.core.config import REFUSED, option, require
 from difftune.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -91,9 +91,7 @@ class ObjectiveConfig:
             (self.precondition_outputs in (0, 1), "--precondition_outputs must be 0 or 1"),
             (self.discrete_flow_shift is None or self.discrete_flow_shift > 0, "--discrete_flow_shift must be positive"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        require(checks)
 
 
 def timestep_bias_weights(cfg: ObjectiveConfig, num_timesteps: int) -> torch.Tensor | None:

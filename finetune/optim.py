@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from difftune.core.config import REFUSED, SETTABLE, option
+from difftune.core.config import REFUSED, SETTABLE, option, require
 from difftune.core.errors import UserError
 from difftune.finetune.planner import checks_this_machine
 from difftune.finetune.quantize import cuda_available
@@ -45,7 +45,8 @@ class OptimizerConfig:
     adam_beta2: float = option("AdamW beta2.", default=0.999, resume=SETTABLE, card=False)
     adam_weight_decay: float = option("AdamW weight decay.", default=1e-2, resume=SETTABLE, card=False)
     adam_epsilon: float = option("AdamW epsilon.", default=1e-8, resume=SETTABLE, card=False)
-    max_grad_norm: float = option("Gradient clipping norm.", default=1.0, resume=SETTABLE, card=False)
+    max_grad_norm: float = option("Clip gradients to this global norm; 0: no clipping.", default=1.0, resume=SETTABLE,
+                                  card=False)  # fmt: skip
     optimizer: str = option("The optimizer.", default="adamw", choices=OPTIMIZERS, resume=REFUSED, card=True)
     use_8bit_adam: bool = option("Shorthand for --optimizer adamw8bit (bitsandbytes, CUDA).", default=False,
                                  resume=REFUSED, card=False)  # fmt: skip
@@ -53,8 +54,20 @@ class OptimizerConfig:
                                    card=False)  # fmt: skip
 
     def validate(self) -> None:
-        if self.learning_rate <= 0:
-            raise UserError("--learning_rate must be positive")
+        require(
+            [
+                (self.learning_rate > 0, "--learning_rate must be positive"),
+                (0.0 <= self.adam_beta1 < 1.0, f"--adam_beta1 {self.adam_beta1} must be within [0, 1)"),
+                (0.0 <= self.adam_beta2 < 1.0, f"--adam_beta2 {self.adam_beta2} must be within [0, 1)"),
+                (self.adam_epsilon > 0, "--adam_epsilon must be positive (0 divides by zero where a gradient is 0)"),
+                (self.lr_warmup_steps >= 0, "--lr_warmup_steps must not be negative"),
+                (self.adam_weight_decay >= 0, "--adam_weight_decay must not be negative"),
+                (
+                    self.max_grad_norm >= 0,
+                    f"--max_grad_norm {self.max_grad_norm} must not be negative (0: no clipping)",
+                ),
+            ]
+        )
         validate_optim(self)
 
 

@@ -66,8 +66,9 @@ class PlanConfig:
         "or GPU are needed, nothing trains.", default=False, resume=PASSIVE, card=False,
     )  # fmt: skip
     fit: float | None = option(
-        "Find the cheapest settings (batch, gradient checkpointing, 8-bit optimizer, quantised base) for a card of "
-        "this many GB (as sold: 24 means 24 GiB) and print them with their plan; implies --plan.", default=None,
+        "Find the cheapest settings (batch, gradient checkpointing, 8-bit optimizer, block swap, fp8 or NF4 base) for "
+        "a card of this many GB (as sold: 24 means 24 GiB) and print them with their plan; implies --plan.",
+        default=None,
         resume=PASSIVE, card=False,
     )  # fmt: skip
 
@@ -90,6 +91,17 @@ def fewer_per_step(cfg) -> list[dict]:
     return [{"train_batch_size": b, "gradient_accumulation_steps": math.ceil(batch * accumulation / b)} for b in sizes]
 
 
+def swappable(cfg) -> range:
+    """1 to all of the denoiser's repeated blocks (counted on its config, on the meta device)."""
+    from difftune.finetune.block_swap import repeated_blocks
+    from difftune.finetune.memory import meta_denoiser
+    from difftune.pipelines.families import detect, read_model_index
+
+    model = cfg.model.pretrained_model_name_or_path
+    index = read_model_index(model)
+    return range(1, len(repeated_blocks(meta_denoiser(model, index, detect(model, index).denoiser_name))) + 1)
+
+
 # (flag, values): the settings --fit may add, in order of what they cost in speed (cheapest first), each value
 # saving more memory than the one before it; a callable gives the values for the config. An option the config does
 # not have is skipped, as is a value its validation refuses (e.g. a quantised base for full fine-tuning).
@@ -97,7 +109,7 @@ FIT_OPTIONS: tuple[tuple[str, tuple | Callable], ...] = (
     ("train_batch_size", fewer_per_step),
     ("gradient_checkpointing", (True,)),
     ("optimizer", ("adamw8bit",)),
-    ("blocks_to_swap", lambda cfg: tuple(range(2, 64, 2))),
+    ("blocks_to_swap", swappable),
     ("fp8_base", (True,)),
     ("quantize_base", ("nf4",)),
 )

@@ -2,9 +2,12 @@
 
 QLoRA (Dettmers et al. 2023): the base weights are stored as 4-bit NormalFloat with double quantisation and
 dequantised on the fly to `compute_dtype` in each matmul; only the LoRA weights, kept in full precision, are
-trained. The quantisation is bitsandbytes' through diffusers' `BitsAndBytesConfig`; it replaces the UNet's
-`nn.Linear` layers (attention and feed-forward, most of SDXL's weights), while convolutions stay in
-`compute_dtype`. bitsandbytes' quantised layers need a CUDA GPU, so every check here runs before anything is loaded.
+trained. The quantisation is bitsandbytes' through diffusers' `BitsAndBytesConfig`, for any family: the class the
+pipeline's `model_index.json` names for its denoiser (a UNet, or an SD 3, Flux or newer transformer) is loaded with
+the config, which replaces its `nn.Linear` layers (attention and feed-forward: most of SDXL's weights, nearly all of
+a transformer's) and keeps the layers diffusers' quantizer keeps (the output projection), while convolutions stay
+in `compute_dtype`. bitsandbytes' quantised layers need a CUDA GPU, so every check here runs before anything is
+loaded.
 """
 
 from __future__ import annotations

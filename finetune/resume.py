@@ -106,6 +106,12 @@ def check_resume(folder: Path, stored: dict | None, current: dict, allow_changes
             f"--resume_from_checkpoint {folder}: its state.json holds no training settings, so it is "
             "not a checkpoint of finetune_lora.py/finetune_full.py; point at a checkpoint-N folder they wrote"
         )
+    foreign = sorted(set(stored["settings"]) - set(current["settings"]))
+    if foreign:
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: written by another training script (its settings include "
+            f"--{foreign[0]}, which this one has not): resume it with the script that wrote it"
+        )
     old, new = _flatten(stored), _flatten(current)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and kinds.get(k, REFUSED) != PASSIVE]
     guarded = [k for k in changed if kinds.get(k, REFUSED) != SETTABLE]

@@ -7,6 +7,7 @@ fields and never asks which task it runs; a new adapter type is a peft config in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from difftune.core.errors import UserError
+from difftune.core.files import atomic, remove
 from difftune.finetune.adapters import adapter_config, add_adapter
 from difftune.finetune.config import FullTrainConfig, LoraTrainConfig, TrainConfig
 
@@ -70,7 +72,7 @@ def lora_save(family: Family, cfg: LoraTrainConfig, output_dir: Path) -> None:
 
     models = {family.denoiser_name: family.denoiser, **family.text_encoders()}
     if cfg.network.adapter in ("loha", "lokr"):  # no diffusers LoRA format exists for these: peft's own format
-        save_peft_adapters(output_dir, models)
+        save_peft_adapters(type(family), output_dir, models)
     else:
         save_lora(type(family), models, output_dir)
     if cfg.network.output_kohya_format:
@@ -119,9 +121,19 @@ def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
     from difftune.finetune.export import write_model_card
 
     parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler"}
-    kwargs = {**family.from_pretrained_kwargs(family.index), **parts}  # the trained modules win
+    kwargs = {**family.from_pretrained_kwargs(family.index), **parts, **family.stand_ins()}  # the trained modules win
     pipe = DiffusionPipeline.from_pretrained(cfg.model.pretrained_model_name_or_path, **kwargs)
-    pipe.save_pretrained(output_dir, safe_serialization=True)
+    # Written into a temporary folder beside the output, then each component moved in (renames need no space): a
+    # full disk leaves no half-written component.
+    staging = Path(output_dir) / f".pipeline.{os.getpid()}.tmp"
+    remove(staging)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        for entry in sorted(staging.iterdir()):
+            with atomic(Path(output_dir) / entry.name) as target:
+                entry.rename(target)
+    finally:
+        remove(staging)
     write_model_card(output_dir, cfg, "full", type(family))
 
 

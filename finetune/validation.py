@@ -31,8 +31,9 @@ class ValidationConfig:
                                              card=False)  # fmt: skip
 
     def validate(self) -> None:
-        if self.validation_steps < 1:
-            raise UserError("--validation_steps must be at least 1")
+        for name in ("validation_steps", "num_validation_images", "validation_inference_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from difftune.core.config import PASSIVE, REFUSED, option
+from difftune.core.config import PASSIVE, REFUSED, option, require
 from difftune.core.errors import UserError
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.data import DataConfig, Images, build_dataset, collate, read_images
@@ -59,9 +59,7 @@ class SelectionConfig:
             (self.early_stopping_patience is None or self.keep_best_by is not None,
              "--early_stopping_patience saves the best checkpoint as the output: add --keep_best_by validation_loss"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        require(checks)
 
 
 def take(data: Images, indices: list[int]) -> Images:

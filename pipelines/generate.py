@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from difftune.core.config import from_values, option, parse, to_dict
 from difftune.core.errors import UserError, command
+from difftune.core.files import read_text
 from difftune.core.images import make_grid
 from difftune.core.paths import check_output_dir
 from difftune.pipelines.families import Family, detect, sub_config
@@ -104,7 +105,7 @@ class GenerateConfig:
             path = Path(self.prompt_file)
             if not path.is_file():
                 raise UserError(f"--prompt_file {self.prompt_file} not found")
-            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            prompts += [line.strip() for line in read_text(path).splitlines() if line.strip()]
         return prompts
 
     def validate(self) -> None:

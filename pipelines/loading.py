@@ -27,6 +27,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' keys: the name `save_lora_weights` writes
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # the same adapter in kohya's keys, for A1111 and ComfyUI
 LORA_WEIGHT_NAMES = (LORA_FILE, KOHYA_FILE)  # looked for, in this order, in a training output folder
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's layout (LoHa, LoKr): a folder
+FAMILY_KEY = "difftune.family"  # safetensors metadata: the family the adapter was trained on
 
 
 def resolve_device(device: str) -> str:
@@ -92,20 +94,45 @@ def resolve_lora_file(lora: str) -> Path:
     raise UserError(f"LoRA {lora!r} not found")
 
 
-def check_lora_file(lora: str) -> Path:
-    """The LoRA's weights file, opened to check it is a readable safetensors file with tensors in it."""
-    path = resolve_lora_file(lora)
+def peft_folders(lora: str) -> dict[str, Path]:
+    """The adapters in peft's own layout (LoHa, LoKr) of a training output folder: component name -> its folder
+    (`unet/adapter_model.safetensors` + `adapter_config.json`, ...); empty for any other LoRA."""
+    path = Path(lora)
+    if not path.is_dir() or any((path / name).is_file() for name in LORA_WEIGHT_NAMES):
+        return {}
+    return {
+        sub.name: sub
+        for sub in sorted(path.iterdir())
+        if (sub / PEFT_CONFIG).is_file() and (sub / PEFT_WEIGHTS).is_file()
+    }
+
+
+def weight_files(lora: str) -> list[Path]:
+    """The safetensors file(s) of a LoRA: one file, or one per component for peft's layout."""
+    folders = peft_folders(lora)
+    return [folder / PEFT_WEIGHTS for folder in folders.values()] if folders else [resolve_lora_file(lora)]
+
+
+def _open(lora: str, path: Path) -> tuple[list[str], dict[str, str]]:
+    """A LoRA file's keys and metadata; a `UserError` naming it when it is not a readable safetensors file."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+            return list(f.keys()), f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(
             f"LoRA {lora}: {path.name} is not a readable safetensors file ({_first_line(err)}); "
             f"give the {LORA_FILE} that training wrote"
         ) from err
-    if not keys:
-        raise UserError(f"LoRA {lora}: {path.name} holds no tensors")
-    return path
+
+
+def check_lora_file(lora: str) -> Path:
+    """The LoRA's weights file (or, for peft's layout, its folder), each file opened to check it is a readable
+    safetensors file with tensors in it."""
+    for path in weight_files(lora):
+        keys, _ = _open(lora, path)
+        if not keys:
+            raise UserError(f"LoRA {lora}: {path.name} holds no tensors")
+    return Path(lora) if peft_folders(lora) else resolve_lora_file(lora)
 
 
 def lora_target(keys: list[str]) -> str | None:
@@ -123,19 +150,53 @@ def lora_target(keys: list[str]) -> str | None:
 
 
 TARGET_NAMES = {"flux": "a Flux model", "transformer": "an SD 3/3.5 or Flux model", "unet": "an SD 1.x/2.x/SDXL model"}
+# What other trainers write in the metadata: kohya's `ss_base_model_version` and the modelspec `architecture`
+# (prefixes), as our family names.
+FOREIGN_FAMILY_KEYS = {
+    "ss_base_model_version": {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"},
+    "modelspec.architecture": {"stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2",
+                               "stable-diffusion-xl": "sdxl", "stable-diffusion-3": "sd3", "flux": "flux"},
+}  # fmt: skip
+
+
+def trained_family(metadata: dict[str, str]) -> str | None:
+    """The family a LoRA file says it was trained on (difftune's key, else kohya's or modelspec's), or None."""
+    if metadata.get(FAMILY_KEY):
+        return metadata[FAMILY_KEY]
+    for key, prefixes in FOREIGN_FAMILY_KEYS.items():
+        value = metadata.get(key, "")
+        for prefix, family in prefixes.items():
+            if value.startswith(prefix):
+                return family
+    return None
 
 
 def check_lora_fits(lora: str, family: type[Family], model: str) -> None:
-    """A one-line `UserError` naming both families when the LoRA was trained for another kind of model."""
-    with safe_open(str(resolve_lora_file(lora)), framework="pt") as f:
-        target = lora_target(list(f.keys()))
-    fits = {"unet": family.denoiser_name == "unet", "transformer": family.denoiser_name == "transformer",
-            "flux": family.name == "flux", None: True}[target]  # fmt: skip
-    if not fits:
+    """A one-line `UserError` naming both families when the LoRA was trained for another kind of model: by the
+    family its file names, its keys, or (peft's layout) its components."""
+    components = set(peft_folders(lora))
+    own = {family.denoiser_name, *family.text_encoder_names}
+    if components - own:
         raise UserError(
-            f"LoRA {lora} was trained for {TARGET_NAMES[target]}; {model} is {family.name} "
-            f"({family.pipeline_class_name}): give a LoRA of this model's family"
+            f"LoRA {lora} holds adapters for {', '.join(sorted(components - own))}, which {model} ({family.name}, "
+            f"{family.pipeline_class_name}) does not have: give a LoRA of this model's family"
         )
+    for path in weight_files(lora):
+        keys, metadata = _open(lora, path)
+        named = trained_family(metadata)
+        if named is not None and named != family.name:
+            raise UserError(
+                f"LoRA {lora} was trained on an {named} model (its file says so); {model} is {family.name} "
+                f"({family.pipeline_class_name}): give a LoRA of this model's family"
+            )
+        target = lora_target(keys)
+        fits = {"unet": family.denoiser_name == "unet", "transformer": family.denoiser_name == "transformer",
+                "flux": family.name == "flux", None: True}[target]  # fmt: skip
+        if not fits:
+            raise UserError(
+                f"LoRA {lora} was trained for {TARGET_NAMES[target]}; {model} is {family.name} "
+                f"({family.pipeline_class_name}): give a LoRA of this model's family"
+            )
 
 
 def match_scales(loras: list[str], scales: list[float]) -> list[float]:
@@ -170,8 +231,13 @@ def load_loras(pipe: DiffusionPipeline, loras: list[str], scales: list[float], f
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its multi-line log would repeat our error
         try:
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-        except (RuntimeError, ValueError, KeyError, AttributeError) as err:
+            folders = peft_folders(lora)
+            if folders:
+                load_peft_adapters(pipe, folders, name)
+            else:
+                source, kwargs = _lora_source(pipe, path)
+                pipe.load_lora_weights(source, adapter_name=name, **kwargs)
+        except (RuntimeError, ValueError, KeyError, AttributeError, AssertionError, TypeError) as err:
             raise UserError(f"LoRA {lora} does not fit this model: {_first_line(err)}") from err
         finally:
             diffusers_logging.set_verbosity(verbosity)
@@ -187,6 +253,44 @@ def load_loras(pipe: DiffusionPipeline, loras: list[str], scales: list[float], f
         pipe.fuse_lora(adapter_names=[a.name for a in adapters], lora_scale=1.0)
         pipe.unload_lora_weights()  # drops the now-unused LoRA layers; the fused base weights stay
     return adapters
+
+
+def _lora_source(pipe: DiffusionPipeline, path: Path) -> tuple[str | dict, dict]:
+    """What `load_lora_weights` is given: the file, or for a Flux file in kohya/BFL keys its tensors converted to
+    diffusers' keys here (`pipelines.kohya_flux`: diffusers' own converter assumes Flux.1's width)."""
+    from safetensors.torch import load_file
+
+    from difftune.pipelines import kohya_flux
+
+    keys, _ = _open(str(path), path)
+    if hasattr(pipe, "transformer") and kohya_flux.is_kohya_flux(keys):
+        state, unknown = kohya_flux.to_diffusers(
+            load_file(path), pipe.transformer, getattr(pipe, "text_encoder", None)
+        )
+        if not unknown:
+            return state, {}
+    return str(path.parent), {"weight_name": path.name}
+
+
+def load_peft_adapters(pipe: DiffusionPipeline, folders: dict[str, Path], name: str) -> None:
+    """Adapters saved in peft's layout (LoHa, LoKr: diffusers has no file format for them) added to the pipeline's
+    components through peft as the adapter `name`, and registered as diffusers registers its LoRAs, so that
+    `set_adapters` (scales), `fuse_lora` and `unload_lora_weights` treat them alike."""
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for component, folder in folders.items():
+        module = getattr(pipe, component, None)
+        if module is None:
+            raise ValueError(f"the pipeline has no {component} for {folder}")
+        config = PeftConfig.from_pretrained(str(folder))
+        inject_adapter_in_model(config, module, adapter_name=name)
+        result = set_peft_model_state_dict(module, load_file(folder / PEFT_WEIGHTS), adapter_name=name)
+        misfit = [*result.unexpected_keys, *(k for k in result.missing_keys if f".{name}" in k)]
+        if misfit:
+            raise ValueError(f"{folder / PEFT_WEIGHTS}: {len(misfit)} adapter tensors do not fit (first: {misfit[0]})")
+        module.peft_config = {**(getattr(module, "peft_config", None) or {}), name: config}
+        module._hf_peft_config_loaded = True
 
 
 def _first_line(err: Exception) -> str:

@@ -156,6 +156,19 @@ def write_images(folder: Path, count: int, resolution: int) -> Path:
     return folder
 
 
+def fit_swap(values: dict, model: str) -> str:
+    """Caps the preset's `blocks_to_swap` at the model's block count (narrowed test models); says what changed."""
+    from difftune.finetune.block_swap import repeated_blocks
+    from difftune.finetune.memory import meta_denoiser
+    from difftune.pipelines.families import detect, read_model_index
+
+    index = read_model_index(model)
+    count = len(repeated_blocks(meta_denoiser(model, index, detect(model, index).denoiser_name)))
+    asked = values["blocks_to_swap"]
+    values["blocks_to_swap"] = min(asked, count)
+    return f"blocks_to_swap {asked} -> {values['blocks_to_swap']} (narrowed model)"
+
+
 def shaped_child(settings: dict) -> dict:
     """Times `finetune.loop.train` (the product's loop, LoRA task) on a randomly initialised SD 1.5- or SDXL-shaped
     pipeline under one preset: steps after the warm-up are timed; peak memory covers the whole run."""
@@ -172,6 +185,8 @@ def shaped_child(settings: dict) -> dict:
     values: dict = {}
     swapped = layer_presets(values, settings["presets"], on_cuda)
     model = build_shaped_pipeline(kind, work / "model", settings.get("overrides", {}))
+    if values.get("blocks_to_swap") and settings.get("overrides"):  # a narrowed model has fewer blocks to swap
+        swapped.append(fit_swap(values, str(model)))
     per_step = values.get("train_batch_size", 1) * values.get("gradient_accumulation_steps", 1)
     values.update(
         pretrained_model_name_or_path=str(model), output_dir=str(work / "out"), resolution=settings["resolution"],

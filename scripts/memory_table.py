@@ -26,7 +26,7 @@ NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd35": "SD 3.5 medium", "flux": "Flu
 RESOLUTIONS = (512, 1024)
 CARDS = (8, 12, 16, 24, 40, 80)  # GB, as sold
 BASE = dict(train_batch_size=4, mixed_precision="bf16")
-PRESET_LINE = "# Memory planner: "
+PRESET_LINE = "# Expected peak: "
 
 
 def preset_target(name: str) -> tuple[str, int, float]:
@@ -56,7 +56,9 @@ def preset_line(path: Path, plan) -> str:
 
     kind, resolution, card = preset_target(path.stem)
     peak = plan.predicted / 2**30
-    line = f"{PRESET_LINE}{peak:.2f} GiB predicted peak ({NAMES[kind]}-shaped LoRA at {resolution} px)"
+    line = (
+        f"{PRESET_LINE}{peak:.2f} GiB, the memory planner's prediction ({NAMES[kind]}-shaped LoRA at {resolution} px)"
+    )
     if peak > card:
         line += f", above {card:g} GB during {DURING[plan.trace.peak.phase]}"
     return line
@@ -65,8 +67,9 @@ def preset_line(path: Path, plan) -> str:
 def stated_peak(path: Path) -> float | None:
     """The prediction a preset states, in GiB (None: it states none)."""
     for line in path.read_text().splitlines():
-        if line.startswith(PRESET_LINE):
-            return float(line.removeprefix(PRESET_LINE).split()[0])
+        found = re.match(rf"{PRESET_LINE}([\d.]+) GiB", line)
+        if found:
+            return float(found.group(1))
     return None
 
 
@@ -112,11 +115,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             line = preset_line(path, preset_plan(path, folder))
             print(f"{path.name}: {line}", flush=True)
-            if not args.check:
-                kept = [x for x in path.read_text().splitlines() if not x.startswith(PRESET_LINE)]
-                comments = [i for i, x in enumerate(kept) if x.startswith("#")]
-                at = comments[-1] + 1 if comments else 0
-                path.write_text("\n".join([*kept[:at], line, *kept[at:]]) + "\n")
+            if not args.check:  # the preset's own line, in place
+                lines = [line if x.startswith(PRESET_LINE) else x for x in path.read_text().splitlines()]
+                path.write_text("\n".join(lines) + "\n")
         if args.presets_only:
             return
         text = table(folder)

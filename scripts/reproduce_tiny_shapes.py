@@ -39,6 +39,7 @@ from difftune.core.paths import embedded_base, shipped_configs
 from difftune.finetune.config import FullTrainConfig
 from difftune.finetune.loop import train
 from difftune.finetune.tasks import FULL
+from difftune.pipelines.families.sd3 import zero_t5
 from difftune.pipelines.loading import load_pipeline
 from difftune.toyworld import shapes
 from difftune.toyworld.evaluate import shapes_accuracy
@@ -80,6 +81,9 @@ def init_pipeline(args: ReproduceConfig, vae_dir: Path, data: Path, init: Path) 
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     pipe.vae = vae
     pipe.register_modules(vae=vae)
+    if args.family == "sd3":  # so that plain `DiffusionPipeline.from_pretrained` loads the base
+        text_encoder_3, tokenizer_3 = zero_t5(pipe.transformer.config.joint_attention_dim)
+        pipe.register_modules(text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     pipe.save_pretrained(init)
 
 

@@ -53,3 +53,38 @@ def with_cuda(monkeypatch):
     bnb.optim = types.SimpleNamespace(AdamW8bit=StandInAdamW8bit)
     monkeypatch.setitem(sys.modules, "bitsandbytes", bnb)
     return bnb
+
+
+class TinyDenoisers:
+    """Tiny denoisers (`toyworld.tiny_denoisers`) with an adapter on their attention, made non-zero so that its
+    gradients are, and one step's loss and adapter gradients."""
+
+    ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+    @staticmethod
+    def adapted(kind: str, adapter: str = "lora"):
+        from difftune.finetune.adapters import AdapterConfig, adapter_config, add_adapter
+        from difftune.toyworld.tiny_denoisers import BUILDERS
+
+        torch.manual_seed(0)
+        model = BUILDERS[kind]()
+        add_adapter(model, adapter_config(AdapterConfig(adapter=adapter, rank=2), TinyDenoisers.ATTENTION))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)
+        return model
+
+    @staticmethod
+    def loss_and_grads(kind: str, model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from difftune.toyworld.tiny_denoisers import example_loss
+
+        loss = example_loss(kind, model)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+
+@pytest.fixture
+def denoisers():
+    return TinyDenoisers

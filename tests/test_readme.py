@@ -33,6 +33,7 @@ import pytest
 import torch
 import yaml
 
+from difftune.core.config import with_settings
 from difftune.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,8 +235,7 @@ def run_demo(argv: list[str], local: Local, monkeypatch, capsys) -> None:
     real_train, trained, scored = loop.train, [], []
 
     def short_train(cfg, task):
-        cfg = dataclasses.replace(cfg, max_train_steps=2, checkpointing_steps=2, validation_prompt=None,
-                                  report_to="none")  # fmt: skip
+        cfg = with_settings(cfg, max_train_steps=2, checkpointing_steps=2, validation_prompt=None, report_to="none")
         trained.append(real_train(cfg, task))
         return trained[-1]
 
@@ -344,7 +344,7 @@ def check_make(cmd: Command) -> None:
 
 def check_pip(cmd: Command) -> None:
     """`pip install .` installs this checkout's `difftune` with the console commands the README uses; the extra a
-    `difftune[...]` line names exists and brings bitsandbytes, as the README says."""
+    `difftune[...]` line names exists and brings what the README says (`EXTRAS`)."""
     from packaging.requirements import Requirement
 
     dist = distribution("difftune")
@@ -362,7 +362,40 @@ def check_pip(cmd: Command) -> None:
     for extra in wanted.extras:
         assert extra in dist.metadata.get_all("Provides-Extra")
         brings = {Requirement(r).name for r in dist.requires if "extra ==" in r and Requirement(r).marker.evaluate({"extra": extra})}  # fmt: skip
-        assert "bitsandbytes" in brings, brings
+        assert EXTRAS[extra] <= brings, brings
+
+
+EXTRAS = {"bnb": {"bitsandbytes"}, "ui": {"fastapi", "uvicorn"}}  # what the README says each extra adds
+
+
+def run_ui(argv: list[str], local: Local) -> None:
+    """`difftune-ui` as a user starts it, in a process of its own (a server does not return): on a free port, until
+    its page answers; then Ctrl+C (SIGINT) ends it cleanly."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [*argv, "--port", str(port)]
+    server = subprocess.Popen([sys.executable, "-m", "difftune.app.ui", *argv], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline, page = time.monotonic() + 120, b""
+        while not page and time.monotonic() < deadline and server.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+            except OSError:
+                time.sleep(0.5)
+        assert b"<title>difftune</title>" in page
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode == 0 and f"open http://127.0.0.1:{port}/" in out
+    assert Path(flag_value(argv, "output_root")).is_dir()
 
 
 CHECKS = {"make demo": check_make, "make test": check_make, "pip install": check_pip}
@@ -373,6 +406,7 @@ RUNNERS = {
     "difftune.pipelines.generate": "generate",
     "difftune.baselines.train": "baseline",
     "difftune.baselines.compare": "compare",
+    "difftune.app.ui": "ui",
 }
 REPRODUCE_RUNNERS = {
     "difftune.scripts.train_tiny_vae": run_train_tiny_vae,
@@ -421,6 +455,8 @@ def test_readme_command_runs(command, local, monkeypatch, capsys, own_process):
         run_generate(argv, local)
     elif kind == "baseline":
         run_baseline_train(argv, local)
+    elif kind == "ui":
+        run_ui(argv, local)
     else:
         run_compare(argv, local)
 

@@ -26,7 +26,7 @@ def detect(model: str, index: dict | None = None) -> type[Family]:
     for family in FAMILIES:
         if family.matches(index, model):
             return family
-    names = ", ".join(f.pipeline_class_name for f in FAMILIES[::-1])
+    names = ", ".join(dict.fromkeys(f.pipeline_class_name for f in FAMILIES[::-1]))
     raise UserError(f"{model} is a {index.get('_class_name', 'pipeline of unknown class')}; supported: {names}")
 
 

@@ -18,7 +18,6 @@ is ever run.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -27,18 +26,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import SafetensorError
 from torch import nn
 
 from difftune.core.errors import UserError
+from difftune.core.files import read_json
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SchedulerMixin
 
 logger = logging.getLogger(__name__)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
+DAMAGED = "the pipeline folder is incomplete or damaged: restore it from its source"
 
 
-def _looks_like_hub_id(model: str) -> bool:
+def is_hub_id(model: str) -> bool:
+    """Whether `model` names a Hub repository (`org/name`) rather than a local folder."""
     return model.count("/") == 1 and not model.startswith((".", "/", "~")) and not Path(model).exists()
 
 
@@ -49,10 +52,14 @@ def read_model_index(model: str) -> dict:
         index = path / "model_index.json"
         if not index.is_file():
             raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-        return json.loads(index.read_text())
-    if not _looks_like_hub_id(model):
+    elif not is_hub_id(model):
         raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
-    return json.loads(Path(_hub_file(model, "model_index.json")).read_text())
+    else:
+        index = Path(_hub_file(model, "model_index.json"))
+    data = read_json(index, DAMAGED)
+    if not isinstance(data, dict):
+        raise UserError(f"{index}: not a pipeline's model_index.json (a mapping of components); {DAMAGED}")
+    return data
 
 
 def _hub_file(model: str, filename: str) -> str:
@@ -70,14 +77,30 @@ def _hub_file(model: str, filename: str) -> str:
 def sub_config(model: str, subfolder: str, name: str = "config.json") -> dict:
     """A component's config (e.g. `scheduler/scheduler_config.json`); {} when the pipeline has none."""
     path = Path(model) / subfolder / name
-    if path.is_file():
-        return json.loads(path.read_text())
-    if Path(model).is_dir():
-        return {}
+    if not path.is_file():
+        if Path(model).is_dir():
+            return {}
+        try:
+            path = Path(_hub_file(model, f"{subfolder}/{name}"))
+        except UserError:
+            return {}
+    data = read_json(path, DAMAGED)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a config (a mapping of settings); {DAMAGED}")
+    return data
+
+
+def load_part(model: str, name: str, load):
+    """`load()` (a component's `from_pretrained`), its failure one line naming the component and the folder. A local
+    pipeline's component folder must exist (a tokenizer `from_pretrained` finds no files in loads empty, and fails
+    only later, inside training)."""
+    if Path(model).is_dir() and not (Path(model) / name).is_dir():
+        raise UserError(f"{model}: has no {name}/ folder, which model_index.json lists; {DAMAGED}")
     try:
-        return json.loads(Path(_hub_file(model, f"{subfolder}/{name}")).read_text())
-    except UserError:
-        return {}
+        return load()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"{model}: could not load its {name} ({first}); {DAMAGED}") from err
 
 
 def component_class(index: dict, name: str, model: str) -> type:
@@ -161,7 +184,9 @@ class Family(ABC):
         component instead of `cls.from_pretrained(model, subfolder=name)` (the memory planner builds them from
         their configs on the meta device)."""
         options = given(options or {})
-        parts: dict[str, Any] = {"noise_scheduler": cls.load_noise_scheduler(model, **options)}
+        parts: dict[str, Any] = {
+            "noise_scheduler": load_part(model, "scheduler", lambda: cls.load_noise_scheduler(model, **options))
+        }
         absent = [name for name in cls.optional_parts if (index.get(name) or [None])[0] is None]
         if absent:
             logger.warning("%s has no %s: training without them, as its pipeline runs", model, " or ".join(absent))
@@ -171,10 +196,11 @@ class Family(ABC):
             elif name in absent:
                 parts[name] = None
             else:
-                part_cls = component_class(index, name, model)
-                parts[name] = (
-                    make_part(name, part_cls) if make_part else part_cls.from_pretrained(model, subfolder=name)
-                )
+                cls_ = component_class(index, name, model)
+                if make_part is not None:
+                    parts[name] = load_part(model, name, lambda c=cls_, n=name: make_part(n, c))
+                else:
+                    parts[name] = load_part(model, name, lambda c=cls_, n=name: c.from_pretrained(model, subfolder=n))
         family = cls(model, index, parts, options)
         family.check_options()
         return family
@@ -256,6 +282,11 @@ class Family(ABC):
         parts = {name: module for name, module in self.parts.items() if name != "noise_scheduler"}
         parts.update(overrides)
         return self.pipeline_class()(**parts, scheduler=scheduler, **self.pipeline_extras())
+
+    def stand_ins(self) -> dict:
+        """Components to save in place of absent ones, so that plain `DiffusionPipeline.from_pretrained` loads the
+        saved folder (SD 3 without T5); none by default."""
+        return {}
 
     def pipeline_extras(self) -> dict:
         """What the pipeline class's constructor needs besides the components (e.g. no safety checker)."""

@@ -4,7 +4,8 @@ dual-attention layers and RMS qk-norm) trained with rectified flow (Esser et al.
 Text conditioning as diffusers' pipeline builds it: the penultimate hidden states of two CLIP encoders
 (with projection) concatenated on features and zero-padded to T5's width, then T5's sequence appended on the
 token axis; the pooled projections of both CLIP encoders concatenated. T5 may be absent (a pipeline saved without
-`text_encoder_3`): its part of the sequence is then zeros, as diffusers does, and that is said once. Training
+`text_encoder_3`, or one whose T5 outputs zeros, `outputs_zeros`): its part of the sequence is then zeros, as
+diffusers does, and that is said once. Training
 then feeds one zero token that attention counts as `max_sequence_length` of them (`repeated_tokens`): the same
 model, without paying for 256 identical tokens a step.
 """
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from difftune.core.errors import UserError
 from difftune.pipelines.families import repeated_tokens
-from difftune.pipelines.families.base import Family
+from difftune.pipelines.families.base import Family, sub_config
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +62,33 @@ class StableDiffusion3(Family):
     def sampling_scheduler(self):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)
 
+    @classmethod
+    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None, make_part=None):
+        """As `Family.load`, with `--max_sequence_length` checked against the T5 tokenizer's config first."""
+        limit = None
+        if (index.get(cls.tokenizer_names[-1]) or [None])[0] is not None:
+            limit = sub_config(model, cls.tokenizer_names[-1], "tokenizer_config.json").get("model_max_length")
+        cls.sequence_length((options or {}).get("max_sequence_length"), limit)
+        return super().load(model, index, denoiser, options, make_part)
+
+    @classmethod
+    def sequence_length(cls, wanted: int | None, limit: int | float | None) -> int:
+        """The T5 length: `wanted` (`--max_sequence_length`), else the family's default cut to the tokenizer's
+        limit; a `wanted` beyond the limit is a `UserError`."""
+        if wanted is None:
+            return int(min(cls.default_max_sequence_length, limit or cls.default_max_sequence_length))
+        if limit is not None and wanted > limit:
+            raise UserError(
+                f"--max_sequence_length {wanted} is beyond the T5 tokenizer's limit of {int(limit)} tokens; give at "
+                f"most {int(limit)}, or leave it out (default: {cls.default_max_sequence_length}, cut to the limit)"
+            )
+        return wanted
+
     def max_sequence_length(self) -> int:
         """The T5 length: `--max_sequence_length`, else the family's default, never past the tokenizer's limit."""
         tokenizer = self.parts.get(self.tokenizer_names[-1])
-        wanted = self.options.get("max_sequence_length") or self.default_max_sequence_length
-        limit = getattr(tokenizer, "model_max_length", wanted) if tokenizer is not None else wanted
-        if wanted > limit:
-            raise UserError(f"--max_sequence_length {wanted} is beyond the T5 tokenizer's limit of {limit} tokens")
-        return wanted
+        limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+        return self.sequence_length(self.options.get("max_sequence_length"), limit)
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         out = {}
@@ -98,20 +118,70 @@ class StableDiffusion3(Family):
         """T5's sequence (B, L, D_T5); without T5, one zero token of the transformer's joint width, which `predict`
         has attention count as the `max_sequence_length` zero tokens diffusers' pipeline feeds."""
         encoder = encoders.get("text_encoder_3")
-        if encoder is None:
+        if encoder is None or outputs_zeros(encoder):
             return clip.new_zeros(clip.shape[0], 1, self.denoiser.config.joint_attention_dim)
         return encoder(ids["input_ids_3"].to(next(encoder.parameters()).device))[0]
 
+    def without_t5(self) -> bool:
+        """No T5, or a T5 that outputs zeros whatever the text (a stand-in that lets plain diffusers load a pipeline
+        made without T5: `zero_t5`): both train on the one repeated zero token."""
+        encoder = self.parts.get("text_encoder_3")
+        return encoder is None or outputs_zeros(encoder)
+
+    def stand_ins(self) -> dict:
+        """Without T5, the stand-in `zero_t5`: the saved pipeline loads with plain diffusers and samples the same."""
+        if "text_encoder_3" not in self.optional_parts or self.parts.get("text_encoder_3") is not None:
+            return {}
+        encoder, tokenizer = zero_t5(self.denoiser.config.joint_attention_dim)
+        return {"text_encoder_3": encoder, "tokenizer_3": tokenizer}
+
     def text_cache_tag(self) -> str:
-        t5 = "zero-token" if self.parts.get("text_encoder_3") is None else "t5"
+        t5 = "zero-token" if self.without_t5() else "t5"
         return f"{t5}:{self.max_sequence_length()}"
 
     def predict(self, denoiser, noisy, timesteps, cond, batch):
         extra = {}
-        if self.parts.get("text_encoder_3") is None:
+        if self.without_t5():
             repeated_tokens.install(self.denoiser)
             extra["joint_attention_kwargs"] = {"last_token_repeats": self.max_sequence_length()}
         return denoiser(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
             pooled_projections=cond["pooled_projections"].to(noisy.dtype), return_dict=False, **extra,
         )[0]  # fmt: skip
+
+
+def outputs_zeros(t5: torch.nn.Module) -> bool:
+    """Whether a T5 encoder's output is zero for any text: its final norm's weight is all zeros."""
+    norm = getattr(getattr(t5, "encoder", None), "final_layer_norm", None)
+    return norm is not None and not bool(norm.weight.detach().any())
+
+
+# diffusers' SD 3 pipeline feeds this many T5 tokens by default (`max_sequence_length=256`).
+SEQUENCE_LENGTH = 256
+
+
+def zero_t5(width: int):
+    """A T5 stand-in (`T5EncoderModel`, `T5TokenizerFast`) for an SD 3 pipeline without T5: an encoder of no layers
+    whose final norm's weight is zero, so its output is zeros of `width` (the transformer's `joint_attention_dim`)
+    for any text, exactly what diffusers' SD 3 pipeline feeds in T5's place when there is none, and a tokenizer of
+    three tokens (the text does not matter). A pipeline saved with it loads with plain
+    `DiffusionPipeline.from_pretrained` (diffusers' SD 3 pipeline does not count T5 as optional: a folder whose
+    model_index.json records it as [null, null] does not load without `text_encoder_3=None, tokenizer_3=None`),
+    samples the same images, and trains as one without T5 (`outputs_zeros`). A few kB."""
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    pieces = Tokenizer(Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)], unk_id=2, byte_fallback=False))
+    pieces.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    pieces.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tokenizer = T5TokenizerFast(tokenizer_object=pieces, extra_ids=0, model_max_length=SEQUENCE_LENGTH)
+    config = T5Config(
+        vocab_size=3, d_model=width, d_kv=width, d_ff=width, num_layers=0, num_heads=1, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    encoder = T5EncoderModel(config)
+    torch.nn.init.zeros_(encoder.encoder.final_layer_norm.weight)
+    return encoder, tokenizer

@@ -244,15 +244,17 @@ def test_a_folder_of_another_comparison_is_refused_in_one_line_and_overwrite_sta
     from difftune.baselines.compare_store import RunStore
 
     settings = {"resolution": 8, "seeds": [0], "output_dir": "a"}
-    store = RunStore(tmp_path, settings, overwrite=False)
+    store = RunStore(tmp_path, settings, overwrite=False, data="d")
     store.save("vae", 0, {"fd": 1.0}, torch.zeros(3, 1, 2, 2))
     assert store.done("vae", 0) and not store.done("vae", 1)
     # Other seeds, families or output folder: the completed runs still count.
-    assert RunStore(tmp_path, {**settings, "seeds": [0, 1], "output_dir": "b"}, overwrite=False).done("vae", 0)
+    assert RunStore(tmp_path, {**settings, "seeds": [0, 1], "output_dir": "b"}, overwrite=False, data="d").done(
+        "vae", 0
+    )
     with pytest.raises(UserError, match=r"holds results of another comparison \(resolution: 8 there, 16 here\)"):
-        RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=False)
-    assert not RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=True).done("vae", 0)
-    assert RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=False)  # the folder is now resolution 16's
+        RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=False, data="d")
+    assert not RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=True, data="d").done("vae", 0)
+    assert RunStore(tmp_path, {**settings, "resolution": 16}, overwrite=False, data="d")  # now resolution 16's
     assert not list((tmp_path / "runs").glob(".*tmp*"))  # written atomically: no temporary file left behind
 
 

@@ -2,7 +2,8 @@
 
     python tests/reliability/fault_launcher.py KIND:SIGNAL:N -- <finetune_lora.py flags>
 
-KIND says where the signal lands, N which occurrence: `step` (the N-th training batch, before its loss), `write`
+KIND says where the signal lands, N which occurrence: `step` (the N-th training batch, before its loss), `cache`
+(the N-th latent or text cache entry, mid-write: its temporary file there, empty), `write`
 (the N-th safetensors file a checkpoint save writes: mid-save, files half there), `rename` (the N-th checkpoint
 moved into place: complete but not yet renamed). SIGNAL is KILL or INT. `none:KILL:0` runs without a fault.
 The process signals itself, so the point is exact without any hook in the code under test.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from difftune.core import checkpoint
 from difftune.core.errors import run_main
-from difftune.finetune import loop
+from difftune.finetune import cache, loop
 from difftune.finetune.finetune_lora import main
 
 
@@ -39,6 +40,9 @@ def arm(kind: str, sig: str, n: int) -> None:
 
     if kind == "step":
         loop.batch_loss = wrap(loop.batch_loss)
+    elif kind == "cache":  # mid-write: the entry's temporary file exists, empty, when the signal lands
+        save = cache.save_file
+        cache.save_file = lambda tensors, path, *a, **k: (Path(path).touch(), hit(), save(tensors, path, *a, **k))[2]
     elif kind == "write":
         checkpoint.save_file = wrap(checkpoint.save_file)
     elif kind == "rename":

@@ -178,12 +178,30 @@ def test_damaged_latest_checkpoint_is_skipped_by_name(tiny_sd1, shapes_dir, refe
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
 
 
-def test_corrupt_file_of_the_same_size_is_one_line_naming_it(tiny_sd1, shapes_dir, reference, tmp_path, capsys):
-    out = partial_copy(reference, tmp_path / "out", keep=(2,))
-    target = out / "checkpoint-2" / "model.safetensors"
-    target.write_bytes(b"\xff" * target.stat().st_size)
-    line = one_error_line(*cli(flags(tiny_sd1, shapes_dir, out, "--resume_from_checkpoint", "latest"), capsys))
-    assert f"{target}: unreadable" in line and "resume from another checkpoint" in line
+def test_corrupt_file_of_the_same_size_is_skipped_by_latest_and_refused_by_name(
+    tiny_sd1, shapes_dir, reference, tmp_path, capsys, caplog
+):
+    caplog.set_level(logging.INFO)
+    out = partial_copy(reference, tmp_path / "out", keep=(2, 4))
+    target = out / "checkpoint-4" / "model.safetensors"
+    damaged = b"\xff" * target.stat().st_size
+    target.write_bytes(damaged)
+    named = flags(tiny_sd1, shapes_dir, out, "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    line = one_error_line(*cli(named, capsys))
+    assert "checkpoint-4: incomplete or damaged (model.safetensors differs from the file saved" in line
+    resume_and_check(tiny_sd1, shapes_dir, out, reference)
+    assert "checkpoint-4: incomplete or damaged (model.safetensors differs" in caplog.text
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
+    assert (next(out.glob("abandoned-*")) / "checkpoint-4" / "model.safetensors").read_bytes() == damaged  # kept
+
+
+def test_kill_while_caching_latents_then_resume_loses_nothing(tiny_sd1, shapes_dir, reference, tmp_path):
+    """Killed after some cache entries were written: the resumed run encodes the rest and ends bit-identical."""
+    out = tmp_path / "out"
+    killed = launch("cache:KILL:5", flags(tiny_sd1, shapes_dir, out))
+    assert killed.returncode == -9 and len(list((out / ".cache" / "latents").glob("*.safetensors"))) == 4
+    resume_and_check(tiny_sd1, shapes_dir, out, reference)
+    assert not list((out / ".cache").rglob("*.tmp"))
 
 
 def test_resume_applies_a_new_learning_rate(tiny_sd1, shapes_dir, reference, tmp_path, capsys, caplog):
