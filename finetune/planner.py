@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from difftune.core.config import PASSIVE, compose, leaf_fields, option, to_dict
+from difftune.core.config import PASSIVE, leaf_fields, option, to_dict, with_settings
 from difftune.core.errors import UserError
 
 GIB = 2**30
@@ -68,8 +68,7 @@ class PlanConfig:
     fit: float | None = option(
         "Find the cheapest settings (batch, gradient checkpointing, 8-bit optimizer, block swap, fp8 or NF4 base) for "
         "a card of this many GB (as sold: 24 means 24 GiB) and print them with their plan; implies --plan.",
-        default=None,
-        resume=PASSIVE, card=False,
+        default=None, resume=PASSIVE, card=False,
     )  # fmt: skip
 
     @property
@@ -145,9 +144,9 @@ class Plan:
         return self.traced + sum(nbytes for _, nbytes in self.margins)
 
 
-def with_settings(cfg, settings: dict):
+def planned_config(cfg, settings: dict):
     """`cfg` with `settings` (flat flag names) changed, validated for the planned machine."""
-    changed = compose(type(cfg), {**to_dict(cfg), **settings})
+    changed = with_settings(cfg, **settings)
     with planning():
         changed.validate()
     return changed
@@ -183,7 +182,7 @@ def fit(cfg, task, card_gib: float) -> tuple[dict, Plan]:
         return {}, plan
     chosen: dict = {}
     for flag, values in FIT_OPTIONS:
-        options = _values(with_settings(cfg, chosen), flag, values)
+        options = _values(planned_config(cfg, chosen), flag, values)
         found, trials = _mildest(cfg, task, chosen, options, budget)
         if found is not None:
             chosen.update(options[found])
@@ -206,7 +205,7 @@ def _mildest(cfg, task, chosen: dict, candidates: list[dict], budget: float) -> 
     def fits(i: int) -> bool:
         if i not in trials:
             try:
-                trials[i] = predict(with_settings(cfg, {**chosen, **candidates[i]}), task, detail=False)
+                trials[i] = predict(planned_config(cfg, {**chosen, **candidates[i]}), task, detail=False)
             except UserError:  # a combination the config refuses
                 return False
         return trials[i].predicted <= budget

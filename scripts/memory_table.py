@@ -40,13 +40,13 @@ def preset_plan(path: Path, folder: Path):
     """The planner's plan of the preset at `path` on its family's shape (configs in `folder`)."""
     from difftune.core.config import compose, load_yaml
     from difftune.finetune.config import LoraTrainConfig
-    from difftune.finetune.planner import predict, with_settings
+    from difftune.finetune.planner import planned_config, predict
     from difftune.finetune.tasks import LORA
 
     kind, resolution, _ = preset_target(path.stem)
     values = {**load_yaml(path, LoraTrainConfig), "resolution": resolution}
     model = write_shaped_configs(kind, folder / kind)
-    cfg = with_settings(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), values)
+    cfg = planned_config(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), values)
     return predict(cfg, LORA, detail=False)
 
 
@@ -78,11 +78,11 @@ def fit_cell(kind: str, resolution: int, card: float, folder: Path) -> str:
     from difftune.core.config import compose
     from difftune.core.errors import UserError
     from difftune.finetune.config import LoraTrainConfig
-    from difftune.finetune.planner import GIB, fit, flags, with_settings
+    from difftune.finetune.planner import GIB, fit, flags, planned_config
     from difftune.finetune.tasks import LORA
 
     model = write_shaped_configs(kind, folder / kind)
-    cfg = with_settings(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))),
+    cfg = planned_config(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))),
                         {**BASE, "resolution": resolution})  # fmt: skip
     try:
         settings, plan = fit(cfg, LORA, card)

@@ -25,7 +25,7 @@ PEAK_LINE = re.compile(r"^predicted peak: \d+\.\d\d GiB$")
 
 
 def lora_cfg(model, **settings) -> LoraTrainConfig:
-    return planner.with_settings(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), settings)
+    return planner.planned_config(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), settings)
 
 
 def test_plan_prints_the_breakdown_and_trains_nothing(tiny_sd1, tmp_path, capsys):
@@ -69,7 +69,7 @@ def test_the_trace_matches_torchs_cpu_allocator(tiny_sd1, task, precision):
     cls = LoraTrainConfig if task is LORA else FullTrainConfig
     settings = dict(pretrained_model_name_or_path=str(tiny_sd1), resolution=64, train_batch_size=4,
                     mixed_precision=precision, gradient_checkpointing=task is LORA)  # fmt: skip
-    cfg = planner.with_settings(compose(cls, settings), {})
+    cfg = planner.planned_config(compose(cls, settings), {})
     trace = planner.predict(cfg, task, "cpu", detail=False).trace
     predicted = trace.phases["training step"].total - trace.before_step
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def test_fit_takes_the_cheapest_settings_that_fit(tiny_sd1, monkeypatch):
     monkeypatch.setattr(planner, "MARGINS", ())  # the tiny model is far below any CUDA margin
     cfg = lora_cfg(tiny_sd1, resolution=64, train_batch_size=8)
     big = planner.predict(cfg, LORA, detail=False).predicted
-    small = planner.predict(planner.with_settings(cfg, {"train_batch_size": 1, "gradient_checkpointing": True}),
+    small = planner.predict(planner.planned_config(cfg, {"train_batch_size": 1, "gradient_checkpointing": True}),
                             LORA, detail=False).predicted  # fmt: skip
     card = (big + small) / 2 / planner.GIB
     settings, plan = planner.fit(cfg, LORA, card)
