@@ -10,7 +10,8 @@ on meta tensors under `finetune.memtrace`'s modes and returns the peak of each p
   micro-batch are alive through the next one's forward and backward);
 - validation images (`--validation_prompt`): every part resident, a guided denoiser call on the images' latents
   and the VAE decoding them, without gradients;
-- caching, before training: every part on the device while the VAE encodes a batch of images for the cache.
+- caching, before training: every part on the device (as the loop places them before it builds the dataset) while
+  the VAE encodes an image and the text encoders a caption for the cache.
 """
 
 from __future__ import annotations
