@@ -227,8 +227,10 @@ def test_the_cuda_autocast_table_agrees_with_torchs_own_lists():
 PRESET_PATHS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs" / "hardware").glob("*.yaml")
                       if p.stem != "cpu")  # fmt: skip
 # The training loop places every part on the device before it caches latents and text: T5-XXL (8.9 GiB in bf16)
-# beside the denoiser does not fit these cards, whatever their other settings.
-OVER_WHILE_CACHING = {"gpu-12gb-sd3", "gpu-16gb-flux", "gpu-24gb-flux"}
+# beside the denoiser does not fit these cards, whatever their training settings.
+OVER_WHILE_CACHING = {f"gpu-{card}gb-{family}" for card in (8, 12, 16, 24) for family in ("flux", "sd3")} - {
+    "gpu-24gb-sd3"
+}
 
 
 def _card_case(path: Path):
