@@ -47,6 +47,7 @@ from difftune.pipelines.families.base import component_class
 
 TRAINABLE, GRADIENTS, OPTIMIZER, EMA = "trainable weights", "gradients", "optimizer state", "EMA weights"
 BATCH, SWAP = "batch", "swap buffers (swapped blocks on the device)"
+ALWAYS_SHOWN = (TRAINABLE, GRADIENTS, OPTIMIZER, ACTIVATIONS)  # in a plan's breakdown, even when none is alive
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "uint8",
                torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.int64: "int64"}  # fmt: skip
 Autocast = Callable[[torch.dtype | None], AbstractContextManager]

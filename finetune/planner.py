@@ -284,8 +284,11 @@ def report(plan: Plan) -> str:
     lines = [describe(cfg, run), device_line(), ""]
     step = trace.phases["training step"]
     lines.append(f"training step: {size(step.total)} at its peak, during {DURING[step.phase]}")
-    lines += [f"  {name:<48}{size(nbytes):>12}" for name, nbytes in sorted(step.by_category.items(),
-              key=lambda kv: -kv[1]) if nbytes > 0]  # fmt: skip
+    from difftune.finetune.plan_trace import ALWAYS_SHOWN
+
+    categories = {**dict.fromkeys(ALWAYS_SHOWN, 0), **step.by_category}
+    lines += [f"  {name:<48}{size(nbytes):>12}" for name, nbytes in sorted(categories.items(), key=lambda kv: -kv[1])
+              if nbytes > 0 or name in ALWAYS_SHOWN]  # fmt: skip
     on, off = ("with", "without") if cfg.memory.gradient_checkpointing else ("without", "with")
     kept = f"activations kept for backward: {size(trace.kept_for_backward)} {on} gradient checkpointing"
     if trace.kept_other is not None:
@@ -311,6 +314,8 @@ DURING = {"caching": "caching", "forward": "the forward pass", "backward": "the 
 
 def size(nbytes: float) -> str:
     """Bytes in GiB, or MiB or KiB when smaller than a tenth of the unit above."""
+    if nbytes == 0:
+        return "0"
     for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
         if nbytes >= scale / 10:
             return f"{nbytes / scale:.2f} {unit}"

@@ -1,8 +1,9 @@
 """The memory guide's figures, printed by the memory planner: what `--fit` chooses for each model family, resolution
 and card, and each hardware preset's predicted peak.
 
-    python -m difftune.scripts.memory_table            # rewrites the table in docs/memory.md and the presets' lines
-    python -m difftune.scripts.memory_table --check    # prints them, changes nothing
+    python -m difftune.scripts.memory_table                 # rewrites the table in docs/memory.md and the presets'
+    python -m difftune.scripts.memory_table --only presets  # the presets' expected-peak lines only
+    python -m difftune.scripts.memory_table --check         # prints them, changes nothing
 
 Every figure comes from `finetune.planner` on the released models' config shapes (`scripts/shaped_models.py`:
 SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev, built on the meta device): a LoRA of the default rank, bf16 mixed
@@ -106,25 +107,30 @@ def table(folder: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="print only")
-    parser.add_argument("--presets_only", action="store_true", help="only the presets' lines")
+    parser.add_argument("--only", choices=("presets", "table"), help="only the presets' lines, or only the table")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for path in sorted(PRESETS.glob("*.yaml")):
-            if path.stem == "cpu":
-                continue
-            line = preset_line(path, preset_plan(path, folder))
-            print(f"{path.name}: {line}", flush=True)
-            if not args.check:  # the preset's own line, in place
-                lines = [line if x.startswith(PRESET_LINE) else x for x in path.read_text().splitlines()]
-                path.write_text("\n".join(lines) + "\n")
-        if args.presets_only:
-            return
-        text = table(folder)
-    if not args.check:
-        guide = GUIDE.read_text()
-        start, end = guide.index(BEGIN) + len(BEGIN), guide.index(END)
-        GUIDE.write_text(guide[:start] + "\n" + text + "\n" + guide[end:])
+        if args.only != "table":
+            write_presets(folder, args.check)
+        if args.only != "presets":
+            text = table(folder)
+            if not args.check:
+                guide = GUIDE.read_text()
+                start, end = guide.index(BEGIN) + len(BEGIN), guide.index(END)
+                GUIDE.write_text(guide[:start] + "\n" + text + "\n" + guide[end:])
+
+
+def write_presets(folder: Path, check: bool) -> None:
+    """Each card preset's expected-peak line, rewritten in place with the planner's prediction."""
+    for path in sorted(PRESETS.glob("*.yaml")):
+        if path.stem == "cpu":
+            continue
+        line = preset_line(path, preset_plan(path, folder))
+        print(f"{path.name}: {line}", flush=True)
+        if not check:
+            lines = [line if x.startswith(PRESET_LINE) else x for x in path.read_text().splitlines()]
+            path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
