@@ -31,7 +31,10 @@ __all__ = ["load_config", "train_full", "train_lora"]
 def load_config(kind: str, *config_files: str, **settings: Any) -> LoraTrainConfig | FullTrainConfig:
     """The checked config of `kind` ("lora" or "full"): YAML files (shipped presets by name too, e.g. "gpu-12gb"),
     then `settings` (flag names), exactly as the command line combines `--config` files and flags."""
+    from contextlib import nullcontext
+
     from difftune.core.config import from_values, load_yaml
+    from difftune.finetune.planner import planning
     from difftune.finetune.tasks import task_named
 
     cls = task_named(kind).config_class
@@ -39,7 +42,10 @@ def load_config(kind: str, *config_files: str, **settings: Any) -> LoraTrainConf
     for path in config_files:
         values.update(load_yaml(path, cls))
     values.update(settings)
-    return from_values(cls, values, "train_" + kind)
+    config = from_values(cls, values, "train_" + kind, validate=False)
+    with planning() if config.plan.requested else nullcontext():  # a plan is checked for the machine it plans for
+        config.validate()
+    return config
 
 
 def _train(kind: str, config, settings: dict[str, Any]) -> TrainResult | None:

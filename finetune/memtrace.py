@@ -185,7 +185,7 @@ class LiveBytes(FastMeta):
         self.live[key] = [nbytes, category or self.category]
         self.by_category[category or self.category] += nbytes
         self.total += nbytes
-        weakref.finalize(storage, self._free, key)
+        weakref.finalize(storage, self._free, key).atexit = False  # nothing to count once the process ends
         if self.total > self.peak.total:
             self.peak = Snapshot(self.total, dict(self.by_category), self.phase)
 

@@ -10,7 +10,8 @@ on meta tensors under `finetune.memtrace`'s modes and returns the peak of each p
   micro-batch are alive through the next one's forward and backward);
 - validation images (`--validation_prompt`): every part resident, a guided denoiser call on the images' latents
   and the VAE decoding them, without gradients;
-- caching, before training: every part on the device while the VAE encodes a batch of images for the cache.
+- caching, before training: every part on the device (as the loop places them before it builds the dataset) while
+  the VAE encodes an image and the text encoders a caption for the cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from difftune.finetune.cache import encode_posterior
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import Augment, Example, TrainDataset, collate
 from difftune.finetune.loop import WEIGHT_DTYPES, place_models
+from difftune.finetune.memory import SWAP_ATTRIBUTE
 from difftune.finetune.memtrace import (
     ACTIVATIONS,
     FastMeta,
@@ -38,18 +40,15 @@ from difftune.finetune.memtrace import (
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload_plan
 from difftune.finetune.optim import build_optimizer, optimizer_name
+from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.plan_models import STAND_IN_OPTIMIZERS, check_configs, make_part, quantize_stand_in
 from difftune.finetune.tasks import Task
 from difftune.pipelines.families import detect, read_model_index
 from difftune.pipelines.families.base import component_class
 
-TRAINABLE, GRADIENTS, OPTIMIZER, EMA, BATCH = (
-    "trainable weights",
-    "gradients",
-    "optimizer state",
-    "EMA weights",
-    "batch",
-)
+TRAINABLE, GRADIENTS, OPTIMIZER, EMA = "trainable weights", "gradients", "optimizer state", "EMA weights"
+BATCH, SWAP = "batch", "swap buffers (swapped blocks on the device)"
+ALWAYS_SHOWN = (TRAINABLE, GRADIENTS, OPTIMIZER, ACTIVATIONS)  # in a plan's breakdown, even when none is alive
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "uint8",
                torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.int64: "int64"}  # fmt: skip
 Autocast = Callable[[torch.dtype | None], AbstractContextManager]
@@ -86,6 +85,8 @@ def build_run(cfg: TrainConfig, task: Task, device: str, autocast: Autocast, dev
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     task.check(family_cls, cfg)
     check_configs(model, index, family_cls)
+    cfg.memory.check_model(model, index, family_cls.denoiser_name)
+    cfg.memory.check_run(1, cfg.training.mixed_precision)
     weight_dtype = weight_dtype_of(cfg)
     latents_cached = cfg.cache.cache_latents
     # the planner assumes the data lets the cache work (images of their bucket's shape, or --center_crop)
@@ -125,6 +126,8 @@ def make_optimizer(cfg: TrainConfig, params: list, device_type: str) -> torch.op
     if name == "adamw" and not cfg.optim.fused_optimizer:
         for group in optimizer.param_groups:  # torch picks for-each on CUDA; the meta device would not
             group["foreach"] = device_type == "cuda"
+    memory = cfg.memory
+    apply_step_options(optimizer, memory.fused_backward_pass, memory.full_bf16, cfg.training.seed)
     return optimizer
 
 
@@ -183,7 +186,8 @@ def train_step(run: Run, phase: Callable[[str], AbstractContextManager] = lambda
             (loss / accumulation).backward()  # accelerate scales the loss by the accumulation steps
         del loss
     with phase("optimizer step"):
-        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.optim.max_grad_norm)
+        if run.cfg.optim.max_grad_norm > 0:  # 0: no clipping
+            torch.nn.utils.clip_grad_norm_(run.params, run.cfg.optim.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         if run.ema is not None:
@@ -218,6 +222,7 @@ def trace_run(cfg: TrainConfig, task: Task, device_type: str = "cuda", detail: b
     with live, target:
         resident = {n: m for n, m in run.family.frozen_modules().items() if n not in run.offloaded}
         count_weights(live, resident, run.family.denoiser_name)
+        swap_in_host_memory(live, run.family.denoiser)
         for v in run.batch.values():
             for t in v.values() if isinstance(v, dict) else [v]:
                 live.track(t, BATCH)
@@ -234,7 +239,7 @@ def trace_run(cfg: TrainConfig, task: Task, device_type: str = "cuda", detail: b
             for t in state.values():
                 live.track(t, OPTIMIZER)
         for p in run.params:
-            p.register_post_accumulate_grad_hook(lambda p: live.retag(p.grad, GRADIENTS))
+            p.register_post_accumulate_grad_hook(lambda p: p.grad is not None and live.retag(p.grad, GRADIENTS))
         before = live.total
 
         def after_forward():
@@ -249,8 +254,28 @@ def trace_run(cfg: TrainConfig, task: Task, device_type: str = "cuda", detail: b
     return trace
 
 
-def kept_with_other_checkpointing(live: LiveBytes, run: Run, target: TargetDevice) -> int:
-    """The activations a forward keeps for backward with gradient checkpointing switched the other way."""
+def swap_in_host_memory(live: LiveBytes, denoiser: torch.nn.Module) -> None:
+    """Block swap (`finetune.block_swap`): the swapped blocks' frozen tensors rest in CPU memory (not counted),
+    and the copies that bring them onto the device are counted as swap buffers while they are there."""
+    swap = getattr(denoiser, SWAP_ATTRIBUTE, None)
+    if swap is None:
+        return
+    for host in swap.host:
+        live.untrack(*host)
+    copy = swap._copy
+
+    def counted_copy(i: int):
+        with live.tagged(SWAP):
+            return copy(i)
+
+    swap._copy = counted_copy
+
+
+def kept_with_other_checkpointing(live: LiveBytes, run: Run, target: TargetDevice) -> int | None:
+    """The activations a forward keeps for backward with gradient checkpointing switched the other way (None: block
+    swap needs it on)."""
+    if run.cfg.memory.blocks_to_swap:
+        return None
     denoiser = run.family.denoiser
     if run.cfg.memory.gradient_checkpointing:
         denoiser.disable_gradient_checkpointing()
@@ -275,8 +300,8 @@ def count_weights(live: LiveBytes, modules: dict[str, torch.nn.Module], denoiser
 
 @torch.no_grad()
 def trace_caching(live: LiveBytes, run: Run, target: TargetDevice) -> Snapshot:
-    """Caching: every part is on the device (placed before the dataset is built) while the VAE encodes images for
-    the cache and the text encoders encode a caption."""
+    """Caching: every part is on the device (placed before the dataset is built) while the VAE encodes an image
+    for the cache and the text encoders encode a caption."""
     live.reset_peak()
     offloaded = {n: run.family.parts[n] for n in run.offloaded}
     count_weights(live, offloaded, run.family.denoiser_name)

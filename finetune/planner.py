@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from difftune.core.config import PASSIVE, compose, leaf_fields, option, to_dict
+from difftune.core.config import PASSIVE, leaf_fields, option, to_dict, with_settings
 from difftune.core.errors import UserError
 
 GIB = 2**30
@@ -66,9 +66,9 @@ class PlanConfig:
         "or GPU are needed, nothing trains.", default=False, resume=PASSIVE, card=False,
     )  # fmt: skip
     fit: float | None = option(
-        "Find the cheapest settings (batch, gradient checkpointing, 8-bit optimizer, quantised base) for a card of "
-        "this many GB (as sold: 24 means 24 GiB) and print them with their plan; implies --plan.", default=None,
-        resume=PASSIVE, card=False,
+        "Find the cheapest settings (batch, gradient checkpointing, 8-bit optimizer, block swap, fp8 or NF4 base) for "
+        "a card of this many GB (as sold: 24 means 24 GiB) and print them with their plan; implies --plan.",
+        default=None, resume=PASSIVE, card=False,
     )  # fmt: skip
 
     @property
@@ -90,6 +90,17 @@ def fewer_per_step(cfg) -> list[dict]:
     return [{"train_batch_size": b, "gradient_accumulation_steps": math.ceil(batch * accumulation / b)} for b in sizes]
 
 
+def swappable(cfg) -> range:
+    """1 to all of the denoiser's repeated blocks (counted on its config, on the meta device)."""
+    from difftune.finetune.block_swap import repeated_blocks
+    from difftune.finetune.memory import meta_denoiser
+    from difftune.pipelines.families import detect, read_model_index
+
+    model = cfg.model.pretrained_model_name_or_path
+    index = read_model_index(model)
+    return range(1, len(repeated_blocks(meta_denoiser(model, index, detect(model, index).denoiser_name))) + 1)
+
+
 # (flag, values): the settings --fit may add, in order of what they cost in speed (cheapest first), each value
 # saving more memory than the one before it; a callable gives the values for the config. An option the config does
 # not have is skipped, as is a value its validation refuses (e.g. a quantised base for full fine-tuning).
@@ -97,7 +108,7 @@ FIT_OPTIONS: tuple[tuple[str, tuple | Callable], ...] = (
     ("train_batch_size", fewer_per_step),
     ("gradient_checkpointing", (True,)),
     ("optimizer", ("adamw8bit",)),
-    ("blocks_to_swap", lambda cfg: tuple(range(2, 64, 2))),
+    ("blocks_to_swap", swappable),
     ("fp8_base", (True,)),
     ("quantize_base", ("nf4",)),
 )
@@ -133,9 +144,9 @@ class Plan:
         return self.traced + sum(nbytes for _, nbytes in self.margins)
 
 
-def with_settings(cfg, settings: dict):
+def planned_config(cfg, settings: dict):
     """`cfg` with `settings` (flat flag names) changed, validated for the planned machine."""
-    changed = compose(type(cfg), {**to_dict(cfg), **settings})
+    changed = with_settings(cfg, **settings)
     with planning():
         changed.validate()
     return changed
@@ -171,7 +182,7 @@ def fit(cfg, task, card_gib: float) -> tuple[dict, Plan]:
         return {}, plan
     chosen: dict = {}
     for flag, values in FIT_OPTIONS:
-        options = _values(with_settings(cfg, chosen), flag, values)
+        options = _values(planned_config(cfg, chosen), flag, values)
         found, trials = _mildest(cfg, task, chosen, options, budget)
         if found is not None:
             chosen.update(options[found])
@@ -194,7 +205,7 @@ def _mildest(cfg, task, chosen: dict, candidates: list[dict], budget: float) -> 
     def fits(i: int) -> bool:
         if i not in trials:
             try:
-                trials[i] = predict(with_settings(cfg, {**chosen, **candidates[i]}), task, detail=False)
+                trials[i] = predict(planned_config(cfg, {**chosen, **candidates[i]}), task, detail=False)
             except UserError:  # a combination the config refuses
                 return False
         return trials[i].predicted <= budget
@@ -279,8 +290,11 @@ def report(plan: Plan) -> str:
     lines = [describe(cfg, run), device_line(), ""]
     step = trace.phases["training step"]
     lines.append(f"training step: {size(step.total)} at its peak, during {DURING[step.phase]}")
-    lines += [f"  {name:<48}{size(nbytes):>12}" for name, nbytes in sorted(step.by_category.items(),
-              key=lambda kv: -kv[1]) if nbytes > 0]  # fmt: skip
+    from difftune.finetune.plan_trace import ALWAYS_SHOWN
+
+    categories = {**dict.fromkeys(ALWAYS_SHOWN, 0), **step.by_category}
+    lines += [f"  {name:<48}{size(nbytes):>12}" for name, nbytes in sorted(categories.items(), key=lambda kv: -kv[1])
+              if nbytes > 0 or name in ALWAYS_SHOWN]  # fmt: skip
     on, off = ("with", "without") if cfg.memory.gradient_checkpointing else ("without", "with")
     kept = f"activations kept for backward: {size(trace.kept_for_backward)} {on} gradient checkpointing"
     if trace.kept_other is not None:
@@ -306,6 +320,8 @@ DURING = {"caching": "caching", "forward": "the forward pass", "backward": "the 
 
 def size(nbytes: float) -> str:
     """Bytes in GiB, or MiB or KiB when smaller than a tenth of the unit above."""
+    if nbytes == 0:
+        return "0"
     for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
         if nbytes >= scale / 10:
             return f"{nbytes / scale:.2f} {unit}"

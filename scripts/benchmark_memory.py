@@ -12,7 +12,8 @@ resolution (512 px for SD 1.5, 1024 px otherwise) on random latents and text emb
 VAE and text encoders are not resident while training with a cache, so they are not built). The loss is the
 product's own (`finetune.objective.batch_loss` through the family's `predict`). One warm-up optimizer step, then
 `--steps` timed ones; the peak is `torch.cuda.max_memory_allocated` over all of them (optimizer state included),
-from a reset after the model is placed. `--quick` runs five rows (the 8 GB preset of each family and Flux at 24 GB).
+from a reset after the model is placed, and beside it the memory planner's prediction of the same training step
+(`finetune.plan_trace`, traced on meta tensors, without the planner's CUDA margins). `--quick` runs five rows (the 8 GB preset of each family and Flux at 24 GB).
 
 Rows whose preset needs what the machine lacks say so instead of a figure (`--quantize_base` without bitsandbytes);
 `adamw8bit` without bitsandbytes runs AdamW and says so. On a CPU the same rows run at narrowed widths and 64 px
@@ -239,11 +240,29 @@ def run_row(kind: str, name: str, args: MemoryBenchmarkConfig, device: torch.dev
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if not args.narrow:  # the narrowed rows have no pipeline of consistent shapes to plan
+        row["planner_gib"] = planned_step(kind, cfg, resolution)
     row["seconds_per_step"] = (time.perf_counter() - start) / args.steps
     if swap is not None:
         row["transfer_seconds_per_step"] = swap.collect_transfer_time() / args.steps
         row["swapped_gib"] = swap.host_bytes / 2**30
     return row
+
+
+def planned_step(kind: str, cfg, resolution: int) -> float:
+    """The memory planner's traced peak of the row's training step (`finetune.plan_trace`, for a CUDA device, its
+    margins left out as `max_memory_allocated` leaves them out), on a pipeline of the family's shapes, in GiB."""
+    import tempfile
+
+    from difftune.core.config import with_settings
+    from difftune.finetune.plan_trace import trace_run
+    from difftune.finetune.tasks import LORA
+    from difftune.scripts.shaped_models import write_shaped_configs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_shaped_configs(kind, Path(tmp) / kind)
+        planned = with_settings(cfg, pretrained_model_name_or_path=str(model), resolution=resolution)
+        return trace_run(planned, LORA, "cuda", detail=False).phases["training step"].total / 2**30
 
 
 def rows_to_run(args: MemoryBenchmarkConfig) -> list[tuple[str, str]]:
@@ -259,16 +278,17 @@ def rows_to_run(args: MemoryBenchmarkConfig) -> list[tuple[str, str]]:
 def table(rows: list[dict], header: str) -> str:
     """The rows as the markdown table of docs/benchmarks.md."""
     lines = [header, "", "| family | preset | px | batch x accum. | precision | base | swapped blocks | optimizer | "
-             "peak (GiB) | s/step | swap transfer s/step | notes |", "|" + "---|" * 12]  # fmt: skip
+             "peak (GiB) | planner (GiB) | s/step | swap transfer s/step | notes |", "|" + "---|" * 13]  # fmt: skip
     for r in rows:
         base = "fp8" if r["fp8_base"] else (r["quantize_base"] or "as is")
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
+        planned = f"{r['planner_gib']:.2f}" if "planner_gib" in r else "-"
         speed = f"{r['seconds_per_step']:.2f}" if "seconds_per_step" in r else "-"
         transfer = f"{r['transfer_seconds_per_step']:.2f}" if "transfer_seconds_per_step" in r else "-"
         notes = "; ".join([*r.get("notes", []), *([r["skipped"]] if "skipped" in r else [])])
         lines.append(f"| {r['family']} | `{r['preset']}` | {r['resolution']} | {r['batch']} x {r['accumulation']} | "
                      f"{r['mixed_precision'] or 'default'} | {base} | {r['blocks_to_swap'] or '-'} | {r['optimizer']} | "
-                     f"{peak} | {speed} | {transfer} | {notes} |")  # fmt: skip
+                     f"{peak} | {planned} | {speed} | {transfer} | {notes} |")  # fmt: skip
     return "\n".join(lines)
 
 

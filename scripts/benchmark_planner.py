@@ -1,19 +1,23 @@
 """The memory planner against measurements: its prediction of a training step beside the same step measured.
 
 Each row is a real-width, reduced-depth model (Flux.1-dev's transformer with a few of its blocks, SDXL's UNet with
-fewer transformer layers) at a resolution, precision and gradient-checkpointing setting. The planner traces the
-step for a CPU device (`finetune.plan_trace.trace_run(..., "cpu")`: the CPU's autocast policy and attention
-kernel, no CUDA margins). The measurement runs the same step (the same `build_run` and `train_step`, on the CPU
-with random weights and torch's real autocast) in a fresh process, and reads its peak resident memory (VmHWM,
-reset after the models are built) above the resident memory at that point; glibc is told to return every block of
-64 KiB or more to the system when freed (`MALLOC_MMAP_THRESHOLD_`), so the resident size follows the live tensors.
-Both sides count the same thing: what the step adds to the built models (optimizer state, gradients, activations,
-temporaries). Latents and text embeddings are cached, so the text encoders and the VAE are narrow stand-ins.
+fewer transformer layers) or one of the shipped tiny bases, at a resolution, precision and gradient-checkpointing
+setting. The planner traces the step for a CPU device (`finetune.plan_trace.trace_run(..., "cpu")`: the CPU's
+autocast policy and attention kernel, no CUDA margins). The measurement runs the same step (the same `build_run`
+and `train_step`, on the CPU with random weights and torch's real autocast) in a fresh process, two ways:
 
-    python -m difftune.scripts.benchmark_planner            # every row: about 10 minutes on 2 cores
+- peak resident memory (VmHWM, reset after the models are built) above the resident memory at that point; glibc
+  returns every block of 64 KiB or more to the system when it is freed (`MALLOC_MMAP_THRESHOLD_`), so the resident
+  size follows the live tensors, plus what torch's kernels allocate outside its allocator;
+- the peak of the bytes torch's CPU allocator holds, from the allocations and frees it reports to the profiler.
+
+Both count what the step adds to the built models: optimizer state, gradients, activations, temporaries. Latents
+and text embeddings are cached, so the shaped rows' text encoders and VAE are narrow stand-ins.
+
+    python -m difftune.scripts.benchmark_planner             # every row: about an hour on 2 shared cores
     python -m difftune.scripts.benchmark_planner --rows 0 3  # some of them
 
-Run it alone (the measurement is memory, not time, but two measurements at once do not fit in 24 GB).
+Run it alone: two measurements at once do not fit in 24 GB.
 """
 
 from __future__ import annotations

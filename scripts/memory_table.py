@@ -1,8 +1,9 @@
 """The memory guide's figures, printed by the memory planner: what `--fit` chooses for each model family, resolution
 and card, and each hardware preset's predicted peak.
 
-    python -m difftune.scripts.memory_table            # rewrites the table in docs/memory.md and the presets' lines
-    python -m difftune.scripts.memory_table --check    # prints them, changes nothing
+    python -m difftune.scripts.memory_table                 # rewrites the table in docs/memory.md and the presets'
+    python -m difftune.scripts.memory_table --only presets  # the presets' expected-peak lines only
+    python -m difftune.scripts.memory_table --check         # prints them, changes nothing
 
 Every figure comes from `finetune.planner` on the released models' config shapes (`scripts/shaped_models.py`:
 SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev, built on the meta device): a LoRA of the default rank, bf16 mixed
@@ -26,7 +27,7 @@ NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd35": "SD 3.5 medium", "flux": "Flu
 RESOLUTIONS = (512, 1024)
 CARDS = (8, 12, 16, 24, 40, 80)  # GB, as sold
 BASE = dict(train_batch_size=4, mixed_precision="bf16")
-PRESET_LINE = "# Memory planner: "
+PRESET_LINE = "# Expected peak: "
 
 
 def preset_target(name: str) -> tuple[str, int, float]:
@@ -40,13 +41,13 @@ def preset_plan(path: Path, folder: Path):
     """The planner's plan of the preset at `path` on its family's shape (configs in `folder`)."""
     from difftune.core.config import compose, load_yaml
     from difftune.finetune.config import LoraTrainConfig
-    from difftune.finetune.planner import predict, with_settings
+    from difftune.finetune.planner import planned_config, predict
     from difftune.finetune.tasks import LORA
 
     kind, resolution, _ = preset_target(path.stem)
     values = {**load_yaml(path, LoraTrainConfig), "resolution": resolution}
     model = write_shaped_configs(kind, folder / kind)
-    cfg = with_settings(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), values)
+    cfg = planned_config(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), values)
     return predict(cfg, LORA, detail=False)
 
 
@@ -56,7 +57,9 @@ def preset_line(path: Path, plan) -> str:
 
     kind, resolution, card = preset_target(path.stem)
     peak = plan.predicted / 2**30
-    line = f"{PRESET_LINE}{peak:.2f} GiB predicted peak ({NAMES[kind]}-shaped LoRA at {resolution} px)"
+    line = (
+        f"{PRESET_LINE}{peak:.2f} GiB, the memory planner's prediction ({NAMES[kind]}-shaped LoRA at {resolution} px)"
+    )
     if peak > card:
         line += f", above {card:g} GB during {DURING[plan.trace.peak.phase]}"
     return line
@@ -65,8 +68,9 @@ def preset_line(path: Path, plan) -> str:
 def stated_peak(path: Path) -> float | None:
     """The prediction a preset states, in GiB (None: it states none)."""
     for line in path.read_text().splitlines():
-        if line.startswith(PRESET_LINE):
-            return float(line.removeprefix(PRESET_LINE).split()[0])
+        found = re.match(rf"{PRESET_LINE}([\d.]+) GiB", line)
+        if found:
+            return float(found.group(1))
     return None
 
 
@@ -75,11 +79,11 @@ def fit_cell(kind: str, resolution: int, card: float, folder: Path) -> str:
     from difftune.core.config import compose
     from difftune.core.errors import UserError
     from difftune.finetune.config import LoraTrainConfig
-    from difftune.finetune.planner import GIB, fit, flags, with_settings
+    from difftune.finetune.planner import GIB, fit, flags, planned_config
     from difftune.finetune.tasks import LORA
 
     model = write_shaped_configs(kind, folder / kind)
-    cfg = with_settings(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))),
+    cfg = planned_config(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))),
                         {**BASE, "resolution": resolution})  # fmt: skip
     try:
         settings, plan = fit(cfg, LORA, card)
@@ -103,27 +107,30 @@ def table(folder: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="print only")
-    parser.add_argument("--presets_only", action="store_true", help="only the presets' lines")
+    parser.add_argument("--only", choices=("presets", "table"), help="only the presets' lines, or only the table")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for path in sorted(PRESETS.glob("*.yaml")):
-            if path.stem == "cpu":
-                continue
-            line = preset_line(path, preset_plan(path, folder))
-            print(f"{path.name}: {line}", flush=True)
+        if args.only != "table":
+            write_presets(folder, args.check)
+        if args.only != "presets":
+            text = table(folder)
             if not args.check:
-                kept = [x for x in path.read_text().splitlines() if not x.startswith(PRESET_LINE)]
-                comments = [i for i, x in enumerate(kept) if x.startswith("#")]
-                at = comments[-1] + 1 if comments else 0
-                path.write_text("\n".join([*kept[:at], line, *kept[at:]]) + "\n")
-        if args.presets_only:
-            return
-        text = table(folder)
-    if not args.check:
-        guide = GUIDE.read_text()
-        start, end = guide.index(BEGIN) + len(BEGIN), guide.index(END)
-        GUIDE.write_text(guide[:start] + "\n" + text + "\n" + guide[end:])
+                guide = GUIDE.read_text()
+                start, end = guide.index(BEGIN) + len(BEGIN), guide.index(END)
+                GUIDE.write_text(guide[:start] + "\n" + text + "\n" + guide[end:])
+
+
+def write_presets(folder: Path, check: bool) -> None:
+    """Each card preset's expected-peak line, rewritten in place with the planner's prediction."""
+    for path in sorted(PRESETS.glob("*.yaml")):
+        if path.stem == "cpu":
+            continue
+        line = preset_line(path, preset_plan(path, folder))
+        print(f"{path.name}: {line}", flush=True)
+        if not check:
+            lines = [line if x.startswith(PRESET_LINE) else x for x in path.read_text().splitlines()]
+            path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

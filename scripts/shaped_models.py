@@ -202,9 +202,11 @@ def write_shaped_configs(kind: str, folder: Path, overrides: dict | None = None)
     index = {"_class_name": PIPELINES[kind], "_diffusers_version": diffusers.__version__}
     for name, (library, cls_name, config) in shaped_parts(kind, overrides).items():
         index[name] = [library, cls_name]
-        if config is None:  # tokenizers: the planner reads the text encoders' lengths
-            continue
         (folder / name).mkdir(exist_ok=True)
+        if config is None:  # a tokenizer: the planner reads its length limit only
+            limit = 512 if cls_name.startswith("T5") else 77
+            (folder / name / "tokenizer_config.json").write_text(json.dumps({"model_max_length": limit}))
+            continue
         if library == "transformers":
             cls = getattr(transformers, cls_name)
             config = cls.config_class(**config).to_dict()

@@ -236,13 +236,11 @@ class Family(ABC):
             elif name in absent or name in skipped:
                 parts[name] = None
             else:
-                part_cls = component_class(index, name, model)
+                cls_ = component_class(index, name, model)
                 if make_part is not None:
-                    parts[name] = make_part(name, part_cls)
+                    parts[name] = load_part(model, name, lambda c=cls_, n=name: make_part(n, c))
                 else:
-                    parts[name] = load_part(
-                        model, name, lambda c=part_cls, n=name: c.from_pretrained(model, subfolder=n)
-                    )
+                    parts[name] = load_part(model, name, lambda c=cls_, n=name: c.from_pretrained(model, subfolder=n))
         family = cls(model, index, parts, options)
         family.check_options()
         return family

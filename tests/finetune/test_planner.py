@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ PEAK_LINE = re.compile(r"^predicted peak: \d+\.\d\d GiB$")
 
 
 def lora_cfg(model, **settings) -> LoraTrainConfig:
-    return planner.with_settings(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), settings)
+    return planner.planned_config(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), settings)
 
 
 def test_plan_prints_the_breakdown_and_trains_nothing(tiny_sd1, tmp_path, capsys):
@@ -43,6 +44,13 @@ def test_plan_prints_the_breakdown_and_trains_nothing(tiny_sd1, tmp_path, capsys
 
 def test_plan_exits_0_as_a_command(tiny_sd1):
     run_main(full_main, ["--pretrained_model_name_or_path", str(tiny_sd1), "--plan", "--resolution", "64"])  # no exit
+
+
+def test_the_python_api_plans_too(tiny_sd1, capsys):
+    import difftune
+
+    assert difftune.train_lora(pretrained_model_name_or_path=str(tiny_sd1), resolution=64, plan=True) is None
+    assert PEAK_LINE.match(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_cuda_only_choices_are_planned_here_with_their_memory(tiny_sd1):
@@ -69,7 +77,7 @@ def test_the_trace_matches_torchs_cpu_allocator(tiny_sd1, task, precision):
     cls = LoraTrainConfig if task is LORA else FullTrainConfig
     settings = dict(pretrained_model_name_or_path=str(tiny_sd1), resolution=64, train_batch_size=4,
                     mixed_precision=precision, gradient_checkpointing=task is LORA)  # fmt: skip
-    cfg = planner.with_settings(compose(cls, settings), {})
+    cfg = planner.planned_config(compose(cls, settings), {})
     trace = planner.predict(cfg, task, "cpu", detail=False).trace
     predicted = trace.phases["training step"].total - trace.before_step
     torch.manual_seed(0)
@@ -87,7 +95,7 @@ def test_fit_takes_the_cheapest_settings_that_fit(tiny_sd1, monkeypatch):
     monkeypatch.setattr(planner, "MARGINS", ())  # the tiny model is far below any CUDA margin
     cfg = lora_cfg(tiny_sd1, resolution=64, train_batch_size=8)
     big = planner.predict(cfg, LORA, detail=False).predicted
-    small = planner.predict(planner.with_settings(cfg, {"train_batch_size": 1, "gradient_checkpointing": True}),
+    small = planner.predict(planner.planned_config(cfg, {"train_batch_size": 1, "gradient_checkpointing": True}),
                             LORA, detail=False).predicted  # fmt: skip
     card = (big + small) / 2 / planner.GIB
     settings, plan = planner.fit(cfg, LORA, card)
@@ -97,10 +105,48 @@ def test_fit_takes_the_cheapest_settings_that_fit(tiny_sd1, monkeypatch):
     assert planner.fit(cfg, LORA, big / planner.GIB * 1.01)[0] == {}  # it fits as it is
 
 
-def test_fit_that_nothing_reaches_names_the_smallest_peak(tiny_sd1, monkeypatch):
-    monkeypatch.setattr(planner, "MARGINS", ())
-    with pytest.raises(UserError, match=r"^--fit 0.001: nothing fits .* smallest reachable peak is \d+\.\d\d GiB"):
-        planner.fit(lora_cfg(tiny_sd1, resolution=64, train_batch_size=8), LORA, 0.001)
+def modelled(cfg, task, device_type="cuda", detail=True):
+    """A stand-in for `planner.predict` whose memory (GiB) follows the settings the way a step's does."""
+    m, t = cfg.memory, cfg.training
+    gib = 4.0 - 0.2 * m.blocks_to_swap - (1.0 if m.fp8_base else 0) - (2.0 if m.quantize_base else 0)
+    gib += t.train_batch_size * (0.5 if m.gradient_checkpointing else 2.0) + (
+        0.1 if cfg.optim.optimizer == "adamw" else 0
+    )
+    trace = SimpleNamespace(peak=SimpleNamespace(total=gib * planner.GIB, phase="backward"))
+    return planner.Plan(cfg, trace, [])
+
+
+@pytest.fixture
+def modelled_fit(monkeypatch):
+    monkeypatch.setattr(planner, "predict", modelled)
+    monkeypatch.setattr(planner, "FIT_OPTIONS", (*planner.FIT_OPTIONS[:3], ("blocks_to_swap", range(1, 11)),
+                                                 *planner.FIT_OPTIONS[4:]))  # fmt: skip
+
+
+BATCH_1 = {"train_batch_size": 1, "gradient_accumulation_steps": 8, "gradient_checkpointing": True}
+
+
+@pytest.mark.parametrize(
+    ("card", "added"),
+    [
+        (9.0, {"train_batch_size": 2, "gradient_accumulation_steps": 4}),  # a smaller batch is enough
+        (6.0, {"train_batch_size": 2, "gradient_accumulation_steps": 4, "gradient_checkpointing": True}),
+        (4.5, {**BATCH_1, "optimizer": "adamw8bit"}),
+        (3.0, {**BATCH_1, "blocks_to_swap": 8}),  # the 8-bit optimizer, taken on the way, is not needed then
+    ],
+)
+def test_fit_takes_each_option_in_turn_and_relaxes_the_earlier_ones(card, added, modelled_fit):
+    """Options in order of speed cost, each at its mildest value that fits, the earlier ones then relaxed: at 6 GB
+    checkpointing lets the batch go back up to 2; swapping blocks comes before the fp8 and NF4 bases."""
+    cfg = lora_cfg("m", train_batch_size=8)
+    settings, plan = planner.fit(cfg, LORA, card)
+    assert settings == added and plan.predicted <= card * planner.GIB
+
+
+def test_fit_that_nothing_reaches_names_the_smallest_peak(modelled_fit):
+    with pytest.raises(UserError, match=r"^--fit 0.5: nothing fits a 0.5 GB card; the smallest reachable peak is "
+                                        r"\d+\.\d\d GiB, during the backward pass \(with --train_batch_size 1"):  # fmt: skip
+        planner.fit(lora_cfg("m", train_batch_size=8), LORA, 0.5)
 
 
 def test_a_model_folder_without_configs_is_one_line(tiny_sd1, tmp_path):
@@ -181,8 +227,10 @@ def test_the_cuda_autocast_table_agrees_with_torchs_own_lists():
 PRESET_PATHS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs" / "hardware").glob("*.yaml")
                       if p.stem != "cpu")  # fmt: skip
 # The training loop places every part on the device before it caches latents and text: T5-XXL (8.9 GiB in bf16)
-# beside the denoiser does not fit these cards, whatever their other settings.
-OVER_WHILE_CACHING = {"gpu-12gb-sd3", "gpu-16gb-flux", "gpu-24gb-flux"}
+# beside the denoiser does not fit these cards, whatever their training settings.
+OVER_WHILE_CACHING = {f"gpu-{card}gb-{family}" for card in (8, 12, 16, 24) for family in ("flux", "sd3")} - {
+    "gpu-24gb-sd3"
+}
 
 
 def _card_case(path: Path):
