@@ -63,13 +63,14 @@ class StableDiffusion3(Family):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)
 
     @classmethod
-    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None, text_encoders: bool = True):
+    def load(cls, model: str, index: dict, denoiser=None, options: dict | None = None, text_encoders: bool = True,
+             make_part=None):  # fmt: skip
         """As `Family.load`, with `--max_sequence_length` checked against the T5 tokenizer's config first."""
         limit = None
         if (index.get(cls.tokenizer_names[-1]) or [None])[0] is not None:
             limit = sub_config(model, cls.tokenizer_names[-1], "tokenizer_config.json").get("model_max_length")
         cls.sequence_length((options or {}).get("max_sequence_length"), limit)
-        return super().load(model, index, denoiser, options, text_encoders)
+        return super().load(model, index, denoiser, options, text_encoders, make_part)
 
     @classmethod
     def sequence_length(cls, wanted: int | None, limit: int | float | None) -> int:
@@ -151,9 +152,10 @@ class StableDiffusion3(Family):
 
 
 def outputs_zeros(t5: torch.nn.Module) -> bool:
-    """Whether a T5 encoder's output is zero for any text: its final norm's weight is all zeros."""
+    """Whether a T5 encoder's output is zero for any text: its final norm's weight is all zeros (a T5 on the meta
+    device, the memory planner's, has no values to say so and is taken for a real one)."""
     norm = getattr(getattr(t5, "encoder", None), "final_layer_norm", None)
-    return norm is not None and not bool(norm.weight.detach().any())
+    return norm is not None and norm.weight.device.type != "meta" and not bool(norm.weight.detach().any())
 
 
 # diffusers' SD 3 pipeline feeds this many T5 tokens by default (`max_sequence_length=256`).
