@@ -235,6 +235,10 @@ class BlockSwap:
         if self.resident.pop(i, None) is not None and self.log is not None:
             self.log.append((i, "off", "backward" if in_backward() else "forward"))
 
+    def resting(self) -> list[torch.Tensor]:
+        """The tensors (parameters and buffers, as the module holds them) of the blocks now in CPU memory."""
+        return [get(slot) for i, slots in enumerate(self.slots) if i not in self.resident for slot in slots]
+
     def at_rest(self, host: torch.Tensor) -> torch.Tensor:
         """What a swapped tensor holds while its block is in CPU memory: the host copy itself."""
         return host

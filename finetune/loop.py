@@ -31,7 +31,7 @@ from difftune.core.errors import UserError
 from difftune.core.files import atomic, reason
 from difftune.finetune.buckets import BucketBatchSampler
 from difftune.finetune.config import TrainConfig, check_family
-from difftune.finetune.data import build_dataset, check_pairs_fit, collate, read_images
+from difftune.finetune.data import build_dataset, caches_text, check_pairs_fit, collate, read_images
 from difftune.finetune.memory import apply_memory_options, places_itself
 from difftune.finetune.objective import Objective, batch_loss
 from difftune.finetune.offload import offload, offload_plan, resident
@@ -40,7 +40,7 @@ from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.resume import apply_settings, check_resume, hyperparameters, resume_kinds, run_record
 from difftune.finetune.speed import speed_up_denoiser
 from difftune.finetune.tasks import Task, Trainable
-from difftune.finetune.text_pass import run_text_pass, say_uncached_cost, uses_text_pass
+from difftune.finetune.text_pass import run_text_pass, say_uncached_cost, text_device, uses_text_pass
 from difftune.finetune.validation import edit_inputs, log_validation
 from difftune.finetune.validation_loss import Selection, ValidationLoss, split_validation
 from difftune.pipelines.families import Family, detect, read_model_index
@@ -107,7 +107,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     accelerator.wait_for_everyone()
     hub_repo = prepare_hub(cfg, accelerator)
     prompts = [*data.captions, *(held_out.captions if held_out else []), *(cfg.validation.validation_prompt or [])]
-    family, trainable, weight_dtype = load_models(cfg, task, accelerator, prompts)
+    # the denoiser waits in CPU memory while the VAE and text encoders build the cache, and is placed once they left
+    family, trainable, weight_dtype = load_models(cfg, task, accelerator, prompts, place_denoiser=False)
     with accelerator.main_process_first():
         dataset, cached = build_dataset(cfg, data, family, trainable.models)
         validator = ValidationLoss.build(cfg, held_out, family, trainable.models) if held_out else None
@@ -115,6 +116,7 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
         list(family.text_encoders()), set(trainable.models), cached, dataset.text_embeddings is not None
     )
     offloaded = offload(family, plan, accelerator.device)  # cached: VAE and frozen encoders off the accelerator
+    apply_memory_options(family.denoiser, cfg.memory, accelerator.device)
     sampler = BucketBatchSampler(dataset.buckets(), cfg.training.train_batch_size, cfg.training.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.dataloader_num_workers
@@ -255,9 +257,10 @@ def class_images(cfg: TrainConfig, accelerator: Accelerator) -> list | None:
 
 
 def load_models(
-    cfg: TrainConfig, task: Task, accelerator: Accelerator, prompts: Sequence[str] = ()
+    cfg: TrainConfig, task: Task, accelerator: Accelerator, prompts: Sequence[str] = (), place_denoiser: bool = True
 ) -> tuple[Family, Trainable, torch.dtype]:
-    """The family's components, frozen; the task's part made trainable; everything placed and cast. A family with
+    """The family's components, frozen; the task's part made trainable; everything placed and cast (the denoiser
+    left in CPU memory unless `place_denoiser`: `finetune.memory.apply_memory_options` places it). A family with
     large text encoders first encodes `prompts` (every caption and validation prompt) with them alone, and loads
     the rest without them (`finetune.text_pass`)."""
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
@@ -279,16 +282,20 @@ def load_models(
     family.text_embeddings = text
     if family_cls.text_first and text is None:
         say_uncached_cost(family)
-    trainable = place_models(cfg, task, family, accelerator.device, weight_dtype, quantized=denoiser is not None)
+    quantized = denoiser is not None
+    trainable = place_models(cfg, task, family, accelerator.device, weight_dtype, quantized, place_denoiser)
     speed_up_denoiser(family.denoiser, cfg.speed.compile, cfg.speed.compile_scope, cfg.speed.channels_last)
     return family, trainable, weight_dtype
 
 
-def place_models(cfg: TrainConfig, task: Task, family: Family, device, weight_dtype, quantized: bool) -> Trainable:
+def place_models(
+    cfg: TrainConfig, task: Task, family: Family, device, weight_dtype, quantized: bool, place_denoiser: bool = True
+) -> Trainable:
     """Freezes the family's modules, lets the task make its part trainable, and places and casts everything on
     `device`; `quantized`: the denoiser came quantised (its packed weights are never cast). The denoiser is placed
-    by the memory options (`finetune.memory.apply_memory_options`: whole, or with blocks left in CPU memory). The
-    memory planner (`finetune.planner`) places its meta-device models through this too."""
+    by the memory options (`finetune.memory.apply_memory_options`: whole, or with blocks left in CPU memory), here
+    or, without `place_denoiser`, by the caller once the cache is built. The memory planner (`finetune.planner`)
+    places its meta-device models through this too."""
     for module in family.frozen_modules().values():
         module.requires_grad_(False)
         module.eval()
@@ -296,6 +303,10 @@ def place_models(cfg: TrainConfig, task: Task, family: Family, device, weight_dt
     for module in trainable.models.values():
         module.train()
     trained_dtype = torch.bfloat16 if cfg.memory.full_bf16 else torch.float32
+    text_devices = {}
+    if caches_text(cfg, family, trainable.models):  # used once, for the cache: encoded on the CPU if too big here
+        where = text_device(list(family.text_encoders().values()), torch.device(device))
+        text_devices = dict.fromkeys(family.text_encoders(), where)
     for name, module in family.frozen_modules().items():
         if name == family.denoiser_name and quantized:  # never cast packed 4/8-bit weights
             for p in module.parameters():
@@ -310,8 +321,9 @@ def place_models(cfg: TrainConfig, task: Task, family: Family, device, weight_dt
             move(module, next(module.parameters()).device, weight_dtype)
         else:
             upcast = name == "vae" and family.vae.config.get("force_upcast", False)  # SDXL's VAE NaNs in fp16
-            move(module, device, torch.float32 if upcast else weight_dtype)
-    apply_memory_options(family.denoiser, cfg.memory, device)
+            move(module, text_devices.get(name, device), torch.float32 if upcast else weight_dtype)
+    if place_denoiser:
+        apply_memory_options(family.denoiser, cfg.memory, device)
     return trainable
 
 

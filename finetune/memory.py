@@ -127,11 +127,15 @@ def places_itself(module: nn.Module) -> bool:
     return getattr(module, SWAP_ATTRIBUTE, None) is not None
 
 
+def in_cpu_memory(module: nn.Module) -> set[int]:
+    """Ids of `module`'s parameters and buffers that the memory options keep in CPU memory right now (swapped blocks
+    between uses): a tracer on meta tensors (the memory planner) cannot tell them from the device's by their device."""
+    swap = getattr(module, SWAP_ATTRIBUTE, None)
+    return {id(t) for t in swap.resting()} if swap is not None else set()
+
+
 def resident_bytes(denoiser: nn.Module) -> int:
-    """Bytes of the denoiser's weights and buffers that stay on the accelerator between uses: all of them but the
-    swapped blocks' frozen tensors. For a tracer on meta tensors (the memory planner), where nothing says which
-    tensors are in CPU memory."""
-    tensors = {id(t): t for t in [*denoiser.parameters(), *denoiser.buffers()]}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    swap = getattr(denoiser, SWAP_ATTRIBUTE, None)
-    return total - (swap.host_bytes if swap is not None else 0)
+    """Bytes of the denoiser's weights and buffers on the accelerator between uses: all but the swapped blocks'."""
+    away = in_cpu_memory(denoiser)
+    tensors = {id(t): t for t in [*denoiser.parameters(), *denoiser.buffers()] if id(t) not in away}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

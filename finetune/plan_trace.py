@@ -10,8 +10,8 @@ on meta tensors under `finetune.memtrace`'s modes and returns the peak of each p
   micro-batch are alive through the next one's forward and backward);
 - validation images (`--validation_prompt`): every part resident, a guided denoiser call on the images' latents
   and the VAE decoding them, without gradients;
-- caching, before training: every part on the device (as the loop places them before it builds the dataset) while
-  the VAE encodes an image and the text encoders a caption for the cache.
+- caching, before training: every part but the denoiser on the device (the loop places the denoiser once the
+  cache is built) while the VAE encodes a batch of images for the cache.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import Augment, Example, TrainDataset, collate
 from difftune.finetune.loop import WEIGHT_DTYPES, place_models
 from difftune.finetune.memory import SWAP_ATTRIBUTE
+from difftune.finetune.memory import in_cpu_memory
 from difftune.finetune.memtrace import (
     ACTIVATIONS,
     FastMeta,
@@ -219,15 +220,17 @@ def trace_run(cfg: TrainConfig, task: Task, device_type: str = "cuda", detail: b
     recompute_on_target(run.family.denoiser, target)
     live = LiveBytes()
     trace = Trace(run)
+    name = run.family.denoiser_name
     with live, target:
-        resident = {n: m for n, m in run.family.frozen_modules().items() if n not in run.offloaded}
-        count_weights(live, resident, run.family.denoiser_name)
-        swap_in_host_memory(live, run.family.denoiser)
+        frozen = run.family.frozen_modules()
+        count_weights(live, {n: m for n, m in frozen.items() if n not in run.offloaded and n != name}, name)
+        count_swap_copies(live, run.family.denoiser)
         for v in run.batch.values():
             for t in v.values() if isinstance(v, dict) else [v]:
                 live.track(t, BATCH)
-        if run.latents_cached:
+        if run.latents_cached:  # the denoiser waits in CPU memory meanwhile (`finetune.loop.train`)
             trace.phases["caching"] = trace_caching(live, run, target)
+        count_weights(live, {name: run.family.denoiser}, name)
         if run.ema is not None:
             for t in run.ema.shadow_params:
                 live.track(t, EMA)
@@ -254,14 +257,12 @@ def trace_run(cfg: TrainConfig, task: Task, device_type: str = "cuda", detail: b
     return trace
 
 
-def swap_in_host_memory(live: LiveBytes, denoiser: torch.nn.Module) -> None:
-    """Block swap (`finetune.block_swap`): the swapped blocks' frozen tensors rest in CPU memory (not counted),
-    and the copies that bring them onto the device are counted as swap buffers while they are there."""
+def count_swap_copies(live: LiveBytes, denoiser: torch.nn.Module) -> None:
+    """Block swap (`finetune.block_swap`): the copies that bring the swapped blocks onto the device are counted as
+    swap buffers while they are there (their resting tensors, in CPU memory, never are: `count_weights`)."""
     swap = getattr(denoiser, SWAP_ATTRIBUTE, None)
     if swap is None:
         return
-    for host in swap.host:
-        live.untrack(*host)
     copy = swap._copy
 
     def counted_copy(i: int):
@@ -290,18 +291,22 @@ def kept_with_other_checkpointing(live: LiveBytes, run: Run, target: TargetDevic
 
 
 def count_weights(live: LiveBytes, modules: dict[str, torch.nn.Module], denoiser_name: str) -> None:
-    """Every parameter and buffer of `modules`, under the category of its part and dtype (trainable: its own)."""
+    """Every parameter and buffer of `modules` on the device, under the category of its part and dtype (trainable:
+    its own); a swapped block's, in CPU memory between uses, is counted only while its copy is on the device."""
     for name, module in modules.items():
         part = "denoiser" if name == denoiser_name else name
+        away = in_cpu_memory(module)
         for t in [*module.parameters(), *module.buffers()]:
+            if id(t) in away:
+                continue
             category = TRAINABLE if t.requires_grad else f"{part} weights ({DTYPE_NAMES.get(t.dtype, t.dtype)})"
             live.track(t, category)
 
 
 @torch.no_grad()
 def trace_caching(live: LiveBytes, run: Run, target: TargetDevice) -> Snapshot:
-    """Caching: every part is on the device (placed before the dataset is built) while the VAE encodes an image
-    for the cache and the text encoders encode a caption."""
+    """Caching: every part but the denoiser is on the device (placed before the dataset is built; the denoiser after
+    it) while the VAE encodes images for the cache and the text encoders encode a caption."""
     live.reset_peak()
     offloaded = {n: run.family.parts[n] for n in run.offloaded}
     count_weights(live, offloaded, run.family.denoiser_name)

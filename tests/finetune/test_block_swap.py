@@ -18,6 +18,8 @@ from difftune.finetune.tasks import LORA
 from difftune.pipelines.families import read_model_index
 from difftune.toyworld.tiny import save_tiny_pipeline
 from difftune.toyworld.tiny_denoisers import flux, sd3, unet
+from difftune.toyworld.tiny_families import FAMILIES as FAMILY_NAMES
+from difftune.toyworld.tiny_families import TEST_MAX_SEQUENCE_LENGTH
 
 
 class Poisoned(BlockSwap):
@@ -225,3 +227,15 @@ def test_the_memory_options_run_on_the_meta_device_and_say_what_stays_resident(d
     assert 0 < resident_bytes(model) < fp8 < everything
     example_loss("flux", model, device="meta").backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "family", [f if f == "qwen_image" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_NAMES]
+)
+def test_the_2026_families_train_the_same_with_blocks_swapped(family, family_model, shapes_dir, tmp_path):
+    """Block swap on an fp8 base (the small-card recipe) for each of the families added in 2026."""
+    settings = dict(max_train_steps=2, gradient_accumulation_steps=1, fp8_base=True,
+                    max_sequence_length=TEST_MAX_SEQUENCE_LENGTH)  # fmt: skip
+    fp8 = run(family_model(family), shapes_dir, tmp_path / "fp8", **settings)
+    swapped = run(family_model(family), shapes_dir, tmp_path / "swap", blocks_to_swap=2, **settings)
+    assert swapped.losses == fp8.losses
