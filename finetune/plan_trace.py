@@ -43,6 +43,7 @@ from difftune.finetune.offload import offload_plan
 from difftune.finetune.optim import build_optimizer, optimizer_name
 from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.plan_models import STAND_IN_OPTIMIZERS, check_configs, make_part, quantize_stand_in
+from difftune.finetune.text_pass import fits_beside
 from difftune.finetune.tasks import Task
 from difftune.pipelines.families import detect, read_model_index
 from difftune.pipelines.families.base import component_class
@@ -210,10 +211,12 @@ class Trace:
         return max(self.phases.values(), key=lambda s: s.total)
 
 
-def trace_run(cfg: TrainConfig, task: Task, device_type: str = "cuda", detail: bool = True) -> Trace:
+def trace_run(
+    cfg: TrainConfig, task: Task, device_type: str = "cuda", detail: bool = True, card: float | None = None
+) -> Trace:
     """The peak memory of `cfg`'s training step, caching and validation images, traced on meta tensors for a
-    `device_type` ("cuda" or "cpu") accelerator; `detail` adds the activations the other gradient checkpointing
-    setting would keep."""
+    `device_type` ("cuda" or "cpu") accelerator of `card` bytes (None: unlimited); `detail` adds the activations the
+    other gradient checkpointing setting would keep."""
     target = TargetDevice(device_type)
     with FastMeta():
         run = build_run(cfg, task, "meta", target.autocast, device_type)
@@ -229,7 +232,7 @@ def trace_run(cfg: TrainConfig, task: Task, device_type: str = "cuda", detail: b
             for t in v.values() if isinstance(v, dict) else [v]:
                 live.track(t, BATCH)
         if run.latents_cached:  # the denoiser waits in CPU memory meanwhile (`finetune.loop.train`)
-            trace.phases["caching"] = trace_caching(live, run, target)
+            trace.phases["caching"] = trace_caching(live, run, target, card)
         count_weights(live, {name: run.family.denoiser}, name)
         if run.ema is not None:
             for t in run.ema.shadow_params:
@@ -304,22 +307,30 @@ def count_weights(live: LiveBytes, modules: dict[str, torch.nn.Module], denoiser
 
 
 @torch.no_grad()
-def trace_caching(live: LiveBytes, run: Run, target: TargetDevice) -> Snapshot:
+def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float | None = None) -> Snapshot:
     """Caching: every part but the denoiser is on the device (placed before the dataset is built; the denoiser after
-    it) while the VAE encodes images for the cache and the text encoders encode a caption."""
+    it) while the VAE encodes images for the cache and the text encoders encode a caption. On a card of `card`
+    bytes, text encoders that do not fit in what is free encode on the CPU, as the loop decides
+    (`finetune.text_pass.text_device`)."""
     live.reset_peak()
     offloaded = {n: run.family.parts[n] for n in run.offloaded}
-    count_weights(live, offloaded, run.family.denoiser_name)
+    encoders = {n: m for n, m in offloaded.items() if n in run.family.text_encoder_names}
+    text_bytes = sum(t.numel() * t.element_size() for m in encoders.values() for t in m.parameters())
+    others = {n: m for n, m in offloaded.items() if n not in encoders}
+    count_weights(live, others, run.family.denoiser_name)
+    text_here = card is None or fits_beside(text_bytes, card - live.total)
+    if text_here:
+        count_weights(live, encoders, run.family.denoiser_name)
     with live.tagged(ACTIVATIONS, "caching"):
         vae = run.family.vae
         res = run.cfg.data.resolution
         pixels = torch.zeros(2, 3, res, res, device="meta", dtype=next(vae.parameters()).dtype)
         posterior = encode_posterior(vae, pixels)  # one image at a time: two show the pattern
         del pixels, posterior
-        if run.text_cached:
+        if run.text_cached and text_here:
             run.family.encode_text(run.family.tokenize([""]))
     snapshot = live.peak
-    for module in offloaded.values():  # the loop moves them off the device after caching
+    for module in (others | encoders if text_here else others).values():  # off the device after caching
         live.untrack(*module.parameters(), *module.buffers())
     return snapshot
 

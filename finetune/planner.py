@@ -152,14 +152,17 @@ def planned_config(cfg, settings: dict):
     return changed
 
 
-def predict(cfg, task, device_type: str = "cuda", detail: bool = True) -> Plan:
-    """`cfg`'s plan: its traced phases and the margins for `device_type` ("cuda"; "cpu": none). Plans are kept
-    for the process's life: a search asks for the same settings more than once."""
+def predict(cfg, task, device_type: str = "cuda", detail: bool = True, card_gib: float | None = None) -> Plan:
+    """`cfg`'s plan: its traced phases and the margins for `device_type` ("cuda"; "cpu": none), on a card of
+    `card_gib` GiB (None: unlimited; a card decides where the text encoders build the cache). Plans are kept for
+    the process's life: a search asks for the same settings more than once."""
     from difftune.finetune.plan_trace import trace_run
 
-    key = (json.dumps(to_dict(cfg), sort_keys=True), task.name, device_type, detail, MARGINS)
+    key = (json.dumps(to_dict(cfg), sort_keys=True), task.name, device_type, detail, card_gib, MARGINS)
     if key not in _PLANS:
-        trace = trace_run(cfg, task, device_type, detail)
+        fixed = sum(gib for _, gib, _ in MARGINS) * GIB if device_type == "cuda" else 0  # what the card holds first
+        card = None if card_gib is None else card_gib * GIB - fixed
+        trace = trace_run(cfg, task, device_type, detail, card)
         margins = []
         if device_type == "cuda":
             margins = [(name, gib * GIB + fraction * trace.peak.total) for name, gib, fraction in MARGINS]
@@ -177,7 +180,7 @@ def fit(cfg, task, card_gib: float) -> tuple[dict, Plan]:
     on to the next; otherwise its mildest value that fits is found by bisection (memory falls monotonically along
     the values), and the options taken before it are relaxed back as far as the card allows."""
     budget = card_gib * GIB
-    plan = predict(cfg, task, detail=False)
+    plan = predict(cfg, task, detail=False, card_gib=card_gib)
     if plan.predicted <= budget:
         return {}, plan
     chosen: dict = {}
@@ -205,7 +208,7 @@ def _mildest(cfg, task, chosen: dict, candidates: list[dict], budget: float) -> 
     def fits(i: int) -> bool:
         if i not in trials:
             try:
-                trials[i] = predict(planned_config(cfg, {**chosen, **candidates[i]}), task, detail=False)
+                trials[i] = predict(planned_config(cfg, {**chosen, **candidates[i]}), task, detail=False, card_gib=budget / GIB)
             except UserError:  # a combination the config refuses
                 return False
         return trials[i].predicted <= budget
@@ -274,7 +277,7 @@ def run_plan(cfg, task) -> Plan:
         if cfg.plan.fit is not None:
             settings, plan = fit(cfg, task, cfg.plan.fit)
             print(f"--fit {cfg.plan.fit:g}: " + (f"add {flags(settings)}" if settings else "the settings given fit"))
-            plan = predict(plan.cfg, task)  # with the detail the search left out
+            plan = predict(plan.cfg, task, card_gib=cfg.plan.fit)  # with the detail the search left out
         else:
             plan = predict(cfg, task)
     finally:

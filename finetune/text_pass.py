@@ -29,13 +29,19 @@ def uses_text_pass(cfg, family_cls) -> bool:
     return family_cls.text_first and caches_text(cfg, family_cls, trained={})
 
 
+def fits_beside(need: float, free: float) -> bool:
+    """Whether text encoders of `need` bytes are put on an accelerator with `free` bytes (the memory planner asks
+    this as the loop does)."""
+    return need <= HEADROOM * free
+
+
 def text_device(modules: list[torch.nn.Module], device: torch.device) -> torch.device:
     """`device` when the modules' weights fit in its free memory (with room for activations), else the CPU."""
     if device.type != "cuda":
         return device
     need = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     free, _ = torch.cuda.mem_get_info(device)
-    if need <= HEADROOM * free:
+    if fits_beside(need, free):
         return device
     logger.warning(
         "the text encoder's %.1f GB do not fit in the %.1f GB free on %s: encoding the captions on the CPU (slower, "

@@ -44,11 +44,11 @@ def preset_plan(path: Path, folder: Path):
     from difftune.finetune.planner import planned_config, predict
     from difftune.finetune.tasks import LORA
 
-    kind, resolution, _ = preset_target(path.stem)
+    kind, resolution, card = preset_target(path.stem)
     values = {**load_yaml(path, LoraTrainConfig), "resolution": resolution}
     model = write_shaped_configs(kind, folder / kind)
     cfg = planned_config(compose(LoraTrainConfig, dict(pretrained_model_name_or_path=str(model))), values)
-    return predict(cfg, LORA, detail=False)
+    return predict(cfg, LORA, detail=False, card_gib=card)
 
 
 def preset_line(path: Path, plan) -> str:

@@ -65,6 +65,19 @@ def test_cuda_only_choices_are_planned_here_with_their_memory(tiny_sd1):
     assert packed.trace.phases["training step"].total < plain.trace.phases["training step"].total
 
 
+def test_on_a_card_too_small_for_the_text_encoders_they_build_the_cache_on_the_cpu(tiny_sd1):
+    """As the loop does (`finetune.text_pass.text_device`): the plan for a card leaves them out of the caching phase."""
+    cfg = lora_cfg(tiny_sd1, resolution=64)
+    unlimited = planner.predict(cfg, LORA, detail=False).trace.phases["caching"]
+    fixed = sum(gib for _, gib, _ in planner.MARGINS)
+    tiny_card = planner.predict(cfg, LORA, detail=False, card_gib=fixed + 1e-6).trace.phases["caching"]
+    assert any(name.startswith("text_encoder") for name in unlimited.by_category)
+    assert not any(name.startswith("text_encoder") for name in tiny_card.by_category)
+    assert tiny_card.total < unlimited.total
+    big_card = planner.predict(cfg, LORA, detail=False, card_gib=80).trace.phases["caching"]
+    assert big_card.total == unlimited.total
+
+
 def test_gradient_checkpointing_keeps_fewer_activations(tiny_sd1):
     plan = planner.predict(lora_cfg(tiny_sd1, resolution=64, train_batch_size=4), LORA)
     assert plan.trace.kept_other < plan.trace.kept_for_backward  # the other setting: with checkpointing
@@ -105,7 +118,7 @@ def test_fit_takes_the_cheapest_settings_that_fit(tiny_sd1, monkeypatch):
     assert planner.fit(cfg, LORA, big / planner.GIB * 1.01)[0] == {}  # it fits as it is
 
 
-def modelled(cfg, task, device_type="cuda", detail=True):
+def modelled(cfg, task, device_type="cuda", detail=True, card_gib=None):
     """A stand-in for `planner.predict` whose memory (GiB) follows the settings the way a step's does."""
     m, t = cfg.memory, cfg.training
     gib = 4.0 - 0.2 * m.blocks_to_swap - (1.0 if m.fp8_base else 0) - (2.0 if m.quantize_base else 0)
