@@ -11,7 +11,7 @@ Images without a mask in a dataset that has some weigh 1 everywhere.
 
 An edit pair's control images (`core.controls`) travel with their image: resized to the target's bucket when they
 share its aspect ratio (cropped by the same window, flipped with it), otherwise to their own aspect ratio at the
-bucket's area, as the edit pipelines size an input image (`core.controls.control_size`); batches group pairs of
+bucket's area, as the edit pipelines size an input image (`Family.control_size`); batches group pairs of
 equal sizes. A batch then holds `control_latents` (cached posteriors, keyed "0", "1", ... by reference) or
 `control_pixels`; the family turns them into the tokens its transformer is given beside the noisy ones.
 
@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, option, require
-from difftune.core.controls import check_pairs, control_size, decode_controls
+from difftune.core.controls import check_pairs, decode_controls
 from difftune.core.errors import UserError
 from difftune.core.imagefolder import Record, check_source, decode_all, decode_masks, read_records
 from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
@@ -240,9 +240,10 @@ def cache_dir(cfg) -> Path:
 
 def caches_text(cfg, family, trained) -> bool:
     """Whether `family`'s (a `Family` class or instance) text conditioning is cached: with --cache_latents,
-    captions that never change (no tag shuffling) and none of its text encoders in `trained`."""
+    captions that never change (no tag shuffling), none of its text encoders in `trained`, and a text encoder that
+    reads the caption alone (not the control images, `Family.text_reads_controls`)."""
     frozen = not any(name in trained for name in family.text_encoder_names)
-    return cfg.cache.cache_latents and not cfg.data.shuffle_caption and frozen
+    return cfg.cache.cache_latents and not cfg.data.shuffle_caption and frozen and not family.text_reads_controls
 
 
 def cache_text(family, captions: list[str], root: Path) -> dict[str, dict]:
@@ -257,7 +258,7 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
     whether the latents are cached. `trained` names the modules being trained (their outputs are never cached)."""
     cache_root = cache_dir(cfg)
     sizes = [
-        [control_size(c.size, im.size, bucket, family.control_multiple) for c in controls]
+        [family.control_size(c.size, im.size, bucket) for c in controls]
         for im, bucket, controls in zip(data.images, data.buckets, data.controls, strict=True)
     ]
     movable = [
@@ -289,8 +290,10 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
         controls = encode_controls(
             data.records, data.controls, sizes, family.vae, cfg.data.random_flip, cache_root, family.posterior
         )
-        for ex, entries in zip(examples, controls, strict=True):
+        for ex, entries, images in zip(examples, controls, data.controls, strict=True):
             ex.control_latents = [(e["params"], e.get("flipped")) for e in entries]
+            if family.text_reads_controls:  # the text encoder reads them every batch
+                ex.controls = images
     else:
         for ex, im, mask, controls in zip(examples, data.images, data.masks, data.controls, strict=True):
             if mask is None and masked:  # an image without a mask among masked ones weighs 1 everywhere
@@ -305,7 +308,8 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
         cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
         cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,
     )  # fmt: skip
-    return TrainDataset(examples, cfg.data.repeats, aug, text, family.tokenize), cache_images
+    dataset = TrainDataset(examples, cfg.data.repeats, aug, text, family.tokenize, family.text_reads_controls)
+    return dataset, cache_images
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -351,12 +355,21 @@ class TrainDataset(torch.utils.data.Dataset):
     """Yields dicts of `latents` (posterior params) or `pixels`, text embeddings or token ids, SDXL `time_ids`,
     the sample's loss weight and its noise seed. Length is examples x repeats."""
 
-    def __init__(self, examples: list[Example], repeats: int, aug: Augment, text_embeddings: dict | None, tokenize):
+    def __init__(
+        self,
+        examples: list[Example],
+        repeats: int,
+        aug: Augment,
+        text_embeddings: dict | None,
+        tokenize,
+        text_reads_controls: bool = False,
+    ):
         self.examples = examples
         self.repeats = repeats
         self.aug = aug
         self.text_embeddings = text_embeddings
         self.tokenize = tokenize
+        self.text_reads_controls = text_reads_controls  # `tokenize` takes each caption's control images
         self.epoch = 0
 
     def start_epoch(self, epoch: int) -> None:
@@ -407,6 +420,9 @@ class TrainDataset(torch.utils.data.Dataset):
         item["time_ids"] = torch.tensor([h, w, *crop_top_left, bh, bw], dtype=torch.float32)
         if self.text_embeddings is not None:
             item["cond"] = self.text_embeddings[caption]
+        elif self.text_reads_controls:  # with the control images as the pair trains (flipped with it)
+            controls = [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else c for c in ex.controls]
+            item["ids"] = {k: v[0] for k, v in self.tokenize([caption], [controls]).items()}
         else:
             item["ids"] = {k: v[0] for k, v in self.tokenize([caption]).items()}
         return item
