@@ -4,14 +4,13 @@ built and saved without torchvision.
 transformers' `Qwen2VLProcessor.from_pretrained` also builds a video processor, whose class needs torchvision, and its
 constructor checks every sub-processor's class against registries that need it too. Image editing never reads
 video, so the processor is built here from its image processor (`Qwen2VLImageProcessorPil`, transformers' PIL
-backend of `Qwen2VLImageProcessor`, read from the folder's `preprocessor_config.json`) and its tokenizer, with no
-video processor; `save_processor` writes the files `from_pretrained` reads (the released pipelines' `processor/`
-folders hold the same, plus a video processor's config).
+backend of `Qwen2VLImageProcessor`, read from the folder's `preprocessor_config.json` or `processor_config.json`) and
+its tokenizer, with no video processor. Such a processor saves itself (a pipeline's `save_pretrained`) without a
+video processor's config; the released pipelines' `processor/` folders hold one besides.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from unittest import mock
 
 from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
@@ -26,8 +25,10 @@ def qwen_vl_processor(image_processor: Qwen2VLImageProcessorPil, tokenizer) -> Q
         return None if argument is None else check(self, name, argument)
 
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check_given):
-        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                chat_template=getattr(tokenizer, "chat_template", None))  # fmt: skip
+        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                     chat_template=getattr(tokenizer, "chat_template", None))  # fmt: skip
+    processor.get_attributes = lambda: ["image_processor", "tokenizer"]  # what `save_pretrained` writes
+    return processor
 
 
 def load_qwen_vl_processor(model: str, subfolder: str, tokenizer_class: type) -> Qwen2VLProcessor:
@@ -35,10 +36,3 @@ def load_qwen_vl_processor(model: str, subfolder: str, tokenizer_class: type) ->
     `tokenizer_class`."""
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(model, subfolder=subfolder)
     return qwen_vl_processor(image_processor, tokenizer_class.from_pretrained(model, subfolder=subfolder))
-
-
-def save_processor(processor: Qwen2VLProcessor, folder: str | Path) -> None:
-    """Writes `processor` (built by `qwen_vl_processor`) as `Qwen2VLProcessor.from_pretrained` reads it: the image
-    processor's `preprocessor_config.json` and the tokenizer's files."""
-    processor.image_processor.save_pretrained(folder)
-    processor.tokenizer.save_pretrained(folder)

@@ -26,7 +26,6 @@ fast and deterministic (a short text length; no classifier-free guidance).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from diffusers import (
 from einops import rearrange
 from transformers import Qwen2VLImageProcessorPil, T5TokenizerFast
 
-from difftune.core.processors import qwen_vl_processor, save_processor
+from difftune.core.processors import qwen_vl_processor
 from difftune.toyworld.tiny_flow import FLOW_SIZES, FLUX_VAE, flux_scheduler, tiny_t5, write_t5_tokenizer
 from difftune.toyworld.tiny_llm import load_llm_tokenizer, tiny_mistral3, tiny_qwen3, tiny_qwen25_vl
 from difftune.toyworld.tiny_parts import SIZES, tiny_vae
@@ -232,16 +231,5 @@ def unpack_latents(family: str, latents: torch.Tensor, shape: tuple[int, ...]) -
 def save_family_pipeline(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     """Builds a tiny `family` pipeline and saves it as a diffusers folder (safetensors); returns the folder."""
     out = Path(out_dir)
-    pipe = build_family_pipeline(family, seed)
-    processor = getattr(pipe, "processor", None)
-    if processor is None:
-        pipe.save_pretrained(out)
-        return out
-    # transformers' processor saving needs a video processor (torchvision): the processor is written here instead
-    pipe.register_modules(processor=None)
-    pipe.save_pretrained(out)
-    save_processor(processor, out / "processor")
-    index = json.loads((out / "model_index.json").read_text())
-    index["processor"] = ["transformers", type(processor).__name__]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    build_family_pipeline(family, seed).save_pretrained(out)
     return out

@@ -127,8 +127,12 @@ def test_the_control_images_enter_the_transformer_and_the_text_encoder_as_the_pi
 @pytest.mark.slow
 def test_an_edit_lora_trains_on_pairs_and_changes_the_pipelines_edits(models, pairs, latent_cache, tmp_path):
     model = models["qwen-image-edit"]
-    result = train(config(model, pairs, tmp_path, latent_cache, learning_rate=1e-2), LORA)
+    held_out = sorted((pairs / "control").glob("*.png"))[0]
+    validation = dict(validation_prompt=[PROMPT], validation_image=[str(held_out)], validation_steps=4,
+                      validation_inference_steps=2)  # fmt: skip
+    result = train(config(model, pairs, tmp_path, latent_cache, learning_rate=1e-2, **validation), LORA)
     assert result.global_step == 4 and all(np.isfinite(result.losses))
+    assert Image.open(tmp_path / "validation" / "step-4" / "00_00.png").size == (32, 32)  # an edit of the input
     assert any(k.startswith("transformer.") for k in load_file(tmp_path / "pytorch_lora_weights.safetensors"))
     assert "qwen-image-edit" in (tmp_path / "README.md").read_text()
     pipe = load_pipeline(model)
@@ -153,7 +157,10 @@ def test_resume_is_bit_exact(models, pairs, latent_cache, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen-image-edit", "qwen-image-edit-plus"])
 def test_cached_and_uncached_losses_agree_with_flips(models, pairs, latent_cache, tmp_path, name):
+    """Plus with two input images per pair (the metadata's and the control folder's)."""
     model, steps = models[name], dict(max_train_steps=2, train_batch_size=1)
+    if name == "qwen-image-edit-plus":
+        steps["control_data_dir"] = [str(pairs / "control")]
     cached = train(config(model, pairs, tmp_path / "a", latent_cache, random_flip=True, **steps), LORA)
     uncached = train(config(model, pairs, tmp_path / "b", random_flip=True, cache_latents=False, **steps), LORA)
     assert cached.cached and not uncached.cached
