@@ -5,7 +5,7 @@ of at most resolution². Each image goes to the bucket nearest its aspect ratio,
 cropped to it; the crop origin is what SDXL's micro-conditioning receives. Every batch holds one bucket.
 Without bucketing there is a single bucket, resolution x resolution, and the same sampler.
 
-An edit pair's control image follows its image (`core.controls.control_size`): into the same bucket when it has the
+An edit pair's control image follows its image (`Family.control_size`): into the same bucket when it has the
 image's aspect ratio, otherwise at its own aspect ratio, so a batch groups pairs by bucket and control sizes.
 """
 

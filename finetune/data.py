@@ -240,10 +240,43 @@ def cache_dir(cfg) -> Path:
 
 def caches_text(cfg, family, trained) -> bool:
     """Whether `family`'s (a `Family` class or instance) text conditioning is cached: with --cache_latents,
-    captions that never change (no tag shuffling), none of its text encoders in `trained`, and a text encoder that
-    reads the caption alone (not the control images, `Family.text_reads_controls`)."""
+    captions that never change (no tag shuffling) and none of its text encoders in `trained`. A text encoder that
+    reads the control images too (`Family.text_reads_controls`) is cached per caption and control images."""
     frozen = not any(name in trained for name in family.text_encoder_names)
-    return cfg.cache.cache_latents and not cfg.data.shuffle_caption and frozen and not family.text_reads_controls
+    return cfg.cache.cache_latents and not cfg.data.shuffle_caption and frozen
+
+
+def text_key(caption: str, controls_digest: str, flip: bool) -> str:
+    """The text cache's key of `caption` read with control images of `controls_digest` (flipped or not): the
+    caption itself for a text encoder that reads no images (`controls_digest` "")."""
+    return f"{caption}\x1f{controls_digest}{'|flipped' if flip else ''}" if controls_digest else caption
+
+
+def controls_digest(images: list[Image.Image]) -> str:
+    """sha256 over control images' sizes and pixels: what a text encoder that reads them sees besides the caption."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.size}|".encode() + hashlib.sha256(image.tobytes()).digest())
+    return digest.hexdigest()
+
+
+def cache_pair_text(family, examples: list[Example], controls: list[list[Image.Image]], aug: Augment, root: Path):
+    """The text conditioning of each example's caption (and of "" under caption dropout) read with its control
+    images, flipped too under --random_flip, for a text encoder that reads them (`Family.text_reads_controls`);
+    keyed by `text_key`, each example's `controls_digest` set."""
+    pairs = {}
+    for ex, images in zip(examples, controls, strict=True):
+        ex.controls_digest = controls_digest(images)
+        for flip in (False, True) if aug.random_flip else (False,):
+            seen = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images] if flip else images
+            for caption in {ex.caption, *([""] if aug.proportion_empty_prompts > 0 else [])}:
+                pairs[text_key(caption, ex.controls_digest, flip)] = (caption, seen)
+
+    def tokenize(keys: list[str]) -> dict:
+        return family.tokenize([pairs[k][0] for k in keys], [pairs[k][1] for k in keys])
+
+    fingerprint = "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
+    return encode_captions(list(pairs), family.encode_text, fingerprint, tokenize, root)
 
 
 def cache_text(family, captions: list[str], root: Path) -> dict[str, dict]:
@@ -299,15 +332,17 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
             if mask is None and masked:  # an image without a mask among masked ones weighs 1 everywhere
                 mask = Image.new("L", im.size, 255)
             ex.image, ex.mask_image, ex.controls = im, mask, controls
-    text = None
-    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
-        text = family.text_embeddings
-    elif caches_text(cfg, family, trained):
-        text = cache_text(family, data.captions, cache_root)
     aug = Augment(
         cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
         cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,
     )  # fmt: skip
+    text = None
+    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
+        text = family.text_embeddings
+    elif caches_text(cfg, family, trained) and family.text_reads_controls:
+        text = cache_pair_text(family, examples, data.controls, aug, cache_root)
+    elif caches_text(cfg, family, trained):
+        text = cache_text(family, data.captions, cache_root)
     dataset = TrainDataset(examples, cfg.data.repeats, aug, text, family.tokenize, family.text_reads_controls)
     return dataset, cache_images
 
@@ -338,6 +373,7 @@ class Example:
     control_sizes: list[tuple[int, int]] = field(default_factory=list)  # (w, h) each control image trains at
     controls: list[Image.Image] = field(default_factory=list)  # control images, kept when latents are not cached
     control_latents: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # (params, flipped)
+    controls_digest: str = ""  # of the control images, in the text cache's keys when the text encoder reads them
 
 
 @dataclass
@@ -419,7 +455,7 @@ class TrainDataset(torch.utils.data.Dataset):
         w, h = ex.size
         item["time_ids"] = torch.tensor([h, w, *crop_top_left, bh, bw], dtype=torch.float32)
         if self.text_embeddings is not None:
-            item["cond"] = self.text_embeddings[caption]
+            item["cond"] = self.text_embeddings[text_key(caption, ex.controls_digest, flip)]
         elif self.text_reads_controls:  # with the control images as the pair trains (flipped with it)
             controls = [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else c for c in ex.controls]
             item["ids"] = {k: v[0] for k, v in self.tokenize([caption], [controls]).items()}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from difftune.core.errors import UserError
 from difftune.finetune.cache import encode_posterior
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import Augment, Example, TrainDataset, collate
@@ -85,6 +86,11 @@ def build_run(cfg: TrainConfig, task: Task, device: str, autocast: Autocast, dev
     index = read_model_index(model)
     family_cls = detect(model, index)
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
+    if family_cls.max_controls:
+        raise UserError(
+            f"the memory planner does not model an edit model's control images yet ({family_cls.pipeline_class_name}): "
+            "drop --plan/--fit"
+        )
     task.check(family_cls, cfg)
     check_configs(model, index, family_cls)
     cfg.memory.check_model(model, index, family_cls.denoiser_name)

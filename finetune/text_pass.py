@@ -72,13 +72,6 @@ def run_text_pass(cfg, family_cls, model: str, index: dict, captions: list[str],
 def say_uncached_cost(family) -> None:
     """One line on what training a `text_first` family without cached text costs."""
     params = sum(p.numel() for m in family.text_encoders().values() for p in m.parameters())
-    if family.text_reads_controls:
-        logger.warning(
-            "text caching is off for %s: its text encoder (%.2fB parameters) reads each pair's control image with the "
-            "instruction, so it stays loaded beside the %s and encodes every batch", family.name, params / 1e9,
-            family.denoiser_name,
-        )  # fmt: skip
-        return
     logger.warning(
         "text caching is off: the %s text encoder (%.2fB parameters) stays loaded beside the %s and encodes every "
         "batch; --cache_latents without --shuffle_caption encodes each caption once and frees it first",

@@ -175,7 +175,7 @@ class Family(ABC):
     max_controls: ClassVar[int] = 0
     control_multiple: ClassVar[int] = 16
     # The text encoder reads the control images with the caption (Qwen-Image-Edit): `tokenize` takes them, and the
-    # text conditioning, no longer a function of the caption alone, is not cached.
+    # text conditioning is cached per caption and control images.
     text_reads_controls: ClassVar[bool] = False
     lora_families: ClassVar[tuple[str, ...]] = ()  # other families whose LoRAs fit this one's denoiser
     guidance_batch: ClassVar[int] = 2  # the pipeline's denoiser batch per image (classifier-free guidance)

@@ -18,8 +18,10 @@ rectified-flow objective are Qwen-Image's. Where training differs from the pipel
 aspect ratio the 32-pixel multiple cannot keep exactly is cropped by the few pixels the pipeline stretches
 (`finetune.buckets.resize_to_bucket`, the same rule as every training image).
 
-The text embedding depends on the input image as well as the instruction, so it is not cached: the text encoder
-stays loaded beside the transformer and encodes each batch (said in one line at the start).
+The text embedding depends on the input image as well as the instruction, so it is cached per instruction and input
+image(s) (flipped too under `--random_flip`), by the data's cache while the text encoder is loaded beside the rest
+(not in a pass of its own before the transformer loads, as Qwen-Image's: validation edits encode their prompts with
+the input images through the pipeline); with caching off the encoder reads each batch's pairs.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class QwenImageEdit(QwenImage):
     max_controls: ClassVar[int] = 1  # the pipeline takes one input image
     control_multiple: ClassVar[int] = 32  # `calculate_dimensions`
     text_reads_controls: ClassVar[bool] = True
+    text_first: ClassVar[bool] = False  # cached with the pairs (`finetune.data.cache_pair_text`)
     lora_families: ClassVar[tuple[str, ...]] = ("qwen_image",)  # Qwen-Image's transformer: its LoRAs load here too
     vae_area: ClassVar[int] = 1024 * 1024  # the area input images are encoded at (`__call__`'s `calculate_dimensions`)
     text_area: ClassVar[int] = 1024 * 1024  # ... and read by the text encoder at (the same resized image)

@@ -1,7 +1,8 @@
 """Edit training for Qwen-Image-Edit and Qwen-Image-Edit-Plus with tiny pipelines built with plain diffusers
 (`toyworld.tiny_families`): the control image enters the transformer and the text encoder as the pipelines feed
 them, an edit LoRA trains on pairs and changes the pipeline's edits, resume is exact, cached and uncached losses
-agree, `pipelines.generate --image` edits with it, and flags that do not apply are one line.
+agree (the text embeddings, which read the control images, cached per instruction and input images), `pipelines.generate
+--image` edits with it, and flags that do not apply are one line.
 
 transformers' `Qwen2VLProcessor.from_pretrained` needs torchvision, which does not import here: the tiny pipelines'
 processors are built explicitly from a `Qwen2VLImageProcessorPil` and the project's own tokenizer
@@ -165,6 +166,7 @@ def test_cached_and_uncached_losses_agree_with_flips(models, pairs, latent_cache
     uncached = train(config(model, pairs, tmp_path / "b", random_flip=True, cache_latents=False, **steps), LORA)
     assert cached.cached and not uncached.cached
     assert cached.losses == pytest.approx(uncached.losses, rel=1e-4)
+    assert any((latent_cache / "text").rglob("*.safetensors"))  # each instruction with its (flipped) inputs
 
 
 def test_generate_edits_with_the_lora(models, pairs, latent_cache, tmp_path):
@@ -191,6 +193,12 @@ def test_flags_that_do_not_apply_are_one_line(models, pairs, tmp_path):
         train(config(model, pairs, tmp_path / "a", max_sequence_length=16), LORA)
     with pytest.raises(UserError, match="--train_text_encoder"):
         train(config(model, pairs, tmp_path / "b", train_text_encoder=True), LORA)
+    from difftune.finetune import finetune_lora
+
+    argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(pairs), "--output_dir",
+            str(tmp_path / "plan"), "--plan"]  # fmt: skip
+    with pytest.raises(UserError, match="the memory planner does not model an edit model's control images"):
+        finetune_lora.main(argv)
     folders = [str(pairs / "control")] * 3  # and the metadata's control column: four per example
     with pytest.raises(UserError, match="takes 3 control image.s. per example; the data has 4"):
         train(config(models["qwen-image-edit-plus"], pairs, tmp_path / "c", control_data_dir=folders), LORA)
