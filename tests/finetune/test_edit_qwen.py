@@ -13,6 +13,10 @@ latent cache and are marked slow where they train more than once.
 
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +34,7 @@ from difftune.toyworld import shapes
 from difftune.toyworld.tiny_families import save_family_pipeline
 
 PROMPT = "make it green"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +207,37 @@ def test_flags_that_do_not_apply_are_one_line(models, pairs, tmp_path):
     folders = [str(pairs / "control")] * 3  # and the metadata's control column: four per example
     with pytest.raises(UserError, match="takes 3 control image.s. per example; the data has 4"):
         train(config(models["qwen-image-edit-plus"], pairs, tmp_path / "c", control_data_dir=folders), LORA)
+
+
+def guide_commands() -> list[list[str]]:
+    """docs/edit.md's Qwen-Image-Edit commands, each as argv (the ```bash block of its section)."""
+    section = (ROOT / "docs" / "edit.md").read_text().split("## Qwen-Image-Edit", 1)[1]
+    block = re.search(r"^```bash\n(.*?)^```", section, re.S | re.M).group(1)
+    return [shlex.split(line) for line in re.sub(r"\\\n\s*", " ", block).splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_guides_commands_run(models, pairs, latent_cache, tmp_path):
+    """docs/edit.md's Qwen-Image-Edit commands on the tiny model and local pairs, shortened by flags appended at the
+    end (later flags win)."""
+    from difftune.finetune import finetune_lora
+    from difftune.pipelines import generate
+
+    photo = sorted((pairs / "control").glob("*.png"))[0]
+    local = {"Qwen/Qwen-Image-Edit": str(models["qwen-image-edit"]), "my_pairs/": str(pairs), "photo.png": str(photo)}
+
+    def localised(argv: list[str]) -> list[str]:
+        return [local.get(a, str(tmp_path / a) if a.startswith("out/") else a) for a in argv]
+
+    (train_cmd, *train_argv), (generate_cmd, *generate_argv) = guide_commands()
+    assert (train_cmd, generate_cmd) == ("difftune-train-lora", "difftune-generate")
+    finetune_lora.main(localised(train_argv) + [
+        "--resolution", "32", "--max_train_steps", "2", "--validation_steps", "2", "--validation_split", "0.5",
+        "--validation_inference_steps", "2", "--mixed_precision", "no", "--report_to", "none",
+        "--cache_dir", str(latent_cache),
+    ])  # fmt: skip
+    out = tmp_path / "out" / "qwen-edit-lora"
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and list((out / "validation" / "step-2").glob("00_*"))
+    record = generate.main(localised(generate_argv) + ["--steps", "2", "--device", "cpu", "--height", "32", "--width",
+                                                       "32"])  # fmt: skip
+    assert record["adapters"] and (tmp_path / "out" / "qwen-edits" / record["images"][0]["file"]).is_file()
