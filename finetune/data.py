@@ -325,7 +325,7 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
         )
         for ex, entries, images in zip(examples, controls, data.controls, strict=True):
             ex.control_latents = [(e["params"], e.get("flipped")) for e in entries]
-            if family.text_reads_controls:  # the text encoder reads them every batch
+            if family.text_reads_controls and not caches_text(cfg, family, trained):  # read by the text encoder
                 ex.controls = images
     else:
         for ex, im, mask, controls in zip(examples, data.images, data.masks, data.controls, strict=True):
