@@ -28,8 +28,7 @@ from difftune.finetune.cache import encode_posterior
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import Augment, Example, TrainDataset, collate
 from difftune.finetune.loop import WEIGHT_DTYPES, place_models
-from difftune.finetune.memory import SWAP_ATTRIBUTE
-from difftune.finetune.memory import in_cpu_memory
+from difftune.finetune.memory import SWAP_ATTRIBUTE, in_cpu_memory
 from difftune.finetune.memtrace import (
     ACTIVATIONS,
     FastMeta,
@@ -44,8 +43,8 @@ from difftune.finetune.offload import offload_plan
 from difftune.finetune.optim import build_optimizer, optimizer_name
 from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.plan_models import STAND_IN_OPTIMIZERS, check_configs, make_part, quantize_stand_in
-from difftune.finetune.text_pass import fits_beside
 from difftune.finetune.tasks import Task
+from difftune.finetune.text_pass import fits_beside
 from difftune.pipelines.families import detect, read_model_index
 from difftune.pipelines.families.base import component_class
 
@@ -314,29 +313,31 @@ def count_weights(live: LiveBytes, modules: dict[str, torch.nn.Module], denoiser
 
 @torch.no_grad()
 def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float | None = None) -> Snapshot:
-    """Caching: every part but the denoiser is on the device (placed before the dataset is built; the denoiser after
-    it) while the VAE encodes images for the cache and the text encoders encode a caption. On a card of `card`
-    bytes, text encoders that do not fit in what is free encode on the CPU, as the loop decides
+    """Caching, as `finetune.data.build_dataset` does it: every part but the denoiser on the device (it is placed
+    after), the text encoders encode a caption and leave, then the VAE encodes images. On a card of `card` bytes,
+    text encoders that do not fit in what is free encode on the CPU, as the loop decides
     (`finetune.text_pass.text_device`)."""
     live.reset_peak()
     offloaded = {n: run.family.parts[n] for n in run.offloaded}
     encoders = {n: m for n, m in offloaded.items() if n in run.family.text_encoder_names}
-    text_bytes = sum(t.numel() * t.element_size() for m in encoders.values() for t in m.parameters())
     others = {n: m for n, m in offloaded.items() if n not in encoders}
     count_weights(live, others, run.family.denoiser_name)
-    text_here = card is None or fits_beside(text_bytes, card - live.total)
-    if text_here:
+    text_bytes = sum(t.numel() * t.element_size() for m in encoders.values() for t in m.parameters())
+    if card is None or fits_beside(text_bytes, card - live.total):
         count_weights(live, encoders, run.family.denoiser_name)
+        if run.text_cached:
+            with live.tagged(ACTIVATIONS, "caching"):
+                run.family.encode_text(run.family.tokenize([""]))
+        for module in encoders.values():  # cached text: its encoders leave before the VAE encodes
+            live.untrack(*module.parameters(), *module.buffers())
     with live.tagged(ACTIVATIONS, "caching"):
         vae = run.family.vae
         res = run.cfg.data.resolution
         pixels = torch.zeros(2, 3, res, res, device="meta", dtype=next(vae.parameters()).dtype)
         posterior = encode_posterior(vae, pixels)  # one image at a time: two show the pattern
         del pixels, posterior
-        if run.text_cached and text_here:
-            run.family.encode_text(run.family.tokenize([""]))
     snapshot = live.peak
-    for module in (others | encoders if text_here else others).values():  # off the device after caching
+    for module in others.values():  # the loop moves them off the device after caching
         live.untrack(*module.parameters(), *module.buffers())
     return snapshot
 
