@@ -261,17 +261,18 @@ def controls_digest(images: list[Image.Image]) -> str:
     return digest.hexdigest()
 
 
-def cache_pair_text(family, examples: list[Example], controls: list[list[Image.Image]], aug: Augment, root: Path):
-    """The text conditioning of each example's caption (and of "" under caption dropout) read with its control
-    images, flipped too under --random_flip, for a text encoder that reads them (`Family.text_reads_controls`);
-    keyed by `text_key`, each example's `controls_digest` set."""
+def cache_pair_text(
+    family, captions: list[str], controls: list[list[Image.Image]], digests: list[str], data: DataConfig, root: Path
+) -> dict[str, dict]:
+    """The text conditioning of each caption (and of "" under caption dropout) read with its example's control
+    images (`digests`: theirs, `controls_digest`), flipped too under --random_flip, for a text encoder that reads
+    them (`Family.text_reads_controls`); keyed by `text_key`."""
     pairs = {}
-    for ex, images in zip(examples, controls, strict=True):
-        ex.controls_digest = controls_digest(images)
-        for flip in (False, True) if aug.random_flip else (False,):
+    for caption, images, digest in zip(captions, controls, digests, strict=True):
+        for flip in (False, True) if data.random_flip else (False,):
             seen = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images] if flip else images
-            for caption in {ex.caption, *([""] if aug.proportion_empty_prompts > 0 else [])}:
-                pairs[text_key(caption, ex.controls_digest, flip)] = (caption, seen)
+            for text in {caption, *([""] if data.proportion_empty_prompts > 0 else [])}:
+                pairs[text_key(text, digest, flip)] = (text, seen)
 
     def tokenize(keys: list[str]) -> dict:
         return family.tokenize([pairs[k][0] for k in keys], [pairs[k][1] for k in keys])
@@ -298,11 +299,16 @@ def build_dataset(
     (they would be moved off after caching anyway): T5-XXL's 9 GB beside the VAE's working set at 1024 px is more
     than a 12 GB card holds. The memory planner traces the same order (`finetune.plan_trace.trace_caching`)."""
     cache_root = cache_dir(cfg)
+    # a text encoder that reads the control images keys its cache by them too
+    digests = [controls_digest(c) if family.text_reads_controls else "" for c in data.controls]
     text = None
     if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
         text = family.text_embeddings
     elif caches_text(cfg, family, trained):
-        text = cache_text(family, [*data.captions, *more_captions], cache_root)
+        if family.text_reads_controls:  # held-out pairs: when `ValidationLoss` builds their dataset
+            text = cache_pair_text(family, data.captions, data.controls, digests, cfg.data, cache_root)
+        else:
+            text = cache_text(family, [*data.captions, *more_captions], cache_root)
         for encoder in family.text_encoders().values():
             encoder.to("cpu")
     sizes = [
@@ -320,9 +326,9 @@ def build_dataset(
             "epoch (use --center_crop to cache)", sum(movable), len(movable),
         )  # fmt: skip
     examples = [
-        Example(caption, im.size, bucket, is_prior=prior, control_sizes=ss)
-        for im, caption, bucket, prior, ss in zip(
-            data.images, data.captions, data.buckets, data.is_prior, sizes, strict=True
+        Example(caption, im.size, bucket, is_prior=prior, control_sizes=ss, controls_digest=digest)
+        for im, caption, bucket, prior, ss, digest in zip(
+            data.images, data.captions, data.buckets, data.is_prior, sizes, digests, strict=True
         )  # fmt: skip
     ]
     masked = any(m is not None for m in data.masks)
@@ -351,13 +357,6 @@ def build_dataset(
         cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
         cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,
     )  # fmt: skip
-    text = None
-    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
-        text = family.text_embeddings
-    elif caches_text(cfg, family, trained) and family.text_reads_controls:
-        text = cache_pair_text(family, examples, data.controls, aug, cache_root)
-    elif caches_text(cfg, family, trained):
-        text = cache_text(family, data.captions, cache_root)
     dataset = TrainDataset(examples, cfg.data.repeats, aug, text, family.tokenize, family.text_reads_controls)
     return dataset, cache_images
 
