@@ -11,9 +11,11 @@ Images without a mask in a dataset that has some weigh 1 everywhere.
 
 An edit pair's control images (`core.controls`) travel with their image: resized to the target's bucket when they
 share its aspect ratio (cropped by the same window, flipped with it), otherwise to their own aspect ratio at the
-bucket's area, as the edit pipelines size an input image (`Family.control_size`); batches group pairs of
-equal sizes. A batch then holds `control_latents` (cached posteriors, keyed "0", "1", ... by reference) or
-`control_pixels`; the family turns them into the tokens its transformer is given beside the noisy ones.
+bucket's area, as the edit pipelines size an input image (`Family.control_size`: Qwen-Image-Edit's at about a
+megapixel); batches group pairs of equal sizes. A batch then holds `control_latents` (cached posteriors, keyed "0",
+"1", ... by reference) or `control_pixels`; the family turns them into the tokens its transformer is given beside the
+noisy ones. A text encoder that reads the control images too (Qwen-Image-Edit's) is given them with the caption,
+and its cached conditioning is keyed by caption and control images (`text_key`).
 
 Every random choice of a sample (flip, crop, caption dropout and shuffle, and the noise and timestep drawn by the
 objective) comes from a seed of (run seed, epoch, sample index): results do not depend on batch composition,

@@ -8,6 +8,8 @@ must tokenize to the real count. Each chat template is the project's own, render
 a text-only conversation:
 - ``qwen``: ChatML (`<|im_start|>role\\n...<|im_end|>\\n`), and with `enable_thinking=False` the empty think block
   Qwen3 appends after the generation prompt (Flux.2 klein asks for it; Z-Image does not).
+- ``qwen_vl``: ``qwen`` with Qwen2.5-VL's image tokens (`<|vision_start|>`, `<|image_pad|>`, `<|vision_end|>`) and
+  Qwen-Image-Edit's template words, which tokenize to the real 64 tokens the edit pipelines drop.
 - ``mistral``: `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]` over messages whose content is a list of
   text parts, as Flux.2's `format_input` builds them. The real Flux.2 dev ships a `PixtralProcessor`; its pipeline
   only calls `apply_chat_template` for text, which a tokenizer has, so the tiny pipeline carries the tokenizer

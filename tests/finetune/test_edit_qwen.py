@@ -29,7 +29,7 @@ from difftune.finetune.config import LoraTrainConfig
 from difftune.finetune.loop import train
 from difftune.finetune.tasks import LORA
 from difftune.pipelines.families import detect, read_model_index
-from difftune.pipelines.families.qwen_image_edit import QwenImageEdit
+from difftune.pipelines.families.qwen_image_edit import QwenImageEdit, edit_template
 from difftune.toyworld import shapes
 from difftune.toyworld.tiny_families import save_family_pipeline
 
@@ -95,6 +95,10 @@ def test_the_control_images_enter_the_transformer_and_the_text_encoder_as_the_pi
     family = detect(str(model)).load(str(model), read_model_index(str(model)))
     assert family.name == name and isinstance(family, QwenImageEdit)
     images = controls(pairs, count)
+    template, drop = edit_template(family.pipeline_class_name)
+    # the part the pipeline drops: as many tokens as in Qwen's vocabulary
+    system = template.split("<|vision_start|>")[0].split("{}")[0]
+    assert len(pipe.tokenizer(system).input_ids) == drop
     # the text stream: the instruction in the edit template with the images' tokens, as the pipeline encodes it
     if name == "qwen-image-edit":
         size = family.control_size(images[0].size, (32, 32), (32, 32))
