@@ -61,6 +61,13 @@ def resize_to_bucket(
     return image.crop((left, top, left + bw, top + bh)), (top, left)
 
 
+def stretch_to(image: Image.Image, size: tuple[int, int], crop: tuple[float, float] | None = None) -> Image.Image:
+    """`image` resized to `size` (w, h) without cropping, its aspect ratio given up by what rounding the sides took
+    (how the Qwen-Image-Edit pipelines resize an input image, `VaeImageProcessor.resize`: Lanczos); `crop` unused,
+    as in `resize_to_bucket`'s place."""
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+
 def can_move(image_size: tuple[int, int], bucket: tuple[int, int]) -> bool:
     """Whether a crop window for this image in this bucket has room to move (so random crops differ)."""
     w, h = image_size

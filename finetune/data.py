@@ -41,7 +41,7 @@ from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, optio
 from difftune.core.controls import check_pairs, decode_controls
 from difftune.core.errors import UserError
 from difftune.core.imagefolder import Record, check_source, decode_all, decode_masks, read_records
-from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
+from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket, stretch_to
 from difftune.finetune.cache import (
     encode_captions,
     encode_controls,
@@ -318,7 +318,8 @@ def build_dataset(
         for im, bucket, controls in zip(data.images, data.buckets, data.controls, strict=True)
     ]
     movable = [
-        can_move(im.size, b) or any(can_move(c.size, s) for c, s in zip(cs, ss, strict=True))
+        can_move(im.size, b)
+        or (not family.stretch_controls and any(can_move(c.size, s) for c, s in zip(cs, ss, strict=True)))
         for im, b, cs, ss in zip(data.images, data.buckets, data.controls, sizes, strict=True)
     ]
     cache_images = cfg.cache.cache_latents and (cfg.data.center_crop or not any(movable))
@@ -344,8 +345,9 @@ def build_dataset(
             ex.latents, ex.latents_flipped = entry["params"], entry.get("flipped")
             ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
         controls = encode_controls(
-            data.records, data.controls, sizes, family.vae, cfg.data.random_flip, cache_root, family.posterior
-        )
+            data.records, data.controls, sizes, family.vae, cfg.data.random_flip, cache_root, family.posterior,
+            stretch=family.stretch_controls,
+        )  # fmt: skip
         for ex, entries, images in zip(examples, controls, data.controls, strict=True):
             ex.control_latents = [(e["params"], e.get("flipped")) for e in entries]
             if family.text_reads_controls and not caches_text(cfg, family, trained):  # read by the text encoder
@@ -359,7 +361,9 @@ def build_dataset(
         cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
         cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,
     )  # fmt: skip
-    dataset = TrainDataset(examples, cfg.data.repeats, aug, text, family.tokenize, family.text_reads_controls)
+    dataset = TrainDataset(
+        examples, cfg.data.repeats, aug, text, family.tokenize, family.text_reads_controls, family.stretch_controls
+    )
     return dataset, cache_images
 
 
@@ -415,6 +419,7 @@ class TrainDataset(torch.utils.data.Dataset):
         text_embeddings: dict | None,
         tokenize,
         text_reads_controls: bool = False,
+        stretch_controls: bool = False,
     ):
         self.examples = examples
         self.repeats = repeats
@@ -422,6 +427,9 @@ class TrainDataset(torch.utils.data.Dataset):
         self.text_embeddings = text_embeddings
         self.tokenize = tokenize
         self.text_reads_controls = text_reads_controls  # `tokenize` takes each caption's control images
+        self.fit_control = (
+            stretch_to if stretch_controls else lambda image, size, crop: resize_to_bucket(image, size, crop)[0]
+        )
         self.epoch = 0
 
     def start_epoch(self, epoch: int) -> None:
@@ -464,8 +472,8 @@ class TrainDataset(torch.utils.data.Dataset):
                 mask = mask_tensor(resize_to_bucket(ex.mask_image, ex.bucket, crop)[0])
                 item["mask"] = mask.flip(-1) if flip else mask
             if ex.controls:  # the same window (where the control has the image's shape) and the same flip
-                pixels = [to_tensor(resize_to_bucket(c, s, crop)[0]) for c, s in zip(ex.controls, ex.control_sizes,
-                                                                                       strict=True)]  # fmt: skip
+                pixels = [to_tensor(self.fit_control(c, s, crop)) for c, s in zip(ex.controls, ex.control_sizes,
+                                                                                    strict=True)]  # fmt: skip
                 item["control_pixels"] = {str(k): x.flip(-1) if flip else x for k, x in enumerate(pixels)}
         # SDXL micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
         w, h = ex.size

@@ -177,6 +177,7 @@ class Family(ABC):
     # The text encoder reads the control images with the caption (Qwen-Image-Edit): `tokenize` takes them, and the
     # text conditioning is cached per caption and control images.
     text_reads_controls: ClassVar[bool] = False
+    stretch_controls: ClassVar[bool] = False  # control images resized to their size without a crop (Qwen-Image-Edit)
     lora_families: ClassVar[tuple[str, ...]] = ()  # other families whose LoRAs fit this one's denoiser
     guidance_batch: ClassVar[int] = 2  # the pipeline's denoiser batch per image (classifier-free guidance)
 

@@ -3,7 +3,7 @@ Qwen-Image-Edit-Plus (`QwenImageEditPlusPipeline`, the 2509 release), which take
 2025, "Qwen-Image Technical Report").
 
 As the pipelines' `__call__` builds the inputs, for each input (control) image:
-- it is resized, aspect ratio kept, to about a megapixel with sides a multiple of 32 (`calculate_dimensions(1024 *
+- it is resized, aspect ratio kept (up to rounding), to about a megapixel with sides a multiple of 32 (`calculate_dimensions(1024 *
   1024, w / h)`), encoded by the 3D VAE as a one-frame video (the posterior's mode, normalised per channel by
   `latents_mean` / `latents_std`), packed 2x2 like the noisy latents and appended to them as more image tokens;
   `img_shapes` lists the target's grid, then each input's. The transformer's output for the appended tokens is
@@ -14,9 +14,8 @@ As the pipelines' `__call__` builds the inputs, for each input (control) image:
   hidden layer at the valid tokens, minus the template's first 64, is the text stream. The pipeline does not
   truncate it (`--max_sequence_length` does not apply).
 The timestep (t / 1000), the resolution-dependent sigma shift (from the target's token count only) and the
-rectified-flow objective are Qwen-Image's. Where training differs from the pipeline, and why: an input image whose
-aspect ratio the 32-pixel multiple cannot keep exactly is cropped by the few pixels the pipeline stretches
-(`finetune.buckets.resize_to_bucket`, the same rule as every training image).
+rectified-flow objective are Qwen-Image's. An input image whose aspect ratio the 32-pixel multiples cannot keep
+exactly is stretched to them, as the pipeline resizes it, never cropped (`stretch_controls`).
 
 The text embedding depends on the input image as well as the instruction, so it is cached per instruction and input
 image(s) (flipped too under `--random_flip`), by the data's cache while the text encoder is loaded beside the rest
@@ -64,6 +63,7 @@ class QwenImageEdit(QwenImage):
     max_controls: ClassVar[int] = 1  # the pipeline takes one input image
     control_multiple: ClassVar[int] = 32  # `calculate_dimensions`
     text_reads_controls: ClassVar[bool] = True
+    stretch_controls: ClassVar[bool] = True  # `VaeImageProcessor.resize` to the calculated size: no crop
     text_first: ClassVar[bool] = False  # cached with the pairs (`finetune.data.cache_pair_text`)
     lora_families: ClassVar[tuple[str, ...]] = ("qwen_image",)  # Qwen-Image's transformer: its LoRAs load here too
     vae_area: ClassVar[int] = 1024 * 1024  # the area input images are encoded at (`__call__`'s `calculate_dimensions`)

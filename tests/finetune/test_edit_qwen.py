@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 from difftune.core.config import from_values
 from difftune.core.errors import UserError
+from difftune.finetune.buckets import stretch_to
+from difftune.finetune.cache import to_tensor
 from difftune.finetune.config import LoraTrainConfig
 from difftune.finetune.loop import train
 from difftune.finetune.tasks import LORA
@@ -80,7 +82,7 @@ def edit(pipe, images: list[Image.Image]) -> np.ndarray:
 
 def controls(pairs, count: int) -> list[Image.Image]:
     first = Image.open(sorted((pairs / "control").glob("*.png"))[0]).convert("RGB")
-    return [first, first.transpose(Image.Transpose.ROTATE_90).resize((48, 32))][:count]  # the second: wider
+    return [first, first.transpose(Image.Transpose.ROTATE_90).resize((40, 32))][:count]  # the second: wider
 
 
 @torch.no_grad()
@@ -118,6 +120,7 @@ def test_the_control_images_enter_the_transformer_and_the_text_encoder_as_the_pi
         w, h = family.control_size(image.size, (32, 32), (32, 32))
         assert w * h == pytest.approx(1024 * 1024, rel=0.1) and w % 32 == h % 32 == 0
         pixels = pipe.image_processor.preprocess(image, h, w)  # (1, 3, H, W) in [-1, 1]
+        torch.testing.assert_close(to_tensor(stretch_to(image, (w, h)))[None], pixels)  # resized as training does
         expected = pipe._encode_vae_image(pixels[:, :, None], generator=None)[:, :, 0]
         ours = family.image_latents(family.posterior(pixels))
         torch.testing.assert_close(ours, expected)
