@@ -23,12 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from difftune.finetune.cache import encode_posterior
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import Augment, Example, TrainDataset, collate
 from difftune.finetune.loop import WEIGHT_DTYPES, place_models
-from difftune.finetune.memory import SWAP_ATTRIBUTE
-from difftune.finetune.memory import in_cpu_memory
+from difftune.finetune.memory import SWAP_ATTRIBUTE, in_cpu_memory
 from difftune.finetune.memtrace import (
     ACTIVATIONS,
     FastMeta,
@@ -43,8 +41,8 @@ from difftune.finetune.offload import offload_plan
 from difftune.finetune.optim import build_optimizer, optimizer_name
 from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.plan_models import STAND_IN_OPTIMIZERS, check_configs, make_part, quantize_stand_in
-from difftune.finetune.text_pass import fits_beside
 from difftune.finetune.tasks import Task
+from difftune.finetune.text_pass import fits_beside
 from difftune.pipelines.families import detect, read_model_index
 from difftune.pipelines.families.base import component_class
 
@@ -137,6 +135,9 @@ def latent_shape(family, resolution: int) -> tuple[int, int, int]:
     """(C, h, w) of a square image's latents: the VAE's channels and downsampling, as diffusers' pipelines read
     them (`vae_scale_factor`)."""
     config = family.vae.config
+    if "temperal_downsample" in config:  # a 3D video VAE (Qwen-Image's): one halving per level, z_dim channels
+        factor = 2 ** len(config.temperal_downsample)
+        return config.z_dim, resolution // factor, resolution // factor
     factor = 2 ** (len(config.block_out_channels) - 1)
     return config.latent_channels, resolution // factor, resolution // factor
 
@@ -325,7 +326,8 @@ def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float |
         vae = run.family.vae
         res = run.cfg.data.resolution
         pixels = torch.zeros(2, 3, res, res, device="meta", dtype=next(vae.parameters()).dtype)
-        posterior = encode_posterior(vae, pixels)  # one image at a time: two show the pattern
+        # one image at a time through the family's posterior, as the cache encodes them: two show the pattern
+        posterior = torch.cat([run.family.posterior(image) for image in pixels.split(1)])
         del pixels, posterior
         if run.text_cached and text_here:
             run.family.encode_text(run.family.tokenize([""]))
