@@ -11,7 +11,8 @@ on meta tensors under `finetune.memtrace`'s modes and returns the peak of each p
 - validation images (`--validation_prompt`): every part resident, a guided denoiser call on the images' latents
   and the VAE decoding them, without gradients;
 - caching, before training: every part but the denoiser on the device (the loop places the denoiser once the
-  cache is built) while the VAE encodes a batch of images for the cache.
+  cache is built) while the VAE encodes a batch of images for the cache; a text-first family's text encoders
+  encode the captions before that, alone on the device (`finetune.text_pass`).
 """
 
 from __future__ import annotations
@@ -318,8 +319,11 @@ def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float |
     encoders = {n: m for n, m in offloaded.items() if n in run.family.text_encoder_names}
     text_bytes = sum(t.numel() * t.element_size() for m in encoders.values() for t in m.parameters())
     others = {n: m for n, m in offloaded.items() if n not in encoders}
+    text_pass = run.family.text_first and run.text_cached  # the encoders alone, before anything else loads
+    if text_pass:
+        trace_text_pass(live, run, encoders, text_bytes, card)
     count_weights(live, others, run.family.denoiser_name)
-    text_here = card is None or fits_beside(text_bytes, card - live.total)
+    text_here = not text_pass and (card is None or fits_beside(text_bytes, card - live.total))
     if text_here:
         count_weights(live, encoders, run.family.denoiser_name)
     with live.tagged(ACTIVATIONS, "caching"):
@@ -335,6 +339,18 @@ def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float |
     for module in (others | encoders if text_here else others).values():  # off the device after caching
         live.untrack(*module.parameters(), *module.buffers())
     return snapshot
+
+
+def trace_text_pass(live: LiveBytes, run: Run, encoders: dict, text_bytes: int, card: float | None) -> None:
+    """A text-first family's text pass (`finetune.text_pass`): its encoders alone on the device, where they fit in
+    the card's free memory, encoding a caption, then freed; on the CPU otherwise (nothing on the device)."""
+    if card is not None and not fits_beside(text_bytes, card - live.total):
+        return
+    count_weights(live, encoders, run.family.denoiser_name)
+    with live.tagged(ACTIVATIONS, "caching"):
+        run.family.encode_text(run.family.tokenize([""]))
+    for module in encoders.values():
+        live.untrack(*module.parameters(), *module.buffers())
 
 
 @torch.no_grad()

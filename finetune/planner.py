@@ -208,7 +208,9 @@ def _mildest(cfg, task, chosen: dict, candidates: list[dict], budget: float) -> 
     def fits(i: int) -> bool:
         if i not in trials:
             try:
-                trials[i] = predict(planned_config(cfg, {**chosen, **candidates[i]}), task, detail=False, card_gib=budget / GIB)
+                trials[i] = predict(
+                    planned_config(cfg, {**chosen, **candidates[i]}), task, detail=False, card_gib=budget / GIB
+                )
             except UserError:  # a combination the config refuses
                 return False
         return trials[i].predicted <= budget
