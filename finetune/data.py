@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -252,10 +253,24 @@ def cache_text(family, captions: list[str], root: Path) -> dict[str, dict]:
     return encode_captions([*captions, ""], family.encode_text, fingerprint, family.tokenize, root)
 
 
-def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDataset, bool]:
+def build_dataset(
+    cfg, data: Images, family, trained: dict, more_captions: Sequence[str] = ()
+) -> tuple[TrainDataset, bool]:
     """The dataset, with latents and text conditioning cached where their encoders are frozen; returns it and
-    whether the latents are cached. `trained` names the modules being trained (their outputs are never cached)."""
+    whether the latents are cached. `trained` names the modules being trained (their outputs are never cached);
+    `more_captions` are cached with the text too (the held-out images', read from the cache later).
+
+    The text is encoded first, and cached text encoders leave the accelerator before the VAE encodes the images
+    (they would be moved off after caching anyway): T5-XXL's 9 GB beside the VAE's working set at 1024 px is more
+    than a 12 GB card holds. The memory planner traces the same order (`finetune.plan_trace.trace_caching`)."""
     cache_root = cache_dir(cfg)
+    text = None
+    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
+        text = family.text_embeddings
+    elif caches_text(cfg, family, trained):
+        text = cache_text(family, [*data.captions, *more_captions], cache_root)
+        for encoder in family.text_encoders().values():
+            encoder.to("cpu")
     sizes = [
         [control_size(c.size, im.size, bucket, family.control_multiple) for c in controls]
         for im, bucket, controls in zip(data.images, data.buckets, data.controls, strict=True)
@@ -296,11 +311,6 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
             if mask is None and masked:  # an image without a mask among masked ones weighs 1 everywhere
                 mask = Image.new("L", im.size, 255)
             ex.image, ex.mask_image, ex.controls = im, mask, controls
-    text = None
-    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
-        text = family.text_embeddings
-    elif caches_text(cfg, family, trained):
-        text = cache_text(family, data.captions, cache_root)
     aug = Augment(
         cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
         cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,

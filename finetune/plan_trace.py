@@ -11,8 +11,7 @@ on meta tensors under `finetune.memtrace`'s modes and returns the peak of each p
 - validation images (`--validation_prompt`): every part resident, a guided denoiser call on the images' latents
   and the VAE decoding them, without gradients;
 - caching, before training: every part but the denoiser on the device (the loop places the denoiser once the
-  cache is built) while the VAE encodes a batch of images for the cache; a text-first family's text encoders
-  encode the captions before that, alone on the device (`finetune.text_pass`).
+  cache is built) while the VAE encodes a batch of images for the cache.
 """
 
 from __future__ import annotations
@@ -310,22 +309,23 @@ def count_weights(live: LiveBytes, modules: dict[str, torch.nn.Module], denoiser
 
 @torch.no_grad()
 def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float | None = None) -> Snapshot:
-    """Caching: every part but the denoiser is on the device (placed before the dataset is built; the denoiser after
-    it) while the VAE encodes images for the cache and the text encoders encode a caption. On a card of `card`
-    bytes, text encoders that do not fit in what is free encode on the CPU, as the loop decides
+    """Caching, as `finetune.data.build_dataset` does it: every part but the denoiser on the device (it is placed
+    after), the text encoders encode a caption and leave, then the VAE encodes images. On a card of `card` bytes,
+    text encoders that do not fit in what is free encode on the CPU, as the loop decides
     (`finetune.text_pass.text_device`)."""
     live.reset_peak()
     offloaded = {n: run.family.parts[n] for n in run.offloaded}
     encoders = {n: m for n, m in offloaded.items() if n in run.family.text_encoder_names}
-    text_bytes = sum(t.numel() * t.element_size() for m in encoders.values() for t in m.parameters())
     others = {n: m for n, m in offloaded.items() if n not in encoders}
-    text_pass = run.family.text_first and run.text_cached  # the encoders alone, before anything else loads
-    if text_pass:
-        trace_text_pass(live, run, encoders, text_bytes, card)
     count_weights(live, others, run.family.denoiser_name)
-    text_here = not text_pass and (card is None or fits_beside(text_bytes, card - live.total))
-    if text_here:
+    text_bytes = sum(t.numel() * t.element_size() for m in encoders.values() for t in m.parameters())
+    if card is None or fits_beside(text_bytes, card - live.total):
         count_weights(live, encoders, run.family.denoiser_name)
+        if run.text_cached:
+            with live.tagged(ACTIVATIONS, "caching"):
+                run.family.encode_text(run.family.tokenize([""]))
+        for module in encoders.values():  # cached text: its encoders leave before the VAE encodes
+            live.untrack(*module.parameters(), *module.buffers())
     with live.tagged(ACTIVATIONS, "caching"):
         vae = run.family.vae
         res = run.cfg.data.resolution
@@ -333,24 +333,10 @@ def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float |
         # one image at a time through the family's posterior, as the cache encodes them: two show the pattern
         posterior = torch.cat([run.family.posterior(image) for image in pixels.split(1)])
         del pixels, posterior
-        if run.text_cached and text_here:
-            run.family.encode_text(run.family.tokenize([""]))
     snapshot = live.peak
-    for module in (others | encoders if text_here else others).values():  # off the device after caching
+    for module in others.values():  # the loop moves them off the device after caching
         live.untrack(*module.parameters(), *module.buffers())
     return snapshot
-
-
-def trace_text_pass(live: LiveBytes, run: Run, encoders: dict, text_bytes: int, card: float | None) -> None:
-    """A text-first family's text pass (`finetune.text_pass`): its encoders alone on the device, where they fit in
-    the card's free memory, encoding a caption, then freed; on the CPU otherwise (nothing on the device)."""
-    if card is not None and not fits_beside(text_bytes, card - live.total):
-        return
-    count_weights(live, encoders, run.family.denoiser_name)
-    with live.tagged(ACTIVATIONS, "caching"):
-        run.family.encode_text(run.family.tokenize([""]))
-    for module in encoders.values():
-        live.untrack(*module.parameters(), *module.buffers())
 
 
 @torch.no_grad()

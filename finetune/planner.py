@@ -334,7 +334,7 @@ def size(nbytes: float) -> str:
 
 
 PHASE_NOTES = {
-    "caching": "caching latents and text before training (every part on the device, the VAE encoding)",
+    "caching": "caching latents and text before training (the text encoders, then the VAE, encoding; the denoiser not yet placed)",
     "validation images": "validation images (every part on the device, guided denoiser batch, VAE decode)",
 }
 

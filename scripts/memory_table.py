@@ -9,8 +9,9 @@ and card, and each hardware preset's predicted peak.
 Every figure comes from `finetune.planner` on the released models' config shapes (`scripts/shaped_models.py`:
 SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev, Qwen-Image, Flux.2 dev and klein 4B, Z-Image, Chroma, built on the meta
 device): a LoRA of the default rank, bf16 mixed precision, latents and text cached, batch 4 before `--fit` lowers it.
-The 2026 families have 1024 px rows only (what they are trained at). One plan of a 20-32B model takes 5-10 s on a
-shared 2-core machine and `--fit` makes a dozen or more: the whole run takes over an hour there.
+The 2026 families have 1024 px rows only (what they are trained at). One plan of a 20-32B model takes 3-10 s on an
+idle 2-core machine (30-100 s when others share it) and a `--fit` cell makes a dozen plans or more: their rows take
+well over an hour there.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             start, end = guide.index(BEGIN) + len(BEGIN), guide.index(END)
             text = table(folder, families, guide[start:end].strip())
             if not args.check:
+                guide = GUIDE.read_text()  # as it is now: the run is long
+                start, end = guide.index(BEGIN) + len(BEGIN), guide.index(END)
                 GUIDE.write_text(guide[:start] + "\n" + text + "\n" + guide[end:])
 
 
@@ -148,7 +151,13 @@ def write_presets(folder: Path, check: bool, families: tuple[str, ...] = SHAPED_
         line = preset_line(path, preset_plan(path, folder))
         print(f"{path.name}: {line}", flush=True)
         if not check:
-            lines = [line if x.startswith(PRESET_LINE) else x for x in path.read_text().splitlines()]
+            lines = path.read_text().splitlines()
+            old = [i for i, x in enumerate(lines) if x.startswith((PRESET_LINE, "# Memory planner: "))]
+            if old:
+                lines[old[0]] = line
+                lines = [x for i, x in enumerate(lines) if i not in old[1:]]
+            else:  # after the leading comments
+                lines.insert(next(i for i, x in enumerate(lines) if not x.startswith("#")), line)
             path.write_text("\n".join(lines) + "\n")
 
 
