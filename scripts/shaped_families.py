@@ -7,6 +7,12 @@ hidden states from, but one attention head and a narrow feed-forward layer: with
 only fill it before the timed steps and are freed before the transformer loads (`finetune.text_pass`), so their
 depth and width beyond what the transformer sees change no figure of the table. The tokenizers are the project's
 (`toyworld.tiny_llm`, `toyworld.tiny_flow`).
+
+`family_parts` gives the same pipelines as configs only, with the text encoders at their released size (Qwen2.5-VL
+7B, Mistral Small 3.1 24B, Qwen3-4B, T5-XXL): what the memory planner and the hardware presets' predictions read
+(`scripts.shaped_models.write_shaped_configs`). The released config.json files were not fetched (no network): the
+LLMs' values are those their model cards and transformers' docs state, and each component's parameter count is
+tested against the published one (tests/finetune/test_shaped_plans.py).
 """
 
 from __future__ import annotations
