@@ -120,6 +120,22 @@ class Snapshot:
     phase: str = ""
 
 
+def _all_valid(func, args):
+    """What a data-dependent operator gives on meta tensors when every mask is all true, as the planner's token ids
+    are (`plan_models.ShapeTokenizer`): a boolean mask's `all()` read in Python is True, and indexing by a boolean
+    mask keeps every position. None for any other call."""
+    if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+        if args[0].dtype == torch.bool:
+            return True
+        raise RuntimeError("a value read from a meta tensor: the planner traces shapes, not values")
+    if func is torch.ops.aten.index.Tensor and args[0].device.type == "meta":
+        x, indices = args
+        if len(indices) == 1 and indices[0] is not None and indices[0].dtype == torch.bool:
+            mask = indices[0]  # (leading dims of x): every position kept, flattened
+            return x.new_empty((mask.numel(), *x.shape[mask.dim() :]))
+    return None
+
+
 class FastMeta(TorchDispatchMode):
     """Operators on meta tensors, with their outputs remembered (see `_run`)."""
 
@@ -131,6 +147,9 @@ class FastMeta(TorchDispatchMode):
         strides and dtypes: most meta kernels are Python reference code (a millisecond an operator), and a model's
         repeated blocks call the same operators on the same shapes again and again. Operators that return views
         of their inputs or write into them always run."""
+        masked = _all_valid(func, args)
+        if masked is not None:
+            return masked
         fresh = _FRESH.get(func)
         if fresh is None:
             schema = func._schema

@@ -24,19 +24,30 @@ NO_LIMIT = 1 << 20  # tokens
 
 
 class ShapeTokenizer:
-    """A tokenizer that gives all-zero token ids of the length asked for: the planned step reads their shape only."""
+    """A tokenizer that gives all-zero token ids of the length asked for, every position valid: the planned step
+    reads their shape only, and a text at its longest is the costliest. LLM families' chat templates give the text
+    back unchanged (or, tokenized, the ids)."""
 
     def __init__(self, model_max_length: int):
         self.model_max_length = model_max_length
 
-    def __call__(self, texts, padding=None, max_length=None, truncation=None, return_tensors=None):
+    def __call__(self, texts, padding=None, max_length=None, truncation=None, return_tensors=None, **_):
         length = max_length or self.model_max_length
         return _Ids(torch.zeros(len(texts), length, dtype=torch.long))
+
+    def apply_chat_template(self, conversations, tokenize=True, return_dict=False, max_length=None, **_):
+        batch = conversations if conversations and isinstance(conversations[0], list) else [conversations]
+        if not tokenize:
+            texts = ["" for _ in batch]
+            return texts if batch is conversations else texts[0]
+        ids = self(batch, max_length=max_length)
+        return {"input_ids": ids.input_ids, "attention_mask": ids.attention_mask} if return_dict else ids.input_ids
 
 
 class _Ids:
     def __init__(self, input_ids: torch.Tensor):
         self.input_ids = input_ids
+        self.attention_mask = torch.ones_like(input_ids)
 
 
 def check_configs(model: str, index: dict, family_cls) -> None:

@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 
 from difftune.core.errors import UserError
-from difftune.finetune.cache import encode_posterior
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import Augment, Example, TrainDataset, collate
 from difftune.finetune.loop import WEIGHT_DTYPES, place_models
@@ -142,6 +141,9 @@ def latent_shape(family, resolution: int) -> tuple[int, int, int]:
     """(C, h, w) of a square image's latents: the VAE's channels and downsampling, as diffusers' pipelines read
     them (`vae_scale_factor`)."""
     config = family.vae.config
+    if "temperal_downsample" in config:  # a 3D video VAE (Qwen-Image's): one halving per level, z_dim channels
+        factor = 2 ** len(config.temperal_downsample)
+        return config.z_dim, resolution // factor, resolution // factor
     factor = 2 ** (len(config.block_out_channels) - 1)
     return config.latent_channels, resolution // factor, resolution // factor
 
@@ -334,7 +336,8 @@ def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float |
         vae = run.family.vae
         res = run.cfg.data.resolution
         pixels = torch.zeros(2, 3, res, res, device="meta", dtype=next(vae.parameters()).dtype)
-        posterior = encode_posterior(vae, pixels)  # one image at a time: two show the pattern
+        # one image at a time through the family's posterior, as the cache encodes them: two show the pattern
+        posterior = torch.cat([run.family.posterior(image) for image in pixels.split(1)])
         del pixels, posterior
     snapshot = live.peak
     for module in others.values():  # the loop moves them off the device after caching

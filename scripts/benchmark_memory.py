@@ -2,9 +2,11 @@
 on denoisers of the released models' shapes with random weights (no downloads):
 
     python scripts/benchmark_memory.py [--quick] [--families sd15,sdxl,sd35,flux] [--steps 2] [--output rows.json]
+    python scripts/benchmark_memory.py --families qwen_image,flux2,flux2_klein,z_image,chroma   # the 2026 families
 
-For each family (SD 1.5 and SDXL UNets, SD 3.5 medium's and Flux.1-dev's transformers: `scripts/shaped_models.py`)
-and each of its presets in configs/hardware/ (`gpu-8gb`, ..., `a100-80gb`, with the family's suffix), one row: the
+For each family (SD 1.5 and SDXL UNets, SD 3.5 medium's and Flux.1-dev's transformers: `scripts/shaped_models.py`;
+asked for by name, Qwen-Image, Flux.2 dev and klein 4B, Z-Image and Chroma: `scripts/shaped_families.py`) and each
+of its presets in configs/hardware/ (`gpu-8gb`, ..., `a100-80gb`, with the family's suffix), one row: the
 denoiser built on the device at its real width, the family's LoRA targets at `--rank`, the preset's precision,
 memory options (`--fp8_base`, `--blocks_to_swap`, `--quantize_base`, gradient checkpointing) applied by the same
 `finetune.memory.apply_memory_options` training calls, its optimizer, and its batch x accumulation at the family's
@@ -34,10 +36,15 @@ import torch
 from difftune.core.config import compose, load_yaml, option, parse
 from difftune.core.errors import run_main
 from difftune.core.paths import shipped_configs
+from difftune.scripts.shaped_families import TRANSFORMER_CLASSES, TRANSFORMERS
 from difftune.scripts.shaped_models import FLOW_SHAPES, SHAPED_RESOLUTION, UNET_SHAPES
 
 CARDS = ("gpu-8gb", "gpu-12gb", "gpu-16gb", "gpu-24gb", "a100-40gb", "a100-80gb")
 FAMILIES = {"sd15": ("sd1", ""), "sdxl": ("sdxl", "-sdxl"), "sd35": ("sd3", "-sd3"), "flux": ("flux", "-flux")}
+# The 2026 families (run when named: their rows would take the whole run's time budget): family, preset suffix.
+FAMILIES_2026 = {"qwen_image": ("qwen_image", "-qwen"), "flux2": ("flux2", "-flux2"),
+                 "flux2_klein": ("flux2_klein", "-klein"), "z_image": ("z_image", "-zimage"),
+                 "chroma": ("chroma", "-chroma")}  # fmt: skip
 QUICK = ("gpu-8gb", "gpu-8gb-sdxl", "gpu-8gb-sd3", "gpu-8gb-flux", "gpu-24gb-flux")
 # Narrowed widths for the CPU test: every architecture feature kept (dual attention, qk norms, guidance embeddings,
 # SDXL's added conditioning), a few thousand parameters.
@@ -52,14 +59,26 @@ NARROW = {
                  sample_size=8),
     "flux": dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
                  joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
+    "qwen_image": dict(num_layers=4, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32,
+                       axes_dims_rope=(4, 6, 6)),
+    "flux2": dict(num_layers=1, num_single_layers=5, num_attention_heads=2, attention_head_dim=16,
+                  joint_attention_dim=48, axes_dims_rope=(4, 4, 4, 4)),
+    "flux2_klein": dict(num_layers=1, num_single_layers=3, num_attention_heads=2, attention_head_dim=16,
+                        joint_attention_dim=48, axes_dims_rope=(4, 4, 4, 4)),
+    "z_image": dict(dim=32, n_layers=4, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                    axes_dims=[4, 6, 6]),
+    "chroma": dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
+                   joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_hidden_dim=32, approximator_layers=1),
 }  # fmt: skip
-TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd35": 77 + 256, "flux": 512}  # CLIP, CLIP + T5 (SD 3's 256), T5 (Flux's 512)
+# Text tokens of the cached conditioning: CLIP, CLIP + T5 (SD 3's 256), T5 (Flux's 512); the 2026 families' 512.
+TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "sd35": 77 + 256, "flux": 512} | dict.fromkeys(FAMILIES_2026, 512)
 
 
 @dataclass
 class MemoryBenchmarkConfig:
     quick: bool = option("Five rows: each family's 8 GB preset and Flux at 24 GB.", default=False)
-    families: list[str] = option("Families to run.", default=list(FAMILIES), choices=tuple(FAMILIES))
+    families: list[str] = option("Families to run (the 2026 families when named).", default=list(FAMILIES),
+                                 choices=(*FAMILIES, *FAMILIES_2026))  # fmt: skip
     presets: list[str] | None = option("Only these preset names (default: every card of each family).", default=None)
     steps: int = option("Timed optimizer steps per row, after one warm-up step.", default=2)
     rank: int = option("LoRA rank.", default=16)
@@ -72,8 +91,12 @@ class MemoryBenchmarkConfig:
 
 def denoiser_config(kind: str, narrow: bool) -> tuple[type, dict]:
     """The denoiser class of `kind` and its constructor arguments (the released model's, or narrowed)."""
+    import diffusers
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
+    if kind in FAMILIES_2026:
+        cls, config = getattr(diffusers, TRANSFORMER_CLASSES[kind]), TRANSFORMERS[kind]
+        return cls, {**config, **NARROW[kind]} if narrow else dict(config)
     cls = {"sd15": UNet2DConditionModel, "sdxl": UNet2DConditionModel, "sd35": SD3Transformer2DModel,
            "flux": FluxTransformer2DModel}[kind]  # fmt: skip
     config = {**UNET_SHAPES, **FLOW_SHAPES}[kind]
@@ -91,12 +114,22 @@ def build_family(kind: str, narrow: bool, device: torch.device, dtype: torch.dty
     cls, config = denoiser_config(kind, narrow)
     with torch.device(device):
         denoiser = cls(**config).to(dtype).requires_grad_(False)
-    family_cls = by_name(FAMILIES[kind][0])
+    if kind == "z_image":  # its padding tokens are left uninitialised (torch.empty) at construction
+        with torch.no_grad():
+            denoiser.x_pad_token.normal_()
+            denoiser.cap_pad_token.normal_()
+    family_cls = by_name({**FAMILIES, **FAMILIES_2026}[kind][0])
     if family_cls.objective == "flow":
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     else:
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    vae = type("LatentScaling", (), {"config": FrozenDict(scaling_factor=0.5, shift_factor=0.0)})()
+    # What the families' `normalize` reads of a VAE: scaling and shift; Qwen-Image's per-channel statistics; Flux.2's
+    # batch-norm statistics over the patchified channels.
+    config = FrozenDict(scaling_factor=0.5, shift_factor=0.0, latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+                        batch_norm_eps=1e-4)  # fmt: skip
+    vae = type("LatentScaling", (), {"config": config})()
+    if kind.startswith("flux2"):
+        vae.bn = torch.nn.BatchNorm2d(denoiser.config.in_channels).to(device)
     parts = {"noise_scheduler": scheduler, "vae": vae, family_cls.denoiser_name: denoiser}
     return family_cls(f"shaped-{kind}", {}, parts, {})
 
@@ -104,7 +137,10 @@ def build_family(kind: str, narrow: bool, device: torch.device, dtype: torch.dty
 def random_batch(kind: str, family, batch: int, resolution: int, device: torch.device) -> dict:
     """A cached batch of `kind`'s shapes: VAE posterior parameters (B, 2C, h, w) and text conditioning."""
     denoiser = family.denoiser
-    channels = denoiser.config.in_channels // (4 if kind == "flux" else 1)  # Flux reads 2x2-packed latents
+    # Flux.1, Chroma and Qwen-Image read 2x2-packed latents; Flux.2's VAE latents are patchified 2x2 by `normalize`
+    channels = denoiser.config.in_channels // (
+        4 if kind in ("flux", "chroma", "qwen_image") or kind.startswith("flux2") else 1
+    )
     side = resolution // 8
     g = torch.Generator().manual_seed(0)
 
@@ -114,7 +150,9 @@ def random_batch(kind: str, family, batch: int, resolution: int, device: torch.d
     out = {"latents": randn(batch, 2 * channels, side, side), "noise_seed": torch.arange(batch),
            "weight": torch.ones(batch, device=device)}  # fmt: skip
     tokens = TEXT_TOKENS[kind]
-    if kind in ("sd15", "sdxl"):
+    if kind in FAMILIES_2026:
+        out["cond"] = text_2026(kind, denoiser.config, batch, tokens, randn)
+    elif kind in ("sd15", "sdxl"):
         out["cond"] = {"encoder_hidden_states": randn(batch, tokens, denoiser.config.cross_attention_dim)}
         if kind == "sdxl":
             pooled = (
@@ -126,6 +164,19 @@ def random_batch(kind: str, family, batch: int, resolution: int, device: torch.d
         out["cond"] = {"encoder_hidden_states": randn(batch, tokens, denoiser.config.joint_attention_dim),
                        "pooled_projections": randn(batch, denoiser.config.pooled_projection_dim)}  # fmt: skip
     return out
+
+
+def text_2026(kind: str, config, batch: int, tokens: int, randn) -> dict:
+    """The cached text conditioning of a 2026 family (`encode_text`'s keys), every token valid."""
+    ones = torch.ones(batch, tokens, dtype=torch.long)
+    if kind == "z_image":
+        return {"cap_feats": randn(batch, tokens, config.cap_feat_dim), "cap_mask": ones.to(randn(1).device)}
+    text = randn(batch, tokens, config.joint_attention_dim)
+    if kind == "qwen_image":
+        return {"encoder_hidden_states": text, "encoder_hidden_states_mask": ones.to(text.device)}
+    if kind == "chroma":
+        return {"encoder_hidden_states": text, "attention_mask": ones.to(text.device, torch.float32)}
+    return {"encoder_hidden_states": text}  # Flux.2: three hidden layers side by side, no mask
 
 
 def preset_config(name: str, narrow: bool, kind: str, rank: int):
@@ -267,7 +318,10 @@ def planned_step(kind: str, cfg, resolution: int) -> float:
 
 def rows_to_run(args: MemoryBenchmarkConfig) -> list[tuple[str, str]]:
     """(family, preset) pairs: every card of each family, or the quick set, or the named presets."""
-    pairs = [(kind, f"{card}{FAMILIES[kind][1]}") for kind in args.families for card in CARDS]
+    suffixes = {kind: suffix for kind, (_, suffix) in {**FAMILIES, **FAMILIES_2026}.items()}
+    presets = {p.stem for p in (shipped_configs() / "hardware").glob("*.yaml")}  # Flux.2 dev ships no 8/12 GB ones
+    pairs = [(kind, f"{card}{suffixes[kind]}") for kind in args.families for card in CARDS
+             if f"{card}{suffixes[kind]}" in presets]  # fmt: skip
     if args.quick:
         pairs = [(kind, name) for kind, name in pairs if name in QUICK]
     if args.presets:

@@ -4,10 +4,14 @@ and card, and each hardware preset's predicted peak.
     python -m difftune.scripts.memory_table                 # rewrites the table in docs/memory.md and the presets'
     python -m difftune.scripts.memory_table --only presets  # the presets' expected-peak lines only
     python -m difftune.scripts.memory_table --check         # prints them, changes nothing
+    python -m difftune.scripts.memory_table --families qwen_image,flux2   # only these families' rows and presets
 
 Every figure comes from `finetune.planner` on the released models' config shapes (`scripts/shaped_models.py`:
-SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev, built on the meta device): a LoRA of the default rank, bf16 mixed
-precision, latents and text cached, batch 4 before `--fit` lowers it. The run takes about half an hour on 2 cores.
+SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev, Qwen-Image, Flux.2 dev and klein 4B, Z-Image, Chroma, built on the meta
+device): a LoRA of the default rank, bf16 mixed precision, latents and text cached, batch 4 before `--fit` lowers it.
+The 2026 families have 1024 px rows only (what they are trained at). One plan of a 20-32B model takes 3-10 s on an
+idle 2-core machine (30-100 s when others share it) and a `--fit` cell makes a dozen plans or more: their rows take
+well over an hour there.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "memory.md"
 PRESETS = REPO / "configs" / "hardware"
 BEGIN, END = "<!-- memory_table: begin -->", "<!-- memory_table: end -->"
-NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd35": "SD 3.5 medium", "flux": "Flux.1-dev"}
-RESOLUTIONS = (512, 1024)
+NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd35": "SD 3.5 medium", "flux": "Flux.1-dev", "qwen_image": "Qwen-Image",
+         "flux2": "Flux.2-dev", "flux2_klein": "Flux.2-klein 4B", "z_image": "Z-Image", "chroma": "Chroma"}  # fmt: skip
+RESOLUTIONS = {"sd15": (512, 1024), "sdxl": (512, 1024), "sd35": (512, 1024), "flux": (512, 1024)}  # others: 1024
+# A preset's name ends in its family's suffix (none: SD 1.x/2.x).
+SUFFIXES = {"sdxl": "sdxl", "sd3": "sd35", "flux": "flux", "qwen": "qwen_image", "flux2": "flux2", "klein": "flux2_klein",
+            "zimage": "z_image", "chroma": "chroma"}  # fmt: skip
 CARDS = (8, 12, 16, 24, 40, 80)  # GB, as sold
 BASE = dict(train_batch_size=4, mixed_precision="bf16")
 PRESET_LINE = "# Expected peak: "
@@ -33,7 +41,7 @@ PRESET_LINE = "# Expected peak: "
 def preset_target(name: str) -> tuple[str, int, float]:
     """(family shape, resolution, card GB) a hardware preset is for, from its name (`gpu-12gb-sdxl`)."""
     card = float(re.search(r"(\d+)gb", name).group(1))
-    kind = {"sdxl": "sdxl", "sd3": "sd35", "flux": "flux"}.get(name.rsplit("-", 1)[-1], "sd15")
+    kind = SUFFIXES.get(name.rsplit("-", 1)[-1], "sd15")
     return kind, 512 if kind == "sd15" else 1024, card
 
 
@@ -93,11 +101,16 @@ def fit_cell(kind: str, resolution: int, card: float, folder: Path) -> str:
     return f"{plan.predicted / GIB:.2f} GiB: " + (f"`{flags(settings)}`" if settings else "as it is")
 
 
-def table(folder: Path) -> str:
+def table(folder: Path, families: tuple[str, ...], current: str = "") -> str:
+    """The guide's table: `families`' rows computed, every other family's kept from the `current` table."""
     head = "| family | px | " + " | ".join(f"{c} GB" for c in CARDS) + " |"
+    kept = [(line.split(" | ")[0][2:], line) for line in current.splitlines()[2:] if line.startswith("| ")]
     rows = [head, "|" + "---|" * (len(CARDS) + 2)]
     for kind in SHAPED_FAMILIES:
-        for resolution in RESOLUTIONS:
+        if kind not in families:
+            rows += [line for name, line in kept if name == NAMES[kind]]
+            continue
+        for resolution in RESOLUTIONS.get(kind, (1024,)):
             cells = [fit_cell(kind, resolution, card, folder) for card in CARDS]
             rows.append(f"| {NAMES[kind]} | {resolution} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
@@ -108,23 +121,32 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="print only")
     parser.add_argument("--only", choices=("presets", "table"), help="only the presets' lines, or only the table")
+    parser.add_argument("--families", default=",".join(SHAPED_FAMILIES), help="comma-separated: " +
+                        ", ".join(SHAPED_FAMILIES) + " (default: all); the other rows stay as they are")  # fmt: skip
     args = parser.parse_args(argv)
+    families = tuple(args.families.split(","))
+    unknown = sorted(set(families) - set(SHAPED_FAMILIES))
+    if unknown:
+        parser.error(f"--families: unknown {', '.join(unknown)}; choose from {', '.join(SHAPED_FAMILIES)}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.only != "table":
-            write_presets(folder, args.check)
+            write_presets(folder, args.check, families)
         if args.only != "presets":
-            text = table(folder)
+            guide = GUIDE.read_text()
+            start, end = guide.index(BEGIN) + len(BEGIN), guide.index(END)
+            text = table(folder, families, guide[start:end].strip())
             if not args.check:
-                guide = GUIDE.read_text()
+                guide = GUIDE.read_text()  # as it is now: the run is long
                 start, end = guide.index(BEGIN) + len(BEGIN), guide.index(END)
                 GUIDE.write_text(guide[:start] + "\n" + text + "\n" + guide[end:])
 
 
-def write_presets(folder: Path, check: bool) -> None:
-    """Each card preset's expected-peak line, rewritten in place with the planner's prediction."""
+def write_presets(folder: Path, check: bool, families: tuple[str, ...] = SHAPED_FAMILIES) -> None:
+    """Each card preset's expected-peak line (of `families`' presets), rewritten in place with the planner's
+    prediction."""
     for path in sorted(PRESETS.glob("*.yaml")):
-        if path.stem == "cpu":
+        if path.stem == "cpu" or preset_target(path.stem)[0] not in families:
             continue
         line = preset_line(path, preset_plan(path, folder))
         print(f"{path.name}: {line}", flush=True)

@@ -7,6 +7,12 @@ hidden states from, but one attention head and a narrow feed-forward layer: with
 only fill it before the timed steps and are freed before the transformer loads (`finetune.text_pass`), so their
 depth and width beyond what the transformer sees change no figure of the table. The tokenizers are the project's
 (`toyworld.tiny_llm`, `toyworld.tiny_flow`).
+
+`family_parts` gives the same pipelines as configs only, with the text encoders at their released size (Qwen2.5-VL
+7B, Mistral Small 3.1 24B, Qwen3-4B, T5-XXL): what the memory planner and the hardware presets' predictions read
+(`scripts.shaped_models.write_shaped_configs`). The released config.json files were not fetched (no network): the
+LLMs' values are those their model cards and transformers' docs state, and each component's parameter count is
+tested against the published one (tests/finetune/test_shaped_plans.py).
 """
 
 from __future__ import annotations
@@ -110,3 +116,86 @@ def _vae(kind: str, overrides: dict):
 def _save(pipe, folder: Path) -> Path:
     pipe.save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------- configs only
+
+# The released LLM text encoders at full size, as their config.json files give them (transformers' classes read
+# them): Qwen2.5-VL-7B-Instruct (Qwen-Image's `text_encoder`, vision tower included: the pipeline's class holds it),
+# Mistral Small 3.1/3.2 24B (Flux.2 dev's; the two releases share the shape, and transformers' `Mistral3Config`
+# defaults are that shape), Qwen3-4B (Flux.2 klein 4B's `Qwen3ForCausalLM`, its output layer tied to the
+# embeddings; Z-Image's `Qwen3Model`, without one).
+QWEN25_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                     rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu"),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False,
+)  # fmt: skip
+MISTRAL_SMALL_24B = dict(
+    text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e9, sliding_window=None),
+    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, head_dim=64, patch_size=14, image_size=1540),
+    image_token_index=10, spatial_merge_size=2, multimodal_projector_bias=False, tie_word_embeddings=False,
+)  # fmt: skip
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True)  # fmt: skip
+# (pipeline class, text encoder class, its config, tokenizer class) of each family with an LLM text encoder.
+LLM_PIPELINES = {
+    "qwen_image": ("QwenImagePipeline", "Qwen2_5_VLForConditionalGeneration", QWEN25_VL_7B, "Qwen2Tokenizer"),
+    "flux2": ("Flux2Pipeline", "Mistral3ForConditionalGeneration", MISTRAL_SMALL_24B, "PixtralProcessor"),
+    "flux2_klein": ("Flux2KleinPipeline", "Qwen3ForCausalLM", QWEN3_4B, "Qwen2TokenizerFast"),
+    "z_image": ("ZImagePipeline", "Qwen3Model", QWEN3_4B, "Qwen2Tokenizer"),
+}
+PIPELINES = {kind: entry[0] for kind, entry in LLM_PIPELINES.items()} | {"chroma": "ChromaPipeline"}
+TRANSFORMER_CLASSES = {"qwen_image": "QwenImageTransformer2DModel", "flux2": "Flux2Transformer2DModel",
+                       "flux2_klein": "Flux2Transformer2DModel", "z_image": "ZImageTransformer2DModel",
+                       "chroma": "ChromaTransformer2DModel"}  # fmt: skip
+VAE_CLASSES = {
+    "qwen_image": "AutoencoderKLQwenImage",
+    "flux2": "AutoencoderKLFlux2",
+    "flux2_klein": "AutoencoderKLFlux2",
+}
+
+
+def scheduler_config(kind: str) -> dict:
+    """The scheduler_config.json each release ships (`toyworld.tiny_families` keeps them)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from difftune.toyworld.tiny_families import chroma_scheduler, flux2_scheduler, qwen_image_scheduler
+
+    if kind == "z_image":  # Z-Image-Turbo's: a static shift of 3
+        return dict(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).config)
+    make = {"qwen_image": qwen_image_scheduler, "chroma": chroma_scheduler}.get(kind, flux2_scheduler)
+    return dict(make().config)
+
+
+def family_parts(kind: str, overrides: dict) -> dict:
+    """`kind`'s pipeline as its components' (library, class, config) by name, at the released shapes (text encoders
+    at full size); `overrides` (keys `transformer`, `vae`, `text`: the LLM's `text_config` or Qwen3's own keys,
+    `t5`: Chroma's T5) narrow them. No module is built."""
+    transformer = ("diffusers", TRANSFORMER_CLASSES[kind], {**TRANSFORMERS[kind], **overrides.get("transformer", {})})
+    vae = {**({} if kind in VAE_CLASSES else FLUX_VAE), **overrides.get("vae", {})}  # the VAE classes' defaults
+    parts = dict(
+        transformer=transformer, vae=("diffusers", VAE_CLASSES.get(kind, "AutoencoderKL"), vae),
+        scheduler=("diffusers", "FlowMatchEulerDiscreteScheduler", scheduler_config(kind)),
+    )  # fmt: skip
+    if kind == "chroma":
+        from difftune.scripts.shaped_models import T5_XXL
+
+        t5 = {**T5_XXL, **overrides.get("t5", {})}
+        return parts | dict(text_encoder=("transformers", "T5EncoderModel", t5),
+                            tokenizer=("transformers", "T5TokenizerFast", None))  # fmt: skip
+    _, encoder, config, tokenizer = LLM_PIPELINES[kind]
+    text = overrides.get("text", {})
+    if "text_config" in config:
+        config = {**config, "text_config": {**config["text_config"], **text}}
+    else:
+        config = {**config, **text}
+    return parts | dict(text_encoder=("transformers", encoder, config), tokenizer=("transformers", tokenizer, None))

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from difftune.scripts.shaped_families import KINDS as FAMILY_KINDS
-from difftune.scripts.shaped_families import build_family_shaped
+from difftune.scripts.shaped_families import PIPELINES as FAMILY_PIPELINES
+from difftune.scripts.shaped_families import build_family_shaped, family_parts
 
 # The real architectures of SD 1.5 and SDXL base (diffusers' configs), randomly initialised: speed and memory do not
 # depend on the weights. Text encoders: CLIP ViT-L (both) and OpenCLIP ViT-bigG (SDXL's second); VAE: SD's.
@@ -139,14 +140,17 @@ def flow_pipeline(kind: str, parts: dict, text_encoder, folder: Path, overrides:
 
 CLIP_IDS = dict(vocab_size=49408, max_position_embeddings=77)
 T5_XXL = dict(T5_SHAPE, num_layers=24, vocab_size=32128)  # the released T5-XXL encoder (SD 3/3.5, Flux.1)
-SHAPED_FAMILIES = ("sd15", "sdxl", "sd35", "flux")
+SHAPED_FAMILIES = ("sd15", "sdxl", "sd35", "flux", *FAMILY_KINDS)
 
 
 def shaped_parts(kind: str, overrides: dict | None = None) -> dict:
-    """`kind`'s pipeline (SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev) as its components' (library, class, config)
-    by name, with the released models' shapes (T5-XXL at its full 24 layers); `overrides` (keys `unet`,
-    `transformer`, `vae`, `text`, `t5`) narrow them. No module is built."""
+    """`kind`'s pipeline (SD 1.5, SDXL, SD 3.5 medium, Flux.1-dev; Qwen-Image, Flux.2 dev and klein 4B, Z-Image
+    and Chroma through `scripts.shaped_families.family_parts`) as its components' (library, class, config) by name,
+    with the released models' shapes (T5-XXL at its full 24 layers, the LLM text encoders at full size);
+    `overrides` (keys `unet`, `transformer`, `vae`, `text`, `t5`) narrow them. No module is built."""
     overrides = overrides or {}
+    if kind in FAMILY_KINDS:
+        return family_parts(kind, overrides)
     text = overrides.get("text", {})
 
     def clip(shape: str, cls: str) -> tuple:
@@ -187,7 +191,8 @@ def shaped_parts(kind: str, overrides: dict | None = None) -> dict:
 
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-             "sd35": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # fmt: skip
+             "sd35": "StableDiffusion3Pipeline", "flux": "FluxPipeline", **FAMILY_PIPELINES}  # fmt: skip
+TOKEN_LIMITS = {"CLIPTokenizer": 77, "T5TokenizerFast": 512}  # the LLMs' tokenizers: 131,072 (their configs')
 
 
 def write_shaped_configs(kind: str, folder: Path, overrides: dict | None = None) -> Path:
@@ -204,7 +209,7 @@ def write_shaped_configs(kind: str, folder: Path, overrides: dict | None = None)
         index[name] = [library, cls_name]
         (folder / name).mkdir(exist_ok=True)
         if config is None:  # a tokenizer: the planner reads its length limit only
-            limit = 512 if cls_name.startswith("T5") else 77
+            limit = TOKEN_LIMITS.get(cls_name, 131072)
             (folder / name / "tokenizer_config.json").write_text(json.dumps({"model_max_length": limit}))
             continue
         if library == "transformers":

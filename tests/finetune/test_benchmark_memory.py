@@ -43,3 +43,20 @@ def test_a_quantised_preset_without_bitsandbytes_is_named_not_run():
 def test_every_narrowed_row_runs():
     rows = bench.main(["--narrow", "--steps", "1"])
     assert len(rows) == 24 and all("seconds_per_step" in row or "skipped" in row for row in rows)
+
+
+def test_the_2026_families_run_when_named_on_the_cards_they_ship_for():
+    rows = bench.rows_to_run(bench.MemoryBenchmarkConfig(families=list(bench.FAMILIES_2026)))
+    assert ("qwen_image", "gpu-24gb-qwen") in rows and ("chroma", "gpu-8gb-chroma") in rows
+    flux2 = [name for kind, name in rows if kind == "flux2"]
+    assert flux2 == ["gpu-12gb-flux2", "gpu-16gb-flux2", "gpu-24gb-flux2", "a100-40gb-flux2", "a100-80gb-flux2"]
+
+
+def test_narrowed_2026_rows_train_under_their_presets_memory_options():
+    """Qwen-Image's packed latents and text mask, Flux.2's patchified latents and stacked text layers, each with its
+    preset's fp8 base and swapped blocks (scaled to the narrowed depth)."""
+    rows = bench.main(["--narrow", "--steps", "1", "--families", "qwen_image", "flux2", "--presets", "gpu-12gb-qwen",
+                       "gpu-16gb-flux2"])  # fmt: skip
+    assert [row["preset"] for row in rows] == ["gpu-12gb-qwen", "gpu-16gb-flux2"]
+    for row in rows:
+        assert row["fp8_base"] and row["blocks_to_swap"] > 0 and row["seconds_per_step"] > 0 and row["swapped_gib"] > 0

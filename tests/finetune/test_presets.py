@@ -20,7 +20,12 @@ CARDS = ["gpu-8gb", "gpu-12gb", "gpu-16gb", "gpu-24gb", "a100-40gb", "a100-80gb"
 FLOW = [f"{card}-{family}" for family in ("sd3", "flux") for card in CARDS]
 UNET = ["cpu", *CARDS, *(f"{card}-sdxl" for card in CARDS)]
 FLUX_BLOCKS = 57  # Flux.1's 19 double- and 38 single-stream blocks (scripts/shaped_models.py's config)
-NAMES = [*UNET, *FLOW]
+# The 2026 families' presets: the cards each ships for (Flux.2-dev's 32B transformer is not shipped for 8 GB:
+# docs/memory.md says why) and its repeated blocks (scripts/shaped_families.py's released configs).
+FAMILIES_2026 = {"qwen": (CARDS, 60), "flux2": (CARDS[1:], 56), "klein": (CARDS, 25), "zimage": (CARDS, 30),
+                 "chroma": (CARDS, 57)}  # fmt: skip
+NEW = [f"{card}-{suffix}" for suffix, (cards, _) in FAMILIES_2026.items() for card in cards]
+NAMES = [*UNET, *FLOW, *NEW]
 CORE = {"train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision", "optimizer",
         "quantize_base", "cache_latents"}  # fmt: skip
 
@@ -151,3 +156,36 @@ def test_cpu_preset_trains_the_tiny_model(tiny_sd1, shapes_dir, tmp_path):
     result = train(cfg, LORA)
     assert result.global_step == 2 and all(math.isfinite(x) for x in result.losses)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_2026_presets_use_bf16_checkpointing_and_state_a_peak_under_their_card(name):
+    """The 2026 families are transformers trained in bf16; each preset's stated prediction (the memory planner's, on
+    the released shape) is under its card; consumer cards take 8-bit AdamW."""
+    from difftune.scripts.memory_table import preset_target, stated_peak
+
+    values = preset(name)
+    assert values["mixed_precision"] == "bf16" and values["gradient_checkpointing"] is True
+    assert values["quantize_base"] is None
+    assert (values["optimizer"] == "adamw8bit") == (not name.startswith("a100"))
+    stated = stated_peak(HARDWARE / f"{name}.yaml")
+    assert stated is not None and stated <= preset_target(name)[2]
+
+
+@pytest.mark.parametrize("suffix", FAMILIES_2026)
+def test_2026_presets_lighten_the_base_as_cards_shrink(suffix):
+    """Smaller cards never get more of the base on the device: the swapped blocks (never all) and fp8 only grow
+    as the card shrinks, and the batch only falls."""
+    cards, blocks = FAMILIES_2026[suffix]
+    values = [preset(f"{card}-{suffix}") for card in cards]
+    swapped = [v.get("blocks_to_swap", 0) for v in values]
+    fp8 = [v.get("fp8_base", False) for v in values]
+    assert swapped == sorted(swapped, reverse=True) and swapped[0] < blocks and swapped[-1] == 0
+    assert fp8 == sorted(fp8, reverse=True)
+    per_step = [v["train_batch_size"] for v in values]
+    effective = [v["train_batch_size"] * v["gradient_accumulation_steps"] for v in values]
+    assert per_step == sorted(per_step) and effective == sorted(effective)
+
+
+def test_flux2_dev_has_no_8_gb_preset():
+    assert not (HARDWARE / "gpu-8gb-flux2.yaml").exists()
