@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from difftune.core.errors import UserError
 from difftune.finetune.cache import encode_posterior
 from difftune.finetune.config import TrainConfig, check_family
 from difftune.finetune.data import Augment, Example, TrainDataset, collate
 from difftune.finetune.loop import WEIGHT_DTYPES, place_models
-from difftune.finetune.memory import SWAP_ATTRIBUTE
-from difftune.finetune.memory import in_cpu_memory
+from difftune.finetune.memory import SWAP_ATTRIBUTE, in_cpu_memory
 from difftune.finetune.memtrace import (
     ACTIVATIONS,
     FastMeta,
@@ -43,8 +43,8 @@ from difftune.finetune.offload import offload_plan
 from difftune.finetune.optim import build_optimizer, optimizer_name
 from difftune.finetune.optimizer_steps import apply_step_options
 from difftune.finetune.plan_models import STAND_IN_OPTIMIZERS, check_configs, make_part, quantize_stand_in
-from difftune.finetune.text_pass import fits_beside
 from difftune.finetune.tasks import Task
+from difftune.finetune.text_pass import fits_beside
 from difftune.pipelines.families import detect, read_model_index
 from difftune.pipelines.families.base import component_class
 
@@ -85,6 +85,12 @@ def build_run(cfg: TrainConfig, task: Task, device: str, autocast: Autocast, dev
     index = read_model_index(model)
     family_cls = detect(model, index)
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
+    if not family_cls.planner_traces_text:
+        raise UserError(
+            f"--plan/--fit cannot plan {family_cls.name} ({family_cls.pipeline_class_name}) yet: its LLM text "
+            "encoder's output shape depends on the text, which the planner's meta-device trace does not have; "
+            "size the run from docs/memory.md instead"
+        )
     task.check(family_cls, cfg)
     check_configs(model, index, family_cls)
     cfg.memory.check_model(model, index, family_cls.denoiser_name)

@@ -168,6 +168,9 @@ class Family(ABC):
     # Large (LLM) text encoders: with their outputs cached they are loaded alone, before the denoiser, to encode
     # every caption, then freed (`finetune.text_pass`); validation images then take the cached embeddings.
     text_first: ClassVar[bool] = False
+    # Whether the memory planner can trace the text encoding on the meta device: an LLM's chat template and the
+    # padding it drops make the conditioning's shape depend on the text, so those families are not planned.
+    planner_traces_text: ClassVar[bool] = True
     sample_posterior: ClassVar[bool] = True  # a latent drawn from the VAE posterior; False: its mean
     takes_negative_prompt: ClassVar[bool] = True  # the pipeline's call has a `negative_prompt`
     # Edit models (Flux Kontext, Qwen-Image-Edit) train on pairs: how many control images one example takes (0: a
