@@ -55,6 +55,8 @@ def read_model_index(model: str) -> dict:
         index = path / "model_index.json"
         if not index.is_file():
             raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
+    elif path.is_file():
+        raise UserError(f"{model} is a file; give a diffusers pipeline folder (with model_index.json) or a Hub id")
     elif not is_hub_id(model):
         raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
     else:

@@ -103,6 +103,18 @@ def flags(*extra: str) -> Callable:
     return row
 
 
+def resume_by_name(sd1: Path, tmp: Path) -> tuple:
+    main, argv = train(
+        sd1, pictures(tmp / "data"), tmp / "o", "--instance_prompt", "a dog", "--checkpointing_steps", "1"
+    )
+    assert run(main, argv) == 0
+    return main, [*argv, "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-1"]
+
+
+def model_is_a_file(sd1: Path, tmp: Path) -> tuple:
+    return train(sd1 / "model_index.json", pictures(tmp / "data"), tmp / "o", "--instance_prompt", "a dog")
+
+
 def plan_qwen_image(sd1: Path, tmp: Path) -> tuple:
     from difftune.toyworld.tiny_families import save_family_pipeline
 
@@ -130,6 +142,8 @@ ROWS = [
         "--bucket_reso_steps 0 must be a positive multiple of 8"),
     Row("buckets of steps wider than the resolution", flags("--enable_bucket", "--min_bucket_reso", "32",
         "--max_bucket_reso", "64"), 2, "--bucket_reso_steps 64 leave no bucket of --resolution 32's area"),
+    Row("a checkpoint named as diffusers' scripts name it", resume_by_name, 0, "resumed from "),
+    Row("a file as the base model", model_is_a_file, 2, "model_index.json is a file; give a diffusers pipeline folder"),
     Row("--plan on Qwen-Image", plan_qwen_image, 2, "--plan/--fit cannot plan qwen_image (QwenImagePipeline) yet"),
 ]  # fmt: skip
 
