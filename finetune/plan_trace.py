@@ -87,9 +87,9 @@ def build_run(cfg: TrainConfig, task: Task, device: str, autocast: Autocast, dev
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
     if not family_cls.planner_traces_text:
         raise UserError(
-            f"--plan/--fit cannot plan {family_cls.name} ({family_cls.pipeline_class_name}) yet: its LLM text "
-            "encoder's output shape depends on the text, which the planner's meta-device trace does not have; "
-            "size the run from docs/memory.md instead"
+            f"--plan/--fit cannot plan {family_cls.name} ({family_cls.pipeline_class_name}) yet: its text encoder "
+            "runs with an attention mask whose values the planner's meta-device trace does not have; size the run "
+            "from docs/memory.md instead"
         )
     task.check(family_cls, cfg)
     check_configs(model, index, family_cls)

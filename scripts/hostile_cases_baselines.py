@@ -55,7 +55,12 @@ def baselines() -> list[Case]:
         baseline(
             "mixed-sizes", "--no-shapes", "--train_data_dir", "{T}/imgs", setup=_odd_images, expect=C, line="one size"
         ),
-        baseline("odd-images", "--no-shapes", "--train_data_dir", "{T}/imgs", setup=_odd_images),
+        baseline(
+            "odd-images", "--no-shapes", "--train_data_dir", "{T}/imgs", setup=_odd_images, expect=C, line="--channels"
+        ),
+        baseline(
+            "odd-images-rgb", "--no-shapes", "--train_data_dir", "{T}/imgs", "--channels", "3", setup=_odd_images
+        ),
         baseline(
             "odd-images-grey", "--no-shapes", "--train_data_dir", "{T}/imgs", "--channels", "1", setup=_odd_images
         ),
