@@ -26,9 +26,13 @@ def _has_model(ctx: Ctx, result: Result) -> None:
 
 
 def _odd_images(ctx: Ctx) -> None:
+    """Images of every mode, four of each (the comparison's k-NN metrics need a few dozen); odd sizes in a
+    `*mixed*` case."""
     folder = ctx.tmp / "imgs"
     folder.mkdir()
-    for i, mode in enumerate(("RGB", "L", "CMYK", "P", "RGBA", "I;16")):
+    modes = ("RGB", "L", "CMYK", "P", "RGBA", "I;16")
+    for i in range(4 * len(modes)):
+        mode = modes[i % len(modes)]
         size = (20 + i, 13 + 2 * i) if "mixed" in ctx.tmp.name else (13, 13)
         hw.picture(size, i, mode).save(folder / f"i{i}.{'jpg' if mode == 'CMYK' else 'png'}")
 
@@ -97,7 +101,7 @@ def baselines() -> list[Case]:
         case(
             "compare-own-images",
             "compare",
-            [*COMPARE, "--train_data_dir", "{T}/imgs", "--output_dir", "{T}/c"],
+            [*COMPARE, "--train_data_dir", "{T}/imgs", "--channels", "3", "--output_dir", "{T}/c"],
             "ANY",
             "",
             setup=_odd_images,
@@ -133,7 +137,7 @@ def _baseline_kill(ctx: Ctx) -> Result:
 
 def _compare_data_changed(ctx: Ctx) -> Result:
     _odd_images(ctx)
-    argv = fill([*COMPARE, "--train_data_dir", "{T}/imgs", "--output_dir", "{T}/c"], ctx)
+    argv = fill([*COMPARE, "--train_data_dir", "{T}/imgs", "--channels", "3", "--output_dir", "{T}/c"], ctx)
     first = ctx.call("compare", argv, timeout=120)
     if first.rc != 0:
         return first
