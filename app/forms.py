@@ -94,10 +94,15 @@ def as_yaml(settings: dict) -> str:
     return yaml.safe_dump(settings, sort_keys=False)
 
 
-def memory_prediction(cfg: LoraTrainConfig) -> str | None:
-    """The memory planner's predicted peak for this run: the hook for `finetune.planner` (its `--plan`), which this
-    build does not have yet; None until it does."""
-    return None
+def memory_prediction(cfg: LoraTrainConfig) -> str:
+    """The memory planner's predicted peak of this run on a CUDA card (`--plan`: its model parts built on the meta
+    device from their config files, its step traced; nothing loads or trains), in one line. Raises UserError as
+    `--plan` does (a model folder without configs, a Hub id offline)."""
+    from difftune.finetune.planner import DURING, GIB, planned_config, predict
+    from difftune.finetune.tasks import LORA
+
+    plan = predict(planned_config(cfg, {}), LORA, detail=False)
+    return f"{plan.predicted / GIB:.2f} GiB at its peak, during {DURING[plan.trace.peak.phase]} (memory planner, CUDA)"
 
 
 def check_data(folder: str) -> dict:

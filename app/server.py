@@ -113,8 +113,18 @@ def create_app(output_root: Path, token: str | None = None, env: dict[str, str] 
         text = forms.as_yaml(values)
         if create:
             write_config(folder, text, form.get("preset") or None)
-        return {"name": folder.name, "yaml": text, "command": shown_command(folder),
-                "memory": forms.memory_prediction(cfg)}  # fmt: skip
+        return {"name": folder.name, "yaml": text, "command": shown_command(folder)}
+
+    @app.post("/api/plan")
+    def plan(form: Form):
+        """The memory planner's prediction for the form's run (seconds for a large model: asked for apart)."""
+        extra_keys = ()
+        try:
+            extra_keys = tuple(forms.yaml_keys(form.get("extra")))
+            cfg, _ = forms.training_config(form, root / "planned")
+            return {"memory": forms.memory_prediction(cfg)}
+        except UserError as err:
+            return failure(err, extra_keys=extra_keys)
 
     @app.get("/api/runs")
     def list_runs():

@@ -122,8 +122,9 @@ def control_size(
 
     A control of the image's aspect ratio (within 1%) takes the image's bucket, so both are resized and cropped alike
     (as diffusers' Kontext training script does). Another aspect ratio is kept, not cropped, at the bucket's area with
-    sides a multiple of `multiple`, which is how the edit pipelines size an input image for themselves
-    (`FluxKontextPipeline` without `_auto_resize`; `QwenImageEditPipeline`'s `calculate_dimensions`)."""
+    sides a multiple of `multiple`, which is how `FluxKontextPipeline` (without `_auto_resize`) sizes an input image
+    for itself. A family whose pipeline sizes inputs otherwise says so (`Family.control_size`: Qwen-Image-Edit's
+    about a megapixel, whatever the result's size)."""
     ratio = (size[0] / size[1]) / (image_size[0] / image_size[1])
     if abs(math.log(ratio)) < 0.01:
         return bucket

@@ -5,7 +5,7 @@ of at most resolution². Each image goes to the bucket nearest its aspect ratio,
 cropped to it; the crop origin is what SDXL's micro-conditioning receives. Every batch holds one bucket.
 Without bucketing there is a single bucket, resolution x resolution, and the same sampler.
 
-An edit pair's control image follows its image (`core.controls.control_size`): into the same bucket when it has the
+An edit pair's control image follows its image (`Family.control_size`): into the same bucket when it has the
 image's aspect ratio, otherwise at its own aspect ratio, so a batch groups pairs by bucket and control sizes.
 """
 
@@ -59,6 +59,13 @@ def resize_to_bucket(
     fx, fy = crop if crop is not None else (0.5, 0.5)
     left, top = round((new_w - bw) * fx), round((new_h - bh) * fy)
     return image.crop((left, top, left + bw, top + bh)), (top, left)
+
+
+def stretch_to(image: Image.Image, size: tuple[int, int], crop: tuple[float, float] | None = None) -> Image.Image:
+    """`image` resized to `size` (w, h) without cropping, its aspect ratio given up by what rounding the sides took
+    (how the Qwen-Image-Edit pipelines resize an input image, `VaeImageProcessor.resize`: Lanczos); `crop` unused,
+    as in `resize_to_bucket`'s place."""
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def can_move(image_size: tuple[int, int], bucket: tuple[int, int]) -> bool:

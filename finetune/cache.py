@@ -30,7 +30,7 @@ from difftune.core.config import PASSIVE, SETTABLE, option
 from difftune.core.errors import UserError
 from difftune.core.files import atomic, reason, stale_temporaries
 from difftune.core.imagefolder import Record
-from difftune.finetune.buckets import resize_to_bucket
+from difftune.finetune.buckets import resize_to_bucket, stretch_to
 
 logger = logging.getLogger(__name__)
 
@@ -136,17 +136,19 @@ def encode_images(
     cache_dir: Path,
     masks: list[Image.Image | None] | None = None,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stretch: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket, from the cache or
-    the VAE (`encode(pixels)`, the family's `posterior`; default the VAE's own); with `masks` (None items: no mask,
-    weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
+    """Each image's entry: posterior `params` (and `flipped`) of its centre crop in its bucket (or of the image
+    stretched to it, `stretch`), from the cache or the VAE (`encode(pixels)`, the family's `posterior`; default the
+    VAE's own); with `masks` (None items: no mask, weight 1), its `mask` (and `mask_flipped`) on the latent grid."""
     encode = encode or (lambda pixels: encode_posterior(vae, pixels))
     cache = EncodeCache(cache_dir / "latents")
     vae_fp = fingerprint_module(vae)
     masks = masks if masks is not None else [None] * len(records)
     masked = any(m is not None for m in masks)
+    fit = "stretch" if stretch else "center"
     keys = [
-        _key(vae_fp, f"{b[0]}x{b[1]}", "center", r.image_bytes(), *([] if m is None else ["mask", m.tobytes()]))
+        _key(vae_fp, f"{b[0]}x{b[1]}", fit, r.image_bytes(), *([] if m is None else ["mask", m.tobytes()]))
         for r, b, m in zip(records, buckets, masks, strict=True)
     ]
     out: list[dict[str, torch.Tensor] | None] = [None] * len(records)
@@ -163,7 +165,8 @@ def encode_images(
     # a batch of 16 differently from a batch of 1), so an entry encoded again after a kill, or with other data
     # beside it, is bit-identical to the first encoding.
     for i in todo:
-        pixels = to_tensor(resize_to_bucket(images[i], buckets[i], None)[0])[None].to(device, dtype)  # (1, 3, H, W)
+        fitted = stretch_to(images[i], buckets[i]) if stretch else resize_to_bucket(images[i], buckets[i], None)[0]
+        pixels = to_tensor(fitted)[None].to(device, dtype)  # (1, 3, H, W)
         params = encode(pixels).float().cpu()  # (1, 2C, h, w)
         entry = {"params": params[0]}
         if random_flip:
@@ -190,9 +193,11 @@ def encode_controls(
     random_flip: bool,
     cache_dir: Path,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stretch: bool = False,
 ) -> list[list[dict[str, torch.Tensor]]]:
     """Each example's control images' entries (`params`, and `flipped` with `random_flip`), encoded (`encode`, the
-    family's posterior) and cached exactly as training images are (`encode_images`), at the sizes they train at."""
+    family's posterior) and cached exactly as training images are (`encode_images`), at the sizes they train at
+    (stretched to them: `stretch`)."""
     flat = [
         (Record(source, "", f"control {k + 1} of {record.name}"), image, size)
         for record, images, sizes_of in zip(records, controls, sizes, strict=True)
@@ -201,7 +206,7 @@ def encode_controls(
     if not flat:
         return [[] for _ in records]
     columns = [list(column) for column in zip(*flat, strict=True)]
-    entries = iter(encode_images(*columns, vae, random_flip, cache_dir, encode=encode))
+    entries = iter(encode_images(*columns, vae, random_flip, cache_dir, encode=encode, stretch=stretch))
     return [[next(entries) for _ in images] for images in controls]
 
 

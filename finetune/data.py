@@ -11,9 +11,11 @@ Images without a mask in a dataset that has some weigh 1 everywhere.
 
 An edit pair's control images (`core.controls`) travel with their image: resized to the target's bucket when they
 share its aspect ratio (cropped by the same window, flipped with it), otherwise to their own aspect ratio at the
-bucket's area, as the edit pipelines size an input image (`core.controls.control_size`); batches group pairs of
-equal sizes. A batch then holds `control_latents` (cached posteriors, keyed "0", "1", ... by reference) or
-`control_pixels`; the family turns them into the tokens its transformer is given beside the noisy ones.
+bucket's area, as the edit pipelines size an input image (`Family.control_size`: Qwen-Image-Edit's at about a
+megapixel); batches group pairs of equal sizes. A batch then holds `control_latents` (cached posteriors, keyed "0",
+"1", ... by reference) or `control_pixels`; the family turns them into the tokens its transformer is given beside the
+noisy ones. A text encoder that reads the control images too (Qwen-Image-Edit's) is given them with the caption,
+and its cached conditioning is keyed by caption and control images (`text_key`).
 
 Every random choice of a sample (flip, crop, caption dropout and shuffle, and the noise and timestep drawn by the
 objective) comes from a seed of (run seed, epoch, sample index): results do not depend on batch composition,
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,10 +38,10 @@ import torch
 from PIL import Image
 
 from difftune.core.config import PASSIVE, REFUSED, REFUSED_RESTARTS_EPOCH, option, require
-from difftune.core.controls import check_pairs, control_size, decode_controls
+from difftune.core.controls import check_pairs, decode_controls
 from difftune.core.errors import UserError
 from difftune.core.imagefolder import Record, check_source, decode_all, decode_masks, read_records
-from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket
+from difftune.finetune.buckets import assign_bucket, can_move, make_buckets, resize_to_bucket, stretch_to
 from difftune.finetune.cache import (
     encode_captions,
     encode_controls,
@@ -249,9 +252,44 @@ def cache_dir(cfg) -> Path:
 
 def caches_text(cfg, family, trained) -> bool:
     """Whether `family`'s (a `Family` class or instance) text conditioning is cached: with --cache_latents,
-    captions that never change (no tag shuffling) and none of its text encoders in `trained`."""
+    captions that never change (no tag shuffling) and none of its text encoders in `trained`. A text encoder that
+    reads the control images too (`Family.text_reads_controls`) is cached per caption and control images."""
     frozen = not any(name in trained for name in family.text_encoder_names)
     return cfg.cache.cache_latents and not cfg.data.shuffle_caption and frozen
+
+
+def text_key(caption: str, controls_digest: str, flip: bool) -> str:
+    """The text cache's key of `caption` read with control images of `controls_digest` (flipped or not): the
+    caption itself for a text encoder that reads no images (`controls_digest` "")."""
+    return f"{caption}\x1f{controls_digest}{'|flipped' if flip else ''}" if controls_digest else caption
+
+
+def controls_digest(images: list[Image.Image]) -> str:
+    """sha256 over control images' sizes and pixels: what a text encoder that reads them sees besides the caption."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.size}|".encode() + hashlib.sha256(image.tobytes()).digest())
+    return digest.hexdigest()
+
+
+def cache_pair_text(
+    family, captions: list[str], controls: list[list[Image.Image]], digests: list[str], data: DataConfig, root: Path
+) -> dict[str, dict]:
+    """The text conditioning of each caption (and of "" under caption dropout) read with its example's control
+    images (`digests`: theirs, `controls_digest`), flipped too under --random_flip, for a text encoder that reads
+    them (`Family.text_reads_controls`); keyed by `text_key`."""
+    pairs = {}
+    for caption, images, digest in zip(captions, controls, digests, strict=True):
+        for flip in (False, True) if data.random_flip else (False,):
+            seen = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images] if flip else images
+            for text in {caption, *([""] if data.proportion_empty_prompts > 0 else [])}:
+                pairs[text_key(text, digest, flip)] = (text, seen)
+
+    def tokenize(keys: list[str]) -> dict:
+        return family.tokenize([pairs[k][0] for k in keys], [pairs[k][1] for k in keys])
+
+    fingerprint = "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
+    return encode_captions(list(pairs), family.encode_text, fingerprint, tokenize, root)
 
 
 def cache_text(family, captions: list[str], root: Path) -> dict[str, dict]:
@@ -261,16 +299,36 @@ def cache_text(family, captions: list[str], root: Path) -> dict[str, dict]:
     return encode_captions([*captions, ""], family.encode_text, fingerprint, family.tokenize, root)
 
 
-def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDataset, bool]:
+def build_dataset(
+    cfg, data: Images, family, trained: dict, more_captions: Sequence[str] = ()
+) -> tuple[TrainDataset, bool]:
     """The dataset, with latents and text conditioning cached where their encoders are frozen; returns it and
-    whether the latents are cached. `trained` names the modules being trained (their outputs are never cached)."""
+    whether the latents are cached. `trained` names the modules being trained (their outputs are never cached);
+    `more_captions` are cached with the text too (the held-out images', read from the cache later).
+
+    The text is encoded first, and cached text encoders leave the accelerator before the VAE encodes the images
+    (they would be moved off after caching anyway): T5-XXL's 9 GB beside the VAE's working set at 1024 px is more
+    than a 12 GB card holds. The memory planner traces the same order (`finetune.plan_trace.trace_caching`)."""
     cache_root = cache_dir(cfg)
+    # a text encoder that reads the control images keys its cache by them too
+    digests = [controls_digest(c) if family.text_reads_controls else "" for c in data.controls]
+    text = None
+    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
+        text = family.text_embeddings
+    elif caches_text(cfg, family, trained):
+        if family.text_reads_controls:  # held-out pairs: when `ValidationLoss` builds their dataset
+            text = cache_pair_text(family, data.captions, data.controls, digests, cfg.data, cache_root)
+        else:
+            text = cache_text(family, [*data.captions, *more_captions], cache_root)
+        for encoder in family.text_encoders().values():
+            encoder.to("cpu")
     sizes = [
-        [control_size(c.size, im.size, bucket, family.control_multiple) for c in controls]
+        [family.control_size(c.size, im.size, bucket) for c in controls]
         for im, bucket, controls in zip(data.images, data.buckets, data.controls, strict=True)
     ]
     movable = [
-        can_move(im.size, b) or any(can_move(c.size, s) for c, s in zip(cs, ss, strict=True))
+        can_move(im.size, b)
+        or (not family.stretch_controls and any(can_move(c.size, s) for c, s in zip(cs, ss, strict=True)))
         for im, b, cs, ss in zip(data.images, data.buckets, data.controls, sizes, strict=True)
     ]
     cache_images = cfg.cache.cache_latents and (cfg.data.center_crop or not any(movable))
@@ -280,9 +338,9 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
             "epoch (use --center_crop to cache)", sum(movable), len(movable),
         )  # fmt: skip
     examples = [
-        Example(caption, im.size, bucket, is_prior=prior, control_sizes=ss)
-        for im, caption, bucket, prior, ss in zip(
-            data.images, data.captions, data.buckets, data.is_prior, sizes, strict=True
+        Example(caption, im.size, bucket, is_prior=prior, control_sizes=ss, controls_digest=digest)
+        for im, caption, bucket, prior, ss, digest in zip(
+            data.images, data.captions, data.buckets, data.is_prior, sizes, digests, strict=True
         )  # fmt: skip
     ]
     masked = any(m is not None for m in data.masks)
@@ -296,25 +354,26 @@ def build_dataset(cfg, data: Images, family, trained: dict) -> tuple[TrainDatase
             ex.latents, ex.latents_flipped = entry["params"], entry.get("flipped")
             ex.mask, ex.mask_flipped = entry.get("mask"), entry.get("mask_flipped")
         controls = encode_controls(
-            data.records, data.controls, sizes, family.vae, cfg.data.random_flip, cache_root, family.posterior
-        )
-        for ex, entries in zip(examples, controls, strict=True):
+            data.records, data.controls, sizes, family.vae, cfg.data.random_flip, cache_root, family.posterior,
+            stretch=family.stretch_controls,
+        )  # fmt: skip
+        for ex, entries, images in zip(examples, controls, data.controls, strict=True):
             ex.control_latents = [(e["params"], e.get("flipped")) for e in entries]
+            if family.text_reads_controls and not caches_text(cfg, family, trained):  # read by the text encoder
+                ex.controls = images
     else:
         for ex, im, mask, controls in zip(examples, data.images, data.masks, data.controls, strict=True):
             if mask is None and masked:  # an image without a mask among masked ones weighs 1 everywhere
                 mask = Image.new("L", im.size, 255)
             ex.image, ex.mask_image, ex.controls = im, mask, controls
-    text = None
-    if family.text_embeddings is not None:  # encoded ahead, the encoders since freed (`finetune.text_pass`)
-        text = family.text_embeddings
-    elif caches_text(cfg, family, trained):
-        text = cache_text(family, data.captions, cache_root)
     aug = Augment(
         cfg.training.seed, cfg.data.center_crop, cfg.data.random_flip, cfg.data.proportion_empty_prompts, cfg.data.shuffle_caption,
         cfg.data.keep_tokens, cfg.dreambooth.prior_loss_weight,
     )  # fmt: skip
-    return TrainDataset(examples, cfg.data.repeats, aug, text, family.tokenize), cache_images
+    dataset = TrainDataset(
+        examples, cfg.data.repeats, aug, text, family.tokenize, family.text_reads_controls, family.stretch_controls
+    )
+    return dataset, cache_images
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -343,6 +402,7 @@ class Example:
     control_sizes: list[tuple[int, int]] = field(default_factory=list)  # (w, h) each control image trains at
     controls: list[Image.Image] = field(default_factory=list)  # control images, kept when latents are not cached
     control_latents: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # (params, flipped)
+    controls_digest: str = ""  # of the control images, in the text cache's keys when the text encoder reads them
 
 
 @dataclass
@@ -360,12 +420,25 @@ class TrainDataset(torch.utils.data.Dataset):
     """Yields dicts of `latents` (posterior params) or `pixels`, text embeddings or token ids, SDXL `time_ids`,
     the sample's loss weight and its noise seed. Length is examples x repeats."""
 
-    def __init__(self, examples: list[Example], repeats: int, aug: Augment, text_embeddings: dict | None, tokenize):
+    def __init__(
+        self,
+        examples: list[Example],
+        repeats: int,
+        aug: Augment,
+        text_embeddings: dict | None,
+        tokenize,
+        text_reads_controls: bool = False,
+        stretch_controls: bool = False,
+    ):
         self.examples = examples
         self.repeats = repeats
         self.aug = aug
         self.text_embeddings = text_embeddings
         self.tokenize = tokenize
+        self.text_reads_controls = text_reads_controls  # `tokenize` takes each caption's control images
+        self.fit_control = (
+            stretch_to if stretch_controls else lambda image, size, crop: resize_to_bucket(image, size, crop)[0]
+        )
         self.epoch = 0
 
     def start_epoch(self, epoch: int) -> None:
@@ -408,14 +481,17 @@ class TrainDataset(torch.utils.data.Dataset):
                 mask = mask_tensor(resize_to_bucket(ex.mask_image, ex.bucket, crop)[0])
                 item["mask"] = mask.flip(-1) if flip else mask
             if ex.controls:  # the same window (where the control has the image's shape) and the same flip
-                pixels = [to_tensor(resize_to_bucket(c, s, crop)[0]) for c, s in zip(ex.controls, ex.control_sizes,
-                                                                                       strict=True)]  # fmt: skip
+                pixels = [to_tensor(self.fit_control(c, s, crop)) for c, s in zip(ex.controls, ex.control_sizes,
+                                                                                    strict=True)]  # fmt: skip
                 item["control_pixels"] = {str(k): x.flip(-1) if flip else x for k, x in enumerate(pixels)}
         # SDXL micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
         w, h = ex.size
         item["time_ids"] = torch.tensor([h, w, *crop_top_left, bh, bw], dtype=torch.float32)
         if self.text_embeddings is not None:
-            item["cond"] = self.text_embeddings[caption]
+            item["cond"] = self.text_embeddings[text_key(caption, ex.controls_digest, flip)]
+        elif self.text_reads_controls:  # with the control images as the pair trains (flipped with it)
+            controls = [c.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else c for c in ex.controls]
+            item["ids"] = {k: v[0] for k, v in self.tokenize([caption], [controls]).items()}
         else:
             item["ids"] = {k: v[0] for k, v in self.tokenize([caption]).items()}
         return item

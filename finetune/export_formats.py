@@ -52,6 +52,7 @@ SD = ExportFormat(
     legacy_lora_keys=True,
     kohya=KohyaFormat(UNET_KOHYA, text_prefixes={"text_encoder": "lora_te"}),
 )
+QWEN_EDIT_TAGS = ("qwen-image", "qwen-image-edit", "image-to-image")
 FORMATS: dict[str, ExportFormat] = {
     "sd1": SD,
     "sd2": SD,
@@ -68,6 +69,8 @@ FORMATS: dict[str, ExportFormat] = {
     ),
     # ComfyUI maps Qwen-Image and Z-Image LoRAs in diffusers' keys onto its own modules: no second file.
     "qwen_image": ExportFormat(card_tags=("qwen-image",), legacy_lora_keys=False, kohya=None),
+    "qwen-image-edit": ExportFormat(card_tags=QWEN_EDIT_TAGS, legacy_lora_keys=False, kohya=None),
+    "qwen-image-edit-plus": ExportFormat(card_tags=QWEN_EDIT_TAGS, legacy_lora_keys=False, kohya=None),
     "z_image": ExportFormat(card_tags=("z-image",), legacy_lora_keys=False, kohya=None),
     # ComfyUI's Flux.2 loads BFL's names only for Flux.2's feed-forward and single-block linears.
     "flux2": ExportFormat(card_tags=("flux2",), legacy_lora_keys=False, kohya=KohyaFormat(FLUX2_KOHYA, {})),

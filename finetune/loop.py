@@ -110,7 +110,8 @@ def train(cfg: TrainConfig, task: Task) -> TrainResult:
     # the denoiser waits in CPU memory while the VAE and text encoders build the cache, and is placed once they left
     family, trainable, weight_dtype = load_models(cfg, task, accelerator, prompts, place_denoiser=False)
     with accelerator.main_process_first():
-        dataset, cached = build_dataset(cfg, data, family, trainable.models)
+        more = held_out.captions if held_out else ()
+        dataset, cached = build_dataset(cfg, data, family, trainable.models, more)
         validator = ValidationLoss.build(cfg, held_out, family, trainable.models) if held_out else None
     plan = offload_plan(
         list(family.text_encoders()), set(trainable.models), cached, dataset.text_embeddings is not None

@@ -85,6 +85,11 @@ def build_run(cfg: TrainConfig, task: Task, device: str, autocast: Autocast, dev
     index = read_model_index(model)
     family_cls = detect(model, index)
     check_family(cfg, family_cls.name, family_cls.pipeline_class_name, family_cls.objective)
+    if family_cls.max_controls:
+        raise UserError(
+            f"the memory planner does not model an edit model's control images yet ({family_cls.pipeline_class_name}): "
+            "drop --plan/--fit"
+        )
     if not family_cls.planner_traces_text:
         raise UserError(
             f"--plan/--fit cannot plan {family_cls.name} ({family_cls.pipeline_class_name}) yet: its text encoder "
@@ -314,29 +319,31 @@ def count_weights(live: LiveBytes, modules: dict[str, torch.nn.Module], denoiser
 
 @torch.no_grad()
 def trace_caching(live: LiveBytes, run: Run, target: TargetDevice, card: float | None = None) -> Snapshot:
-    """Caching: every part but the denoiser is on the device (placed before the dataset is built; the denoiser after
-    it) while the VAE encodes images for the cache and the text encoders encode a caption. On a card of `card`
-    bytes, text encoders that do not fit in what is free encode on the CPU, as the loop decides
+    """Caching, as `finetune.data.build_dataset` does it: every part but the denoiser on the device (it is placed
+    after), the text encoders encode a caption and leave, then the VAE encodes images. On a card of `card` bytes,
+    text encoders that do not fit in what is free encode on the CPU, as the loop decides
     (`finetune.text_pass.text_device`)."""
     live.reset_peak()
     offloaded = {n: run.family.parts[n] for n in run.offloaded}
     encoders = {n: m for n, m in offloaded.items() if n in run.family.text_encoder_names}
-    text_bytes = sum(t.numel() * t.element_size() for m in encoders.values() for t in m.parameters())
     others = {n: m for n, m in offloaded.items() if n not in encoders}
     count_weights(live, others, run.family.denoiser_name)
-    text_here = card is None or fits_beside(text_bytes, card - live.total)
-    if text_here:
+    text_bytes = sum(t.numel() * t.element_size() for m in encoders.values() for t in m.parameters())
+    if card is None or fits_beside(text_bytes, card - live.total):
         count_weights(live, encoders, run.family.denoiser_name)
+        if run.text_cached:
+            with live.tagged(ACTIVATIONS, "caching"):
+                run.family.encode_text(run.family.tokenize([""]))
+        for module in encoders.values():  # cached text: its encoders leave before the VAE encodes
+            live.untrack(*module.parameters(), *module.buffers())
     with live.tagged(ACTIVATIONS, "caching"):
         vae = run.family.vae
         res = run.cfg.data.resolution
         pixels = torch.zeros(2, 3, res, res, device="meta", dtype=next(vae.parameters()).dtype)
         posterior = encode_posterior(vae, pixels)  # one image at a time: two show the pattern
         del pixels, posterior
-        if run.text_cached and text_here:
-            run.family.encode_text(run.family.tokenize([""]))
     snapshot = live.peak
-    for module in (others | encoders if text_here else others).values():  # off the device after caching
+    for module in others.values():  # the loop moves them off the device after caching
         live.untrack(*module.parameters(), *module.buffers())
     return snapshot
 

@@ -208,7 +208,9 @@ def _mildest(cfg, task, chosen: dict, candidates: list[dict], budget: float) -> 
     def fits(i: int) -> bool:
         if i not in trials:
             try:
-                trials[i] = predict(planned_config(cfg, {**chosen, **candidates[i]}), task, detail=False, card_gib=budget / GIB)
+                trials[i] = predict(
+                    planned_config(cfg, {**chosen, **candidates[i]}), task, detail=False, card_gib=budget / GIB
+                )
             except UserError:  # a combination the config refuses
                 return False
         return trials[i].predicted <= budget
@@ -332,7 +334,7 @@ def size(nbytes: float) -> str:
 
 
 PHASE_NOTES = {
-    "caching": "caching latents and text before training (every part on the device, the VAE encoding)",
+    "caching": "caching latents and text before training (the text encoders, then the VAE, encoding; the denoiser not yet placed)",
     "validation images": "validation images (every part on the device, guided denoiser batch, VAE decode)",
 }
 

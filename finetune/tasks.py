@@ -122,7 +122,8 @@ def full_save(family: Family, cfg: FullTrainConfig, output_dir: Path) -> None:
 
     # Parts not loaded (text encoders whose outputs were computed ahead) come from the base folder.
     parts = {name: module for name, module in family.parts.items() if name != "noise_scheduler" and module is not None}
-    kwargs = {**family.from_pretrained_kwargs(family.index), **parts, **family.stand_ins()}  # the trained modules win
+    extras = family.from_pretrained_kwargs(family.index, family.model)
+    kwargs = {**extras, **parts, **family.stand_ins()}  # the trained modules win
     pipe = DiffusionPipeline.from_pretrained(cfg.model.pretrained_model_name_or_path, **kwargs)
     # Written into a temporary folder beside the output, then each component moved in (renames need no space): a
     # full disk leaves no half-written component.

@@ -65,7 +65,7 @@ def load_pipeline(model: str, dtype: str = "fp32", device: str = "cpu") -> tuple
     transformers_logging.disable_progress_bar()
     try:
         pipe = family.pipeline_class().from_pretrained(
-            model, dtype=DTYPES[dtype], **family.from_pretrained_kwargs(index)
+            model, dtype=DTYPES[dtype], **family.from_pretrained_kwargs(index, model)
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the pipeline at {model}: {str(err).splitlines()[0]}") from err
@@ -148,7 +148,7 @@ TARGETS: tuple[tuple[str, str, Callable[[str], bool], tuple[str, ...] | None], .
     ("flux2", "a Flux.2 model", lambda k: any(p in k for p in ("to_qkv_mlp_proj", "ff.linear_", "ff_context.linear_")),
      FLUX2_NAMES),
     ("qwen_image", "a Qwen-Image model", lambda k: any(p in k for p in ("img_mlp.", "txt_mlp.", "img_mod.", "txt_mod.")),
-     ("qwen_image",)),
+     ("qwen_image", "qwen-image-edit", "qwen-image-edit-plus")),
     ("z_image", "a Z-Image model", lambda k: any(p in k for p in (".attention.to_", ".feed_forward.w", "refiner.")),
      ("z_image",)),
     ("flux", "a Flux.1/Chroma model", lambda k: "single_transformer_blocks" in k, FLUX1_NAMES),

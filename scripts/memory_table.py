@@ -129,7 +129,13 @@ def write_presets(folder: Path, check: bool) -> None:
         line = preset_line(path, preset_plan(path, folder))
         print(f"{path.name}: {line}", flush=True)
         if not check:
-            lines = [line if x.startswith(PRESET_LINE) else x for x in path.read_text().splitlines()]
+            lines = path.read_text().splitlines()
+            old = [i for i, x in enumerate(lines) if x.startswith((PRESET_LINE, "# Memory planner: "))]
+            if old:
+                lines[old[0]] = line
+                lines = [x for i, x in enumerate(lines) if i not in old[1:]]
+            else:  # after the leading comments
+                lines.insert(next(i for i, x in enumerate(lines) if not x.startswith("#")), line)
             path.write_text("\n".join(lines) + "\n")
 
 

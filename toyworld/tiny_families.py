@@ -4,6 +4,11 @@
 - ``qwen_image``: `QwenImagePipeline` (Qwen-Image, Wu et al. 2025): an MMDiT over 2x2-packed latents of a causal 3D
   VAE (`AutoencoderKLQwenImage`, one frame, per-channel latent mean/std), conditioned on a Qwen2.5-VL's last hidden
   layer with its attention mask;
+- ``qwen-image-edit`` / ``qwen-image-edit-plus``: `QwenImageEditPipeline` / `QwenImageEditPlusPipeline`
+  (Qwen-Image-Edit, and its Plus version taking several input images): Qwen-Image's parts with a VAE that
+  downsamples x8 as the released one does (the pipelines size input images to about a megapixel, 64x64 tokens
+  here), and a `Qwen2VLProcessor` whose image processor reads every input image as 4x4 patches of 14 pixels (four
+  image tokens after the 2x2 merge), built without torchvision (`core.processors`);
 - ``flux2`` / ``flux2_klein``: `Flux2Pipeline` (Flux.2 dev: guidance-distilled, Mistral Small 3.1 text) and
   `Flux2KleinPipeline` (Flux.2 klein: Qwen3 text, no guidance input): `Flux2Transformer2DModel` over patchified,
   batch-norm-normalised latents of `AutoencoderKLFlux2`, text from three stacked hidden layers;
@@ -35,19 +40,23 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
 from einops import rearrange
-from transformers import T5TokenizerFast
+from transformers import Qwen2VLImageProcessorPil, T5TokenizerFast
 
+from difftune.core.processors import qwen_vl_processor
 from difftune.toyworld.tiny_flow import FLOW_SIZES, FLUX_VAE, flux_scheduler, tiny_t5, write_t5_tokenizer
 from difftune.toyworld.tiny_llm import load_llm_tokenizer, tiny_mistral3, tiny_qwen3, tiny_qwen25_vl
 from difftune.toyworld.tiny_parts import SIZES, tiny_vae
 
 FAMILIES = ("qwen_image", "flux2", "flux2_klein", "z_image", "chroma")
+EDIT_FAMILIES = ("qwen-image-edit", "qwen-image-edit-plus")  # edit models: their pipelines take input images
 TEXT_WIDTH = 16  # the tiny LLMs' hidden size
 LATENT_CHANNELS = 4
 TEST_MAX_SEQUENCE_LENGTH = 48  # text tokens per caption in tests: cheap, and more than any test caption needs
@@ -56,6 +65,8 @@ TEST_MAX_SEQUENCE_LENGTH = 48  # text tokens per caption in tests: cheap, and mo
 # Per family: the pipeline call's arguments that turn classifier-free guidance off (one transformer call a step).
 NO_GUIDANCE: dict[str, dict] = {
     "qwen_image": {"true_cfg_scale": 1.0},
+    "qwen-image-edit": {"true_cfg_scale": 1.0},
+    "qwen-image-edit-plus": {"true_cfg_scale": 1.0},
     "flux2": {},  # guidance-distilled: the guidance value is an input, not a second call
     "flux2_klein": {"guidance_scale": 1.0},
     "z_image": {"guidance_scale": 0.0},
@@ -87,6 +98,25 @@ def qwen_image_pipeline() -> QwenImagePipeline:
     )  # fmt: skip
     return QwenImagePipeline(scheduler=qwen_image_scheduler(), vae=vae, tokenizer=tokenizer, transformer=transformer,
                              text_encoder=tiny_qwen25_vl(tokenizer, TEXT_WIDTH))  # fmt: skip
+
+
+def qwen_image_edit_pipeline(plus: bool) -> QwenImageEditPipeline | QwenImageEditPlusPipeline:
+    tokenizer = load_llm_tokenizer("qwen_vl")
+    channels = LATENT_CHANNELS
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * channels, out_channels=channels, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, axes_dims_rope=(8, 4, 4),
+    )  # fmt: skip
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.1 * i for i in range(channels)], latents_std=[1.0 + 0.2 * i for i in range(channels)],
+    )  # fmt: skip
+    side = 14 * 4  # 4x4 patches of every image, whatever its size
+    images = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side)
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return cls(scheduler=qwen_image_scheduler(), vae=vae, tokenizer=tokenizer, transformer=transformer,
+               processor=qwen_vl_processor(images, tokenizer),
+               text_encoder=tiny_qwen25_vl(tokenizer, TEXT_WIDTH))  # fmt: skip
 
 
 def qwen_image_scheduler() -> FlowMatchEulerDiscreteScheduler:
@@ -170,6 +200,8 @@ def chroma_pipeline() -> ChromaPipeline:
 
 BUILDERS = {
     "qwen_image": qwen_image_pipeline,
+    "qwen-image-edit": lambda: qwen_image_edit_pipeline(plus=False),
+    "qwen-image-edit-plus": lambda: qwen_image_edit_pipeline(plus=True),
     "flux2": lambda: flux2_pipeline(klein=False),
     "flux2_klein": lambda: flux2_pipeline(klein=True),
     "z_image": z_image_pipeline,
@@ -178,9 +210,9 @@ BUILDERS = {
 
 
 def build_family_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
-    """A randomly initialised tiny pipeline of `family` (one of `FAMILIES`)."""
+    """A randomly initialised tiny pipeline of `family` (one of `FAMILIES` or `EDIT_FAMILIES`)."""
     if family not in BUILDERS:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(BUILDERS)}")
     torch.manual_seed(seed)
     return BUILDERS[family]()
 

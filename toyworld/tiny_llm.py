@@ -8,6 +8,8 @@ must tokenize to the real count. Each chat template is the project's own, render
 a text-only conversation:
 - ``qwen``: ChatML (`<|im_start|>role\\n...<|im_end|>\\n`), and with `enable_thinking=False` the empty think block
   Qwen3 appends after the generation prompt (Flux.2 klein asks for it; Z-Image does not).
+- ``qwen_vl``: ``qwen`` with Qwen2.5-VL's image tokens (`<|vision_start|>`, `<|image_pad|>`, `<|vision_end|>`) and
+  Qwen-Image-Edit's template words, which tokenize to the real 64 tokens the edit pipelines drop.
 - ``mistral``: `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]` over messages whose content is a list of
   text parts, as Flux.2's `format_input` builds them. The real Flux.2 dev ships a `PixtralProcessor`; its pipeline
   only calls `apply_chat_template` for text, which a tokenizer has, so the tiny pipeline carries the tokenizer
@@ -41,6 +43,13 @@ TEMPLATE_WORDS = (
     "You", "are", "an", "AI", "that", "reasons", "about", "descriptions", "give", "structured", "responses",
     "focusing", "on", "object", "attribution", "actions", "without", "speculation",
 )  # fmt: skip
+# ... and of Qwen-Image-Edit's (Plus: each input image is introduced as "Picture N:").
+EDIT_TEMPLATE_WORDS = (
+    "key", "features", "input", "objects", "then", "explain", "how", "instruction", "should", "alter", "or",
+    "modify", "Generate", "new", "meets", "requirements", "while", "maintaining", "consistency", "with", "original",
+    "where", "appropriate", "Picture",
+)  # fmt: skip
+EDIT_TEMPLATE_PIECES = (SPACE + "(", "'s", "),")  # one token each in Qwen's vocabulary: the template's 64 tokens
 CHAT_TEMPLATES = {
     "qwen": (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -56,6 +65,9 @@ CHAT_TEMPLATES = {
 SPECIAL_TOKENS = {
     "qwen": dict(pad="<|endoftext|>", eos="<|im_end|>", bos=None,
                  extra=("<|im_start|>", "<|im_end|>", "<think>", "</think>")),
+    # Qwen2.5-VL's image tokens: the processor repeats <|image_pad|> once per merged patch of each image
+    "qwen_vl": dict(pad="<|endoftext|>", eos="<|im_end|>", bos=None,
+                    extra=("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")),
     "mistral": dict(pad="<pad>", eos="</s>", bos="<s>",
                     extra=("<unk>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")),
 }  # fmt: skip
@@ -83,11 +95,14 @@ def write_llm_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = list(bytes_to_unicode().values()), []
-    all_words = tuple(dict.fromkeys(TEMPLATE_WORDS + words))
+    template_words = TEMPLATE_WORDS + (EDIT_TEMPLATE_WORDS if style == "qwen_vl" else ())
+    all_words = tuple(dict.fromkeys(template_words + words))
     for word in all_words:
         _chain(SPACE + word, vocab, merges)
     for word in all_words:
         _chain(word, vocab, merges)
+    for piece in EDIT_TEMPLATE_PIECES if style == "qwen_vl" else ():
+        _chain(piece, vocab, merges)
     special = SPECIAL_TOKENS[style]
     names = [special["pad"], special["eos"], *([special["bos"]] if special["bos"] else []), *special["extra"]]
     vocab += list(dict.fromkeys(names))
@@ -96,7 +111,7 @@ def write_llm_tokenizer(
         eos_token=special["eos"], bos_token=special["bos"], unk_token=None, model_max_length=max_length,
         additional_special_tokens=list(special["extra"]),
     )  # fmt: skip
-    tokenizer.chat_template = CHAT_TEMPLATES[style]
+    tokenizer.chat_template = CHAT_TEMPLATES[style.removesuffix("_vl")]
     tokenizer.save_pretrained(out)
     return out
 
@@ -118,16 +133,23 @@ def _text(vocab_size: int, hidden: int, layers: int, tokenizer) -> dict:
 
 def tiny_qwen25_vl(tokenizer, hidden: int = 16, layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
     """Qwen-Image's text encoder: a Qwen2.5-VL (multimodal RoPE over three position sections) with a one-layer
-    vision tower the text-to-image pipeline never calls."""
+    vision tower (14-pixel patches, 2x2 merged), which Qwen-Image-Edit reads its input images with and the
+    text-to-image pipeline never calls."""
     vocab_size = len(tokenizer)
     text = _text(vocab_size, hidden, layers, tokenizer)
     text.pop("head_dim")  # Qwen2.5-VL derives it from the width and heads
     text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}  # sums to head_dim / 2
     vision = dict(depth=1, hidden_size=hidden, intermediate_size=hidden, num_heads=2, out_hidden_size=hidden,
                   fullatt_block_indexes=[0])  # fmt: skip
-    # The image/video/vision token ids must lie in the vocabulary; no text here contains them.
-    ids = dict(image_token_id=vocab_size - 1, video_token_id=vocab_size - 1, vision_start_token_id=vocab_size - 1,
-               vision_end_token_id=vocab_size - 1)  # fmt: skip
+    # The image/video/vision token ids must lie in the vocabulary: a `qwen_vl` tokenizer's own (Qwen-Image-Edit reads
+    # images), else the last id, which no text-only prompt contains.
+    image, start, end = (
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+    )
+    if None in (image, start, end):
+        image = start = end = vocab_size - 1
+    ids = dict(image_token_id=image, video_token_id=vocab_size - 1, vision_start_token_id=start,
+               vision_end_token_id=end)  # fmt: skip
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 

@@ -13,13 +13,15 @@ from difftune.pipelines.families.flux import Flux
 from difftune.pipelines.families.flux2 import Flux2, Flux2Klein
 from difftune.pipelines.families.flux_kontext import FluxKontext
 from difftune.pipelines.families.qwen_image import QwenImage
+from difftune.pipelines.families.qwen_image_edit import QwenImageEdit, QwenImageEditPlus
 from difftune.pipelines.families.sd import StableDiffusion1, StableDiffusion2
 from difftune.pipelines.families.sd3 import StableDiffusion3
 from difftune.pipelines.families.sdxl import StableDiffusionXL
 from difftune.pipelines.families.z_image import ZImage
 
 FAMILIES: tuple[type[Family], ...] = (
-    StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux, FluxKontext, QwenImage, Flux2,
+    StableDiffusionXL, StableDiffusion2, StableDiffusion1, StableDiffusion3, Flux, FluxKontext, QwenImage, QwenImageEdit,
+    QwenImageEditPlus, Flux2,
     Flux2Klein, ZImage, Chroma,
 )  # fmt: skip
 

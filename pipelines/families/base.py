@@ -179,6 +179,10 @@ class Family(ABC):
     # text-to-image model), and the multiple their sides are sized to (`core.controls.control_size`).
     max_controls: ClassVar[int] = 0
     control_multiple: ClassVar[int] = 16
+    # The text encoder reads the control images with the caption (Qwen-Image-Edit): `tokenize` takes them, and the
+    # text conditioning is cached per caption and control images.
+    text_reads_controls: ClassVar[bool] = False
+    stretch_controls: ClassVar[bool] = False  # control images resized to their size without a crop (Qwen-Image-Edit)
     lora_families: ClassVar[tuple[str, ...]] = ()  # other families whose LoRAs fit this one's denoiser
     guidance_batch: ClassVar[int] = 2  # the pipeline's denoiser batch per image (classifier-free guidance)
 
@@ -204,8 +208,8 @@ class Family(ABC):
         """The scheduler training adds noise with, from the pipeline's `scheduler/`; `options` as in `load`."""
 
     @classmethod
-    def from_pretrained_kwargs(cls, index: dict) -> dict:
-        """What the pipeline class's `from_pretrained` needs besides the folder (e.g. no safety checker)."""
+    def from_pretrained_kwargs(cls, index: dict, model: str) -> dict:
+        """What the pipeline class's `from_pretrained` needs besides the folder `model` (e.g. no safety checker)."""
         return {}
 
     @classmethod
@@ -364,6 +368,16 @@ class Family(ABC):
         normalised as the denoiser sees latents, as the edit pipelines encode an input image
         (`retrieve_latents(..., "argmax")`)."""
         return self.normalize(posterior.chunk(2, dim=1)[0])
+
+    @classmethod
+    def control_size(
+        cls, size: tuple[int, int], image_size: tuple[int, int], bucket: tuple[int, int]
+    ) -> tuple[int, int]:
+        """The (w, h) a control image of `size` trains at, its training image (of `image_size`) in `bucket`: by
+        default `core.controls.control_size` (the bucket, or the bucket's area at the control's aspect ratio)."""
+        from difftune.core.controls import control_size
+
+        return control_size(size, image_size, bucket, cls.control_multiple)
 
     @classmethod
     def edit_inputs(cls, pipe, images: list, height: int, width: int, max_sequence_length: int | None) -> dict:

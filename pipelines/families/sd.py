@@ -52,7 +52,7 @@ class StableDiffusion1(Family):
             )
 
     @classmethod
-    def from_pretrained_kwargs(cls, index: dict) -> dict:
+    def from_pretrained_kwargs(cls, index: dict, model: str) -> dict:
         """What `from_pretrained` needs besides the folder: SD 1/2 without their safety checker."""
         return {"safety_checker": None, "requires_safety_checker": False}
 

@@ -55,7 +55,7 @@ class StableDiffusion3(Family):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
 
     @classmethod
-    def from_pretrained_kwargs(cls, index: dict) -> dict:
+    def from_pretrained_kwargs(cls, index: dict, model: str) -> dict:
         """Absent optional parts passed as None: diffusers' SD3 pipeline does not count T5 as optional itself."""
         return {name: None for name in cls.optional_parts if (index.get(name) or [None])[0] is None}
 

@@ -19,7 +19,7 @@ class StableDiffusionXL(StableDiffusion1):
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
 
     @classmethod
-    def from_pretrained_kwargs(cls, index: dict) -> dict:
+    def from_pretrained_kwargs(cls, index: dict, model: str) -> dict:
         return {}
 
     def pipeline_extras(self) -> dict:

@@ -6,6 +6,7 @@ environment's token only. The whole app in a browser: test_ui_browser.py (`make 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,12 +64,22 @@ def test_the_page_answers_and_bad_input_is_the_command_lines_error_beside_its_fi
         assert not (tmp_path / "runs" / "r1").exists()  # checking writes nothing
 
 
+def test_the_form_shows_the_memory_planners_prediction(serve, http, app_data, tmp_path):
+    with serve(tmp_path / "runs") as (url, _):
+        status, answer = http(url + "/api/plan", form("r1", app_data, resolution="64", train_batch_size="2"))
+        assert status == 200 and re.fullmatch(r"\d+\.\d\d GiB at its peak, during .+ \(memory planner, CUDA\)",
+                                              answer["memory"]), answer  # fmt: skip
+        status, answer = http(url + "/api/plan", form("r1", app_data, pretrained_model_name_or_path=str(tmp_path)))
+        assert status == 400 and "model_index.json" in answer["error"], answer
+    assert not (tmp_path / "runs" / "planned").exists()  # planning writes nothing
+
+
 def test_a_created_run_is_a_config_the_command_line_reads(serve, http, app_data, tmp_path):
     body = {**form("r1", app_data, resolution="64", validation_prompt=["a red circle", "a blue square"]),
             "preset": "cpu", "extra": "lr_scheduler: cosine\nhub_token: secret"}  # fmt: skip
     with serve(tmp_path / "runs") as (url, _):
         status, made = http(url + "/api/runs", body)
-        assert status == 200 and made["name"] == "r1" and made["memory"] is None  # the planner hook: not in this build
+        assert status == 200 and made["name"] == "r1"
         config = tmp_path / "runs" / "r1" / "config.yaml"
         assert made["command"] == f"python -m difftune.finetune.finetune_lora --config {config}"
         status, again = http(url + "/api/runs", body)

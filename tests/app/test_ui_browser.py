@@ -113,6 +113,7 @@ def test_a_run_set_up_watched_stopped_resumed_and_tried_in_the_browser(browser, 
         page.fill("new-extra", "validation_inference_steps: 4")
         page.click("check-config")
         page.until(lambda: "max_train_steps: 120" in page.text("config-yaml"), what="the checked config")
+        page.until(lambda: "GiB at its peak" in page.text("config-memory"), what="the memory planner's prediction")
         assert page.text("new-err-resolution") == ""
         page.shot("2-new-run-checked")
         page.click("create-run")
