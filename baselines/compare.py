@@ -49,6 +49,7 @@ from difftune.baselines.verdicts import run_diverged
 from difftune.core import metrics
 from difftune.core.config import option, parse
 from difftune.core.errors import UserError, command
+from difftune.core.paths import check_output_dir
 from difftune.pipelines.samplers import sampler_names
 
 DEFAULT_LR = {"vae": 1e-3, "gan": 2e-4, "pixelcnn": 1e-3, "glow": 5e-4, "ddpm": 1e-3}
@@ -115,6 +116,7 @@ class CompareConfig:
     overwrite: bool = option("redo every run, removing the results an earlier invocation left in output_dir", False)
 
     def validate(self) -> None:
+        check_output_dir(self.output_dir)
         budgets = [b for b in (self.budget_steps, self.budget_images, self.budget_seconds) if b is not None]
         if len(budgets) != 1:
             raise UserError("set exactly one of budget_steps, budget_images and budget_seconds in the config")

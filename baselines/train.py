@@ -34,6 +34,7 @@ from difftune.core import checkpoint
 from difftune.core.config import option, parse, to_dict
 from difftune.core.errors import UserError, command
 from difftune.core.images import tensor_grid
+from difftune.core.paths import check_output_dir
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
@@ -312,6 +313,7 @@ class TrainConfig:
     set: list[str] = option("KEY=VALUE: a field of the family's Config; repeatable", [], repeatable=True)
 
     def validate(self) -> None:
+        check_output_dir(self.output_dir)
         sources = [self.shapes, self.train_data_dir is not None, self.dataset_name is not None]
         if sum(sources) != 1:
             raise UserError("give exactly one data source: --shapes, --train_data_dir or --dataset_name")

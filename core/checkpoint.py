@@ -357,6 +357,8 @@ def resolve(resume: str, output_dir: Path) -> Path | None:
             logger.warning("skipping %s: incomplete or damaged (%s)", folder, reason)
         return None
     path = Path(resume)
+    if not path.exists() and len(path.parts) == 1 and (output_dir / path).exists():
+        path = output_dir / path  # a bare name is a checkpoint of --output_dir, as diffusers' scripts read it
     if not (path / "state.json").is_file():
         raise UserError(f"--resume_from_checkpoint {resume}: not a checkpoint folder (no state.json)")
     reason = damage(path, verify=True)

@@ -195,6 +195,7 @@ def _read_folder(
     files = sorted(
         p for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not inside(p, control_folders)
+        and not hidden(p, root)
     )  # fmt: skip
     stems = {(p.parent, p.stem) for p in files}  # `x_mask.png` is a mask when an image `x.*` lies beside it
     masks = {p for p in files if p.stem.endswith(MASK_SUFFIX) and (p.parent, p.stem[: -len(MASK_SUFFIX)]) in stems}
@@ -223,6 +224,12 @@ def _read_folder(
 
 
 MASK_SUFFIX = "_mask"
+
+
+def hidden(path: Path, root: Path) -> bool:
+    """Whether `path` is hidden below `root` (a name starting with a dot: macOS's `._*` AppleDouble files beside
+    copied images, `.ipynb_checkpoints/`, `.cache/`), which datasets' imagefolder skips too."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def sibling_mask(image: Path) -> str | None:
@@ -417,7 +424,7 @@ def _read_dataset(
 
 
 def _records_of(ds, image_column: str, caption_column: str, origin: str, controls: list[str] = ()) -> list[Record]:
-    records = []
+    records, null_captions = [], []
     for i, row in enumerate(ds):
         image = row[image_column]
         if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
@@ -430,10 +437,15 @@ def _records_of(ds, image_column: str, caption_column: str, origin: str, control
         caption = row.get(caption_column, "")
         if isinstance(caption, list):  # datasets with several captions per image: take the first
             caption = caption[0] if caption else ""
+        if caption is None:
+            null_captions.append(str(name))
         extra = {k: v for k, v in row.items() if k not in (image_column, caption_column, "mask", *controls)}
         mask = _mask_source(row.get("mask"), origin)
         if mask is None and isinstance(source, str) and Path(source).is_file():
             mask = sibling_mask(Path(source))
         control = [s for column in controls for s in sources_of(row[column], origin)]
         records.append(Record(source, "" if caption is None else str(caption), str(name), extra, mask, control))
+    if null_captions:
+        logger.warning("%d of %d captions in %s are null (%s): those images train without a caption", len(null_captions),
+                       len(records), origin, _shown(null_captions))  # fmt: skip
     return records

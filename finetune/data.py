@@ -128,12 +128,21 @@ class DataConfig:
         ]  # fmt: skip
         if self.enable_bucket:
             checks += [
-                (self.bucket_reso_steps % 8 == 0, f"--bucket_reso_steps {self.bucket_reso_steps} must be a multiple of 8"),
+                (self.bucket_reso_steps >= 8 and self.bucket_reso_steps % 8 == 0,
+                 f"--bucket_reso_steps {self.bucket_reso_steps} must be a positive multiple of 8"),
                 (self.min_bucket_reso <= self.resolution <= self.max_bucket_reso,
                  f"--resolution {self.resolution} must lie within --min_bucket_reso {self.min_bucket_reso} and "
                  f"--max_bucket_reso {self.max_bucket_reso}"),
             ]  # fmt: skip
         require(checks)
+        if self.enable_bucket and not make_buckets(
+            self.resolution, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps
+        ):
+            raise UserError(
+                f"--min_bucket_reso {self.min_bucket_reso}, --max_bucket_reso {self.max_bucket_reso} and "
+                f"--bucket_reso_steps {self.bucket_reso_steps} leave no bucket of --resolution {self.resolution}'s "
+                "area; give a --bucket_reso_steps of at most the resolution (e.g. 8)"
+            )
 
 
 @dataclass

@@ -117,7 +117,10 @@ class GenerateConfig:
             path = Path(self.prompt_file)
             if not path.is_file():
                 raise UserError(f"--prompt_file {self.prompt_file} not found")
-            prompts += [line.strip() for line in read_text(path).splitlines() if line.strip()]
+            lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+            if not lines:
+                raise UserError(f"--prompt_file {self.prompt_file} holds no prompt; write one prompt per line")
+            prompts += lines
         return prompts
 
     def validate(self) -> None:

@@ -55,6 +55,8 @@ def read_model_index(model: str) -> dict:
         index = path / "model_index.json"
         if not index.is_file():
             raise UserError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
+    elif path.is_file():
+        raise UserError(f"{model} is a file; give a diffusers pipeline folder (with model_index.json) or a Hub id")
     elif not is_hub_id(model):
         raise UserError(f"model {model!r} not found: give a diffusers pipeline folder or a Hub id like org/name")
     else:
@@ -168,6 +170,9 @@ class Family(ABC):
     # Large (LLM) text encoders: with their outputs cached they are loaded alone, before the denoiser, to encode
     # every caption, then freed (`finetune.text_pass`); validation images then take the cached embeddings.
     text_first: ClassVar[bool] = False
+    # Whether the memory planner can trace the text encoding on the meta device: an encoder run with an attention
+    # mask (LLMs, Chroma's T5) has transformers check the mask's values, which meta tensors do not have.
+    planner_traces_text: ClassVar[bool] = True
     sample_posterior: ClassVar[bool] = True  # a latent drawn from the VAE posterior; False: its mean
     takes_negative_prompt: ClassVar[bool] = True  # the pipeline's call has a `negative_prompt`
     # Edit models (Flux Kontext, Qwen-Image-Edit) train on pairs: how many control images one example takes (0: a

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from diffusers import DDPMScheduler
 
+from difftune.core.errors import UserError
 from difftune.pipelines.families.base import Family, sub_config
 
 
@@ -29,7 +30,26 @@ class StableDiffusion1(Family):
         )
         if prediction_type is not None:
             scheduler.register_to_config(prediction_type=prediction_type)
+        cls.check_settings(
+            model, {}, {"prediction_type": prediction_type, "rescale_betas_zero_snr": rescale_betas_zero_snr}
+        )
         return scheduler
+
+    @classmethod
+    def check_settings(cls, model: str, index: dict, options: dict) -> None:
+        """Zero terminal SNR with v-prediction only: at the last timestep the input is pure noise, so an epsilon
+        prediction of it says nothing about the image and samplers divide by its zero signal (Lin et al. 2024,
+        section 3.2)."""
+        if not options.get("rescale_betas_zero_snr"):
+            return
+        predicts = options.get("prediction_type") or sub_config(model, "scheduler", "scheduler_config.json").get(
+            "prediction_type", "epsilon"
+        )
+        if predicts != "v_prediction":
+            raise UserError(
+                f"--rescale_betas_zero_snr needs v-prediction, and {model}'s scheduler predicts {predicts}: add "
+                "--prediction_type v_prediction"
+            )
 
     @classmethod
     def from_pretrained_kwargs(cls, index: dict, model: str) -> dict:

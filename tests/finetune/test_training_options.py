@@ -65,7 +65,7 @@ def test_family_detection_and_prediction_type(tiny_sd1, tiny_sd2, tiny_sdxl):
     assert load(tiny_sd2, prediction_type="epsilon").noise_scheduler.config.prediction_type == "epsilon"
     xl = load(tiny_sdxl)
     assert xl.name == "sdxl" and set(xl.text_encoders()) == {"text_encoder", "text_encoder_2"}
-    zero = load(tiny_sd1, rescale_betas_zero_snr=True).noise_scheduler
+    zero = load(tiny_sd1, prediction_type="v_prediction", rescale_betas_zero_snr=True).noise_scheduler
     assert zero.alphas_cumprod[-1] < 1e-6
 
 
