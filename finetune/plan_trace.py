@@ -89,12 +89,6 @@ def build_run(cfg: TrainConfig, task: Task, device: str, autocast: Autocast, dev
             f"the memory planner does not model an edit model's control images yet ({family_cls.pipeline_class_name}): "
             "drop --plan/--fit"
         )
-    if not family_cls.planner_traces_text:
-        raise UserError(
-            f"--plan/--fit cannot plan {family_cls.name} ({family_cls.pipeline_class_name}) yet: its text encoder "
-            "runs with an attention mask whose values the planner's meta-device trace does not have; size the run "
-            "from docs/memory.md instead"
-        )
     task.check(family_cls, cfg)
     check_configs(model, index, family_cls)
     cfg.memory.check_model(model, index, family_cls.denoiser_name)

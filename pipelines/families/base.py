@@ -170,9 +170,6 @@ class Family(ABC):
     # Large (LLM) text encoders: with their outputs cached they are loaded alone, before the denoiser, to encode
     # every caption, then freed (`finetune.text_pass`); validation images then take the cached embeddings.
     text_first: ClassVar[bool] = False
-    # Whether the memory planner can trace the text encoding on the meta device: an encoder run with an attention
-    # mask (LLMs, Chroma's T5) has transformers check the mask's values, which meta tensors do not have.
-    planner_traces_text: ClassVar[bool] = True
     sample_posterior: ClassVar[bool] = True  # a latent drawn from the VAE posterior; False: its mean
     takes_negative_prompt: ClassVar[bool] = True  # the pipeline's call has a `negative_prompt`
     # Edit models (Flux Kontext, Qwen-Image-Edit) train on pairs: how many control images one example takes (0: a

@@ -30,7 +30,6 @@ class Chroma(Flux):
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ()
     text_first: ClassVar[bool] = True  # T5-XXL, 4.7B parameters, is its only text encoder
-    planner_traces_text: ClassVar[bool] = False  # T5 with an attention mask (`Family.planner_traces_text`)
 
     def check_options(self) -> None:
         self.max_sequence_length()

@@ -49,7 +49,6 @@ class Flux2(Family):
     passes_sigmas: ClassVar[bool] = True
     flow_sigmas_set_own: ClassVar[bool] = True
     text_first: ClassVar[bool] = True
-    planner_traces_text: ClassVar[bool] = False  # an LLM with an attention mask (`Family.planner_traces_text`)
     sample_posterior: ClassVar[bool] = False
     takes_negative_prompt: ClassVar[bool] = False
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ()

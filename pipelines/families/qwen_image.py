@@ -59,7 +59,6 @@ class QwenImage(Family):
     default_sampler: ClassVar[str] = "flow-euler"
     passes_sigmas: ClassVar[bool] = True
     text_first: ClassVar[bool] = True
-    planner_traces_text: ClassVar[bool] = False  # an LLM with an attention mask (`Family.planner_traces_text`)
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ()
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *FEED_FORWARD)
     default_max_sequence_length: ClassVar[int] = 512  # QwenImagePipeline.__call__'s

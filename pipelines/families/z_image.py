@@ -39,7 +39,6 @@ class ZImage(Family):
         "flow-unipc": "the pipeline hands its sigmas as a list, which UniPC's flow shift cannot multiply"
     }
     text_first: ClassVar[bool] = True
-    planner_traces_text: ClassVar[bool] = False  # an LLM with an attention mask (`Family.planner_traces_text`)
     sample_posterior: ClassVar[bool] = False
     adaptable_text_encoders: ClassVar[tuple[str, ...]] = ()
     lora_targets: ClassVar[tuple[str, ...]] = (*ATTENTION, *FEED_FORWARD)
