@@ -196,9 +196,13 @@ def test_corrupt_file_of_the_same_size_is_skipped_by_latest_and_refused_by_name(
 
 
 def test_kill_while_caching_latents_then_resume_loses_nothing(tiny_sd1, shapes_dir, reference, tmp_path):
-    """Killed after some cache entries were written: the resumed run encodes the rest and ends bit-identical."""
+    """Killed after some latent cache entries were written (the text is cached first: every caption and the empty
+    one): the resumed run encodes the rest and ends bit-identical."""
+    from difftune.core.imagefolder import read_records
+
     out = tmp_path / "out"
-    killed = launch("cache:KILL:5", flags(tiny_sd1, shapes_dir, out))
+    text_entries = len({r.caption for r in read_records(train_data_dir=str(shapes_dir))} | {""})
+    killed = launch(f"cache:KILL:{text_entries + 5}", flags(tiny_sd1, shapes_dir, out))
     assert killed.returncode == -9 and len(list((out / ".cache" / "latents").glob("*.safetensors"))) == 4
     resume_and_check(tiny_sd1, shapes_dir, out, reference)
     assert not list((out / ".cache").rglob("*.tmp"))
