@@ -19,9 +19,9 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError, safe_open
-from transformers.utils import logging as transformers_logging
 
 from difftune.core.errors import UserError
+from difftune.core.quiet import no_loading_bars
 from difftune.pipelines.families import Family, detect, read_model_index
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,20 +60,13 @@ def load_pipeline(model: str, dtype: str = "fp32", device: str = "cpu") -> tuple
     check_device(device, dtype)
     index = read_model_index(model)
     family = detect(model, index)
-    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()  # loading a local pipeline takes a second: no bars to clutter stderr
-    transformers_logging.disable_progress_bar()
     try:
-        pipe = family.pipeline_class().from_pretrained(
-            model, dtype=DTYPES[dtype], **family.from_pretrained_kwargs(index, model)
-        )
+        with no_loading_bars():
+            pipe = family.pipeline_class().from_pretrained(
+                model, dtype=DTYPES[dtype], **family.from_pretrained_kwargs(index, model)
+            )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the pipeline at {model}: {str(err).splitlines()[0]}") from err
-    finally:
-        if bars[0]:
-            diffusers_logging.enable_progress_bar()
-        if bars[1]:
-            transformers_logging.enable_progress_bar()
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # generate.py shows one bar over images instead
     return pipe, family

@@ -34,6 +34,7 @@ from torch import nn
 
 from difftune.core.errors import UserError
 from difftune.core.files import read_json
+from difftune.core.quiet import no_loading_bars
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SchedulerMixin
@@ -102,7 +103,8 @@ def load_part(model: str, name: str, load):
     if Path(model).is_dir() and not (Path(model) / name).is_dir():
         raise UserError(f"{model}: has no {name}/ folder, which model_index.json lists; {DAMAGED}")
     try:
-        return load()
+        with no_loading_bars():
+            return load()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"{model}: could not load its {name} ({first}); {DAMAGED}") from err
@@ -261,7 +263,8 @@ class Family(ABC):
         for name in (*cls.text_encoder_names, *cls.tokenizer_names):
             kwargs = {"dtype": dtype} if name in cls.text_encoder_names and dtype is not None else {}
             load = component_class(index, name, model).from_pretrained
-            parts[name] = None if name in absent else load(model, subfolder=name, **kwargs)
+            with no_loading_bars():
+                parts[name] = None if name in absent else load(model, subfolder=name, **kwargs)
         return cls(model, index, parts, given(options or {}))
 
     @classmethod
