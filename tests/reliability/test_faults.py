@@ -37,14 +37,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNI
 STEPS, EVERY = 6, 2  # checkpoints 2, 4, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def flags(model, data, out, *extra) -> list[str]:
     return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
             "--resolution", "32", "--center_crop", "--train_batch_size", "4", "--max_train_steps", str(STEPS),

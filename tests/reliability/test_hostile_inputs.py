@@ -36,14 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = ("--height", "32", "--width", "32")  # the tiny Flux samples 256 px by default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
             "--resolution", "32", "--center_crop", "--train_batch_size", "4", "--max_train_steps", "2",

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from difftune.baselines import compare
@@ -22,14 +21,6 @@ from difftune.baselines import train as baseline_train
 from difftune.core.errors import run_main
 from difftune.finetune import finetune_lora
 from difftune.pipelines import generate
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(main: Callable, argv: list[str]) -> int:
