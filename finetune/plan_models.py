@@ -64,11 +64,14 @@ def check_configs(model: str, index: dict, family_cls) -> None:
             )
 
 
-def make_part(model: str, device: str = "meta") -> Callable[[str, type], object]:
+def make_part(model: str, device: str = "meta", weights: bool = False) -> Callable[[str, type], object]:
     """`Family.load`'s `make_part`: each component built from its config on `device`; tokenizers become
-    `ShapeTokenizer`s."""
+    `ShapeTokenizer`s. `weights` (on the CPU): the components load their saved weights instead of random ones (the
+    planner's benchmark measures a shipped base as it trains: SD 3's T5 stand-in is defined by its zero weights)."""
 
     def build(name: str, cls: type):
+        if weights and not name.startswith("tokenizer"):
+            return cls.from_pretrained(model, subfolder=name)
         if name.startswith("tokenizer"):  # its limit, else its encoder's positions (T5's relative ones have none)
             limit = sub_config(model, name, "tokenizer_config.json").get("model_max_length")
             encoder = sub_config(model, name.replace("tokenizer", "text_encoder"))

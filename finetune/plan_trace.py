@@ -77,9 +77,12 @@ def weight_dtype_of(cfg: TrainConfig) -> torch.dtype:
     return WEIGHT_DTYPES.get(cfg.training.mixed_precision or "no", torch.float32)
 
 
-def build_run(cfg: TrainConfig, task: Task, device: str, autocast: Autocast, device_type: str = "cuda") -> Run:
-    """`cfg`'s models on `device` ("meta", or "cpu" with random weights), placed by the loop's own code, the
-    trained ones' forward under `autocast` as accelerate wraps them, the optimizer and a batch of zeros."""
+def build_run(
+    cfg: TrainConfig, task: Task, device: str, autocast: Autocast, device_type: str = "cuda", weights: bool = False
+) -> Run:
+    """`cfg`'s models on `device` ("meta", or "cpu" with random weights, or with the saved ones: `weights`), placed
+    by the loop's own code, the trained ones' forward under `autocast` as accelerate wraps them, the optimizer and a
+    batch of zeros."""
     model = cfg.model.pretrained_model_name_or_path
     index = read_model_index(model)
     family_cls = detect(model, index)
@@ -97,7 +100,7 @@ def build_run(cfg: TrainConfig, task: Task, device: str, autocast: Autocast, dev
     latents_cached = cfg.cache.cache_latents
     # the planner assumes the data lets the cache work (images of their bucket's shape, or --center_crop)
     text_cached = latents_cached and not cfg.data.shuffle_caption and not cfg.model.train_text_encoder
-    build = make_part(model, device)
+    build = make_part(model, device, weights)
     denoiser = None
     if cfg.memory.quantize_base is not None:
         name = family_cls.denoiser_name
