@@ -258,6 +258,11 @@ def caches_text(cfg, family, trained) -> bool:
     return cfg.cache.cache_latents and not cfg.data.shuffle_caption and frozen
 
 
+def text_fingerprint(family) -> str:
+    """What a cached text conditioning depends on besides its input: the text encoders' weights and the family's tag."""
+    return "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
+
+
 def text_key(caption: str, controls_digest: str, flip: bool) -> str:
     """The text cache's key of `caption` read with control images of `controls_digest` (flipped or not): the
     caption itself for a text encoder that reads no images (`controls_digest` "")."""
@@ -288,15 +293,13 @@ def cache_pair_text(
     def tokenize(keys: list[str]) -> dict:
         return family.tokenize([pairs[k][0] for k in keys], [pairs[k][1] for k in keys])
 
-    fingerprint = "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
-    return encode_captions(list(pairs), family.encode_text, fingerprint, tokenize, root)
+    return encode_captions(list(pairs), family.encode_text, text_fingerprint(family), tokenize, root)
 
 
 def cache_text(family, captions: list[str], root: Path) -> dict[str, dict]:
     """The family's text conditioning of each caption and of the empty caption (caption dropout's), from the
     cache under `root` or the family's text encoders."""
-    fingerprint = "".join(fingerprint_module(te) for te in family.text_encoders().values()) + family.text_cache_tag()
-    return encode_captions([*captions, ""], family.encode_text, fingerprint, family.tokenize, root)
+    return encode_captions([*captions, ""], family.encode_text, text_fingerprint(family), family.tokenize, root)
 
 
 def build_dataset(

@@ -84,13 +84,19 @@ def _generator_normal(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def qwen_image_pipeline() -> QwenImagePipeline:
-    tokenizer = load_llm_tokenizer("qwen")
+def tiny_qwen_image_transformer() -> QwenImageTransformer2DModel:
+    """Qwen-Image's MMDiT, two layers narrow (the edit pipelines share it: their control tokens are more of its input)."""
     channels = LATENT_CHANNELS
-    transformer = QwenImageTransformer2DModel(
+    return QwenImageTransformer2DModel(
         patch_size=2, in_channels=4 * channels, out_channels=channels, num_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, axes_dims_rope=(8, 4, 4),
     )  # fmt: skip
+
+
+def qwen_image_pipeline() -> QwenImagePipeline:
+    tokenizer = load_llm_tokenizer("qwen")
+    channels = LATENT_CHANNELS
+    transformer = tiny_qwen_image_transformer()
     # The released VAE's per-channel latent statistics normalise its latents; tiny ones are non-trivial on purpose.
     vae = AutoencoderKLQwenImage(
         base_dim=8, z_dim=channels, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
@@ -103,10 +109,7 @@ def qwen_image_pipeline() -> QwenImagePipeline:
 def qwen_image_edit_pipeline(plus: bool) -> QwenImageEditPipeline | QwenImageEditPlusPipeline:
     tokenizer = load_llm_tokenizer("qwen_vl")
     channels = LATENT_CHANNELS
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * channels, out_channels=channels, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, axes_dims_rope=(8, 4, 4),
-    )  # fmt: skip
+    transformer = tiny_qwen_image_transformer()
     vae = AutoencoderKLQwenImage(
         base_dim=4, z_dim=channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.1 * i for i in range(channels)], latents_std=[1.0 + 0.2 * i for i in range(channels)],
